@@ -1,0 +1,41 @@
+"""The exceptions visionzoo raises for things a user can fix.
+
+Each message names the thing that is wrong and how to fix it, in one line. The
+CLI prints the message (no traceback) and exits with the class's `exit_code`.
+"""
+from __future__ import annotations
+
+
+class VisionZooError(Exception):
+    """Base class of every user-facing visionzoo error."""
+
+    exit_code = 1
+
+
+class UnknownModelError(VisionZooError, LookupError):
+    """A model or architecture name that the registry does not know."""
+
+
+class UnknownWeightsError(VisionZooError, LookupError):
+    """A weights tag that the architecture does not publish."""
+
+
+class WeightsUnavailableError(VisionZooError):
+    """Weights that are registered but cannot be obtained (not cached, no network, bad download)."""
+
+
+class CheckpointError(VisionZooError):
+    """A weights file that cannot be read or does not fit the model."""
+
+
+class ImageError(VisionZooError):
+    """A file that is not a readable image (missing, empty, truncated, not an image)."""
+
+    def __init__(self, path: object, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+class InputError(VisionZooError, ValueError):
+    """An invalid argument or input path."""

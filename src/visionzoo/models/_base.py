@@ -1,0 +1,108 @@
+"""The one interface every visionzoo model exposes.
+
+Workflows (predict, embed, fine-tune, export) are written against this class only:
+`forward_features` gives the last feature map, `forward_head` pools and classifies
+(or stops at the pooled embedding with `pre_logits=True`), `reset_classifier` swaps
+the head for a correctly sized new one, and `feature_info` describes each stage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One stage of a network: where its output comes from and what it looks like."""
+
+    module: str  # qualified name of the submodule whose output is the stage's output
+    num_chs: int  # channels of that output
+    reduction: int  # input size / output size (the stage's total stride)
+
+
+class ZooModel(nn.Module):
+    """Base of all architectures. Subclasses set the attributes below in `__init__`.
+
+    Attributes:
+        num_classes: size of the classifier output (0 when the head was removed).
+        num_features: channels of `forward_features`' output.
+        head_hidden_size: width of `forward_head(x, pre_logits=True)`; equals
+            `num_features` unless the head has hidden layers (VGG, AlexNet).
+        feature_info: one `FeatureInfo` per stage, shallow to deep.
+        classifier_name: dotted path of the final classifier layer.
+        first_conv: dotted path of the first convolution (for input-channel adaptation).
+    """
+
+    num_classes: int
+    num_features: int
+    feature_info: list[FeatureInfo]
+    classifier_name: str
+    first_conv: str
+    # set by `create_model`: registry name, weights record (or None), where the weights came
+    # from, the evaluation preprocessing and the class names (None when unknown)
+    arch: str | None = None
+    pretrained_weights = None
+    weights_source: str | None = None
+    preprocess = None
+    categories: tuple[str, ...] | None = None
+
+    @property
+    def head_hidden_size(self) -> int:
+        return self.num_features
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        return self.get_submodule(self.classifier_name)
+
+    def _new_classifier(self, num_classes: int) -> nn.Module:
+        """A freshly initialised final layer mapping the pre-logits to `num_classes`."""
+        return nn.Linear(self.head_hidden_size, num_classes)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the final layer with a new one of `num_classes` outputs (0 removes it).
+
+        The new layer gets the old one's device and dtype, so this is safe on a
+        model already moved to a GPU or converted to another precision.
+        """
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise InputError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        old = self.get_classifier()
+        ref = next(iter(old.parameters()), None)
+        new = self._new_classifier(num_classes) if num_classes > 0 else nn.Identity()
+        if ref is not None:
+            new = new.to(device=ref.device, dtype=ref.dtype)
+        parent_name, _, leaf = self.classifier_name.rpartition(".")
+        parent = self.get_submodule(parent_name) if parent_name else self
+        setattr(parent, leaf, new)
+        self.num_classes = num_classes
+
+    def stage_modules(self) -> list[nn.Module]:
+        """The module of each `feature_info` entry, shallow to deep."""
+        return [self.get_submodule(info.module) for info in self.feature_info]
+
+
+def init_weights_torchvision(model: nn.Module) -> None:
+    """The initialisation torchvision uses for its CNNs (kaiming for convs, unit BN)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)

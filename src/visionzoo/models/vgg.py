@@ -1,0 +1,89 @@
+"""VGG 11/13/16/19, with and without batch normalisation.
+
+Simonyan & Zisserman, "Very Deep Convolutional Networks for Large-Scale Image
+Recognition" (2014). State-dict names match torchvision's (`features.N`,
+`classifier.{0,3,6}`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ._base import FeatureInfo, ZooModel
+
+M = 0  # a max-pool in the layer list
+_LAYERS = {
+    11: (64, M, 128, M, 256, 256, M, 512, 512, M, 512, 512, M),
+    13: (64, 64, M, 128, 128, M, 256, 256, M, 512, 512, M, 512, 512, M),
+    16: (64, 64, M, 128, 128, M, 256, 256, 256, M, 512, 512, 512, M, 512, 512, 512, M),
+    19: (64, 64, M, 128, 128, M, 256, 256, 256, 256, M, 512, 512, 512, 512, M, 512, 512, 512, 512, M),
+}
+
+
+@dataclass(frozen=True)
+class VGGConfig:
+    depth: int
+    batch_norm: bool
+
+
+VARIANTS: dict[str, VGGConfig] = {
+    f"vgg{depth}{'_bn' if bn else ''}": VGGConfig(depth, bn) for depth in _LAYERS for bn in (False, True)
+}
+
+
+class VGG(ZooModel):
+    classifier_name = "classifier.6"
+    first_conv = "features.0"
+
+    def __init__(self, cfg: VGGConfig, num_classes: int = 1000, in_chans: int = 3, dropout: float = 0.5):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels, reduction = in_chans, 1
+        self.feature_info = []
+        for v in _LAYERS[cfg.depth]:
+            if v == M:
+                layers.append(nn.MaxPool2d(2, 2))
+                reduction *= 2
+                self.feature_info.append(FeatureInfo(f"features.{len(layers) - 1}", channels, reduction))
+                continue
+            layers.append(nn.Conv2d(channels, v, 3, padding=1))
+            if cfg.batch_norm:
+                layers.append(nn.BatchNorm2d(v))
+            layers.append(nn.ReLU(inplace=True))
+            channels = v
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+        self.num_features = channels
+        self.num_classes = num_classes
+        self.classifier = nn.Sequential(
+            nn.Linear(channels * 7 * 7, 4096), nn.ReLU(True), nn.Dropout(dropout),
+            nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(dropout),
+            nn.Linear(4096, num_classes) if num_classes > 0 else nn.Identity(),
+        )
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def head_hidden_size(self) -> int:
+        return 4096
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = torch.flatten(self.avgpool(x), 1)
+        x = self.classifier[:-1](x)
+        return x if pre_logits else self.classifier[-1](x)
+
+
+MODEL_CLASS = VGG
