@@ -1,0 +1,91 @@
+"""Typed, immutable records of published weights and their preprocessing."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The evaluation preprocessing a set of weights expects."""
+
+    resize_size: int  # the shorter side is resized to this
+    crop_size: int  # then a centre crop of crop_size x crop_size
+    interpolation: str = "bilinear"  # "nearest" | "bilinear" | "bicubic"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocess:
+        def one(v):
+            return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
+        return cls(one(d["resize_size"]), one(d["crop_size"]), d.get("interpolation", "bilinear"),
+                   tuple(d.get("mean", IMAGENET_MEAN)), tuple(d.get("std", IMAGENET_STD)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"resize_size": self.resize_size, "crop_size": self.crop_size,
+                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
+
+    def describe(self) -> str:
+        return (f"resize {self.resize_size}, crop {self.crop_size}, {self.interpolation}, "
+                f"mean {self.mean}, std {self.std}")
+
+    def transforms(self):
+        """The callable that turns a PIL image into the model's input tensor."""
+        from ..data.transforms import ClassificationTransform
+
+        return ClassificationTransform(self)
+
+
+DEFAULT_PREPROCESS = Preprocess(256, 224)
+
+
+@dataclass(frozen=True)
+class Weights:
+    """One published weights file of one architecture, with everything needed to use it."""
+
+    arch: str  # registry name of the architecture
+    tag: str  # e.g. "IMAGENET1K_V2"; the full name is "arch.TAG"
+    file_name: str  # file name in the cache ($TORCH_HOME/hub/checkpoints/<file_name>)
+    sha256_prefix: str | None  # leading hex digits of the file's SHA-256 (verified on download)
+    num_params: int
+    preprocess: Preprocess
+    url: str | None = None  # where the file is published (None: shipped by a package)
+    package: str | None = None  # Python package that ships the file, for offline use
+    package_file: str | None = None  # path of the file inside that package
+    is_default: bool = False
+    categories: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
+    dataset: str | None = "ImageNet-1K"  # what the metrics were measured on
+    acc1: float | None = None
+    acc5: float | None = None
+    gflops: float | None = None  # multiply-adds at the preprocessing's crop size, in billions
+    file_size_mb: float | None = None  # MiB
+    min_size: tuple[int, int] = (1, 1)  # smallest (height, width) the model accepts
+    recipe: str | None = None  # link to the training recipe
+    license: str | None = None
+    layout: str = "native"  # state-dict layout of the file ("native" or a name in weights.remap)
+    builder_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch}.{self.tag}"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.categories) if self.categories is not None else 1000
+
+    @property
+    def metrics(self) -> dict[str, float | None]:
+        return {"acc@1": self.acc1, "acc@5": self.acc5}
+
+    def transforms(self):
+        """The evaluation preprocessing that goes with these weights."""
+        return self.preprocess.transforms()
+
+    def __str__(self) -> str:
+        return self.name
