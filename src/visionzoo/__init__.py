@@ -1,0 +1,42 @@
+"""visionzoo: pre-trained image models made practical.
+
+    import visionzoo
+    visionzoo.list_models("resnet*")
+    model = visionzoo.create_model("efficientnet_lite0", pretrained=True)
+    preds = visionzoo.predict(["photo.jpg"])
+"""
+from __future__ import annotations
+
+from .errors import (
+    CheckpointError,
+    ImageError,
+    InputError,
+    UnknownModelError,
+    UnknownWeightsError,
+    VisionZooError,
+    WeightsUnavailableError,
+)
+from .factory import create_model
+from .registry import REGISTRY
+from .weights.records import Preprocess, Weights
+
+__version__ = "0.1.0"
+DEFAULT_MODEL = "efficientnet_lite0"
+
+list_models = REGISTRY.list_models
+list_weights = REGISTRY.list_weights
+get_weights = REGISTRY.get_weights
+
+
+def predict(*args, **kwargs):
+    """Classify images; see `visionzoo.tasks.predict.predict`."""
+    from .tasks.predict import predict as _predict
+
+    return _predict(*args, **kwargs)
+
+
+__all__ = [
+    "DEFAULT_MODEL", "REGISTRY", "CheckpointError", "ImageError", "InputError", "Preprocess",
+    "UnknownModelError", "UnknownWeightsError", "VisionZooError", "Weights", "WeightsUnavailableError",
+    "create_model", "get_weights", "list_models", "list_weights", "predict",
+]

@@ -1,0 +1,86 @@
+"""Evaluation preprocessing without torchvision.
+
+Reproduces torchvision's `ImageClassification` preset on PIL images exactly: resize
+the shorter side with Pillow's (antialiased) filter, centre crop (zero-padding an
+image smaller than the crop), scale to [0, 1], normalise.
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+
+if TYPE_CHECKING:
+    from ..weights.records import Preprocess
+
+
+class Interpolation(str, Enum):
+    NEAREST = "nearest"
+    BILINEAR = "bilinear"
+    BICUBIC = "bicubic"
+
+    @property
+    def pil(self) -> Image.Resampling:
+        return {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                "bicubic": Image.Resampling.BICUBIC}[self.value]
+
+
+def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """(width, height) after scaling the shorter side to `shorter`, as torchvision computes it."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = shorter, int(shorter * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def resize_shorter(img: Image.Image, shorter: int, interpolation: Interpolation) -> Image.Image:
+    size = resized_size(img.width, img.height, shorter)
+    if size == img.size:
+        return img
+    return img.resize(size, interpolation.pil)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Centre crop to `size` x `size`; an image smaller than that is zero-padded first."""
+    w, h = img.size
+    if w < size or h < size:
+        padded = Image.new(img.mode, (max(w, size), max(h, size)))
+        padded.paste(img, ((size - w) // 2 if size > w else 0, (size - h) // 2 if size > h else 0))
+        img, (w, h) = padded, padded.size
+    top = int(round((h - size) / 2.0))
+    left = int(round((w - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_normalized_tensor(img: Image.Image, mean, std) -> torch.Tensor:
+    """An RGB PIL image as a float32 CHW tensor, scaled to [0, 1] and normalised."""
+    arr = np.asarray(img, dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    x = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))).to(torch.float32).div_(255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return x.sub_(mean_t).div_(std_t)
+
+
+class ClassificationTransform:
+    """Callable PIL image -> normalised CHW float32 tensor for one preprocessing recipe."""
+
+    def __init__(self, preprocess: Preprocess):
+        self.preprocess = preprocess
+        self.interpolation = Interpolation(preprocess.interpolation)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        p = self.preprocess
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        img = resize_shorter(img, p.resize_size, self.interpolation)
+        img = center_crop(img, p.crop_size)
+        return to_normalized_tensor(img, p.mean, p.std)
+
+    def __repr__(self) -> str:
+        p = self.preprocess
+        return (f"ClassificationTransform(resize={p.resize_size}, crop={p.crop_size}, "
+                f"interpolation={p.interpolation}, mean={p.mean}, std={p.std})")
