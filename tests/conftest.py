@@ -1,0 +1,50 @@
+"""Shared fixtures: parity data, real sample photos, and small generated image folders."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PARITY = FIXTURES / "parity"
+
+
+def sample_image(name: str) -> Path:
+    """A real photo shipped by scikit-image (coffee.png, chelsea.png, ...) or matplotlib."""
+    if name == "grace_hopper.jpg":
+        import matplotlib
+
+        return Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    import skimage
+
+    return Path(skimage.__file__).parent / "data" / name
+
+
+@pytest.fixture(scope="session")
+def parity_manifest() -> dict:
+    return json.loads((PARITY / "manifest.json").read_text())["cases"]
+
+
+@pytest.fixture(scope="session")
+def parity_input() -> np.ndarray:
+    return np.load(PARITY / "inputs.npz")["x_2x3x224x224"]
+
+
+@pytest.fixture(scope="session")
+def parity_outputs():
+    return np.load(PARITY / "outputs.npz")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_torch_home(tmp_path_factory, monkeypatch):
+    """Never read or write the user's real weights cache from tests."""
+    home = tmp_path_factory.getbasetemp() / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    import torch.hub
+
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    yield
+    os.environ.pop("VISIONZOO_OFFLINE", None)

@@ -1,0 +1,122 @@
+"""The common interface on every architecture: features, head, new classifier, stages."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import visionzoo
+from visionzoo.models import ZooModel
+from visionzoo.models.layers import StochasticDepth
+from visionzoo.registry import REGISTRY
+
+ARCHS = visionzoo.list_models()
+
+
+def _input_size(arch: str) -> int:
+    w = REGISTRY.get_architecture(arch).default_weights
+    return max(160, max(w.min_size) if w else 160)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_common_interface(arch):
+    torch.manual_seed(0)
+    model = visionzoo.create_model(arch, num_classes=7)
+    assert isinstance(model, ZooModel) and not model.training
+    size = _input_size(arch)
+    x = torch.randn(2, 3, size, size)
+
+    # the stage outputs seen through hooks agree with feature_info
+    seen = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            seen.setdefault(name, output.shape)
+        return hook
+
+    hooks = [model.get_submodule(info.module).register_forward_hook(record(info.module))
+             for info in model.feature_info]
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        logits = model.forward_head(feats)
+        pooled = model.forward_head(feats, pre_logits=True)
+    for h in hooks:
+        h.remove()
+    assert feats.shape[1] == model.num_features
+    assert pooled.shape == (2, model.head_hidden_size)
+    assert logits.shape == (2, 7) and model.num_classes == 7
+    with torch.no_grad():
+        assert torch.allclose(model(x), logits)
+    reductions = [info.reduction for info in model.feature_info]
+    assert reductions == sorted(reductions) and model.feature_info[-1].num_chs == model.num_features
+    for info in model.feature_info:
+        shape = seen[info.module]
+        assert shape[1] == info.num_chs, info
+        assert abs(size / shape[-1] - info.reduction) <= info.reduction / 2, (info, shape)
+
+    # a correctly sized new head, on the model's dtype
+    model.reset_classifier(3)
+    head = model.get_classifier()
+    assert (head.in_features if isinstance(head, nn.Linear) else head.in_channels) == model.head_hidden_size
+    with torch.no_grad():
+        assert model(x).shape == (2, 3)
+    model.reset_classifier(0)
+    with torch.no_grad():
+        assert model(x).shape == (2, model.head_hidden_size)
+
+
+# learning rates at which a few plain SGD steps are small enough to reduce the loss
+TRAIN_LR = {"resnet18": 1e-3, "vgg11_bn": 1e-3, "alexnet": 1e-2, "squeezenet1_1": 1e-2, "mobilenet_v2": 1e-3,
+            "efficientnet_lite0": 1e-3, "efficientnet_b0": 1e-3, "efficientnet_v2_s": 1e-3}
+
+
+@pytest.mark.parametrize("arch", sorted(TRAIN_LR))
+def test_training_steps_reduce_the_loss(arch):
+    torch.manual_seed(0)
+    model = visionzoo.create_model(arch, num_classes=4).train()
+    for m in model.modules():  # deterministic steps: no dropout, no stochastic depth
+        if isinstance(m, (nn.Dropout, StochasticDepth)):
+            m.p = 0.0
+    size = 64 if arch in ("vgg11_bn", "alexnet") else 96
+    x, y = torch.randn(4, 3, size, size), torch.tensor([0, 1, 2, 3])
+    opt = torch.optim.SGD(model.parameters(), lr=TRAIN_LR[arch])
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        losses.append(nn.functional.cross_entropy(model(x), y).item())
+    assert losses[-1] < losses[0], losses
+
+
+def test_lite_same_padding_handles_any_input_size():
+    model = visionzoo.create_model("efficientnet_lite0", pretrained=True)
+    with torch.no_grad():
+        for size in (224, 225, 97, 300):
+            assert model.forward_features(torch.randn(1, 3, size, size)).shape[-1] == -(-size // 32)
+
+
+def test_reset_classifier_rejects_bad_sizes():
+    model = visionzoo.create_model("resnet18")
+    with pytest.raises(visionzoo.InputError):
+        model.reset_classifier(-1)
+    with pytest.raises(visionzoo.InputError):
+        model.reset_classifier(2.5)  # type: ignore[arg-type]
+
+
+def test_in_chans_changes_the_first_convolution():
+    model = visionzoo.create_model("resnet18", in_chans=1)
+    assert model.get_submodule(model.first_conv).in_channels == 1
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 64, 64)).shape == (1, 1000)
+
+
+def test_torchvision_style_builders():
+    model = visionzoo.models.resnet18(num_classes=10)
+    assert model.arch == "resnet18" and model.num_classes == 10
+    assert "resnet50" in dir(visionzoo.models)
+    with pytest.raises(AttributeError):
+        visionzoo.models.resnet9000  # noqa: B018
