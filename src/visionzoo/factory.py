@@ -1,7 +1,7 @@
 """`create_model`: from a name (and weights) to a ready model.
 
-The path: registry entry -> weights record or local file -> safe load -> remap a
-foreign layout -> build -> strict load -> new head if `num_classes` differs ->
+The path: registry entry -> weights record or local file -> safe load -> build ->
+remap a foreign layout -> `model.adapt_state_dict` -> strict load -> new head if `num_classes` differs ->
 metadata (weights, preprocessing, categories) attached -> eval mode.
 """
 from __future__ import annotations
@@ -69,6 +69,7 @@ def create_model(name: str, weights: WeightsArg = None, num_classes: int | None 
     categories = record.categories if record else None
     if state_dict is not None:
         state_dict = remap(state_dict, list(model.state_dict()), record.layout if record else None)
+        state_dict = model.adapt_state_dict(state_dict)
         if record is None:
             # a local file: size the head from its classifier, so it loads as saved
             ckpt_head = state_dict.get(f"{model.classifier_name}.weight")

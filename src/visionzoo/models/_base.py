@@ -88,6 +88,16 @@ class ZooModel(nn.Module):
         setattr(parent, leaf, new)
         self.num_classes = num_classes
 
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fit a checkpoint of this architecture to this instance before strict loading.
+
+        Called by `create_model` after foreign layouts are renamed. Families override it
+        for what only they know (resampling position embeddings for another image size,
+        dropping auxiliary heads that are switched off) and log what they changed.
+        The default returns the state dict unchanged.
+        """
+        return state_dict
+
     def stage_modules(self) -> list[nn.Module]:
         """The module of each `feature_info` entry, shallow to deep."""
         return [self.get_submodule(info.module) for info in self.feature_info]
