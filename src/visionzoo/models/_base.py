@@ -98,6 +98,14 @@ class ZooModel(nn.Module):
         """
         return state_dict
 
+    def format_stage_output(self, index: int, output: torch.Tensor) -> torch.Tensor:
+        """Turn the raw output of `feature_info[index].module` into an NCHW feature map.
+
+        Convolutional families return it unchanged; token-based families (ViT, Swin)
+        override this to reshape tokens or channels-last maps.
+        """
+        return output
+
     def stage_modules(self) -> list[nn.Module]:
         """The module of each `feature_info` entry, shallow to deep."""
         return [self.get_submodule(info.module) for info in self.feature_info]
