@@ -96,3 +96,24 @@ def remap(sd: Mapping[str, torch.Tensor], target_keys: Sequence[str], layout: st
     if layout not in LAYOUTS:
         raise CheckpointError(f"unknown state-dict layout {layout!r}; known: {', '.join(LAYOUTS)}")
     return LAYOUTS[layout].convert(sd, target_keys)
+
+
+# -- prefixes added by wrappers -----------------------------------------------------------------
+# DataParallel/DistributedDataParallel (`module.`), Lightning modules and other wrappers that
+# hold the network as `self.model` (`model.`), torch.compile (`_orig_mod.`).
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+def strip_prefixes(sd: Mapping[str, torch.Tensor], target_keys: Sequence[str] = ()
+                   ) -> tuple[StateDict, list[str]]:
+    """Remove wrapper prefixes shared by every key (repeatedly: `module.model.`), unless the
+    target model's own keys start with them. Returns the state dict and the prefixes removed."""
+    sd = dict(sd)
+    removed: list[str] = []
+    while sd:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if prefix is None or any(k.startswith(prefix) for k in target_keys):
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+        removed.append(prefix)
+    return sd, removed
