@@ -117,3 +117,21 @@ def strip_prefixes(sd: Mapping[str, torch.Tensor], target_keys: Sequence[str] = 
         sd = {k[len(prefix):]: v for k, v in sd.items()}
         removed.append(prefix)
     return sd, removed
+
+
+# -- timm layouts (converters in timm_layouts.py) -----------------------------------------------
+def _register_timm_layouts() -> None:
+    from . import timm_layouts as timm
+
+    for layout in (
+        Layout("timm_efficientnet", "timm EfficientNet / TF-EfficientNet-Lite names (conv_stem, blocks.S.I.conv_dw)",
+               timm.detect_efficientnet, timm.from_efficientnet),
+        Layout("timm_vit", "timm ViT names (patch_embed, cls_token, blocks.N.attn.qkv)",
+               timm.detect_vit, timm.from_vit),
+        Layout("timm_convnext", "timm ConvNeXt names (stem, stages.S.blocks.I, head.fc)",
+               timm.detect_convnext, timm.from_convnext),
+    ):
+        LAYOUTS.setdefault(layout.name, layout)
+
+
+_register_timm_layouts()
