@@ -20,6 +20,8 @@ BUILDER_KWARGS = {
     "inception_v3": {"transform_input": True, "aux_logits": True, "init_weights": False},
 }
 SWAG_LICENSE = "CC-BY-NC-4.0"
+# State-dict layouts (names in visionzoo.weights.remap) of published files not in today's names.
+LAYOUTS = {arch: "densenet_legacy" for arch in ("densenet121", "densenet161", "densenet169", "densenet201")}
 
 LITE_SIZES = {0: 224, 1: 240, 2: 260, 3: 280, 4: 300}
 # TensorFlow EfficientNet-Lite README: ImageNet top-1 (FP32) and multiply-adds.
@@ -55,7 +57,7 @@ def main(src: Path) -> None:
                 "categories": w["categories"],
                 "preprocess": {"resize_size": p["resize_size"][0], "crop_size": p["crop_size"][0],
                                "interpolation": p["interpolation"], "mean": p["mean"], "std": p["std"]},
-                "builder_kwargs": kwargs, "layout": "native",
+                "builder_kwargs": kwargs, "layout": LAYOUTS.get(arch, "native"),
             })
     for i, (file, params, size_mb) in LITE_PACKAGED.items():
         rows.append({

@@ -73,12 +73,33 @@ def _from_efficientnet_pytorch(sd: Mapping[str, torch.Tensor], target_keys: Sequ
     return out
 
 
+# -- torchvision's DenseNet files, saved before the layer names lost their dots ---------------
+# `features.denseblock1.denselayer1.norm.1.weight` -> `features.denseblock1.denselayer1.norm1.weight`
+_DENSENET_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var"
+                              r"|num_batches_tracked))$")
+
+
+def _from_densenet_legacy(sd: Mapping[str, torch.Tensor], target_keys: Sequence[str]) -> StateDict:
+    # keys already in the current layout pass through, so converting twice is harmless
+    out = {_DENSENET_LEGACY.sub(r"\1\2", key): value for key, value in sd.items()}
+    # the published files predate BatchNorm's `num_batches_tracked` (PyTorch 0.4); PyTorch
+    # itself starts such a norm at 0, which is what an unseen counter means
+    for key in target_keys:
+        stem = key[: -len("num_batches_tracked")]
+        if key.endswith(".num_batches_tracked") and key not in out and f"{stem}running_mean" in out:
+            out[key] = torch.zeros((), dtype=torch.long)
+    return out
+
+
 LAYOUTS: dict[str, Layout] = {
     layout.name: layout
     for layout in (
         Layout("efficientnet_pytorch", "lukemelas/EfficientNet-PyTorch names (_conv_stem, _blocks.N.*)",
                lambda sd: "_conv_stem.weight" in sd and any(k.startswith("_blocks.") for k in sd),
                _from_efficientnet_pytorch),
+        Layout("densenet_legacy", "torchvision's published DenseNet files (denselayerN.norm.1, conv.2, ...)",
+               lambda sd: any(_DENSENET_LEGACY.match(k) for k in sd),
+               _from_densenet_legacy),
     )
 }
 
