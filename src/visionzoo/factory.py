@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,12 +22,16 @@ from .weights.io import load_state_dict
 from .weights.records import Weights
 from .weights.remap import remap
 
+if TYPE_CHECKING:
+    from .models.features import FeatureExtractor
+
 log = logging.getLogger("visionzoo")
 WeightsArg = str | os.PathLike | Weights | bool | None
 
 
 def create_model(name: str, weights: WeightsArg = None, num_classes: int | None = None, *,
-                 pretrained: bool = False, progress: bool = True, **kwargs: Any) -> ZooModel:
+                 pretrained: bool = False, progress: bool = True, features_only: bool = False,
+                 out_indices: Sequence[int | str] | None = None, **kwargs: Any) -> ZooModel | FeatureExtractor:
     """Build an architecture, optionally with weights.
 
     Args:
@@ -37,11 +42,17 @@ def create_model(name: str, weights: WeightsArg = None, num_classes: int | None 
             classes, the head is replaced by a new, correctly sized one.
         pretrained: shorthand for `weights="DEFAULT"`.
         progress: show a progress bar when downloading.
+        features_only: return a `FeatureExtractor` whose forward gives the list of stage
+            feature maps (NCHW) instead of logits.
+        out_indices: with `features_only`, which stages (positions in `feature_info`,
+            negative from the deepest, or module names); default all.
         **kwargs: architecture arguments (`in_chans`, `dropout`, ...).
 
     Returns the model in eval mode with `.pretrained_weights`, `.preprocess` and
-    `.categories` set.
+    `.categories` set (or, with `features_only`, a `FeatureExtractor` wrapping it).
     """
+    if out_indices is not None and not features_only:
+        raise InputError("out_indices selects feature maps; pass features_only=True with it")
     arch_name, tag = split_name(name)
     arch = REGISTRY.get_architecture(arch_name)
     if tag is not None:
@@ -89,6 +100,10 @@ def create_model(name: str, weights: WeightsArg = None, num_classes: int | None 
     model.weights_source = source
     model.preprocess = record.preprocess if record else arch.default_preprocess
     model.categories = categories
+    if features_only:
+        from .models.features import FeatureExtractor
+
+        return FeatureExtractor(model, out_indices).eval()
     return model.eval()
 
 
