@@ -1,7 +1,8 @@
 """A generated folder holding every image mode and format the loader must handle, plus bad files.
 
-Everything is made from one real photo (scikit-image's chelsea.png, a cat), kept small so
-that predicting the whole folder takes a second.
+Everything is made from one real photo (scikit-image's coffee.png, which the default model
+sees as an espresso with a wide margin, so that lossless and near-lossless copies must keep
+that top-1), 600x400, small enough to predict the whole folder in seconds.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ BAD = {"truncated.jpg": "truncated", "truncated.png": "truncated", "empty.jpg": 
 
 
 def photo() -> Image.Image:
-    return Image.open(sample_image("chelsea.png")).convert("RGB")  # 451 x 300
+    return Image.open(sample_image("coffee.png")).convert("RGB")  # 600 x 400
 
 
 def make_image_zoo(folder: Path) -> dict[str, Path]:
@@ -75,8 +76,8 @@ def make_image_zoo(folder: Path) -> dict[str, Path]:
     save("float32.tif", Image.fromarray(np.asarray(gray, np.float32) / 255.0))
     save("palette.gif", rgb.quantize(256))
 
-    # animations: the first frame is the cat, the second something else
-    other = Image.open(sample_image("coffee.png")).convert("RGB").resize(rgb.size)
+    # animations: the first frame is the photo, the second something else (a cat)
+    other = Image.open(sample_image("chelsea.png")).convert("RGB").resize(rgb.size)
     rgb.save(folder / "animated.gif", save_all=True, append_images=[other], duration=100, loop=0)
     rgb.save(folder / "animated.webp", save_all=True, append_images=[other], duration=100, loop=0, lossless=True)
 
@@ -86,7 +87,7 @@ def make_image_zoo(folder: Path) -> dict[str, Path]:
     good_png = (folder / "rgb.png").read_bytes()
     (folder / "truncated.png").write_bytes(good_png[: len(good_png) // 2])
     (folder / "empty.jpg").write_bytes(b"")
-    (folder / "text.jpg").write_text("meeting notes: bring the cat photos\n" * 10)
+    (folder / "text.jpg").write_text("meeting notes: bring the coffee\n" * 10)
     buf = io.BytesIO()
     Image.new("L", (3000, 3000)).save(buf, "PNG", optimize=True)  # a few KB that decode to 9 MP
     (folder / "bomb.png").write_bytes(buf.getvalue())

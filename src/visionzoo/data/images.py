@@ -9,7 +9,10 @@ The fast path (`reduce_to`): a JPEG much larger than the size it will be resized
 decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (Pillow's draft mode), which skips
 most of the decoding work. The reduced image keeps a shorter side of at least
 `DRAFT_MARGIN` times the target, so the exact resize that follows still averages over
-several pixels per output pixel and the result stays close to the full decode's.
+several pixels per output pixel and the result stays close to the full decode's. The
+image carries a `DraftInfo` (in `img.info[DRAFT_KEY]`) with the full-size geometry, so
+the resize can map exactly the same area to exactly the same output size as the full
+decode would (a reduced image's last row and column cover a partial block).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import math
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +38,25 @@ DEFAULT_MAX_PIXELS = 178_956_970
 DRAFT_MARGIN = 2  # a draft-decoded JPEG keeps a shorter side >= 2x the resize target
 _DRAFT_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: the multi-picture JPEG some cameras write
 
+DRAFT_KEY = "visionzoo.draft"  # key in `Image.info` of the DraftInfo of a reduced-scale decode
+
 log = logging.getLogger("visionzoo")
 _PILLOW_LIMIT_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class DraftInfo:
+    """How a reduced-scale decode maps onto the full-size image (both upright)."""
+
+    size: tuple[int, int]  # the reduced image's size as decoded; a resized or cropped copy no longer matches
+    region: tuple[float, float, float, float]  # the box of the reduced image that covers the full image
+    full_size: tuple[int, int]  # the full-size image's (width, height)
+
+
+def draft_info(img: Image.Image) -> DraftInfo | None:
+    """The `DraftInfo` of an image from `load_image(reduce_to=...)`, if it still applies to `img`."""
+    info = img.info.get(DRAFT_KEY)
+    return info if isinstance(info, DraftInfo) and info.size == img.size else None
 
 
 def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -96,11 +117,17 @@ def _decode_checked(path: Path, max_pixels: int | None, reduce_to: int | None) -
         width, height = img.size
         if max_pixels is not None and width * height > max_pixels:
             raise ImageError(path, _too_large((width, height), max_pixels))
+        region = None
         if reduce_to is not None and img.format in _DRAFT_FORMATS:
-            _draft(img, reduce_to)
+            region = _draft(img, reduce_to)
         img.load()  # the first frame of an animation or the first page of a TIFF
-        _apply_exif_orientation(img, path)
-        return to_rgb(img)
+        orientation = _apply_exif_orientation(img, path)
+        rgb = to_rgb(img)
+        if region is not None:
+            reduced = img.size if orientation in (1, 2, 3, 4) else img.size[::-1]  # as stored
+            region, full = _orient(region, reduced, (width, height), orientation)
+            rgb.info[DRAFT_KEY] = DraftInfo(rgb.size, region, full)
+        return rgb
 
 
 def _too_large(size: tuple[int, int] | None, max_pixels: int | None) -> str:
@@ -125,25 +152,63 @@ def _pillow_limit(max_pixels: int | None):
             Image.MAX_IMAGE_PIXELS = saved
 
 
-def _draft(img: Image.Image, reduce_to: int) -> None:
-    """Ask libjpeg for the smallest scale (1/2, 1/4, 1/8) keeping the shorter side >= margin x target."""
+def _draft(img: Image.Image, reduce_to: int) -> tuple[float, float, float, float] | None:
+    """Ask libjpeg for the smallest scale (1/2, 1/4, 1/8) keeping the shorter side >= margin x target.
+
+    Returns the box of the reduced image that covers the full image (its last row and
+    column may cover a partial block), or None when no reduction applies.
+    """
     width, height = img.size
     need = DRAFT_MARGIN * reduce_to
     shorter = min(width, height)
     if shorter < 2 * need:  # not even a 1/2 scale would stay above the margin
-        return
+        return None
     # Pillow picks the largest scale s with size // requested >= s, so the reduced image is
     # never smaller than the requested size.
     factor = need / shorter
-    img.draft(img.mode, (max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor))))
+    result = img.draft(img.mode, (max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor))))
+    if result is None or img.size == (width, height):
+        return None
+    return tuple(float(v) for v in result[1])
 
 
-def _apply_exif_orientation(img: Image.Image, path: Path) -> None:
+# EXIF orientation -> the transposition that makes the image upright (as `ImageOps.exif_transpose`)
+_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+
+def _apply_exif_orientation(img: Image.Image, path: Path) -> int:
+    """Make `img` upright in place; returns the EXIF orientation that was applied (1: none)."""
     try:
-        ImageOps.exif_transpose(img, in_place=True)
+        orientation = img.getexif().get(0x0112, 1)
+        if orientation in _ORIENTATION:
+            ImageOps.exif_transpose(img, in_place=True)
+            return orientation
     except Exception as e:  # noqa: BLE001
         # a malformed EXIF block does not make the pixels unusable: keep them as stored
         log.info("%s: ignoring unreadable EXIF orientation (%s)", path, e)
+    return 1
+
+
+def _orient(box: tuple[float, float, float, float], canvas: tuple[int, int], full: tuple[int, int],
+            orientation: int) -> tuple[tuple[float, float, float, float], tuple[int, int]]:
+    """A box on a `canvas`-sized stored image, and the full size, after the orientation's transposition."""
+    x0, y0, x1, y1 = box
+    cw, ch = canvas
+    if orientation in (2, 3):  # the horizontal axis is mirrored
+        x0, x1 = cw - x1, cw - x0
+    if orientation in (3, 4):  # the vertical axis is mirrored
+        y0, y1 = ch - y1, ch - y0
+    if orientation == 5:  # transpose: (x, y) -> (y, x)
+        return (y0, x0, y1, x1), full[::-1]
+    if orientation == 6:  # rotate 90 clockwise: (x, y) -> (ch - y, x)
+        return (ch - y1, x0, ch - y0, x1), full[::-1]
+    if orientation == 7:  # transverse: (x, y) -> (ch - y, cw - x)
+        return (ch - y1, cw - x1, ch - y0, cw - x0), full[::-1]
+    if orientation == 8:  # rotate 90 counter-clockwise: (x, y) -> (y, cw - x)
+        return (y0, cw - x1, y1, cw - x0), full[::-1]
+    return (x0, y0, x1, y1), full
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
