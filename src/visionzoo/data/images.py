@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..errors import ImageError
+from ..errors import ImageError, InputError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
@@ -80,7 +80,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
     if path.stat().st_size == 0:
         raise ImageError(path, "empty file (0 bytes)")
     if max_pixels is not None and max_pixels < 1:
-        raise ValueError(f"max_pixels must be >= 1 or None, got {max_pixels}")
+        raise InputError(f"max_pixels must be >= 1 (or None for no limit), got {max_pixels}")
     try:
         try:
             return _decode(path, max_pixels, reduce_to)
