@@ -11,6 +11,7 @@ torchvision's preprocessing of a full decode.
 """
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -107,4 +108,15 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
                          reduce_to=preprocess.resize_size if fast else None)
     loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=pin_memory)
-    yield from loader
+    if num_workers == 0:
+        yield from loader
+        return
+    # Forked workers share the parent's memory copy-on-write; the garbage collector walking the
+    # parent's objects in a worker would touch, and so copy, their pages one by one. Frozen
+    # objects are never walked, so the workers stay small; the parent unfreezes right after forking.
+    gc.freeze()
+    try:
+        batches = iter(loader)  # starts the workers
+    finally:
+        gc.unfreeze()
+    yield from batches
