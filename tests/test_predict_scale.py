@@ -122,20 +122,24 @@ def test_embed_command(capsys, tmp_path):
 
 
 # Runs `visionzoo predict FOLDER --format jsonl` in-process and records, when the 500th and the
-# 2,000th result lines are written, the peak RSS of the process and of its decoding worker.
+# 2,000th result lines are written, the peak RSS (VmHWM) of the process and of its decoding worker.
+# (Not getrusage's ru_maxrss: Linux carries it over from the parent across fork and exec, so a
+# child of a large pytest process would report the parent's peak.)
 _MEMORY_PROBE = """
-import json, os, resource, sys
+import json, os, sys
 from visionzoo import cli
+
+def peak_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return max([0] + [int(line.split()[1]) for line in f if line.startswith("VmHWM")])
 
 def worker_peak_kb():
     peak, me = 0, str(os.getpid())
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[1] != me:
-                    continue
-            with open(f"/proc/{pid}/status") as f:
-                peak = max([peak] + [int(line.split()[1]) for line in f if line.startswith("VmHWM")])
+                if f.read().rsplit(")", 1)[1].split()[1] == me:
+                    peak = max(peak, peak_kb(pid))
         except (OSError, IndexError):
             pass
     return peak
@@ -147,7 +151,7 @@ class Counting:
         for _ in range(text.count("\\n")):
             self.lines += 1
             if self.lines in (500, 2000):
-                self.marks[self.lines] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, worker_peak_kb())
+                self.marks[self.lines] = (peak_kb("self"), worker_peak_kb())
         return self.out.write(text)
     def __getattr__(self, name):
         return getattr(self.out, name)
