@@ -19,6 +19,8 @@ from .errors import (
 )
 from .factory import create_model
 from .registry import REGISTRY
+from .weights.adapt import LoadReport, load_weights
+from .weights.inspect import CheckpointReport, inspect_checkpoint
 from .weights.records import Preprocess, Weights
 
 __version__ = "0.1.0"
@@ -49,3 +51,4 @@ __all__ = [
     "UnknownModelError", "UnknownWeightsError", "VisionZooError", "Weights", "WeightsUnavailableError",
     "create_model", "embed", "get_weights", "list_models", "list_weights", "predict",
 ]
+__all__ += ["CheckpointReport", "LoadReport", "inspect_checkpoint", "load_weights"]

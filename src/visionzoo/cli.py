@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import sys
 from collections import Counter
 from enum import Enum
@@ -28,7 +29,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_NOTHING = 0, 1, 2, 3, 4
 DEFAULT_MODEL = "efficientnet_lite0"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Pre-trained image models: list, inspect, predict, embed.")
+                  help="Pre-trained image models: list, download, inspect, predict, embed.")
 out = Console()
 err = Console(stderr=True)
 
@@ -41,9 +42,15 @@ class OutputFormat(str, Enum):
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what visionzoo does.")) -> None:
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what visionzoo does."),
+          offline: bool = typer.Option(False, "--offline", help="Never use the network (same as "
+                                       "VISIONZOO_OFFLINE=1): weights must be cached or packaged.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
                         stream=sys.stderr)
+    if offline:
+        from .weights.fetch import ENV_OFFLINE
+
+        os.environ[ENV_OFFLINE] = "1"  # the environment, so worker processes are offline too
 
 
 INPUTS_HELP = ("Image files, folders (searched recursively), globs ('photos/**/*.jpg'), @LIST (a text "
@@ -255,6 +262,51 @@ def info(name: str = typer.Argument(..., help="NAME or NAME.TAG")) -> None:
         for k, v in rows:
             out.print(f"  {k:<14} {v}", highlight=False, soft_wrap=True)
         out.print()
+
+
+@app.command()
+def download(names: list[str] = typer.Argument(..., help="NAME (its default weights) or NAME.TAG, one or more.")
+             ) -> None:
+    """Fetch weights into the cache (verified) for later offline use; print where each file is."""
+    from .registry import REGISTRY
+    from .weights.hub import fetch_weights
+
+    records = [REGISTRY.get_weights(name) for name in names]  # unknown names fail before any download
+    failed = 0
+    for w in records:
+        try:
+            path, how = fetch_weights(w, progress=True, reverify=True)
+        except VisionZooError as e:
+            failed += 1
+            err.print(f"[red]failed[/red] {w.name}: {e}", highlight=False, soft_wrap=True)
+            continue
+        # one tab-separated line per file: whole paths, easy to parse
+        sys.stdout.write(f"{w.name}\t{how}\t{path}\n")
+        sys.stdout.flush()
+    if failed:
+        raise typer.Exit(EXIT_NOTHING if failed == len(records) else EXIT_PARTIAL)
+
+
+@app.command()
+def inspect(
+    checkpoint: str = typer.Argument(..., help="A checkpoint file (.pth/.pt/.bin/.ckpt/.safetensors)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Check it against NAME (or NAME.TAG)."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table or json."),
+) -> None:
+    """Tell what a checkpoint is (format, tensors, architecture) and whether it fits a model.
+
+    Exits 1 if the file cannot be read or, with --model, does not fit the model.
+    """
+    from .weights.inspect import inspect_checkpoint
+
+    report = inspect_checkpoint(checkpoint, model=model)
+    if fmt in (OutputFormat.json, OutputFormat.jsonl):
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2 if fmt is OutputFormat.json else None) + "\n")
+    else:
+        for line in report.lines(limit=10):
+            out.print(line, highlight=False, soft_wrap=True)
+    if report.fit is not None and not report.fit.fits:
+        raise typer.Exit(EXIT_ERROR)
 
 
 def _fmt(v) -> str:

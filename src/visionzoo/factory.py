@@ -1,8 +1,10 @@
 """`create_model`: from a name (and weights) to a ready model.
 
-The path: registry entry -> weights record or local file -> safe load -> build ->
-remap a foreign layout -> `model.adapt_state_dict` -> strict load -> new head if `num_classes` differs ->
-metadata (weights, preprocessing, categories) attached -> eval mode.
+The path: registry entry -> weights record or local file -> safe load (memory-mapped) ->
+build without random init (`weights/lean.py`) -> rename and adapt the checkpoint with a
+report (`weights/adapt.py`: prefixes, foreign layouts, `model.adapt_state_dict`, input
+channels) -> load (strict unless `strict=False`) -> new head if `num_classes` differs ->
+metadata (weights, preprocessing, categories, `load_report`) attached -> eval mode.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ from .errors import CheckpointError, InputError
 from .models._base import ZooModel
 from .registry import REGISTRY, Architecture, split_name
 from .weights import hub
-from .weights.io import load_state_dict
+from .weights.adapt import LoadReport, adapt, plan_load, realize
+from .weights.io import Checkpoint, read_checkpoint
 from .weights.records import Weights
-from .weights.remap import remap
 
 if TYPE_CHECKING:
     from .models.features import FeatureExtractor
@@ -30,7 +32,7 @@ WeightsArg = str | os.PathLike | Weights | bool | None
 
 
 def create_model(name: str, weights: WeightsArg = None, num_classes: int | None = None, *,
-                 pretrained: bool = False, progress: bool = True, features_only: bool = False,
+                 pretrained: bool = False, progress: bool = True, strict: bool = True, features_only: bool = False,
                  out_indices: Sequence[int | str] | None = None, **kwargs: Any) -> ZooModel | FeatureExtractor:
     """Build an architecture, optionally with weights.
 
@@ -42,14 +44,19 @@ def create_model(name: str, weights: WeightsArg = None, num_classes: int | None 
             classes, the head is replaced by a new, correctly sized one.
         pretrained: shorthand for `weights="DEFAULT"`.
         progress: show a progress bar when downloading.
+        strict: with False, load what fits and list the rest in `model.load_report`
+            (logged) instead of raising `CheckpointError`.
         features_only: return a `FeatureExtractor` whose forward gives the list of stage
             feature maps (NCHW) instead of logits.
         out_indices: with `features_only`, which stages (positions in `feature_info`,
             negative from the deepest, or module names); default all.
-        **kwargs: architecture arguments (`in_chans`, `dropout`, ...).
+        **kwargs: architecture arguments (`in_chans`, `dropout`, ...). With weights for
+            3 input channels, `in_chans=1` sums the first convolution's filters and other
+            values repeat them (rescaled).
 
-    Returns the model in eval mode with `.pretrained_weights`, `.preprocess` and
-    `.categories` set (or, with `features_only`, a `FeatureExtractor` wrapping it).
+    Returns the model in eval mode with `.pretrained_weights`, `.preprocess`,
+    `.categories` and `.load_report` (what loading renamed, adapted and left out; None
+    without weights) set; with `features_only`, a `FeatureExtractor` wrapping it.
     """
     if out_indices is not None and not features_only:
         raise InputError("out_indices selects feature maps; pass features_only=True with it")
@@ -67,39 +74,47 @@ def create_model(name: str, weights: WeightsArg = None, num_classes: int | None 
                                     or num_classes < 0):
         raise InputError(f"num_classes must be an integer >= 0, got {num_classes!r}")
 
-    record, state_dict, source = _resolve_weights(arch, weights, progress)
+    record, ckpt, source = _resolve_weights(arch, weights, progress)
     build_kwargs = dict(record.builder_kwargs) if record else {}
     build_kwargs.update(kwargs)
     if record is not None:
         head_classes = record.num_classes
     else:
         head_classes = 1000 if num_classes is None else num_classes
-    model = arch.build(num_classes=head_classes, **build_kwargs)
-    model.arch = arch.name
 
     categories = record.categories if record else None
-    if state_dict is not None:
-        state_dict = remap(state_dict, list(model.state_dict()), record.layout if record else None)
-        state_dict = model.adapt_state_dict(state_dict)
+    report = None
+    if ckpt is None:
+        model = arch.build(num_classes=head_classes, **build_kwargs)
+    else:
+        report = LoadReport(source=source, format=ckpt.format,
+                            remapped=[f"unwrapped the '{k}' entry" for k in ckpt.wrapper])
+        # a local file's own head size and input channels are the truth
+        plan = plan_load(arch.build, ckpt.state_dict, kwargs={"num_classes": head_classes, **build_kwargs},
+                         layout=record.layout if record else None, size_from_checkpoint=record is None,
+                         report=report)
+        model = realize(plan, strict=strict, what=arch.name)
         if record is None:
-            # a local file: size the head from its classifier, so it loads as saved
-            ckpt_head = state_dict.get(f"{model.classifier_name}.weight")
-            if ckpt_head is not None and ckpt_head.shape[0] != model.num_classes:
-                model.reset_classifier(int(ckpt_head.shape[0]))
             default = arch.default_weights
             if default is not None and model.num_classes == default.num_classes:
                 categories = default.categories  # the published head size: assume its classes
-        load_checked(model, state_dict, source)
+    model.arch = arch.name
     if num_classes is not None and num_classes != model.num_classes:
-        log.info("%s: replaced the %d-class classifier with a new %d-class one",
-                 arch.name, model.num_classes, num_classes)
+        old = model.num_classes
         model.reset_classifier(num_classes)
         categories = None
+        if report is not None:
+            report.adapted.append(f"replaced the {old}-class classifier ({model.classifier_name}) with a new "
+                                  f"{num_classes}-class one")
+            report.new = [f"{model.classifier_name}.{n}" for n, _ in model.get_classifier().named_parameters()]
 
     model.pretrained_weights = record
     model.weights_source = source
     model.preprocess = record.preprocess if record else arch.default_preprocess
     model.categories = categories
+    model.load_report = report
+    if report is not None:
+        report.log()
     if features_only:
         from .models.features import FeatureExtractor
 
@@ -108,8 +123,8 @@ def create_model(name: str, weights: WeightsArg = None, num_classes: int | None 
 
 
 def _resolve_weights(arch: Architecture, weights: WeightsArg, progress: bool
-                     ) -> tuple[Weights | None, dict[str, torch.Tensor] | None, str | None]:
-    """(record, state dict, description of the source) for the `weights` argument."""
+                     ) -> tuple[Weights | None, Checkpoint | None, str | None]:
+    """(record, checkpoint, description of the source) for the `weights` argument."""
     if weights is None:
         return None, None, None
     if isinstance(weights, Weights):
@@ -118,14 +133,14 @@ def _resolve_weights(arch: Architecture, weights: WeightsArg, progress: bool
         record = weights
     elif isinstance(weights, os.PathLike) or (isinstance(weights, str) and _looks_like_path(weights)):
         path = Path(weights).expanduser()
-        return None, load_state_dict(path), str(path)
+        return None, read_checkpoint(path), str(path)
     elif isinstance(weights, str):
         record = REGISTRY.get_weights(arch.name, weights)
     else:
         raise InputError(f"weights must be None, 'DEFAULT', a tag, a Weights record or a file path; "
                          f"got {type(weights).__name__}")
     path = hub.weights_file(record, progress=progress)
-    return record, load_state_dict(path), str(path)
+    return record, read_checkpoint(path), str(path)
 
 
 def _looks_like_path(value: str) -> bool:
@@ -135,19 +150,12 @@ def _looks_like_path(value: str) -> bool:
 
 def load_checked(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str | None) -> None:
     """`load_state_dict(strict=True)` with a one-line error naming what does not fit."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape]
-    if missing or unexpected or mismatched:
+    report = LoadReport(source=source)
+    adapt(dict(state_dict), model, report)
+    if not report.fits:
         arch = getattr(model, "arch", type(model).__name__)
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched)):
-            if items:
-                parts.append(f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
         raise CheckpointError(
-            f"checkpoint {source or '<state dict>'} does not fit {arch}: {'; '.join(parts)}. "
+            f"checkpoint {source or '<state dict>'} does not fit {arch}: {report.problems()}. "
             f"Check the model name (`visionzoo inspect` tells which architecture a file is for) "
             f"or pass num_classes for a different head")
     model.load_state_dict(state_dict, strict=True)

