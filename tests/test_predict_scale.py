@@ -225,3 +225,15 @@ def test_iter_predict_keeps_nothing_per_image(tmp_path):
     print(f"traced Python memory after 500 / 2000 results: {at_500 / 1024:.0f} / {at_2000 / 1024:.0f} KiB")
     # keeping even the 1,500 extra results (about 1 KB each with their labels) would add > 1 MB
     assert at_2000 - at_500 < 300_000
+
+
+def test_decode_benchmark_runs_and_agrees_on_top1():
+    """benchmarks/decode_speed.py on smaller photos (its timings are not checked here; run the script
+    on an idle machine for those)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_speed.py"
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), "--megapixels", "3", "--rounds", "1", "--workers", "0"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode in (0, 1), proc.stderr  # 1: the speed-up target missed on this machine
+    assert "top-1 agreement: 6/6" in proc.stdout, proc.stdout
