@@ -4,6 +4,7 @@
     visionzoo.list_models("resnet*")
     model = visionzoo.create_model("efficientnet_lite0", pretrained=True)
     preds = visionzoo.predict(["photo.jpg"])
+    emb = visionzoo.embed(["photos/"], out="photos.npy")
 """
 from __future__ import annotations
 
@@ -37,9 +38,17 @@ def predict(*args, **kwargs):
     return _predict(*args, **kwargs)
 
 
+def embed(*args, **kwargs):
+    """Embed images (pooled pre-logits or a pooled stage), resumably to a file; see
+    `visionzoo.tasks.embed.embed`."""
+    from .tasks.embed import embed as _embed
+
+    return _embed(*args, **kwargs)
+
+
 __all__ = [
     "DEFAULT_MODEL", "REGISTRY", "CheckpointError", "ImageError", "InputError", "Preprocess",
     "UnknownModelError", "UnknownWeightsError", "VisionZooError", "Weights", "WeightsUnavailableError",
-    "create_model", "get_weights", "list_models", "list_weights", "predict",
+    "create_model", "embed", "get_weights", "list_models", "list_weights", "predict",
 ]
 __all__ += ["CheckpointReport", "LoadReport", "inspect_checkpoint", "load_weights"]

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from enum import Enum
 from typing import Optional
 
@@ -21,13 +22,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from .data.images import DEFAULT_MAX_PIXELS
 from .errors import VisionZooError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_NOTHING = 0, 1, 2, 3, 4
 DEFAULT_MODEL = "efficientnet_lite0"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Pre-trained image models: list, download, inspect, predict.")
+                  help="Pre-trained image models: list, download, inspect, predict, embed.")
 out = Console()
 err = Console(stderr=True)
 
@@ -51,36 +53,107 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what 
         os.environ[ENV_OFFLINE] = "1"  # the environment, so worker processes are offline too
 
 
+INPUTS_HELP = ("Image files, folders (searched recursively), globs ('photos/**/*.jpg'), @LIST (a text "
+               "file of paths, one per line) or a CSV with a 'path' column.")
+WORKERS_HELP = "Decoding processes (default: one per spare CPU core; 0 decodes in the main process)."
+EXACT_HELP = ("Decode every image at full size: torchvision's preprocessing exactly. By default large "
+              "JPEGs are decoded at a reduced scale first (much faster, nearly identical inputs).")
+MAX_PIXELS_HELP = "Refuse images with more pixels than this (decompression bombs); 0 for no limit."
+
+
 @app.command()
 def predict(
-    paths: list[str] = typer.Argument(..., help="Image files, folders (searched recursively) or globs."),
+    paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="NAME or NAME.TAG (default weights "
                               "unless a tag is given), or a bundle/checkpoint via --weights."),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="A local checkpoint file to load instead."),
     topk: int = typer.Option(5, "--topk", "-k", min=1, help="How many classes to show per image."),
-    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format (jsonl and csv "
+                                     "stream one result at a time, for any number of images)."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0, help=WORKERS_HELP),
+    exact: bool = typer.Option(False, "--exact", help=EXACT_HELP),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=0, help=MAX_PIXELS_HELP),
+    device: str = typer.Option("cpu", "--device", help="Torch device to run the model on (cpu, cuda, cuda:1, mps)."),
 ) -> None:
     """Classify images and print the top classes of each."""
-    from .factory import create_model
-    from .registry import split_name
     from .tasks.predict import Prediction, iter_predict
 
-    _, tag = split_name(model)
-    net = create_model(model, weights=weights if weights else (None if tag else "DEFAULT"))
+    net = _load_model(model, weights)
     failures, done = [], 0
     writer = _writer(fmt)
-    for result in iter_predict(paths, net, topk=topk, batch_size=batch_size):
+    for result in iter_predict(paths, net, topk=topk, batch_size=batch_size, num_workers=workers,
+                               device=device, fast=not exact, max_pixels=max_pixels or None):
         if isinstance(result, Prediction):
             writer.add(result)
             done += 1
         else:
             failures.append(result)
-            err.print(f"[red]skipped[/red] {result.path}: {result.reason}", highlight=False, soft_wrap=True)
+            _report_failure(result)
     writer.close()
-    if failures:
-        err.print(f"{done} predicted, {len(failures)} failed", highlight=False)
-        raise typer.Exit(EXIT_NOTHING if done == 0 else EXIT_PARTIAL)
+    _exit_for_failures(done, failures, "predicted")
+
+
+@app.command()
+def embed(
+    paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
+    out_file: str = typer.Option(..., "--out", "-o", help="Output file: .npy (with a <stem>.paths.txt list of "
+                                 "paths) or .parquet (path and embedding columns)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="NAME or NAME.TAG."),
+    weights: Optional[str] = typer.Option(None, "--weights", "-w", help="A local checkpoint file to load instead."),
+    layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Embed an intermediate stage instead (its "
+                                        "index in feature_info, negative from the deepest, or its module name), "
+                                        "global-average pooled."),
+    normalize: bool = typer.Option(False, "--normalize", help="L2-normalise each vector."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", min=1),
+    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", min=1, help="Images per saved chunk of a "
+                                             "resumable run (a multiple of --batch-size; default 8 batches)."),
+    restart: bool = typer.Option(False, "--restart", help="Discard the partial results of an interrupted run "
+                                 "instead of resuming it."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0, help=WORKERS_HELP),
+    exact: bool = typer.Option(False, "--exact", help=EXACT_HELP),
+    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=0, help=MAX_PIXELS_HELP),
+    device: str = typer.Option("cpu", "--device", help="Torch device to run the model on."),
+    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar "
+                                            "(default: when stderr is a terminal)."),
+) -> None:
+    """Write one embedding vector per image (pooled pre-logits, or a pooled stage); resumable."""
+    from .tasks.embed import embed as run_embed
+    from .tasks.embed import sidecar_path
+
+    net = _load_model(model, weights)
+    result = run_embed(paths, net, out=out_file, layer=layer, normalize=normalize, batch_size=batch_size,
+                       num_workers=workers, fast=not exact, max_pixels=max_pixels or None, device=device,
+                       chunk_size=chunk_size, resume=not restart,
+                       progress=err.is_terminal if progress is None else progress)
+    for failure in result.failures:
+        _report_failure(failure)
+    extra = f" (+ {sidecar_path(result.out).name})" if result.out.suffix.lower() == ".npy" else ""
+    err.print(f"wrote {len(result)} embeddings of dimension {result.dim} to {result.out}{extra}",
+              highlight=False, soft_wrap=True)
+    _exit_for_failures(len(result), result.failures, "embedded")
+
+
+def _load_model(model: str, weights: str | None):
+    from .factory import create_model
+    from .registry import split_name
+
+    _, tag = split_name(model)
+    return create_model(model, weights=weights if weights else (None if tag else "DEFAULT"))
+
+
+def _report_failure(failure) -> None:
+    err.print(f"[red]skipped[/red] {failure.path}: {failure.reason}", highlight=False, soft_wrap=True)
+
+
+def _exit_for_failures(done: int, failures: list, verb: str) -> None:
+    """Print a summary of what failed, grouped by reason, and exit 3 (partial) or 4 (nothing done)."""
+    if not failures:
+        return
+    kinds = Counter(f.reason.split(" (")[0].split(";")[0] for f in failures)
+    summary = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+    err.print(f"{done} {verb}, {len(failures)} failed: {summary}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_NOTHING if done == 0 else EXIT_PARTIAL)
 
 
 class _writer:

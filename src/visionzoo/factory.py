@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,12 +24,16 @@ from .weights.adapt import LoadReport, adapt, plan_load, realize
 from .weights.io import Checkpoint, read_checkpoint
 from .weights.records import Weights
 
+if TYPE_CHECKING:
+    from .models.features import FeatureExtractor
+
 log = logging.getLogger("visionzoo")
 WeightsArg = str | os.PathLike | Weights | bool | None
 
 
 def create_model(name: str, weights: WeightsArg = None, num_classes: int | None = None, *,
-                 pretrained: bool = False, progress: bool = True, strict: bool = True, **kwargs: Any) -> ZooModel:
+                 pretrained: bool = False, progress: bool = True, strict: bool = True, features_only: bool = False,
+                 out_indices: Sequence[int | str] | None = None, **kwargs: Any) -> ZooModel | FeatureExtractor:
     """Build an architecture, optionally with weights.
 
     Args:
@@ -41,14 +46,20 @@ def create_model(name: str, weights: WeightsArg = None, num_classes: int | None 
         progress: show a progress bar when downloading.
         strict: with False, load what fits and list the rest in `model.load_report`
             (logged) instead of raising `CheckpointError`.
+        features_only: return a `FeatureExtractor` whose forward gives the list of stage
+            feature maps (NCHW) instead of logits.
+        out_indices: with `features_only`, which stages (positions in `feature_info`,
+            negative from the deepest, or module names); default all.
         **kwargs: architecture arguments (`in_chans`, `dropout`, ...). With weights for
             3 input channels, `in_chans=1` sums the first convolution's filters and other
             values repeat them (rescaled).
 
     Returns the model in eval mode with `.pretrained_weights`, `.preprocess`,
     `.categories` and `.load_report` (what loading renamed, adapted and left out; None
-    without weights) set.
+    without weights) set; with `features_only`, a `FeatureExtractor` wrapping it.
     """
+    if out_indices is not None and not features_only:
+        raise InputError("out_indices selects feature maps; pass features_only=True with it")
     arch_name, tag = split_name(name)
     arch = REGISTRY.get_architecture(arch_name)
     if tag is not None:
@@ -104,6 +115,10 @@ def create_model(name: str, weights: WeightsArg = None, num_classes: int | None 
     model.load_report = report
     if report is not None:
         report.log()
+    if features_only:
+        from .models.features import FeatureExtractor
+
+        return FeatureExtractor(model, out_indices).eval()
     return model.eval()
 
 

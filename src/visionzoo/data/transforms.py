@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .images import draft_info
+
 if TYPE_CHECKING:
     from ..weights.records import Preprocess
 
@@ -74,9 +76,16 @@ class ClassificationTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         p = self.preprocess
+        draft = draft_info(img)
         if img.mode != "RGB":
             img = img.convert("RGB")
-        img = resize_shorter(img, p.resize_size, self.interpolation)
+        if draft is not None:
+            # a reduced-scale decode (the fast path): resize the area that covers the full image
+            # to the size the full image would get, so the geometry is the exact path's
+            size = resized_size(*draft.full_size, p.resize_size)
+            img = img.resize(size, self.interpolation.pil, box=draft.region)
+        else:
+            img = resize_shorter(img, p.resize_size, self.interpolation)
         img = center_crop(img, p.crop_size)
         return to_normalized_tensor(img, p.mean, p.std)
 

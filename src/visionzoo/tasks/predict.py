@@ -1,7 +1,9 @@
-"""Classify images: files, folders and globs in; top-k labels out, bad files reported.
+"""Classify images: files, folders, globs, lists in; top-k labels out, bad files reported.
 
 `iter_predict` streams one result per input (a `Prediction` or a `Failure`) so the
-caller can write results as they come; `predict` collects them.
+caller can write results as they come and memory stays bounded over any number of
+files; `predict` collects them. Decoding runs in parallel worker processes
+(`data/loader.py`), with the fast JPEG path unless `fast=False`.
 """
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from ..data.images import load_image
+from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.inputs import Failure, expand_inputs
-from ..errors import ImageError, InputError
+from ..data.loader import image_batches
+from ..errors import InputError
 from ..models._base import ZooModel
 
 
@@ -40,30 +42,6 @@ class Prediction:
             for r, t in enumerate(self.top)]}
 
 
-class _ImageFiles(Dataset):
-    """Decoded, preprocessed images; a bad file yields its error message instead."""
-
-    def __init__(self, paths: Sequence[os.PathLike], transform):
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        try:
-            return i, self.transform(load_image(self.paths[i])), None
-        except ImageError as e:
-            return i, None, e.reason
-
-
-def _collate(items):
-    good = [(i, x) for i, x, _ in items if x is not None]
-    bad = [(i, err) for i, _, err in items if err is not None]
-    batch = torch.stack([x for _, x in good]) if good else None
-    return [i for i, _ in good], batch, bad
-
-
 def resolve_model(model: str | ZooModel) -> ZooModel:
     """A model instance from a name (`arch[.TAG]`, with default weights) or an instance."""
     if isinstance(model, ZooModel):
@@ -78,9 +56,19 @@ def resolve_model(model: str | ZooModel) -> ZooModel:
 
 
 def iter_predict(inputs: Sequence[str | os.PathLike], model: str | ZooModel = "efficientnet_lite0",
-                 topk: int = 5, batch_size: int = 32, num_workers: int = 0,
-                 device: str | torch.device = "cpu") -> Iterator[Prediction | Failure]:
-    """Yield a `Prediction` or a `Failure` for every input file, in input order per batch."""
+                 topk: int = 5, batch_size: int = 32, num_workers: int | None = None,
+                 device: str | torch.device = "cpu", *, fast: bool = True,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[Prediction | Failure]:
+    """Yield a `Prediction` or a `Failure` for every input, files in input order.
+
+    Args:
+        inputs: files, folders, globs, `@LIST` files, CSV datasets (see `expand_inputs`).
+        model: a name (`arch[.TAG]`, default weights) or a model instance.
+        num_workers: decoding processes (None: one per spare core; 0: in-process).
+        fast: decode large JPEGs at a reduced scale first; False gives torchvision's
+            preprocessing of the full-size decode exactly.
+        max_pixels: refuse larger images as possible decompression bombs; None: no limit.
+    """
     if topk < 1:
         raise InputError(f"topk must be >= 1, got {topk}")
     if batch_size < 1:
@@ -90,20 +78,21 @@ def iter_predict(inputs: Sequence[str | os.PathLike], model: str | ZooModel = "e
     yield from failures
     if not files:
         return
+    device = torch.device(device)
     net = net.to(device).eval()
     if net.preprocess is None:
         raise InputError("the model has no preprocessing recipe; build it with visionzoo.create_model")
     categories = net.categories
     k = min(topk, net.num_classes)
-    loader = DataLoader(_ImageFiles(files, net.preprocess.transforms()), batch_size=batch_size,
-                        num_workers=num_workers, collate_fn=_collate)
+    batches = image_batches(files, net.preprocess, batch_size=batch_size, num_workers=num_workers, fast=fast,
+                            max_pixels=max_pixels, pin_memory=device.type == "cuda")
     with torch.inference_mode():
-        for indices, batch, bad in loader:
-            results: dict[int, Prediction | Failure] = {i: Failure(str(files[i]), err) for i, err in bad}
-            if batch is not None:
-                probs = torch.softmax(net(batch.to(device)).float(), dim=1)
+        for batch in batches:
+            results: dict[int, Prediction | Failure] = {i: Failure(str(files[i]), err) for i, err in batch.failures}
+            if batch.images is not None:
+                probs = torch.softmax(net(batch.images.to(device)).float(), dim=1)
                 values, classes = probs.topk(k, dim=1)
-                for i, v_row, c_row in zip(indices, values.tolist(), classes.tolist(), strict=True):
+                for i, v_row, c_row in zip(batch.indices, values.tolist(), classes.tolist(), strict=True):
                     top = (Label(c, categories[c] if categories else f"class_{c}", v)
                            for v, c in zip(v_row, c_row, strict=True))
                     results[i] = Prediction(str(files[i]), tuple(top))

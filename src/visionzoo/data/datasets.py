@@ -1,0 +1,178 @@
+"""Labelled image datasets: an ImageFolder-style tree or a CSV of `path,label` rows.
+
+    ds = ImageDataset.from_folder("pets/train", transform=model.preprocess.transforms())
+    ds.classes            # ['cat', 'dog']: sub-folder names, sorted
+    ds.samples[0]         # (Path('pets/train/cat/001.jpg'), 0)
+    x, y = ds[0]          # (CHW tensor, 0)
+
+    ds = ImageDataset.from_csv("labels.csv")   # header row with `path` and `label` columns
+
+Both are torch `Dataset`s returning `(transform(image), class index)` (the RGB PIL image
+when there is no transform); a bad image raises `ImageError` naming the file. Pass
+`classes=` to fix the class order (e.g. a validation split that lacks a class uses the
+training split's classes).
+"""
+from __future__ import annotations
+
+import csv
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from ..errors import InputError
+from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_image
+from .inputs import find_images
+
+
+class ImageDataset(Dataset):
+    """Image files with class labels.
+
+    Attributes:
+        samples: `(path, class index)` pairs, in a stable order.
+        classes: class names; `classes[i]` is the name of label `i`.
+        class_to_idx: class name -> index.
+        transform: PIL image -> model input (None returns the PIL image).
+    """
+
+    def __init__(self, samples: Sequence[tuple[str | os.PathLike, int]], classes: Sequence[str],
+                 transform: Callable | None = None, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 reduce_to: int | None = None):
+        self.samples = [(Path(p), int(y)) for p, y in samples]
+        self.classes = list(classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        for p, y in self.samples:
+            if not 0 <= y < len(self.classes):
+                raise InputError(f"{p}: label index {y} is outside the {len(self.classes)} classes")
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.reduce_to = reduce_to  # see `load_image`: the fast JPEG path for eval transforms
+
+    @property
+    def targets(self) -> list[int]:
+        return [y for _, y in self.samples]
+
+    def class_counts(self) -> dict[str, int]:
+        counts = Counter(self.targets)
+        return {c: counts.get(i, 0) for i, c in enumerate(self.classes)}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, label = self.samples[index]
+        img = load_image(path, max_pixels=self.max_pixels, reduce_to=self.reduce_to)
+        return (self.transform(img) if self.transform is not None else img), label
+
+    def with_transform(self, transform: Callable | None, *, reduce_to: int | None = None) -> ImageDataset:
+        """The same samples and classes with another transform (e.g. training vs evaluation)."""
+        return ImageDataset(self.samples, self.classes, transform, max_pixels=self.max_pixels,
+                            reduce_to=reduce_to)
+
+    def __repr__(self) -> str:
+        return f"ImageDataset({len(self)} images, {len(self.classes)} classes)"
+
+    @classmethod
+    def from_folder(cls, root: str | os.PathLike, transform: Callable | None = None, *,
+                    classes: Sequence[str] | None = None, **kwargs) -> ImageDataset:
+        """`root/<class name>/**/<image>`: one sub-folder per class, images at any depth below it.
+
+        Hidden folders and files (names starting with '.') are skipped; files directly in
+        `root` are not part of any class and are ignored.
+        """
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            raise InputError(f"dataset folder {root} does not exist; give a folder with one sub-folder per class")
+        found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not found:
+            raise InputError(f"dataset folder {root} has no class sub-folders; put each class's images "
+                             f"in root/<class>/")
+        classes = _check_classes(classes, found, f"sub-folders of {root}")
+        samples = []
+        for name in found:
+            images = sorted(find_images(root / name))
+            if not images:
+                raise InputError(f"class folder {root / name} holds no image files "
+                                 f"({', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove it")
+            samples += [(p, classes.index(name)) for p in images]
+        return cls(samples, classes, transform, **kwargs)
+
+    @classmethod
+    def from_csv(cls, csv_file: str | os.PathLike, transform: Callable | None = None, *,
+                 root: str | os.PathLike | None = None, classes: Sequence[str] | None = None,
+                 **kwargs) -> ImageDataset:
+        """A CSV with a header row naming a `path` and a `label` column (other columns ignored).
+
+        Relative paths are relative to `root` (default: the CSV's folder). Classes are the
+        distinct labels, sorted (numerically when every label is an integer).
+        """
+        rows = read_csv_samples(csv_file, root=root, require_label=True)
+        labels = {label for _, label in rows}
+        classes = _check_classes(classes, _sorted_labels(labels), f"labels in {csv_file}")
+        index = {c: i for i, c in enumerate(classes)}
+        return cls([(p, index[label]) for p, label in rows], classes, transform, **kwargs)
+
+
+def open_dataset(source: str | os.PathLike, transform: Callable | None = None, **kwargs) -> ImageDataset:
+    """An `ImageDataset` from a class-per-folder tree or a `.csv` file."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return ImageDataset.from_folder(path, transform, **kwargs)
+    if path.suffix.lower() == ".csv" and path.is_file():
+        return ImageDataset.from_csv(path, transform, **kwargs)
+    raise InputError(f"{source}: not a dataset; give a folder with one sub-folder per class or a "
+                     f"CSV file with 'path' and 'label' columns")
+
+
+def read_csv_samples(csv_file: str | os.PathLike, *, root: str | os.PathLike | None = None,
+                     require_label: bool = True) -> list[tuple[Path, str | None]]:
+    """The `(path, label)` rows of a CSV with a header naming `path` (and `label`) columns."""
+    csv_file = Path(csv_file).expanduser()
+    base = Path(root).expanduser() if root is not None else csv_file.parent
+    try:
+        with open(csv_file, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports add a BOM
+            reader = csv.DictReader(f)
+            columns = {(name or "").strip().lower(): name for name in (reader.fieldnames or [])}
+            wanted = ("path", "label") if require_label else ("path",)
+            missing = [c for c in wanted if c not in columns]
+            if missing:
+                raise InputError(f"{csv_file}: no {' or '.join(repr(c) for c in missing)} column; the first row "
+                                 f"must be a header such as 'path,label'")
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                path = (row.get(columns["path"]) or "").strip()
+                label = (row.get(columns["label"]) or "").strip() if "label" in columns else None
+                if not path:
+                    raise InputError(f"{csv_file}, line {line}: empty path")
+                if require_label and not label:
+                    raise InputError(f"{csv_file}, line {line}: empty label for {path}")
+                p = Path(path).expanduser()
+                rows.append((p if p.is_absolute() else base / p, label))
+    except FileNotFoundError:
+        raise InputError(f"{csv_file}: no such file; check the path") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{csv_file}: cannot read the CSV ({e})") from None
+    if not rows:
+        raise InputError(f"{csv_file}: no rows below the header")
+    return rows
+
+
+def _sorted_labels(labels: set[str]) -> list[str]:
+    try:
+        return sorted(labels, key=int)
+    except ValueError:
+        return sorted(labels)
+
+
+def _check_classes(given: Sequence[str] | None, found: list[str], where: str) -> list[str]:
+    if given is None:
+        return found
+    given = list(given)
+    unknown = [c for c in found if c not in given]
+    if unknown:
+        raise InputError(f"{where} include classes not in the given classes: {', '.join(unknown[:5])}"
+                         f"{', ...' if len(unknown) > 5 else ''}; add them to classes= or remove them")
+    return given

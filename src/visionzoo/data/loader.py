@@ -1,0 +1,122 @@
+"""Batches of preprocessed images from a list of files: the pipeline behind predict and embed.
+
+Files are decoded and preprocessed in DataLoader worker processes (in parallel, and
+overlapping with inference in the main process), each bad file turning into a reason
+instead of an exception, and batches come back in input order. Memory stays bounded:
+only the batches the workers prefetch are held, whatever the number of files.
+
+The fast path (`fast=True`) decodes large JPEGs at a reduced scale before the exact
+resize (see `images.load_image`); `fast=False` is the exact path, identical to
+torchvision's preprocessing of a full decode.
+"""
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import ImageError, InputError
+from .images import DEFAULT_MAX_PIXELS, load_image
+
+MAX_AUTO_WORKERS = 8
+
+
+@dataclass
+class ImageBatch:
+    indices: list[int]  # positions (in the input list) of the images in `images`, ascending
+    images: torch.Tensor | None  # (len(indices), C, H, W); None when every file of the batch failed
+    failures: list[tuple[int, str]]  # (position, reason) of the files of the batch that failed
+
+
+class ImageFiles(Dataset):
+    """Position i -> (i, preprocessed tensor, None), or (i, None, reason) for a bad file."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], transform, *,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_to: int | None = None):
+        self.paths = list(paths)
+        self.transform = transform
+        self.max_pixels = max_pixels
+        self.reduce_to = reduce_to
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img = load_image(self.paths[i], max_pixels=self.max_pixels, reduce_to=self.reduce_to)
+            return i, self.transform(img), None
+        except ImageError as e:
+            return i, None, e.reason
+
+
+def _collate(items) -> ImageBatch:
+    good = [(i, x) for i, x, _ in items if x is not None]
+    return ImageBatch(indices=[i for i, _ in good],
+                      images=torch.stack([x for _, x in good]) if good else None,
+                      failures=[(i, reason) for i, _, reason in items if reason is not None])
+
+
+def available_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def default_num_workers(num_batches: int) -> int:
+    """Decoding workers when none are asked for: one core is left to inference, and a single
+    batch is decoded in-process (starting a worker would cost more than it saves)."""
+    if num_batches <= 1:
+        return 0
+    return max(1, min(available_cpus() - 1, MAX_AUTO_WORKERS, num_batches))
+
+
+def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size: int = 32,
+                  num_workers: int | None = None, fast: bool = True,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  index_batches: Sequence[Sequence[int]] | None = None,
+                  pin_memory: bool = False) -> Iterator[ImageBatch]:
+    """Yield the files of `paths` decoded and preprocessed with `preprocess` (a `Preprocess`).
+
+    Args:
+        batch_size: images per batch (when `index_batches` is not given).
+        num_workers: decoding processes; None picks `default_num_workers`; 0 decodes in
+            the calling process.
+        fast: decode large JPEGs at a reduced scale (see `load_image(reduce_to=)`).
+        max_pixels: refuse images with more pixels (decompression bombs); None: no limit.
+        index_batches: the positions of each batch, when the caller needs a given grouping
+            (embed aligns batches with its resumable chunks).
+        pin_memory: page-lock batches for a faster copy to a GPU.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    if num_workers is not None and num_workers < 0:
+        raise InputError(f"num_workers must be >= 0, got {num_workers}")
+    if max_pixels is not None and max_pixels < 1:
+        raise InputError(f"max_pixels must be >= 1 (or None for no limit), got {max_pixels}")
+    if index_batches is None:
+        index_batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
+    index_batches = [list(b) for b in index_batches if len(b)]
+    if not index_batches:
+        return
+    if num_workers is None:
+        num_workers = default_num_workers(len(index_batches))
+    dataset = ImageFiles(paths, preprocess.transforms(), max_pixels=max_pixels,
+                         reduce_to=preprocess.resize_size if fast else None)
+    loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=num_workers,
+                        collate_fn=_collate, pin_memory=pin_memory)
+    if num_workers == 0:
+        yield from loader
+        return
+    # Forked workers share the parent's memory copy-on-write; the garbage collector walking the
+    # parent's objects in a worker would touch, and so copy, their pages one by one. Frozen
+    # objects are never walked, so the workers stay small; the parent unfreezes right after forking.
+    gc.freeze()
+    try:
+        batches = iter(loader)  # starts the workers
+    finally:
+        gc.unfreeze()
+    yield from batches

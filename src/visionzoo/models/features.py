@@ -1,0 +1,117 @@
+"""Multi-scale feature maps from any zoo model: `create_model(name, features_only=True)`.
+
+Generic over families: the stages are the model's `feature_info` entries, each stage's
+output is captured with a forward hook on its module and turned into an NCHW map by
+the model's `format_stage_output` (token-based families reshape there). Execution stops
+right after the deepest requested stage, so asking for early stages costs only the
+layers up to them.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ._base import FeatureInfo, ZooModel
+
+
+class _StagesCaptured(Exception):
+    """Raised from a hook to stop the forward pass once every requested stage was seen."""
+
+
+class FeatureExtractor(nn.Module):
+    """Wraps a `ZooModel`; `forward(x)` returns the feature maps of `out_indices` (NCHW).
+
+    Attributes:
+        model: the wrapped model (its head is kept, so `extractor.model(x)` still classifies).
+        out_indices: positions in `model.feature_info` of the returned stages, in output order.
+        feature_info: the `FeatureInfo` (module, channels, reduction) of each returned map.
+    """
+
+    def __init__(self, model: ZooModel, out_indices: Sequence[int] | None = None):
+        super().__init__()
+        if not isinstance(model, ZooModel):
+            raise InputError(f"features_only needs a visionzoo model, got {type(model).__name__}")
+        self.model = model
+        self.out_indices = resolve_out_indices(model, out_indices)
+        self.feature_info: list[FeatureInfo] = [model.feature_info[i] for i in self.out_indices]
+        # what create_model attaches to models, so tasks can use an extractor the same way
+        self.arch = model.arch
+        self.pretrained_weights = model.pretrained_weights
+        self.preprocess = model.preprocess
+
+    @property
+    def channels(self) -> list[int]:
+        return [info.num_chs for info in self.feature_info]
+
+    @property
+    def reductions(self) -> list[int]:
+        return [info.reduction for info in self.feature_info]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        captured: dict[int, torch.Tensor] = {}
+        wanted = set(self.out_indices)
+
+        def hook_for(index: int):
+            def hook(module, inputs, output):
+                if index not in captured:  # a module called twice: its first call is the stage
+                    captured[index] = self.model.format_stage_output(index, output)
+                    if wanted.issubset(captured):
+                        raise _StagesCaptured
+            return hook
+
+        handles = [self.model.get_submodule(self.model.feature_info[i].module).register_forward_hook(hook_for(i))
+                   for i in sorted(wanted)]
+        try:
+            self.model.forward_features(x)
+        except _StagesCaptured:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = sorted(wanted.difference(captured))
+        if missing:
+            names = ", ".join(self.model.feature_info[i].module for i in missing)
+            raise RuntimeError(f"{self.arch or type(self.model).__name__}: forward_features never ran the "
+                               f"stage module(s) {names}; its feature_info does not match its forward")
+        return [captured[i] for i in self.out_indices]
+
+    def extra_repr(self) -> str:
+        return f"out_indices={self.out_indices}, channels={self.channels}, reductions={self.reductions}"
+
+
+def resolve_out_indices(model: ZooModel, out_indices: Sequence[int] | int | str | None) -> tuple[int, ...]:
+    """Stage positions from indices (negative count from the deepest) or `feature_info` module names."""
+    n = len(model.feature_info)
+    if out_indices is None:
+        return tuple(range(n))
+    if isinstance(out_indices, (int, str)):
+        out_indices = (out_indices,)
+    resolved = [resolve_stage(model, item) for item in out_indices]
+    if len(set(resolved)) != len(resolved):
+        raise InputError(f"out_indices {tuple(out_indices)} name a stage twice")
+    if not resolved:
+        raise InputError("out_indices is empty; name at least one stage")
+    return tuple(resolved)
+
+
+def resolve_stage(model: ZooModel, stage: int | str) -> int:
+    """One stage position from an index (negative from the deepest) or a module name."""
+    infos = model.feature_info
+    n = len(infos)
+    described = ", ".join(f"{i}={info.module} ({info.num_chs} ch, /{info.reduction})" for i, info in enumerate(infos))
+    if isinstance(stage, str):
+        text = stage.strip()
+        if text.lstrip("-").isdigit():
+            stage = int(text)
+        else:
+            for i, info in enumerate(infos):
+                if info.module == text:
+                    return i
+            raise InputError(f"{model.arch or type(model).__name__} has no stage {text!r}; stages: {described}")
+    if isinstance(stage, bool) or not isinstance(stage, int) or not -n <= stage < n:
+        raise InputError(f"stage {stage!r} is out of range for {model.arch or type(model).__name__}, "
+                         f"which has {n} stages: {described}")
+    return stage % n

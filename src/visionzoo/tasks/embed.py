@@ -1,0 +1,373 @@
+"""Image embeddings: one vector per image, for search, clustering, dedup or light classifiers.
+
+The vector is the model's pooled pre-logit embedding,
+`forward_head(forward_features(x), pre_logits=True)`, or with `layer` the global
+average of an intermediate stage's NCHW map; optionally L2-normalised.
+
+Output: `.npy` (float32, one row per embedded image) with a sidecar `<stem>.paths.txt`
+(one path per line, row order), or `.parquet` (a `path` column and an `embedding`
+fixed-size-list column). Failed images are left out and reported.
+
+Resumable: with an output file, results are saved in chunks of `chunk_size` images to a
+work folder next to it (`.<name>.embed-work/`), tagged with a key of the inputs (paths,
+sizes, modification times), the model's weights and every option that changes a bit of
+the result. A rerun after an interruption keeps the chunks saved under the same key and
+computes the rest. Batches never straddle chunks, so each image is computed in the same
+batch as in an uninterrupted run and the final file (assembled from the chunks and
+written atomically) is the same, byte for byte.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.images import DEFAULT_MAX_PIXELS
+from ..data.inputs import Failure, expand_inputs
+from ..data.loader import image_batches
+from ..errors import InputError
+from ..fileutil import atomic_path
+from ..models._base import ZooModel
+from ..models.features import FeatureExtractor, resolve_stage
+from .predict import resolve_model
+
+log = logging.getLogger("visionzoo")
+FORMATS = {".npy": "npy", ".parquet": "parquet", ".pq": "parquet"}
+CHUNK_BATCHES = 8  # default chunk: 8 batches (256 images at batch size 32)
+_KEY_VERSION = 1
+
+
+@dataclass
+class Embeddings:
+    """The result of `embed`: `vectors[i]` is the embedding of `paths[i]`."""
+
+    paths: list[str]
+    dim: int
+    failures: list[Failure] = field(default_factory=list)
+    out: Path | None = None  # the file written, if any
+    model: str | None = None
+    layer: str | None = None  # the stage's module name; None for the pooled pre-logits
+    _vectors: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """(len(paths), dim) float32; read from `out` on first access when it was written there."""
+        if self._vectors is None:
+            if self.out is None:
+                self._vectors = np.zeros((0, self.dim), np.float32)
+            else:
+                self._vectors = read_embeddings(self.out)[1]
+        return self._vectors
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def sidecar_path(out: str | os.PathLike) -> Path:
+    """`emb.npy` -> `emb.paths.txt`: the row order of a `.npy` output."""
+    out = Path(out)
+    return out.with_name(out.stem + ".paths.txt")
+
+
+def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
+    """(paths, vectors) from a file written by `embed` (`.npy` + sidecar, or `.parquet`)."""
+    path = Path(path)
+    if _output_format(path) == "npy":
+        vectors = np.load(path)
+        paths = sidecar_path(path).read_text(encoding="utf-8").splitlines()
+        return paths, vectors
+    pq = _require_pyarrow()[1]
+    table = pq.read_table(path)
+    dim = table.schema.field("embedding").type.list_size
+    flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return table.column("path").to_pylist(), np.asarray(flat, np.float32).reshape(-1, dim)
+
+
+def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike, model: str | ZooModel = "efficientnet_lite0",
+          *, out: str | os.PathLike | None = None, layer: int | str | None = None, normalize: bool = False,
+          batch_size: int = 32, num_workers: int | None = None, fast: bool = True,
+          max_pixels: int | None = DEFAULT_MAX_PIXELS, device: str | torch.device = "cpu",
+          chunk_size: int | None = None, resume: bool = True, progress: bool = False) -> Embeddings:
+    """Embed images: files, folders, globs, `@LIST` files or CSV datasets.
+
+    Args:
+        model: a name (`arch[.TAG]`, default weights) or a model instance.
+        out: write the result to this `.npy` (+ `<stem>.paths.txt`) or `.parquet` file,
+            resumably (see the module docstring). None keeps it in memory only.
+        layer: a stage (index into `model.feature_info`, negative from the deepest, or its
+            module name) whose feature map is global-average pooled; None for the
+            pre-logit embedding.
+        normalize: L2-normalise each vector.
+        num_workers: decoding processes (None: one per spare core; 0: in-process).
+        fast: decode large JPEGs at a reduced scale (False: torchvision-exact preprocessing).
+        max_pixels: refuse larger images as possible decompression bombs; None: no limit.
+        chunk_size: images per saved chunk (a multiple of `batch_size`; default 8 batches).
+        resume: reuse the chunks of an interrupted run with the same key; False starts over.
+        progress: show a progress bar on stderr.
+
+    Returns `Embeddings` (paths, vectors, failures). With `out`, the vectors are read back
+    from the file when first accessed.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    chunk_size = CHUNK_BATCHES * batch_size if chunk_size is None else chunk_size
+    if chunk_size < 1 or chunk_size % batch_size:
+        raise InputError(f"chunk_size must be a positive multiple of batch_size ({batch_size}), got {chunk_size}")
+    out = Path(out).expanduser() if out is not None else None
+    fmt = _output_format(out) if out is not None else None
+    if fmt == "parquet":
+        _require_pyarrow()
+    device = torch.device(device)
+    net = resolve_model(model).to(device).eval()
+    if net.preprocess is None:
+        raise InputError("the model has no preprocessing recipe; build it with visionzoo.create_model")
+    encoder = _Encoder(net, layer, normalize)
+    files, failures = expand_inputs(inputs)
+    paths = [str(p) for p in files]
+
+    n, n_chunks = len(files), math.ceil(len(files) / chunk_size)
+    key = None
+    if out is not None:
+        key = {"version": _KEY_VERSION, "inputs": _inputs_fingerprint(files), "count": n,
+               "model": {"arch": net.arch, "class": type(net).__name__, "weights": _weights_fingerprint(net)},
+               "layer": encoder.layer, "normalize": normalize, "preprocess": net.preprocess.to_dict(),
+               "fast": fast, "max_pixels": max_pixels, "batch_size": batch_size, "chunk_size": chunk_size,
+               "device": device.type, "torch": torch.__version__}
+    store = _ChunkStore(_work_dir(out) if out is not None else None, key, resume)
+    todo = [k for k in range(n_chunks) if k not in store.done]
+    if store.done:
+        log.warning("resuming: %d of %d chunks already embedded (in %s)", len(store.done), n_chunks, store.folder)
+
+    def chunk_range(k: int) -> range:
+        return range(k * chunk_size, min((k + 1) * chunk_size, n))
+
+    index_batches = [list(chunk_range(k))[s:s + batch_size] for k in todo for s in range(0, chunk_size, batch_size)]
+    done_images = sum(len(chunk_range(k)) for k in store.done)
+    with _ProgressBar(progress, n, done_images) as advance, torch.inference_mode():
+        pending: dict[int, _Chunk] = {}
+        for batch in image_batches(files, net.preprocess, num_workers=num_workers, fast=fast,
+                                   max_pixels=max_pixels, index_batches=index_batches,
+                                   pin_memory=device.type == "cuda"):
+            first = min(batch.indices + [i for i, _ in batch.failures])
+            k = first // chunk_size
+            chunk = pending.setdefault(k, _Chunk())
+            if batch.images is not None:
+                chunk.indices += batch.indices
+                chunk.vectors.append(encoder(batch.images.to(device)).float().cpu().numpy())
+            chunk.failures += batch.failures
+            chunk.seen += len(batch.indices) + len(batch.failures)
+            advance(len(batch.indices) + len(batch.failures))
+            if chunk.seen == len(chunk_range(k)):
+                store.save(k, pending.pop(k), encoder.dim)
+    missing = [k for k in range(n_chunks) if k not in store.done]
+    if missing:  # the loader yields every position once; anything else is a bug, not a user error
+        raise RuntimeError(f"embedding chunks {missing[:5]} were not completed")
+
+    chunks = [store.load(k) for k in range(n_chunks)]
+    kept = [paths[i] for c in chunks for i in c.indices]
+    failures += [Failure(paths[i], reason) for c in chunks for i, reason in c.failures]
+    result = Embeddings(kept, encoder.dim, failures, out, net.arch, encoder.layer)
+    if out is None:
+        result._vectors = (np.concatenate([v for c in chunks for v in c.vectors])
+                           if kept else np.zeros((0, encoder.dim), np.float32))
+        return result
+    meta = {"model": net.arch, "layer": encoder.layer, "normalize": normalize, "dim": encoder.dim}
+    if fmt == "npy":
+        _write_npy(out, chunks, kept, encoder.dim)
+    else:
+        _write_parquet(out, chunks, paths, encoder.dim, meta)
+    store.remove()
+    return result
+
+
+class _Encoder:
+    """Batch -> (N, dim) vectors: pooled pre-logits, or a pooled stage; optionally L2-normalised."""
+
+    def __init__(self, net: ZooModel, layer: int | str | None, normalize: bool):
+        self.net, self.normalize = net, normalize
+        if layer is None:
+            self.extractor, self.layer, self.dim = None, None, net.head_hidden_size
+        else:
+            index = resolve_stage(net, layer)
+            self.extractor = FeatureExtractor(net, (index,))
+            self.layer = net.feature_info[index].module
+            self.dim = net.feature_info[index].num_chs
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.extractor is None:
+            v = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+        else:
+            v = self.extractor(x)[0].mean(dim=(2, 3))
+        v = v.flatten(1).float()
+        return F.normalize(v, dim=1) if self.normalize else v
+
+
+@dataclass
+class _Chunk:
+    indices: list[int] = field(default_factory=list)  # positions of the embedded images
+    vectors: list[np.ndarray] = field(default_factory=list)  # their vectors, in batches
+    failures: list[tuple[int, str]] = field(default_factory=list)
+    seen: int = 0
+
+
+class _ChunkStore:
+    """Completed chunks, in memory or (with a work folder) one `.npz` file each, saved atomically."""
+
+    def __init__(self, folder: Path | None, key: dict | None, resume: bool):
+        self.folder = folder
+        self.memory: dict[int, _Chunk] = {}
+        self.done: set[int] = set()
+        if folder is None:
+            return
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        key_file = folder / "key.json"
+        if folder.is_dir():
+            try:
+                same = json.loads(key_file.read_text())["digest"] == digest
+            except (OSError, ValueError, KeyError):
+                same = False
+            if not (resume and same):
+                log.warning("discarding the partial results in %s (%s)", folder,
+                            "asked to start over" if not resume else "inputs, model or options changed")
+                shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not key_file.exists():
+            with atomic_path(key_file) as tmp:
+                tmp.write_text(json.dumps({"digest": digest, "key": key}, indent=1, sort_keys=True))
+        for leftover in folder.glob(".*.part"):  # a chunk being written when the run was killed
+            leftover.unlink(missing_ok=True)
+        self.done = {int(p.stem.split("-")[1]) for p in folder.glob("chunk-*.npz")}
+
+    def _file(self, k: int) -> Path:
+        return self.folder / f"chunk-{k:06d}.npz"
+
+    def save(self, k: int, chunk: _Chunk, dim: int) -> None:
+        vectors = np.concatenate(chunk.vectors) if chunk.vectors else np.zeros((0, dim), np.float32)
+        chunk.vectors = [vectors]
+        if self.folder is None:
+            self.memory[k] = chunk
+        else:
+            with atomic_path(self._file(k)) as tmp, open(tmp, "wb") as f:
+                np.savez(f, indices=np.asarray(chunk.indices, np.int64), vectors=vectors,
+                         failed=np.asarray([i for i, _ in chunk.failures], np.int64),
+                         reasons=np.asarray([r for _, r in chunk.failures], dtype=str))
+        self.done.add(k)
+
+    def load(self, k: int) -> _Chunk:
+        if self.folder is None:
+            return self.memory[k]
+        with np.load(self._file(k)) as z:
+            return _Chunk(indices=z["indices"].tolist(), vectors=[z["vectors"]],
+                          failures=list(zip(z["failed"].tolist(), z["reasons"].tolist(), strict=True)))
+
+    def remove(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _work_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.embed-work"
+
+
+def _inputs_fingerprint(files: Iterable[Path]) -> str:
+    """A digest of the paths, sizes and modification times: a changed file invalidates saved chunks."""
+    h = hashlib.sha256()
+    for p in files:
+        try:
+            st = p.stat()
+            h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\t-\n".encode())
+    return h.hexdigest()
+
+
+def _weights_fingerprint(net: torch.nn.Module) -> str:
+    """A digest of every parameter and buffer: an in-memory model can have changed since the
+    interrupted run even under the same name."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in net.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _output_format(out: Path) -> str:
+    fmt = FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise InputError(f"{out}: unknown output format {out.suffix!r}; name the file .npy or .parquet")
+    return fmt
+
+
+def _require_pyarrow():
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise InputError("writing or reading .parquet needs pyarrow: pip install 'visionzoo[parquet]' "
+                         "(or write .npy)") from None
+    return pyarrow, pyarrow.parquet
+
+
+def _write_npy(out: Path, chunks: list[_Chunk], kept: list[str], dim: int) -> None:
+    # the sidecar first: a finished .npy always has its paths next to it
+    with atomic_path(sidecar_path(out)) as tmp:
+        tmp.write_text("".join(p + "\n" for p in kept), encoding="utf-8")
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        # streamed chunk by chunk: the whole array is never in memory
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False,
+                  "shape": (len(kept), dim)}
+        np.lib.format.write_array_header_1_0(f, header)
+        for c in chunks:
+            for v in c.vectors:
+                f.write(np.ascontiguousarray(v, dtype="<f4").tobytes())
+
+
+def _write_parquet(out: Path, chunks: list[_Chunk], paths: list[str], dim: int, meta: dict) -> None:
+    pa, pq = _require_pyarrow()
+    schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
+                       metadata={"visionzoo": json.dumps(meta)})
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        empty = True
+        for c in chunks:
+            vectors = np.concatenate(c.vectors) if c.vectors else np.zeros((0, dim), np.float32)
+            if not len(c.indices):
+                continue
+            embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), dim)
+            writer.write_table(pa.table([pa.array([paths[i] for i in c.indices], pa.string()), embedding],
+                                        schema=schema))
+            empty = False
+        if empty:
+            writer.write_table(schema.empty_table())
+
+
+class _ProgressBar:
+    """`with _ProgressBar(show, total, done) as advance:` a rich bar on stderr, or a no-op."""
+
+    def __init__(self, show: bool, total: int, done: int):
+        self.show, self.total, self.done = show, total, done
+
+    def __enter__(self):
+        if not self.show:
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=Console(stderr=True), transient=True)
+        self.bar.start()
+        task = self.bar.add_task("embedding", total=self.total, completed=self.done)
+        return lambda n: self.bar.advance(task, n)
+
+    def __exit__(self, *exc) -> None:
+        if self.show:
+            self.bar.stop()
