@@ -24,7 +24,8 @@ from .errors import UnknownModelError, UnknownWeightsError
 from .weights.records import DEFAULT_PREPROCESS, Preprocess, Weights
 
 # Model families built so far: modules of `visionzoo.models` with `VARIANTS` and `MODEL_CLASS`.
-FAMILIES = ("alexnet", "efficientnet", "mobilenetv2", "resnet", "squeezenet", "swin_transformer", "vgg", "vision_transformer")
+FAMILIES = ("alexnet", "efficientnet", "maxvit", "mobilenetv2", "resnet", "squeezenet", "swin_transformer", "vgg",
+            "vision_transformer")
 CATALOG = Path(__file__).parent / "weights" / "data" / "catalog.json"
 
 
