@@ -17,6 +17,7 @@ from .parity import fill_, relative_error
 _CASES = json.loads((PARITY / "manifest.json").read_text())["cases"]
 ARCHS = [a for a in visionzoo.list_models() if a in _CASES]
 TOL = 1e-6
+LEAN_BUILD_PARAMS = 200_000_000
 
 
 def test_every_built_torchvision_architecture_has_a_parity_case():
@@ -24,10 +25,25 @@ def test_every_built_torchvision_architecture_has_a_parity_case():
     assert {a for a in built if not a.startswith("efficientnet_lite")} <= set(_CASES)
 
 
+def _build_float64(arch: str, case: dict) -> torch.nn.Module:
+    """The architecture in float64, eval mode. Big ones (ViT-L/H: up to 5 GB in float64) are
+    built on the meta device and materialised once in float64, skipping the float32 random
+    init and its copy; `fill_` then sets every parameter and the model recomputes its
+    derived buffers."""
+    build = REGISTRY.get_architecture(arch).build
+    if case["num_params"] < LEAN_BUILD_PARAMS:
+        return build(**case["kwargs"]).double().eval()
+    with torch.device("meta"):
+        model = build(**case["kwargs"]).double()
+    model = model.to_empty(device="cpu")
+    model.init_computed_buffers()
+    return model.eval()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_parity(arch, parity_input, parity_outputs):
     case = _CASES[arch]
-    model = REGISTRY.get_architecture(arch).build(**case["kwargs"]).double().eval()
+    model = _build_float64(arch, case)
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
     ref = {name: shape for name, shape, _dtype, _kind in case["keys"]}
     assert sorted(set(ref) - set(ours)) == [], "keys missing from our model"
