@@ -14,6 +14,8 @@ ARCHS = visionzoo.list_models()
 
 
 def _input_size(arch: str) -> int:
+    if REGISTRY.get_architecture(arch).family == "swin_transformer":
+        return 128  # any multiple of its patch size works (maps are padded to whole windows); 224+ is slow
     w = REGISTRY.get_architecture(arch).default_weights
     return max(160, max(w.min_size) if w else 160)
 
@@ -78,7 +80,7 @@ def test_common_interface(arch):
 # learning rates at which a few plain SGD steps are small enough to reduce the loss
 TRAIN_LR = {"resnet18": 1e-3, "vgg11_bn": 1e-3, "alexnet": 1e-2, "squeezenet1_1": 1e-2, "mobilenet_v2": 1e-3,
             "efficientnet_lite0": 1e-3, "efficientnet_b0": 1e-3, "efficientnet_v2_s": 1e-3}
-TRAIN_LR.update({"vit_b_16": 1e-2, "swin_t": 1e-2, "swin_v2_t": 3e-4, "maxvit_t": 1e-2})
+TRAIN_LR.update({"vit_b_16": 1e-2, "swin_t": 1e-2, "maxvit_t": 1e-2})
 # input sizes for the training steps: small, but valid for the architecture
 TRAIN_SIZE = {"vgg11_bn": 64, "alexnet": 64, "maxvit_t": 224}  # MaxViT: 7x7 partitions at stride 32
 TRAIN_KWARGS = {"vit_b_16": {"image_size": 96}}  # a ViT is built for its input size
