@@ -10,6 +10,7 @@ import torch
 
 import visionzoo
 from visionzoo.registry import REGISTRY
+from visionzoo.weights.lean import build_meta
 
 from .conftest import PARITY
 from .parity import fill_, relative_error
@@ -33,9 +34,7 @@ def _build_float64(arch: str, case: dict) -> torch.nn.Module:
     build = REGISTRY.get_architecture(arch).build
     if case["num_params"] < LEAN_BUILD_PARAMS:
         return build(**case["kwargs"]).double().eval()
-    with torch.device("meta"):
-        model = build(**case["kwargs"]).double()
-    model = model.to_empty(device="cpu")
+    model = build_meta(lambda: build(**case["kwargs"])).double().to_empty(device="cpu")
     model.init_computed_buffers()
     return model.eval()
 

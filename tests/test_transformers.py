@@ -75,6 +75,7 @@ def test_vit_built_at_384_from_224_weights_runs_end_to_end(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="visionzoo"):
         model = visionzoo.create_model("vit_b_16", weights=str(path), image_size=384)
     assert "from a 14x14 to a 24x24 patch grid" in caplog.text
+    assert "encoder.pos_embedding: (1, 197, 768) -> (1, 577, 768)" in " ".join(model.load_report.adapted)
     pos = model.encoder.pos_embedding
     assert pos.shape == (1, 24 * 24 + 1, 768)
     assert torch.equal(pos[:, 0], source.encoder.pos_embedding[:, 0])
