@@ -24,36 +24,48 @@ HEAVY_GFLOPS = 10.0
 def _input_size(arch: str) -> int:
     if arch in NATIVE_SIZE:
         return NATIVE_SIZE[arch]
+    if REGISTRY.get_architecture(arch).family == "swin_transformer":
+        return 128  # any multiple of its patch size works (maps are padded to whole windows); 224+ is slow
     w = REGISTRY.get_architecture(arch).default_weights
     base = 64 if w is not None and (w.gflops or 0) > HEAVY_GFLOPS else 160
     return max(base, max(w.min_size) if w else base)
 
 
+def _fast_build_kwargs(arch: str) -> dict:
+    """ViTs take one fixed image size, and ViT-L/H at 224 would make this test slow: build
+    them for a 4x4 patch grid (the interface does not depend on the grid size)."""
+    entry = REGISTRY.get_architecture(arch)
+    if entry.family == "vision_transformer":
+        return {"image_size": 4 * entry.config.patch_size}
+    return {}
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_common_interface(arch):
     torch.manual_seed(0)
-    model = visionzoo.create_model(arch, num_classes=7)
+    model = visionzoo.create_model(arch, num_classes=7, **_fast_build_kwargs(arch))
     assert isinstance(model, ZooModel) and not model.training
-    size = _input_size(arch)
+    size = model.image_size or _input_size(arch)
     x = torch.randn(2, 3, size, size)
 
-    # the stage outputs seen through hooks agree with feature_info
+    # the stage outputs seen through hooks (as NCHW maps) agree with feature_info
     seen = {}
 
-    def record(name):
+    def record(index, name):
         def hook(module, inputs, output):
-            seen.setdefault(name, output.shape)
+            seen.setdefault(name, model.format_stage_output(index, output).shape)
         return hook
 
-    hooks = [model.get_submodule(info.module).register_forward_hook(record(info.module))
-             for info in model.feature_info]
+    hooks = [model.get_submodule(info.module).register_forward_hook(record(i, info.module))
+             for i, info in enumerate(model.feature_info)]
     with torch.no_grad():
         feats = model.forward_features(x)
         logits = model.forward_head(feats)
         pooled = model.forward_head(feats, pre_logits=True)
     for h in hooks:
         h.remove()
-    assert feats.shape[1] == model.num_features
+    # a feature map (B, C, H, W), or tokens (B, L, C) for ViT
+    assert feats.shape[1 if feats.ndim == 4 else -1] == model.num_features
     assert pooled.shape == (2, model.head_hidden_size)
     assert logits.shape == (2, 7) and model.num_classes == 7
     with torch.no_grad():
@@ -62,7 +74,7 @@ def test_common_interface(arch):
     assert reductions == sorted(reductions) and model.feature_info[-1].num_chs == model.num_features
     for info in model.feature_info:
         shape = seen[info.module]
-        assert shape[1] == info.num_chs, info
+        assert len(shape) == 4 and shape[1] == info.num_chs, info
         assert abs(size / shape[-1] - info.reduction) <= info.reduction / 2, (info, shape)
 
     # a correctly sized new head, on the model's dtype
@@ -82,16 +94,19 @@ def test_common_interface(arch):
 TRAIN_LR = {"resnet18": 1e-3, "vgg11_bn": 1e-3, "alexnet": 1e-2, "squeezenet1_1": 1e-2, "mobilenet_v2": 1e-3,
             "efficientnet_lite0": 1e-3, "efficientnet_b0": 1e-3, "efficientnet_v2_s": 1e-3,
             "densenet121": 1e-3, "googlenet": 1e-5, "inception_v3": 1e-6, "mobilenet_v3_small": 1e-2,
-            "mnasnet0_5": 1e-5, "shufflenet_v2_x0_5": 1e-3, "regnet_y_400mf": 1e-3, "convnext_tiny": 1e-3}
-# input sizes other than 96; Inception v3 at 96 ends on 1x1 maps, where batch statistics over
-# 4 samples make every step erratic
-TRAIN_SIZE = {"vgg11_bn": 64, "alexnet": 64, "inception_v3": 128}
+            "mnasnet0_5": 1e-5, "shufflenet_v2_x0_5": 1e-3, "regnet_y_400mf": 1e-3, "convnext_tiny": 1e-3,
+            "vit_b_16": 1e-2, "swin_t": 1e-2, "maxvit_t": 1e-2}
+# input sizes other than 96, small but valid for the architecture: Inception v3 at 96 ends on
+# 1x1 maps, where batch statistics over 4 samples make every step erratic; MaxViT needs 7x7
+# partitions at stride 32
+TRAIN_SIZE = {"vgg11_bn": 64, "alexnet": 64, "inception_v3": 128, "maxvit_t": 224}
+TRAIN_KWARGS = {"vit_b_16": {"image_size": 96}}  # a ViT is built for its input size
 
 
 @pytest.mark.parametrize("arch", sorted(TRAIN_LR))
 def test_training_steps_reduce_the_loss(arch):
     torch.manual_seed(0)
-    model = visionzoo.create_model(arch, num_classes=4).train()
+    model = visionzoo.create_model(arch, num_classes=4, **TRAIN_KWARGS.get(arch, {})).train()
     for m in model.modules():  # deterministic steps: no dropout, no stochastic depth
         if isinstance(m, (nn.Dropout, StochasticDepth)):
             m.p = 0.0

@@ -10,6 +10,7 @@ import torch
 
 import visionzoo
 from visionzoo.registry import REGISTRY
+from visionzoo.weights.lean import build_meta
 
 from .conftest import PARITY
 from .parity import fill_, relative_error
@@ -24,33 +25,25 @@ def test_every_built_torchvision_architecture_has_a_parity_case():
     assert {a for a in built if not a.startswith("efficientnet_lite")} <= set(_CASES)
 
 
-_FILLED_OR_COUNTER = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def _build_float64(arch: str, kwargs: dict) -> torch.nn.Module:
-    """The model in float64, without a throw-away random init where that is safe.
-
-    The largest models are GBs in float64: they are built on the meta device and given
-    uninitialised memory, which `fill_` then overwrites. That is only right when every
-    buffer is one `fill_` sets or BatchNorm's counter; a model that computes buffers of
-    its own (position tables, ...) is built normally.
-    """
+def _build_float64(arch: str, case: dict) -> torch.nn.Module:
+    """The architecture in float64, eval mode, without a throw-away random init: the largest
+    are GBs in float64 (ViT-H, RegNet-Y-128GF), so every model is built on the meta device
+    and materialised once in float64. `fill_` then sets every parameter and BatchNorm
+    statistic; the counters are zeroed and the model recomputes its derived buffers (Swin and
+    MaxViT position indices)."""
     build = REGISTRY.get_architecture(arch).build
-    with torch.device("meta"):
-        model = build(**kwargs).double()
-    if any(n.rsplit(".", 1)[-1] not in _FILLED_OR_COUNTER for n, _ in model.named_buffers()):
-        return build(**kwargs).double()
-    model.to_empty(device="cpu")
+    model = build_meta(lambda: build(**case["kwargs"])).double().to_empty(device="cpu")
     for name, buf in model.named_buffers():
         if name.endswith("num_batches_tracked"):
             buf.zero_()
-    return model
+    model.init_computed_buffers()
+    return model.eval()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_parity(arch, parity_input, parity_outputs):
     case = _CASES[arch]
-    model = _build_float64(arch, case["kwargs"]).eval()
+    model = _build_float64(arch, case)
     ours = {k: list(v.shape) for k, v in model.state_dict().items()}
     ref = {name: shape for name, shape, _dtype, _kind in case["keys"]}
     assert sorted(set(ref) - set(ours)) == [], "keys missing from our model"

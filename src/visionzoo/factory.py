@@ -8,6 +8,7 @@ metadata (weights, preprocessing, categories, `load_report`) attached -> eval mo
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from .registry import REGISTRY, Architecture, split_name
 from .weights import hub
 from .weights.adapt import LoadReport, adapt, plan_load, realize
 from .weights.io import Checkpoint, read_checkpoint
-from .weights.records import Weights
+from .weights.records import Preprocess, Weights
 
 if TYPE_CHECKING:
     from .models.features import FeatureExtractor
@@ -110,7 +111,7 @@ def create_model(name: str, weights: WeightsArg = None, num_classes: int | None 
 
     model.pretrained_weights = record
     model.weights_source = source
-    model.preprocess = record.preprocess if record else arch.default_preprocess
+    model.preprocess = _fit_preprocess(model, record.preprocess if record else arch.default_preprocess)
     model.categories = categories
     model.load_report = report
     if report is not None:
@@ -120,6 +121,18 @@ def create_model(name: str, weights: WeightsArg = None, num_classes: int | None 
 
         return FeatureExtractor(model, out_indices).eval()
     return model.eval()
+
+
+def _fit_preprocess(model: ZooModel, preprocess: Preprocess) -> Preprocess:
+    """The recipe scaled to a model built for one fixed input size other than its crop
+    (a ViT at another `image_size`), so that predict feeds it what it accepts."""
+    size = model.image_size
+    if size is None or size == preprocess.crop_size:
+        return preprocess
+    fitted = dataclasses.replace(preprocess, crop_size=size,
+                                 resize_size=round(preprocess.resize_size * size / preprocess.crop_size))
+    log.info("%s: preprocessing scaled to the model's image size: %s", model.arch, fitted.describe())
+    return fitted
 
 
 def _resolve_weights(arch: Architecture, weights: WeightsArg, progress: bool

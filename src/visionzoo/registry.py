@@ -24,8 +24,9 @@ from .errors import UnknownModelError, UnknownWeightsError
 from .weights.records import DEFAULT_PREPROCESS, Preprocess, Weights
 
 # Model families built so far: modules of `visionzoo.models` with `VARIANTS` and `MODEL_CLASS`.
-FAMILIES = ("alexnet", "convnext", "densenet", "efficientnet", "googlenet", "inception", "mnasnet", "mobilenetv2",
-            "mobilenetv3", "regnet", "resnet", "shufflenetv2", "squeezenet", "vgg")
+FAMILIES = ("alexnet", "convnext", "densenet", "efficientnet", "googlenet", "inception", "maxvit", "mnasnet",
+            "mobilenetv2", "mobilenetv3", "regnet", "resnet", "shufflenetv2", "squeezenet", "swin_transformer", "vgg",
+            "vision_transformer")
 CATALOG = Path(__file__).parent / "weights" / "data" / "catalog.json"
 
 

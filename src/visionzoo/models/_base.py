@@ -42,6 +42,9 @@ class ZooModel(nn.Module):
     feature_info: list[FeatureInfo]
     classifier_name: str
     first_conv: str
+    # the one (square) input size a model is built for (ViT), or None when any size it
+    # can tile works (convolutional families, Swin, MaxViT)
+    image_size: int | None = None
     # set by `create_model`: registry name, weights record (or None), where the weights came
     # from, the evaluation preprocessing and the class names (None when unknown)
     arch: str | None = None
@@ -107,6 +110,18 @@ class ZooModel(nn.Module):
         override this to reshape tokens or channels-last maps.
         """
         return output
+
+    def init_computed_buffers(self) -> None:
+        """(Re)compute the buffers the model derives from its architecture instead of
+        learning them (Swin/MaxViT relative-position indices, Swin v2 coordinate tables).
+
+        Constructors call this; call it again after building on the meta device and
+        materialising with `to_empty` (which leaves buffers uninitialised). Each submodule
+        that owns such buffers implements `init_computed_buffers`; the default visits them.
+        """
+        for m in self.modules():
+            if m is not self and callable(getattr(m, "init_computed_buffers", None)):
+                m.init_computed_buffers()
 
     def stage_modules(self) -> list[nn.Module]:
         """The module of each `feature_info` entry, shallow to deep."""
