@@ -42,7 +42,7 @@ def test_features_only_every_architecture(arch):
     n = len(model.feature_info)
     assert n >= 1 and extractor.out_indices == tuple(range(n))
     assert extractor.feature_info == model.feature_info
-    size = _input_size(arch)
+    size = model.image_size or _input_size(arch)  # a ViT takes the one size it was built for
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         maps = extractor(x)
