@@ -48,3 +48,19 @@ def _isolated_torch_home(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
     yield
     os.environ.pop("VISIONZOO_OFFLINE", None)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn's digits as an ImageFolder of 64x64 PNGs (1797 images, 10 classes), written once."""
+    from .digits import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits") / "digits")
+
+
+@pytest.fixture(scope="session")
+def digits_small(tmp_path_factory) -> Path:
+    """The first 200 digits (about 20 per class): for the mechanics of resume, torchrun, errors."""
+    from .digits import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits_small") / "digits", limit=200)
