@@ -35,8 +35,25 @@ def predict(*args, **kwargs):
     return _predict(*args, **kwargs)
 
 
+def finetune(*args, **kwargs):
+    """Fine-tune a model on labelled images and write a bundle; see `visionzoo.tasks.finetune.finetune`."""
+    from .tasks.finetune import finetune as _finetune
+
+    return _finetune(*args, **kwargs)
+
+
+def evaluate(*args, **kwargs):
+    """Score a bundle on labelled images; see `visionzoo.tasks.evaluate.evaluate`."""
+    from .tasks.evaluate import evaluate as _evaluate
+
+    return _evaluate(*args, **kwargs)
+
+
+from .bundle import load_bundle, read_bundle, save_bundle  # noqa: E402
+
 __all__ = [
     "DEFAULT_MODEL", "REGISTRY", "CheckpointError", "ImageError", "InputError", "Preprocess",
     "UnknownModelError", "UnknownWeightsError", "VisionZooError", "Weights", "WeightsUnavailableError",
     "create_model", "get_weights", "list_models", "list_weights", "predict",
+    "evaluate", "finetune", "load_bundle", "read_bundle", "save_bundle",
 ]

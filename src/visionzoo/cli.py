@@ -184,6 +184,12 @@ def info(name: str = typer.Argument(..., help="NAME or NAME.TAG")) -> None:
         out.print()
 
 
+from . import cli_finetune  # noqa: E402  (the training commands live in their own module)
+
+app.command("finetune")(cli_finetune.finetune)
+app.command("evaluate")(cli_finetune.evaluate)
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:g}"
 
