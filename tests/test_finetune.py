@@ -149,7 +149,8 @@ def test_auto_explains_its_choice(digits_small, tmp_path):
 
 def test_partial_trains_only_the_last_stages(digits_small, tmp_path):
     result = visionzoo.finetune(digits_small, tmp_path / "partial", strategy="partial", unfreeze=1, epochs=1,
-                                image_size=32, progress=False, num_workers=0)
+                                image_size=32, progress=False, num_workers=0, precision="bf16")
+    assert json.loads((result.bundle / "bundle.json").read_text())["training"]["precision_used"] == "bf16"
     trained = load_file(result.bundle / "model.safetensors")
     pretrained = visionzoo.create_model("efficientnet_lite0", pretrained=True).state_dict()
     last_stage = "features.6."  # the last stage is features.6 .. features.8
@@ -158,6 +159,15 @@ def test_partial_trains_only_the_last_stages(digits_small, tmp_path):
             assert torch.equal(trained[key], value), key  # frozen, BatchNorm statistics included
     assert not torch.equal(trained[last_stage + "0.block.0.0.weight"], pretrained[last_stage + "0.block.0.0.weight"])
     assert not torch.equal(trained["features.8.1.running_mean"], pretrained["features.8.1.running_mean"])
+
+
+def test_gradient_accumulation_matches_a_larger_batch(digits_small, tmp_path):
+    common = {"strategy": "linear", "image_size": 32, "epochs": 3, "progress": False, "num_workers": 0}
+    big = visionzoo.finetune(digits_small, tmp_path / "big", batch_size=32, **common)
+    small = visionzoo.finetune(digits_small, tmp_path / "acc", batch_size=16, accumulate=2, **common)
+    wa, wb = load_file(big.bundle / "model.safetensors"), load_file(small.bundle / "model.safetensors")
+    for key in ("classifier.1.weight", "classifier.1.bias"):
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-5)
 
 
 _KILLABLE = textwrap.dedent("""

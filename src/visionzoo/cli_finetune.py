@@ -48,7 +48,8 @@ def finetune(
     val_fraction: float = typer.Option(_D.val_fraction, "--val-fraction", help="Held out when there is no --val."),
     seed: int = typer.Option(_D.seed, "--seed"),
     precision: Precision = typer.Option(_D.precision.value, "--precision",
-                                        help="auto: bf16 on GPUs that support it, fp32 on CPU."),
+                                        help="auto: bf16 on GPUs that support it and on CPUs with native bf16 "
+                                             "(AVX512-BF16/AMX) for crops >= 128 px; else fp32."),
     accumulate: int = typer.Option(_D.accumulate, "--accumulate", min=1, help="Micro-batches per optimizer step."),
     patience: Optional[int] = typer.Option(None, "--patience", min=1, help="Early stopping after this many epochs "
                                            "without a better validation accuracy."),

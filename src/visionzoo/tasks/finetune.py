@@ -147,7 +147,7 @@ def _run(data, run_dir: Path, train, val, cfg: FinetuneConfig, resume: bool, dis
     builder_kwargs = dict(bundle.builder_kwargs if bundle is not None
                           else (net.pretrained_weights.builder_kwargs if net.pretrained_weights else {}))
     pp = training_preprocess(net.preprocess, cfg.image_size)
-    amp = _amp_dtype(cfg.precision, dist.device)
+    amp = _amp_dtype(cfg.precision, dist.device, pp.crop_size)
     workers = default_workers(cfg.num_workers)
 
     if payload is not None:
@@ -284,19 +284,30 @@ def _existing_run(run_dir: Path, resume: bool, cfg: FinetuneConfig, fingerprint:
     return payload
 
 
-def _amp_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+def _amp_dtype(precision: Precision, device: torch.device, crop_size: int) -> torch.dtype | None:
+    """bfloat16 autocast, or None for fp32. `auto`: on GPUs that support bf16; on CPUs with native
+    bf16 instructions (AVX512-BF16, AMX) for crops of 128 px and more, where it was measured to
+    train ~25% faster (EfficientNet-Lite0, one thread: 15.7 -> 20.1 img/s at 128 px, 5.8 -> 7.1
+    at 224 px, but only 59 -> 62 at 48 px); fp32 otherwise."""
     if precision is Precision.BF16:
         return torch.bfloat16
-    if precision is Precision.AUTO and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None  # fp32; on CPU bf16 is opt-in (it pays off only with AVX512-BF16/AMX and large inputs)
+    if precision is Precision.FP32:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    native = any(getattr(torch.cpu, name, lambda: False)()
+                 for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.bfloat16 if device.type == "cpu" and native and crop_size >= 128 else None
 
 
 def _optimizer(groups: list[dict], cfg: FinetuneConfig, steps_per_epoch: int):
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     per_epoch = math.ceil(steps_per_epoch / cfg.accumulate)
     head_steps = cfg.head_epochs * per_epoch if cfg.strategy is not Strategy.LINEAR else 0
-    schedule = lr_schedule(cfg.epochs * per_epoch, round(cfg.warmup_epochs * per_epoch), head_steps)
+    total = cfg.epochs * per_epoch
+    # a warm-up longer than half the (post-head) run would leave no time at the full rate
+    warmup = min(round(cfg.warmup_epochs * per_epoch), (total - head_steps) // 2)
+    schedule = lr_schedule(total, warmup, head_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 

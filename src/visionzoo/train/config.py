@@ -16,7 +16,7 @@ class Strategy(str, Enum):
 
 
 class Precision(str, Enum):
-    AUTO = "auto"  # bf16 on a GPU that supports it, fp32 on CPU
+    AUTO = "auto"  # bf16 on GPUs that support it and on CPUs with native bf16 for crops >= 128 px
     FP32 = "fp32"
     BF16 = "bf16"  # bfloat16 autocast; weights, optimizer state and loss stay float32
 

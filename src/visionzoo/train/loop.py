@@ -73,7 +73,6 @@ def fit(job: Job, state: RunState, *, epochs: int, seed: int, accumulate: int, l
 def _epochs(job: Job, state: RunState, epochs: int, seed: int, accumulate: int, label_smoothing: float,
             patience: int | None, amp_dtype: torch.dtype | None, dist: D.Dist, show: bool,
             echo: Callable[[str], None]) -> RunState:
-    device = dist.device
     for epoch in range(state.epoch, epochs):
         if state.stopped_early:
             break
@@ -81,33 +80,9 @@ def _epochs(job: Job, state: RunState, epochs: int, seed: int, accumulate: int, 
         # (seed, epoch, rank) so a resumed epoch draws what the uninterrupted one drew
         torch.manual_seed(sample_seed(seed, epoch, dist.rank, 1))
         started = time.perf_counter()
-        module = job.prepare(epoch)
-        loss_sum, correct, seen = 0.0, 0, 0
-        job.optimizer.zero_grad(set_to_none=True)
-        bar = _Bar(show, f"epoch {epoch + 1}/{epochs}", job.steps_per_epoch)
-        with bar:
-            for step, (x, y) in enumerate(job.batches(epoch)):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                group_end = (step + 1) % accumulate == 0 or step + 1 == job.steps_per_epoch
-                in_group = accumulate if step // accumulate < job.steps_per_epoch // accumulate \
-                    else job.steps_per_epoch % accumulate  # the last group may be shorter
-                # between optimizer steps, DDP need not all-reduce the gradients
-                sync = contextlib.nullcontext() if group_end or not hasattr(module, "no_sync") else module.no_sync()
-                with sync:
-                    with autocast(device, amp_dtype):
-                        logits = module(x)
-                    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
-                    _check_finite(loss, epoch, step, job.optimizer, dist)
-                    (loss / in_group).backward()
-                if group_end:
-                    job.optimizer.step()
-                    job.scheduler.step()
-                    job.optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.item() * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-                bar.update(loss_sum / seen, correct / seen)
-        loss_sum, correct, seen = D.all_reduce_sum(dist, [loss_sum, float(correct), float(seen)])
+        with _Bar(show, f"epoch {epoch + 1}/{epochs}", job.steps_per_epoch) as bar:
+            loss_sum, correct, seen = _train_epoch(job, epoch, accumulate, label_smoothing, amp_dtype, dist, bar)
+        loss_sum, correct, seen = D.all_reduce_sum(dist, [loss_sum, correct, seen])
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
                   "lr": max(g["lr"] for g in job.optimizer.param_groups)}
         val = job.validate()
@@ -116,6 +91,7 @@ def _epochs(job: Job, state: RunState, epochs: int, seed: int, accumulate: int, 
         record["time_s"] = round(time.perf_counter() - started, 3)
         state.history.append(record)
         state.epoch = epoch + 1
+        # the best epoch: highest validation accuracy, ties to the lower loss (the last epoch without validation)
         if val is None or (val["acc"], -val["loss"]) > (state.best_acc, -state.best_loss):
             state.best_epoch = epoch + 1
             state.best_acc = val["acc"] if val else record["train_acc"]
@@ -128,6 +104,49 @@ def _epochs(job: Job, state: RunState, epochs: int, seed: int, accumulate: int, 
         if dist.is_main:
             echo(_summary(record, state))
     return state
+
+
+def _train_epoch(job: Job, epoch: int, accumulate: int, label_smoothing: float, amp_dtype: torch.dtype | None,
+                 dist: D.Dist, bar: _Bar) -> tuple[float, float, float]:
+    """One pass over this process's batches; returns (summed loss, correct, images)."""
+    device, n = dist.device, job.steps_per_epoch
+    module = job.prepare(epoch)
+    loss_sum = correct = seen = 0.0
+    in_group = 0  # images in the current accumulation group
+    job.optimizer.zero_grad(set_to_none=True)
+    for step, (x, y) in enumerate(job.batches(epoch)):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        group_end = (step + 1) % accumulate == 0 or step + 1 == n
+        # between optimizer steps, DDP need not all-reduce the gradients
+        sync = contextlib.nullcontext() if group_end or not hasattr(module, "no_sync") else module.no_sync()
+        with sync:
+            with autocast(device, amp_dtype):
+                logits = module(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            _check_finite(loss, epoch, step, job.optimizer, dist)
+            # summed over images, divided by the group's image count before the step: accumulating
+            # K micro-batches is then exactly one K-times larger batch, a short last one included
+            (loss * len(y) if accumulate > 1 else loss).backward()
+        in_group += len(y)
+        if group_end:
+            if accumulate > 1:
+                _scale_grads(job.optimizer, 1.0 / in_group)
+            in_group = 0
+            job.optimizer.step()
+            job.scheduler.step()
+            job.optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.item() * len(y)
+        correct += float((logits.argmax(1) == y).sum())
+        seen += len(y)
+        bar.update(loss_sum / seen, correct / seen)
+    return loss_sum, correct, seen
+
+
+def _scale_grads(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad.mul_(factor)
 
 
 def _check_finite(loss: torch.Tensor, epoch: int, step: int, optimizer, dist: D.Dist) -> None:
