@@ -24,7 +24,6 @@ from safetensors.torch import load_file
 
 import visionzoo
 from visionzoo.errors import InputError, TrainingError
-from visionzoo.models.efficientnet import EfficientNet
 from visionzoo.train.config import Strategy
 
 from .test_cli import run
@@ -47,22 +46,9 @@ def _env() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def linear_run(digits_dir, tmp_path_factory):
-    """One linear run (clean features + one augmented pass), counting every image the backbone sees."""
-    seen = {"images": 0}
-    real = EfficientNet.forward_features
-
-    def counting(self, x):
-        seen["images"] += x.shape[0]
-        return real(self, x)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(EfficientNet, "forward_features", counting)
-        started = time.perf_counter()
-        result = visionzoo.finetune(digits_dir, tmp_path_factory.mktemp("runs") / "linear", strategy="linear",
-                                    image_size=48, aug_passes=1, progress=False)
-    print(f"linear: {time.perf_counter() - started:.1f}s, val acc {result.metrics['val_acc']:.4f}")
-    return result, seen["images"]
+def linear_run(digits_linear_run):
+    """The session's linear run on the digits (conftest), which counts the backbone's images."""
+    return digits_linear_run
 
 
 def test_linear_reaches_94_percent_running_the_backbone_once_per_image_and_pass(linear_run):

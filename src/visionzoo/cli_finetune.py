@@ -41,6 +41,8 @@ def finetune(
     label_smoothing: float = typer.Option(_D.label_smoothing, "--label-smoothing"),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Crop size (default: the weights' own)."),
     augment: bool = typer.Option(_D.augment, "--augment/--no-augment", help="Random resized crops in training."),
+    crop_scale: tuple[float, float] = typer.Option(_D.crop_scale, "--crop-scale",
+                                                   help="Area fraction (low high) of the random crops."),
     hflip: bool = typer.Option(_D.hflip, "--hflip/--no-hflip",
                                help="Random horizontal flips (only if mirrored images keep their class)."),
     aug_passes: int = typer.Option(_D.aug_passes, "--aug-passes", min=0,
@@ -68,7 +70,8 @@ def finetune(
     cfg = FinetuneConfig(model=model, strategy=strategy, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, lr_decay=lr_decay, unfreeze=unfreeze, warmup_epochs=warmup_epochs,
                          head_epochs=head_epochs, label_smoothing=label_smoothing, image_size=image_size,
-                         augment=augment, hflip=hflip, aug_passes=aug_passes, val_fraction=val_fraction, seed=seed,
+                         augment=augment, crop_scale=crop_scale, hflip=hflip, aug_passes=aug_passes,
+                         val_fraction=val_fraction, seed=seed,
                          precision=precision, accumulate=accumulate, patience=patience, num_workers=workers)
     result = run(data, out_dir, train=train, val=val, config=cfg, resume=resume, device=device, progress=not quiet)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never open a window or need a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..fileutil import atomic_path  # noqa: E402
 
@@ -54,10 +55,11 @@ def training_curves(history: Sequence[Mapping], path: Path) -> Path:
     if any(v is not None for v in val):
         best = int(np.nanargmax([v if v is not None else np.nan for v in val]))
         ax_acc.axvline(epochs[best], color="grey", linestyle=":", label=f"best (epoch {epochs[best]})")
-    ax_loss.set_title("loss")
+    ax_loss.set_title("loss (training: with label smoothing and augmentation)")
     ax_acc.set_title("accuracy")
     for ax in (ax_loss, ax_acc):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()

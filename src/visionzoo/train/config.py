@@ -44,7 +44,7 @@ class FinetuneConfig:
     label_smoothing: float = 0.1
     image_size: int | None = None  # crop size; None: the weights' own preprocessing
     augment: bool = True  # random resized crops (scale `crop_scale`) during training
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # area fraction of the random crops
+    crop_scale: tuple[float, float] = (0.7, 1.0)  # area fraction of the random crops: light, most of the image
     hflip: bool = False  # random horizontal flips: only for classes that survive mirroring
     aug_passes: int = 0  # linear: extra augmented copies of the training features (each computed once)
     val_fraction: float = 0.25  # held out (stratified) when no validation set is given

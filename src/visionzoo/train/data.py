@@ -63,7 +63,7 @@ class Augment:
     """Random resized crop (and optional horizontal flip) drawn from an explicit generator."""
 
     preprocess: Preprocess  # output size, interpolation and normalisation
-    scale: tuple[float, float] = (0.5, 1.0)
+    scale: tuple[float, float] = (0.7, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = False
 
