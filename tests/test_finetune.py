@@ -147,6 +147,16 @@ def test_partial_trains_only_the_last_stages(digits_small, tmp_path):
     assert not torch.equal(trained["features.8.1.running_mean"], pretrained["features.8.1.running_mean"])
 
 
+def test_csv_training_set_with_a_separate_validation_tree(digits_small, tmp_path):
+    rows = ["path,label"] + [f"{p},{p.parent.name}" for p in sorted(digits_small.glob("*/*.png"))[::2]]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    result = visionzoo.finetune(train=tmp_path / "train.csv", val=digits_small, out=tmp_path / "run",
+                                strategy="linear", image_size=32, epochs=2, progress=False, num_workers=0)
+    meta = json.loads((result.bundle / "bundle.json").read_text())["training"]
+    assert (meta["train_images"], meta["val_images"]) == (100, 200)
+    assert result.classes == tuple(str(d) for d in range(10))
+
+
 def test_gradient_accumulation_matches_a_larger_batch(digits_small, tmp_path):
     common = {"strategy": "linear", "image_size": 32, "epochs": 3, "progress": False, "num_workers": 0}
     big = visionzoo.finetune(digits_small, tmp_path / "big", batch_size=32, **common)

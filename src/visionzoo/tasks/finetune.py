@@ -166,7 +166,7 @@ def _run(data, run_dir: Path, train, val, cfg: FinetuneConfig, resume: bool, dis
     cfg = cfg.resolved(strategy)
     say(f"strategy: {strategy.value} ({reason})")
     say(f"{len(train_samples)} training and {len(val_samples)} validation images, {len(classes)} classes; "
-        f"{net.arch} at {pp.crop_size}x{pp.crop_size}, {cfg.epochs} epochs"
+        f"{net.arch} at {pp.crop_size}x{pp.crop_size}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}"
         + (f", {dist.world} processes" if dist.enabled else ""))
 
     meta = {"config": cfg.to_dict(), "strategy": strategy.value, "reason": reason, "classes": list(classes),
