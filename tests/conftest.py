@@ -48,3 +48,58 @@ def _isolated_torch_home(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
     yield
     os.environ.pop("VISIONZOO_OFFLINE", None)
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """scikit-learn's digits as an ImageFolder of 64x64 PNGs (1797 images, 10 classes), written once."""
+    from .digits import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits") / "digits")
+
+
+@pytest.fixture(scope="session")
+def digits_small(tmp_path_factory) -> Path:
+    """The first 200 digits (about 20 per class): for the mechanics of resume, torchrun, errors."""
+    from .digits import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits_small") / "digits", limit=200)
+
+
+@pytest.fixture(scope="session")
+def digits_linear_run(digits_dir, tmp_path_factory):
+    """(FinetuneResult, images the backbone saw) of one `linear` fine-tune on the digits
+    (48x48 crops, one augmented feature pass), trained once per session on one thread. Its
+    bundle (`digits_bundle`) is a ready digits classifier for any test that needs one."""
+    import time
+
+    import torch
+
+    import visionzoo
+    from visionzoo.models.efficientnet import EfficientNet
+
+    seen = {"images": 0}
+    real = EfficientNet.forward_features
+
+    def counting(self, x):
+        seen["images"] += x.shape[0]
+        return real(self, x)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(EfficientNet, "forward_features", counting)
+            started = time.perf_counter()
+            result = visionzoo.finetune(digits_dir, tmp_path_factory.mktemp("runs") / "digits_linear",
+                                        strategy="linear", image_size=48, aug_passes=1, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"digits linear run: {time.perf_counter() - started:.1f}s, val acc {result.metrics['val_acc']:.4f}")
+    return result, seen["images"]
+
+
+@pytest.fixture(scope="session")
+def digits_bundle(digits_linear_run) -> Path:
+    """A fine-tuned digits classifier bundle (EfficientNet-Lite0, 48x48, about 96% accurate)."""
+    return digits_linear_run[0].bundle

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+from .bundle import load_bundle, read_bundle, save_bundle
 from .errors import (
     CheckpointError,
     ImageError,
@@ -46,9 +47,24 @@ def embed(*args, **kwargs):
     return _embed(*args, **kwargs)
 
 
+def finetune(*args, **kwargs):
+    """Fine-tune a model on labelled images and write a bundle; see `visionzoo.tasks.finetune.finetune`."""
+    from .tasks.finetune import finetune as _finetune
+
+    return _finetune(*args, **kwargs)
+
+
+def evaluate(*args, **kwargs):
+    """Score a bundle on labelled images; see `visionzoo.tasks.evaluate.evaluate`."""
+    from .tasks.evaluate import evaluate as _evaluate
+
+    return _evaluate(*args, **kwargs)
+
+
 __all__ = [
     "DEFAULT_MODEL", "REGISTRY", "CheckpointError", "ImageError", "InputError", "Preprocess",
     "UnknownModelError", "UnknownWeightsError", "VisionZooError", "Weights", "WeightsUnavailableError",
-    "create_model", "embed", "get_weights", "list_models", "list_weights", "predict",
+    "CheckpointReport", "LoadReport", "create_model", "embed", "evaluate", "finetune", "get_weights",
+    "inspect_checkpoint", "list_models", "list_weights", "load_bundle", "load_weights", "predict", "read_bundle",
+    "save_bundle",
 ]
-__all__ += ["CheckpointReport", "LoadReport", "inspect_checkpoint", "load_weights"]

@@ -309,6 +309,12 @@ def inspect(
         raise typer.Exit(EXIT_ERROR)
 
 
+from . import cli_finetune  # noqa: E402  (the training commands live in their own module)
+
+app.command("finetune")(cli_finetune.finetune)
+app.command("evaluate")(cli_finetune.evaluate)
+
+
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:g}"
 

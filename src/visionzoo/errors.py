@@ -39,3 +39,7 @@ class ImageError(VisionZooError):
 
 class InputError(VisionZooError, ValueError):
     """An invalid argument or input path."""
+
+
+class TrainingError(VisionZooError):
+    """A training run that cannot go on: the loss diverged, or a checkpoint does not match the run."""

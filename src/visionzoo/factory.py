@@ -58,9 +58,22 @@ def create_model(name: str, weights: WeightsArg = None, num_classes: int | None 
     Returns the model in eval mode with `.pretrained_weights`, `.preprocess`,
     `.categories` and `.load_report` (what loading renamed, adapted and left out; None
     without weights) set; with `features_only`, a `FeatureExtractor` wrapping it.
+
+    `name` (or `weights`) may also be a bundle folder written by `visionzoo finetune`
+    or `save_bundle`: the model comes back with the bundle's classes and preprocessing.
     """
     if out_indices is not None and not features_only:
         raise InputError("out_indices selects feature maps; pass features_only=True with it")
+    bundle, expect_arch = _bundle_arg(name, weights)
+    if bundle is not None:
+        from .bundle import load_bundle
+
+        model = load_bundle(bundle, num_classes, expect_arch=expect_arch, **kwargs)
+        if features_only:
+            from .models.features import FeatureExtractor
+
+            return FeatureExtractor(model, out_indices).eval()
+        return model
     arch_name, tag = split_name(name)
     arch = REGISTRY.get_architecture(arch_name)
     if tag is not None:
@@ -154,6 +167,18 @@ def _resolve_weights(arch: Architecture, weights: WeightsArg, progress: bool
                          f"got {type(weights).__name__}")
     path = hub.weights_file(record, progress=progress)
     return record, read_checkpoint(path), str(path)
+
+
+def _bundle_arg(name: object, weights: WeightsArg) -> tuple[str | os.PathLike | None, str | None]:
+    """(bundle folder, architecture it must hold) for `create_model(bundle)` or
+    `create_model(arch, weights=bundle)`; (None, None) when no bundle is named."""
+    from .bundle import is_bundle
+
+    if isinstance(name, (str, os.PathLike)) and weights in (None, True, "DEFAULT") and is_bundle(name):
+        return name, None
+    if isinstance(weights, (str, os.PathLike)) and weights != "DEFAULT" and is_bundle(weights):
+        return weights, split_name(name)[0]
+    return None, None
 
 
 def _looks_like_path(value: str) -> bool:

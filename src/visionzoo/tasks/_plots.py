@@ -1,0 +1,73 @@
+"""PNG plots for `evaluate`: the confusion matrix and the training curves (matplotlib, no display)."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never open a window or need a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from ..fileutil import atomic_path  # noqa: E402
+
+MAX_LABELLED = 40  # above this many classes, tick labels and cell counts become unreadable
+
+
+def confusion_matrix(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: Path) -> Path:
+    cm = np.asarray(confusion, dtype=float)
+    # colour by the fraction of each true class (a row), so rare classes are as visible as common ones
+    rows = cm.sum(1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+    n = len(classes)
+    size = min(16.0, 3.0 + 0.45 * n)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9), dpi=100)
+    im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
+    if n <= MAX_LABELLED:
+        labels = [c if len(c) <= 18 else c[:17] + "…" for c in classes]
+        ax.set_xticks(range(n), labels, rotation=90 if n > 10 else 0)
+        ax.set_yticks(range(n), labels)
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j]:
+                    ax.text(j, i, f"{int(cm[i, j])}", ha="center", va="center", fontsize=8,
+                            color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    accuracy = np.trace(cm) / max(cm.sum(), 1)
+    ax.set_title(f"confusion matrix ({int(cm.sum())} images, accuracy {accuracy:.2%})")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def training_curves(history: Sequence[Mapping], path: Path) -> Path:
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for key, label, ax in (("train_loss", "train", ax_loss), ("val_loss", "validation", ax_loss),
+                           ("train_acc", "train", ax_acc), ("val_acc", "validation", ax_acc)):
+        values = [h.get(key) for h in history]
+        if any(v is not None for v in values):
+            ax.plot(epochs, values, marker="o", markersize=3, label=label)
+    val = [h.get("val_acc") for h in history]
+    if any(v is not None for v in val):
+        best = int(np.nanargmax([v if v is not None else np.nan for v in val]))
+        ax_acc.axvline(epochs[best], color="grey", linestyle=":", label=f"best (epoch {epochs[best]})")
+    ax_loss.set_title("loss (training: with label smoothing and augmentation)")
+    ax_acc.set_title("accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,282 @@
+"""Fine-tuning end to end on scikit-learn's digits: the strategies' accuracy, the frozen
+backbone of `linear`, `auto`'s explanation, exact resume after SIGKILL, torchrun with two
+processes, evaluation, and the errors.
+
+Everything runs on one intra-op thread (restored afterwards): CPU CI machines are shared,
+and two threads per process on a busy two-core machine made training 10x slower here.
+Sizes are chosen for CPU time: 48x48 crops for the linear probe (its features need them),
+32x32 for full fine-tuning, 200-image subsets where only the mechanics are tested.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import visionzoo
+from visionzoo.errors import InputError, TrainingError
+from visionzoo.train.config import Strategy
+
+from .test_cli import run
+
+SRC = Path(visionzoo.__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _env() -> dict[str, str]:
+    """Subprocesses import this checkout's visionzoo, on one thread like the tests."""
+    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def linear_run(digits_linear_run):
+    """The session's linear run on the digits (conftest), which counts the backbone's images."""
+    return digits_linear_run
+
+
+def test_linear_reaches_94_percent_running_the_backbone_once_per_image_and_pass(linear_run):
+    result, images = linear_run
+    assert result.strategy is Strategy.LINEAR
+    n_train, n_val = 1347, 450  # 25% of each class held out
+    assert (result.history[0]["epoch"], len(result.history)) == (1, 30)
+    assert images == 2 * n_train + n_val  # a clean and an augmented pass, then validation: once each
+    assert result.metrics["val_acc"] >= 0.94, result.metrics
+
+
+def test_linear_leaves_the_backbone_and_its_batchnorm_statistics_untouched(linear_run):
+    result, _ = linear_run
+    trained = load_file(result.bundle / "model.safetensors")
+    pretrained = visionzoo.create_model("efficientnet_lite0", pretrained=True).state_dict()
+    head = "classifier.1."
+    assert any("running_mean" in k for k in trained)
+    for key, value in pretrained.items():
+        if not key.startswith(head):
+            assert torch.equal(trained[key], value), key
+    assert trained[head + "weight"].shape == (10, 1280)
+
+
+def test_the_bundle_describes_itself(linear_run):
+    result, _ = linear_run
+    meta = json.loads((result.bundle / "bundle.json").read_text())
+    assert meta["architecture"] == "efficientnet_lite0" and meta["classes"] == [str(d) for d in range(10)]
+    assert meta["preprocess"]["crop_size"] == 48 and meta["preprocess"]["resize_size"] == 55
+    assert meta["training"]["strategy"] == "linear" and meta["training"]["image_size"] == 48
+    assert meta["base_weights"] == "efficientnet_lite0.IMAGENET1K_V1"
+    assert len(meta["history"]) == 30 and meta["metrics"]["val_acc"] == result.metrics["val_acc"]
+    model = visionzoo.create_model(result.run_dir)
+    assert model.categories == tuple(str(d) for d in range(10)) and model.preprocess.crop_size == 48
+
+
+def test_evaluate_writes_metrics_and_plots(linear_run, digits_small, tmp_path, capsys):
+    result, _ = linear_run
+    ev = visionzoo.evaluate(result.bundle, digits_small, out=tmp_path / "eval")
+    assert ev.num_images == 200 and ev.accuracy >= 0.9 and ev.top5 >= ev.accuracy
+    assert sum(map(sum, ev.confusion)) == 200
+    assert ev.accuracy == pytest.approx(sum(ev.confusion[i][i] for i in range(10)) / 200)
+    assert [c.support for c in ev.per_class] == [sum(row) for row in ev.confusion]
+    saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert saved["accuracy"] == ev.accuracy and len(saved["per_class"]) == 10
+    for name in ("confusion_matrix.png", "training_curves.png"):
+        assert (tmp_path / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    code, out, err = run(capsys, "evaluate", result.run_dir, digits_small, "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["accuracy"] == ev.accuracy
+
+
+def test_per_class_metrics_match_scikit_learn():
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from visionzoo.tasks.evaluate import _per_class
+
+    y = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3]
+    p = [0, 1, 0, 1, 2, 2, 2, 0, 2, 1]
+    confusion = [[sum(1 for a, b in zip(y, p, strict=True) if (a, b) == (i, j)) for j in range(4)] for i in range(4)]
+    ours = _per_class(torch.tensor(confusion).numpy(), "abcd")
+    ref = precision_recall_fscore_support(y, p, labels=range(4), zero_division=0)
+    for i, m in enumerate(ours):
+        assert (m.precision, m.recall, m.f1, m.support) == pytest.approx([r[i] for r in ref])
+
+
+def test_full_reaches_97_5_percent_in_5_epochs(digits_dir, tmp_path):
+    started = time.perf_counter()
+    result = visionzoo.finetune(digits_dir, tmp_path / "full", strategy="full", epochs=5, image_size=48,
+                                lr=2e-3, progress=False)
+    print(f"full: {time.perf_counter() - started:.1f}s, history {[round(h['val_acc'], 4) for h in result.history]}")
+    assert result.epochs_run == 5
+    assert result.metrics["val_acc"] >= 0.975, result.history
+
+
+def test_auto_explains_its_choice(digits_small, tmp_path):
+    messages = []
+    result = visionzoo.finetune(digits_small, tmp_path / "auto", strategy="auto", epochs=1, image_size=32,
+                                echo=messages.append)
+    assert result.strategy is Strategy.FULL
+    assert "linear probe" in result.reason and "raw pixels" in result.reason
+    assert any(m.startswith("strategy: full (a linear probe scores") for m in messages), messages
+    assert json.loads((result.bundle / "bundle.json").read_text())["training"]["strategy_reason"] == result.reason
+
+
+def test_partial_trains_only_the_last_stages(digits_small, tmp_path):
+    result = visionzoo.finetune(digits_small, tmp_path / "partial", strategy="partial", unfreeze=1, epochs=1,
+                                image_size=32, progress=False, num_workers=0, precision="bf16")
+    assert json.loads((result.bundle / "bundle.json").read_text())["training"]["precision_used"] == "bf16"
+    trained = load_file(result.bundle / "model.safetensors")
+    pretrained = visionzoo.create_model("efficientnet_lite0", pretrained=True).state_dict()
+    last_stage = "features.6."  # the last stage is features.6 .. features.8
+    for key, value in pretrained.items():
+        if key.startswith("features.") and int(key.split(".")[1]) < 6:
+            assert torch.equal(trained[key], value), key  # frozen, BatchNorm statistics included
+    assert not torch.equal(trained[last_stage + "0.block.0.0.weight"], pretrained[last_stage + "0.block.0.0.weight"])
+    assert not torch.equal(trained["features.8.1.running_mean"], pretrained["features.8.1.running_mean"])
+
+
+def test_csv_training_set_with_a_separate_validation_tree(digits_small, tmp_path):
+    rows = ["path,label"] + [f"{p},{p.parent.name}" for p in sorted(digits_small.glob("*/*.png"))[::2]]
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    result = visionzoo.finetune(train=tmp_path / "train.csv", val=digits_small, out=tmp_path / "run",
+                                strategy="linear", image_size=32, epochs=2, progress=False, num_workers=0)
+    meta = json.loads((result.bundle / "bundle.json").read_text())["training"]
+    assert (meta["train_images"], meta["val_images"]) == (100, 200)
+    assert result.classes == tuple(str(d) for d in range(10))
+
+
+def test_gradient_accumulation_matches_a_larger_batch(digits_small, tmp_path):
+    common = {"strategy": "linear", "image_size": 32, "epochs": 3, "progress": False, "num_workers": 0}
+    big = visionzoo.finetune(digits_small, tmp_path / "big", batch_size=32, **common)
+    small = visionzoo.finetune(digits_small, tmp_path / "acc", batch_size=16, accumulate=2, **common)
+    wa, wb = load_file(big.bundle / "model.safetensors"), load_file(small.bundle / "model.safetensors")
+    for key in ("classifier.1.weight", "classifier.1.bias"):
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-5)
+
+
+_KILLABLE = textwrap.dedent("""
+    # a fine-tuning run that freezes (for the test to SIGKILL it) after 2 steps of epoch 2
+    import sys, time
+    import torch
+    import visionzoo
+    import visionzoo.train.checkpoint as C
+
+    marker, data, out = sys.argv[1:]
+    epochs_saved, steps = [0], [0]
+    real_save, real_step = C.save_checkpoint, torch.optim.AdamW.step
+
+    def save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        epochs_saved[0] += 1
+
+    def step(self, *args, **kwargs):
+        if epochs_saved[0] == 1:
+            steps[0] += 1
+            if steps[0] == 3:
+                open(marker, "w").write("in epoch 2")
+                time.sleep(600)
+        return real_step(self, *args, **kwargs)
+
+    C.save_checkpoint = save
+    torch.optim.AdamW.step = step
+    visionzoo.finetune(data, out, **RUN, progress=False)
+""")
+RESUME_RUN = {"strategy": "full", "epochs": 3, "head_epochs": 1, "image_size": 32, "batch_size": 16}
+
+
+def test_a_run_killed_in_epoch_2_resumes_to_the_same_weights(digits_small, tmp_path):
+    script = tmp_path / "killable.py"
+    script.write_text(_KILLABLE.replace("**RUN", f"**{RESUME_RUN!r}"))
+    marker = tmp_path / "marker"
+    proc = subprocess.Popen([sys.executable, str(script), str(marker), str(digits_small), str(tmp_path / "run")],
+                            env=_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the run never reached epoch 2"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert json.loads((tmp_path / "run" / "history.json").read_text())[-1]["epoch"] == 1
+    assert not (tmp_path / "run" / "bundle").exists()
+    with pytest.raises(InputError, match="pass --resume"):
+        visionzoo.finetune(digits_small, tmp_path / "run", **RESUME_RUN, progress=False)
+
+    resumed = visionzoo.finetune(digits_small, tmp_path / "run", **RESUME_RUN, resume=True, progress=False)
+    straight = visionzoo.finetune(digits_small, tmp_path / "straight", **RESUME_RUN, progress=False)
+    assert resumed.metrics["val_acc"] == straight.metrics["val_acc"]
+    assert resumed.best_epoch == straight.best_epoch
+    for a, b in zip(resumed.history, straight.history, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+    wa, wb = load_file(resumed.bundle / "model.safetensors"), load_file(straight.bundle / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("strategy", ["full", "linear"])
+def test_torchrun_with_two_processes_writes_a_loadable_bundle(digits_small, tmp_path, strategy):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "visionzoo", "finetune", str(digits_small), "--out", str(out), "--strategy", strategy,
+           "--epochs", "2", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--quiet"]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("strategy " + strategy) == 1, proc.stdout  # only rank 0 reports
+    meta = json.loads((out / "bundle" / "bundle.json").read_text())
+    assert meta["training"]["processes"] == 2 and len(meta["history"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["bundle", "checkpoint.pt", "history.json"] + (["features.pt"] if strategy == "linear" else []))
+    model = visionzoo.create_model(out)
+    preds = visionzoo.predict([digits_small / "3"], model=model, topk=1, num_workers=0)
+    assert len(preds) == len(list((digits_small / "3").iterdir()))
+    history = meta["history"]
+    assert history[1]["train_loss"] < history[0]["train_loss"]  # it learns
+
+
+def test_a_diverging_loss_stops_with_a_clear_error(digits_small, tmp_path, monkeypatch, capsys):
+    import visionzoo.train.loop as loop
+
+    real = loop.F.cross_entropy
+    calls = [0]
+
+    def exploding(*args, **kwargs):
+        calls[0] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls[0] == 3 else loss
+
+    monkeypatch.setattr(loop.F, "cross_entropy", exploding)
+    with pytest.raises(TrainingError, match=r"loss became nan at epoch 1, step 3: training diverged; lower"):
+        visionzoo.finetune(digits_small, tmp_path / "nan", strategy="linear", image_size=32, epochs=1,
+                           progress=False, num_workers=0)
+    calls[0] = 0
+    code, out, err = run(capsys, "finetune", digits_small, "--out", tmp_path / "nan2", "--strategy", "linear",
+                         "--image-size", "32", "--epochs", "1", "--workers", "0", "--quiet")
+    assert code == 1 and "training diverged" in err
+
+
+def test_bad_arguments_are_one_line_errors(digits_small, tmp_path, capsys):
+    code, out, err = run(capsys, "finetune", tmp_path / "nowhere", "--out", tmp_path / "x")
+    assert code == 1 and "not a dataset" in err
+    code, out, err = run(capsys, "finetune", digits_small, "--train", digits_small, "--out", tmp_path / "x")
+    assert code == 1 and "not both" in err
+    code, out, err = run(capsys, "finetune", digits_small, "--out", tmp_path / "x", "--val-fraction", "2")
+    assert code == 1 and "val_fraction" in err
+    code, out, err = run(capsys, "evaluate", tmp_path, digits_small)
+    assert code == 1 and "not" in err
