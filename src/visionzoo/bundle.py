@@ -4,7 +4,10 @@
         model.safetensors   the whole network's weights, classifier included
         bundle.json         architecture, builder arguments, class names, the evaluation
                             preprocessing used in training, the training configuration,
-                            metrics, per-epoch history, visionzoo version, weights SHA-256
+                            metrics, per-epoch history, visionzoo version, weights SHA-256,
+                            and for a structurally pruned network its channel counts
+                            (`structure`, see `models/structure.py`)
+        exports/            graphs exported for the runtime backends (a cache, see deploy/)
 
 `create_model("runs/digits/bundle")` (or the run folder above it) rebuilds the network
 with `.categories` and `.preprocess` from the bundle, so predict, embed and evaluate take
@@ -35,7 +38,7 @@ from .weights.records import Preprocess
 BUNDLE_JSON = "bundle.json"
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "visionzoo.bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: `structure` (pruned channel counts); bundles without one are still written as 1
 RUN_SUBDIR = "bundle"  # where `finetune` puts the bundle inside its output folder
 
 
@@ -55,6 +58,7 @@ class BundleInfo:
     visionzoo_version: str = ""
     created: str = ""
     weights_sha256: str | None = None
+    structure: Mapping[str, Any] = field(default_factory=dict)  # channel counts that differ from the registry's
 
     @property
     def num_classes(self) -> int:
@@ -105,6 +109,7 @@ def save_bundle(model: torch.nn.Module, out: str | os.PathLike, *, classes: Sequ
     if builder_kwargs is None:
         record = getattr(model, "pretrained_weights", None)
         builder_kwargs = dict(record.builder_kwargs) if record is not None else {}
+    structure = _structure(model, arch, builder_kwargs, len(classes))
     final = Path(out).expanduser()
     if final.exists() and not (final / BUNDLE_JSON).is_file():
         if not final.is_dir() or any(final.iterdir()):
@@ -115,7 +120,7 @@ def save_bundle(model: torch.nn.Module, out: str | os.PathLike, *, classes: Sequ
         weights = save_state_dict(model.state_dict(), tmp / WEIGHTS_FILE,
                                   metadata={"format": "pt", "architecture": arch})
         meta = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "visionzoo_version": __version__,
+            "format": FORMAT, "format_version": FORMAT_VERSION if structure else 1, "visionzoo_version": __version__,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "architecture": arch, "builder_kwargs": _jsonable(dict(builder_kwargs)),
             "num_classes": len(classes), "classes": classes, "preprocess": preprocess.to_dict(),
@@ -123,12 +128,29 @@ def save_bundle(model: torch.nn.Module, out: str | os.PathLike, *, classes: Sequ
             "training": _jsonable(dict(training or {})), "metrics": _jsonable(dict(metrics or {})),
             "history": _jsonable([dict(h) for h in history]),
         }
+        if structure:
+            meta["structure"] = structure
         (tmp / BUNDLE_JSON).write_text(json.dumps(meta, indent=2) + "\n")
         _swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _structure(model: torch.nn.Module, arch: str, builder_kwargs: Mapping[str, Any], num_classes: int) -> dict:
+    """The channel counts in which `model` differs from the registry's `arch` (a pruned model), or {}."""
+    from .models.structure import structure_changes
+    from .registry import REGISTRY
+
+    try:
+        architecture = REGISTRY.get_architecture(arch)
+    except LookupError:
+        return {}
+    # built on the meta device: shapes and attributes only, no memory, no initialisation
+    with torch.device("meta"):
+        reference = architecture.build(num_classes=num_classes, **dict(builder_kwargs))
+    return structure_changes(model, reference)
 
 
 def _swap_in(tmp: Path, final: Path) -> None:
@@ -168,7 +190,7 @@ def read_bundle(path: str | os.PathLike) -> BundleInfo:
             base_weights=meta.get("base_weights"), training=meta.get("training") or {},
             metrics=meta.get("metrics") or {}, history=tuple(meta.get("history") or ()),
             visionzoo_version=meta.get("visionzoo_version", ""), created=meta.get("created", ""),
-            weights_sha256=meta.get("weights_sha256"))
+            weights_sha256=meta.get("weights_sha256"), structure=meta.get("structure") or {})
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / BUNDLE_JSON} lacks or garbles a field ({e}); write the bundle again") \
             from None
@@ -196,7 +218,10 @@ def load_bundle(path: str | os.PathLike, num_classes: int | None = None, *, expe
     if verify and info.weights_sha256 and _sha256(info.weights_path) != info.weights_sha256:
         raise CheckpointError(f"{info.weights_path} does not match the SHA-256 in {BUNDLE_JSON} (changed or "
                               f"corrupted); write the bundle again with visionzoo.save_bundle")
-    model = create_model(info.architecture, weights=info.weights_path, **{**info.builder_kwargs, **kwargs})
+    if info.structure:
+        model = _load_restructured(info, kwargs)
+    else:
+        model = create_model(info.architecture, weights=info.weights_path, **{**info.builder_kwargs, **kwargs})
     categories: tuple[str, ...] | None = info.classes
     if model.num_classes != info.num_classes:
         raise CheckpointError(f"bundle {info.path}: the weights have {model.num_classes} outputs but "
@@ -209,6 +234,29 @@ def load_bundle(path: str | os.PathLike, num_classes: int | None = None, *, expe
     model.weights_source = str(info.path)
     model.bundle = info
     return model.eval()
+
+
+def _load_restructured(info: BundleInfo, kwargs: Mapping[str, Any]):
+    """A pruned bundle: the registry architecture given the recorded channel counts, then its weights
+    loaded strictly (all from data: JSON and safetensors, nothing unpickled)."""
+    from .factory import create_model
+    from .models.structure import apply_structure
+    from .weights.io import load_state_dict
+
+    state_dict = load_state_dict(info.weights_path)
+    model = create_model(info.architecture, num_classes=info.num_classes, **{**info.builder_kwargs, **kwargs})
+    apply_structure(model, info.structure, state_dict)
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as e:  # shapes that do not match even after the structure was applied
+        raise CheckpointError(f"bundle {info.path}: the weights do not fit the recorded structure "
+                              f"({str(e).splitlines()[-1].strip()}); write the bundle again") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"bundle {info.path}: the weights do not fit the recorded structure (missing "
+                              f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); write the "
+                              f"bundle again")
+    model.weights_source = str(info.weights_path)
+    return model
 
 
 def _sha256(path: Path) -> str:

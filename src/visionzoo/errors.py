@@ -43,3 +43,11 @@ class InputError(VisionZooError, ValueError):
 
 class TrainingError(VisionZooError):
     """A training run that cannot go on: the loss diverged, or a checkpoint does not match the run."""
+
+
+class MissingDependencyError(VisionZooError, ImportError):
+    """An optional package a feature needs is not installed; the message names the extra to install."""
+
+
+class ExportError(VisionZooError):
+    """An exported model that cannot be written or does not reproduce the PyTorch model's outputs."""

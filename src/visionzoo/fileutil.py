@@ -1,11 +1,14 @@
-"""Writing files so that a crash never leaves a partial file under the final name."""
+"""Writing files so that a crash never leaves a partial file under the final name; content fingerprints."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 
 @contextlib.contextmanager
@@ -24,3 +27,13 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def weights_fingerprint(net: torch.nn.Module) -> str:
+    """A digest of every parameter and buffer (names, dtypes, shapes, values): an in-memory model
+    can have changed since a cached result was made, even under the same name."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in net.state_dict().items():
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()

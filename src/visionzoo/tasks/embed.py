@@ -27,6 +27,7 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,10 +37,13 @@ from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.inputs import Failure, expand_inputs
 from ..data.loader import image_batches
 from ..errors import InputError
-from ..fileutil import atomic_path
+from ..fileutil import atomic_path, weights_fingerprint
 from ..models._base import ZooModel
 from ..models.features import FeatureExtractor, resolve_stage
-from .predict import resolve_model
+from .predict import resolve_runner
+
+if TYPE_CHECKING:
+    from ..deploy.backends import Runner
 
 log = logging.getLogger("visionzoo")
 FORMATS = {".npy": "npy", ".parquet": "parquet", ".pq": "parquet"}
@@ -97,7 +101,8 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike, model: str | 
           *, out: str | os.PathLike | None = None, layer: int | str | None = None, normalize: bool = False,
           batch_size: int = 32, num_workers: int | None = None, fast: bool = True,
           max_pixels: int | None = DEFAULT_MAX_PIXELS, device: str | torch.device = "cpu",
-          chunk_size: int | None = None, resume: bool = True, progress: bool = False) -> Embeddings:
+          chunk_size: int | None = None, resume: bool = True, progress: bool = False, backend: str = "auto",
+          threads: int | None = None, precision: str = "fp32") -> Embeddings:
     """Embed images: files, folders, globs, `@LIST` files or CSV datasets.
 
     Args:
@@ -114,6 +119,9 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike, model: str | 
         chunk_size: images per saved chunk (a multiple of `batch_size`; default 8 batches).
         resume: reuse the chunks of an interrupted run with the same key; False starts over.
         progress: show a progress bar on stderr.
+        backend: `torch`, `onnxruntime`, `openvino` or `auto` (see `predict`); `layer` needs torch.
+        threads: compute threads of the onnxruntime/openvino backends.
+        precision: `fp32` or `bf16` (torch and openvino).
 
     Returns `Embeddings` (paths, vectors, failures). With `out`, the vectors are read back
     from the file when first accessed.
@@ -128,10 +136,8 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike, model: str | 
     if fmt == "parquet":
         _require_pyarrow()
     device = torch.device(device)
-    net = resolve_model(model).to(device).eval()
-    if net.preprocess is None:
-        raise InputError("the model has no preprocessing recipe; build it with visionzoo.create_model")
-    encoder = _Encoder(net, layer, normalize)
+    runner = resolve_runner(model, backend, device=device, threads=threads, precision=precision)
+    encoder = _Encoder(runner, layer, normalize)
     files, failures = expand_inputs(inputs)
     paths = [str(p) for p in files]
 
@@ -139,8 +145,8 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike, model: str | 
     key = None
     if out is not None:
         key = {"version": _KEY_VERSION, "inputs": _inputs_fingerprint(files), "count": n,
-               "model": {"arch": net.arch, "class": type(net).__name__, "weights": _weights_fingerprint(net)},
-               "layer": encoder.layer, "normalize": normalize, "preprocess": net.preprocess.to_dict(),
+               "model": _model_fingerprint(runner), "layer": encoder.layer, "normalize": normalize,
+               "preprocess": runner.preprocess.to_dict(),
                "fast": fast, "max_pixels": max_pixels, "batch_size": batch_size, "chunk_size": chunk_size,
                "device": device.type, "torch": torch.__version__}
     store = _ChunkStore(_work_dir(out) if out is not None else None, key, resume)
@@ -155,7 +161,7 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike, model: str | 
     done_images = sum(len(chunk_range(k)) for k in store.done)
     with _ProgressBar(progress, n, done_images) as advance, torch.inference_mode():
         pending: dict[int, _Chunk] = {}
-        for batch in image_batches(files, net.preprocess, num_workers=num_workers, fast=fast,
+        for batch in image_batches(files, runner.preprocess, num_workers=num_workers, fast=fast,
                                    max_pixels=max_pixels, index_batches=index_batches,
                                    pin_memory=device.type == "cuda"):
             first = min(batch.indices + [i for i, _ in batch.failures])
@@ -163,7 +169,7 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike, model: str | 
             chunk = pending.setdefault(k, _Chunk())
             if batch.images is not None:
                 chunk.indices += batch.indices
-                chunk.vectors.append(encoder(batch.images.to(device)).float().cpu().numpy())
+                chunk.vectors.append(encoder(batch.images).cpu().numpy())
             chunk.failures += batch.failures
             chunk.seen += len(batch.indices) + len(batch.failures)
             advance(len(batch.indices) + len(batch.failures))
@@ -176,12 +182,12 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike, model: str | 
     chunks = [store.load(k) for k in range(n_chunks)]
     kept = [paths[i] for c in chunks for i in c.indices]
     failures += [Failure(paths[i], reason) for c in chunks for i, reason in c.failures]
-    result = Embeddings(kept, encoder.dim, failures, out, net.arch, encoder.layer)
+    result = Embeddings(kept, encoder.dim, failures, out, runner.arch, encoder.layer)
     if out is None:
         result._vectors = (np.concatenate([v for c in chunks for v in c.vectors])
                            if kept else np.zeros((0, encoder.dim), np.float32))
         return result
-    meta = {"model": net.arch, "layer": encoder.layer, "normalize": normalize, "dim": encoder.dim}
+    meta = {"model": runner.arch, "layer": encoder.layer, "normalize": normalize, "dim": encoder.dim}
     if fmt == "npy":
         _write_npy(out, chunks, kept, encoder.dim)
     else:
@@ -193,11 +199,15 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike, model: str | 
 class _Encoder:
     """Batch -> (N, dim) vectors: pooled pre-logits, or a pooled stage; optionally L2-normalised."""
 
-    def __init__(self, net: ZooModel, layer: int | str | None, normalize: bool):
-        self.net, self.normalize = net, normalize
+    def __init__(self, runner: Runner, layer: int | str | None, normalize: bool):
+        self.runner, self.normalize = runner, normalize
         if layer is None:
-            self.extractor, self.layer, self.dim = None, None, net.head_hidden_size
+            self.extractor, self.layer, self.dim = None, None, runner.info.embedding_dim
         else:
+            net = getattr(runner, "net", None)
+            if not isinstance(net, ZooModel):
+                raise InputError(f"embedding a stage (layer={layer!r}) needs the torch backend; the "
+                                 f"{runner.backend.value} backend gives the pooled pre-logits only")
             index = resolve_stage(net, layer)
             self.extractor = FeatureExtractor(net, (index,))
             self.layer = net.feature_info[index].module
@@ -205,11 +215,28 @@ class _Encoder:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.extractor is None:
-            v = self.net.forward_head(self.net.forward_features(x), pre_logits=True)
+            v = self.runner.embeddings(x)
         else:
-            v = self.extractor(x)[0].mean(dim=(2, 3))
+            with torch.inference_mode():
+                v = self.extractor(self.runner.prepare(x))[0].mean(dim=(2, 3))
         v = v.flatten(1).float()
         return F.normalize(v, dim=1) if self.normalize else v
+
+
+def _model_fingerprint(runner: Runner) -> dict:
+    """What the resumable key records of the model: its weights (or file) and how it runs."""
+    net = getattr(runner, "net", None)
+    if isinstance(net, ZooModel):
+        weights = weights_fingerprint(net)
+        kind = type(net).__name__
+    else:
+        h = hashlib.sha256()
+        with open(runner.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        weights, kind = h.hexdigest(), runner.path.suffix
+    return {"arch": runner.arch, "class": kind, "weights": weights, "backend": runner.backend.value,
+            "precision": runner.precision.value}
 
 
 @dataclass
@@ -288,16 +315,6 @@ def _inputs_fingerprint(files: Iterable[Path]) -> str:
             h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{p}\t-\n".encode())
-    return h.hexdigest()
-
-
-def _weights_fingerprint(net: torch.nn.Module) -> str:
-    """A digest of every parameter and buffer: an in-memory model can have changed since the
-    interrupted run even under the same name."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in net.state_dict().items():
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()
 
 

@@ -3,13 +3,16 @@
 `iter_predict` streams one result per input (a `Prediction` or a `Failure`) so the
 caller can write results as they come and memory stays bounded over any number of
 files; `predict` collects them. Decoding runs in parallel worker processes
-(`data/loader.py`), with the fast JPEG path unless `fast=False`.
+(`data/loader.py`), with the fast JPEG path unless `fast=False`. The model runs on the
+chosen backend (`deploy/backends.py`: torch, onnxruntime, openvino), every backend fed by
+the same preprocessing.
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +21,9 @@ from ..data.inputs import Failure, expand_inputs
 from ..data.loader import image_batches
 from ..errors import InputError
 from ..models._base import ZooModel
+
+if TYPE_CHECKING:
+    from ..deploy.backends import Runner
 
 
 @dataclass(frozen=True)
@@ -55,42 +61,59 @@ def resolve_model(model: str | ZooModel) -> ZooModel:
     raise InputError(f"model must be a name or a visionzoo model, got {type(model).__name__}")
 
 
-def iter_predict(inputs: Sequence[str | os.PathLike], model: str | ZooModel = "efficientnet_lite0",
+def resolve_runner(model, backend: str = "auto", *, device: str | torch.device = "cpu", threads: int | None = None,
+                   precision: str = "fp32") -> Runner:
+    """A `Runner` (see `deploy/backends.py`) for a name, bundle, model instance, exported ONNX file,
+    or a runner (returned as is)."""
+    from ..deploy.backends import Runner, open_runner
+
+    if isinstance(model, Runner):
+        return model
+    if not isinstance(model, (str, os.PathLike, ZooModel)):
+        raise InputError(f"model must be a name, a bundle, a model file or a visionzoo model, got "
+                         f"{type(model).__name__}")
+    return open_runner(model, backend, threads=threads, device=device, precision=precision)
+
+
+def iter_predict(inputs: Sequence[str | os.PathLike], model: str | ZooModel | Runner = "efficientnet_lite0",
                  topk: int = 5, batch_size: int = 32, num_workers: int | None = None,
                  device: str | torch.device = "cpu", *, fast: bool = True,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Iterator[Prediction | Failure]:
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, backend: str = "auto", threads: int | None = None,
+                 precision: str = "fp32") -> Iterator[Prediction | Failure]:
     """Yield a `Prediction` or a `Failure` for every input, files in input order.
 
     Args:
         inputs: files, folders, globs, `@LIST` files, CSV datasets (see `expand_inputs`).
-        model: a name (`arch[.TAG]`, default weights) or a model instance.
+        model: a name (`arch[.TAG]`, default weights), a bundle folder, a model instance, an
+            ONNX file from `export`/`quantize`, or a `Runner`.
         num_workers: decoding processes (None: one per spare core; 0: in-process).
         fast: decode large JPEGs at a reduced scale first; False gives torchvision's
             preprocessing of the full-size decode exactly.
         max_pixels: refuse larger images as possible decompression bombs; None: no limit.
+        backend: `torch`, `onnxruntime`, `openvino` or `auto` (torch for a model, the fastest
+            installed runtime for an ONNX file).
+        threads: compute threads of the onnxruntime/openvino backends (default: one per core).
+        precision: `fp32` or `bf16` (torch and openvino).
     """
     if topk < 1:
         raise InputError(f"topk must be >= 1, got {topk}")
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    net = resolve_model(model)
+    device = torch.device(device)
+    runner = resolve_runner(model, backend, device=device, threads=threads, precision=precision)
     files, failures = expand_inputs(list(inputs))
     yield from failures
     if not files:
         return
-    device = torch.device(device)
-    net = net.to(device).eval()
-    if net.preprocess is None:
-        raise InputError("the model has no preprocessing recipe; build it with visionzoo.create_model")
-    categories = net.categories
-    k = min(topk, net.num_classes)
-    batches = image_batches(files, net.preprocess, batch_size=batch_size, num_workers=num_workers, fast=fast,
+    categories = runner.categories
+    k = min(topk, runner.num_classes)
+    batches = image_batches(files, runner.preprocess, batch_size=batch_size, num_workers=num_workers, fast=fast,
                             max_pixels=max_pixels, pin_memory=device.type == "cuda")
     with torch.inference_mode():
         for batch in batches:
             results: dict[int, Prediction | Failure] = {i: Failure(str(files[i]), err) for i, err in batch.failures}
             if batch.images is not None:
-                probs = torch.softmax(net(batch.images.to(device)).float(), dim=1)
+                probs = torch.softmax(runner.logits(batch.images), dim=1)
                 values, classes = probs.topk(k, dim=1)
                 for i, v_row, c_row in zip(batch.indices, values.tolist(), classes.tolist(), strict=True):
                     top = (Label(c, categories[c] if categories else f"class_{c}", v)

@@ -1,0 +1,63 @@
+"""The exported graphs the runtime backends use, exported once and kept next to the weights.
+
+A model's ONNX export is cached under a key of everything that changes the graph: the
+architecture, a digest of every weight and buffer (so a fine-tuned or edited model never
+reuses another's graph), the input size, the exporter settings and the torch and
+visionzoo versions. Bundles keep their exports in `<bundle>/exports/`; every other model
+in `$TORCH_HOME/hub/checkpoints/visionzoo-exports/`, beside the published weights files.
+Each file is written under a temporary name and renamed once verified (`export.py`), so
+concurrent processes at worst export twice, and a crash leaves no partial graph.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..fileutil import weights_fingerprint
+from ..models._base import ZooModel
+from .export import OPSET, ExportFormat, export_model
+
+log = logging.getLogger("visionzoo")
+CACHE_SUBDIR = "visionzoo-exports"
+BUNDLE_SUBDIR = "exports"
+_KEY_VERSION = 1
+
+
+def export_dir(net: ZooModel) -> Path:
+    """Where `net`'s exports are cached: its bundle's `exports/` when writable, else the hub cache."""
+    bundle = getattr(net, "bundle", None)
+    if bundle is not None:
+        folder = Path(bundle.path) / BUNDLE_SUBDIR
+        if os.access(bundle.path, os.W_OK):
+            return folder
+    from ..weights.hub import cache_dir
+
+    return cache_dir() / CACHE_SUBDIR
+
+
+def export_key(net: ZooModel, input_size: int) -> str:
+    from .. import __version__
+
+    key = {"version": _KEY_VERSION, "arch": net.arch, "class": type(net).__name__,
+           "weights": weights_fingerprint(net), "input_size": input_size, "format": "onnx", "opset": OPSET,
+           "torch": torch.__version__, "visionzoo": __version__,
+           "preprocess": net.preprocess.to_dict() if net.preprocess else None,
+           "classes": list(net.categories) if net.categories else None}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def exported_onnx(net: ZooModel, input_size: int | None = None) -> Path:
+    """The verified ONNX export of `net`, from the cache or exported (and cached) now."""
+    size = input_size or net.image_size or net.preprocess.crop_size
+    path = export_dir(net) / f"{net.arch}-{size}-{export_key(net, size)}.onnx"
+    if path.is_file():
+        log.info("%s: using the cached export %s", net.arch, path)
+        return path
+    log.warning("%s: exporting to ONNX once (cached in %s)", net.arch, path.parent)
+    export_model(net, ExportFormat.ONNX, path, input_size=size)
+    return path

@@ -1,0 +1,105 @@
+"""The cheap wins for plain PyTorch inference: BatchNorm folded into convolutions, channels-last.
+
+Folding: in eval mode a BatchNorm after a convolution is an affine map per channel, so it
+can be merged into the convolution's weights and bias (one pass over the activations
+instead of two). Which convolution feeds which BatchNorm is read from the model's own
+forward with `torch.fx` (no family knowledge): a pair is folded when the BatchNorm's only
+input is the convolution's output and nothing else uses that output. A (sub)module that
+FX cannot trace (data-dependent control flow, e.g. Swin's padding) is split into its
+children, which are traced in turn. The model keeps its module tree and its interface
+(`forward_features`, `forward_head`, feature hooks): folded BatchNorms become `Identity`.
+
+Channels-last: oneDNN's convolutions run on NHWC data without reordering each layer's
+input and output (measured here 1.5x on EfficientNet-Lite0 and ResNet-50 at batch 32).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from torch import fx, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+log = logging.getLogger("visionzoo")
+
+
+def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, inplace: bool = False) -> nn.Module:
+    """An eval-mode copy of `model` (the model itself with `inplace`) with BatchNorms folded
+    into the convolutions before them and, with `channels_last`, NHWC parameters.
+
+    The copy computes the same function (to float rounding); feed it channels-last inputs
+    (`x.contiguous(memory_format=torch.channels_last)`) for the speed-up.
+    """
+    net = model if inplace else copy_model(model)
+    net.eval()
+    folded = fold_batchnorms(net)
+    if folded:
+        log.info("%s: folded %d BatchNorm layers into convolutions", getattr(net, "arch", type(net).__name__),
+                 folded)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    net.folded_batchnorms = folded
+    return net
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy of the modules, parameters and buffers; plain attributes (weights records,
+    preprocessing, class names: immutable or treated so) are shared, not copied, since some
+    (mapping proxies) cannot be."""
+    memo: dict[int, object] = {}
+    for m in model.modules():
+        for key, value in vars(m).items():
+            # torch's own state (`_parameters`, hooks, ...) is private and must be copied
+            if not key.startswith("_") and not isinstance(value, (nn.Module, torch.Tensor)):
+                memo[id(value)] = value
+    return copy.deepcopy(model, memo)
+
+
+def fold_batchnorms(model: nn.Module) -> int:
+    """Fold every (Conv2d -> BatchNorm2d) pair of an eval-mode model in place; returns how many."""
+    pairs: list[tuple[str, str]] = []
+    _find_pairs(model, "", pairs)
+    for conv_name, bn_name in pairs:
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        _set_submodule(model, conv_name, fuse_conv_bn_eval(conv, bn))
+        _set_submodule(model, bn_name, nn.Identity())
+    return len(pairs)
+
+
+def _find_pairs(module: nn.Module, prefix: str, pairs: list[tuple[str, str]]) -> None:
+    if not any(isinstance(m, nn.BatchNorm2d) for m in module.modules()):
+        return
+    try:
+        graph = _LeafTracer().trace(module)
+    except Exception:  # noqa: BLE001  (any tracing failure: look inside instead)
+        for name, child in module.named_children():
+            _find_pairs(child, f"{prefix}{name}.", pairs)
+        return
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(module.get_submodule(node.target), nn.BatchNorm2d):
+            continue
+        source = node.args[0] if node.args else None
+        if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
+            continue
+        conv, bn = module.get_submodule(source.target), module.get_submodule(node.target)
+        if _foldable(conv, bn):
+            pairs.append((prefix + source.target, prefix + node.target))
+
+
+class _LeafTracer(fx.Tracer):
+    """Modules without children are leaves: only how they are wired matters here, and a custom
+    layer's own code (TF "SAME" padding computed from the input size) need not be traceable."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return next(iter(m.children()), None) is None or super().is_leaf_module(m, qualname)
+
+
+def _foldable(conv: nn.Module, bn: nn.BatchNorm2d) -> bool:
+    return (isinstance(conv, nn.Conv2d) and not bn.training and bn.track_running_stats
+            and bn.running_mean is not None and conv.out_channels == bn.num_features)
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, leaf, module)
