@@ -12,22 +12,8 @@ import pytest
 
 from visionzoo import cli
 
+from .conftest import run_cli as run
 from .conftest import sample_image
-
-
-def run(capsys, *args) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["visionzoo", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -11,21 +10,8 @@ import visionzoo
 from visionzoo import cli
 from visionzoo.weights.hub import cache_dir
 
+from .conftest import run_cli
 from .fault_server import FaultServer, record_for, squeezenet_checkpoint
-
-
-def _run(capsys, *args):
-    old = sys.argv
-    sys.argv = ["visionzoo", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture
@@ -40,17 +26,17 @@ def test_download_command_prefetches_and_reports_where(server, capsys, monkeypat
     real = visionzoo.REGISTRY.get_weights
     monkeypatch.setattr(visionzoo.REGISTRY, "get_weights",
                         lambda name, tag=None: record if name == "squeezenet1_1.CLI" else real(name, tag))
-    code, out, err = _run(capsys, "download", "squeezenet1_1.CLI", "efficientnet_lite0")
+    code, out, err = run_cli(capsys, "download", "squeezenet1_1.CLI", "efficientnet_lite0")
     assert code == 0, err
     assert f"downloaded\t{cache_dir() / record.file_name}" in out
     assert "efficientnet_lite0.IMAGENET1K_V1\tpackaged\t" in out
-    code, out, _ = _run(capsys, "download", "squeezenet1_1.CLI")  # again: verified, no request
+    code, out, _ = run_cli(capsys, "download", "squeezenet1_1.CLI")  # again: verified, no request
     assert code == 0 and "\tcached\t" in out and server.requests[record.file_name] == 1
 
     # --offline: the packaged one is there, the uncached one is reported (exit 3: partial)
-    code, out, err = _run(capsys, "--offline", "download", "resnet18", "efficientnet_lite0")
+    code, out, err = run_cli(capsys, "--offline", "download", "resnet18", "efficientnet_lite0")
     assert code == cli.EXIT_PARTIAL and "resnet18-f37072fd.pth" in err and "packaged" in out
-    code, _, err = _run(capsys, "download", "nonet")
+    code, _, err = run_cli(capsys, "download", "nonet")
     assert code == cli.EXIT_ERROR and "unknown model" in err
 
 
@@ -58,14 +44,14 @@ def test_inspect_command(capsys, tmp_path):
     path = tmp_path / "r50.pth"
     torch.save({"model": {"model." + k: v for k, v in visionzoo.create_model("resnet50").state_dict().items()}},
                path)
-    code, out, err = _run(capsys, "inspect", path)
+    code, out, err = run_cli(capsys, "inspect", path)
     assert code == 0, err
     assert "architecture  resnet50: 100% of keys and shapes match" in out and "torch zip" in out
-    code, out, _ = _run(capsys, "inspect", path, "--model", "resnet50", "--format", "json")
+    code, out, _ = run_cli(capsys, "inspect", path, "--model", "resnet50", "--format", "json")
     data = json.loads(out)
     assert code == 0 and data["architecture"] == "resnet50" and data["fit"]["fits"] is True
     assert data["prefixes"] == ["model."] and data["wrapper"] == ["model"]
-    code, out, _ = _run(capsys, "inspect", path, "--model", "resnet18")
+    code, out, _ = run_cli(capsys, "inspect", path, "--model", "resnet18")
     assert code == cli.EXIT_ERROR and "does not fit" in out and "... and" in out
-    code, _, err = _run(capsys, "inspect", tmp_path / "missing.pth")
+    code, _, err = run_cli(capsys, "inspect", tmp_path / "missing.pth")
     assert code == cli.EXIT_ERROR and "not found" in err

@@ -16,9 +16,9 @@ import visionzoo
 from visionzoo import cli
 from visionzoo.tasks.predict import Prediction
 
+from .conftest import run_cli as run
 from .conftest import sample_image
 from .imagezoo import BAD, FAITHFUL, LOWERED_LIMIT, good_names, make_image_zoo
-from .test_cli import run
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -15,13 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .errors import CheckpointError, InputError
+from .errors import InputError
 from .models._base import ZooModel
 from .registry import REGISTRY, Architecture, split_name
 from .weights import hub
-from .weights.adapt import LoadReport, adapt, plan_load, realize
+from .weights.adapt import LoadReport, plan_load, realize
 from .weights.io import Checkpoint, read_checkpoint
 from .weights.records import Preprocess, Weights
 
@@ -184,16 +182,3 @@ def _bundle_arg(name: object, weights: WeightsArg) -> tuple[str | os.PathLike | 
 def _looks_like_path(value: str) -> bool:
     return os.sep in value or "/" in value or Path(value).suffix in (".pth", ".pt", ".bin", ".safetensors",
                                                                     ".ckpt") or Path(value).exists()
-
-
-def load_checked(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str | None) -> None:
-    """`load_state_dict(strict=True)` with a one-line error naming what does not fit."""
-    report = LoadReport(source=source)
-    adapt(dict(state_dict), model, report)
-    if not report.fits:
-        arch = getattr(model, "arch", type(model).__name__)
-        raise CheckpointError(
-            f"checkpoint {source or '<state dict>'} does not fit {arch}: {report.problems()}. "
-            f"Check the model name (`visionzoo inspect` tells which architecture a file is for) "
-            f"or pass num_classes for a different head")
-    model.load_state_dict(state_dict, strict=True)

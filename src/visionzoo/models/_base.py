@@ -7,7 +7,9 @@ the head for a correctly sized new one, and `feature_info` describes each stage.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 from torch import nn
@@ -123,13 +125,18 @@ class ZooModel(nn.Module):
             if m is not self and callable(getattr(m, "init_computed_buffers", None)):
                 m.init_computed_buffers()
 
-    def stage_modules(self) -> list[nn.Module]:
-        """The module of each `feature_info` entry, shallow to deep."""
-        return [self.get_submodule(info.module) for info in self.feature_info]
+
+class LinearInit(Enum):
+    """How `init_weights_torchvision` initialises Linear layers (it differs by family)."""
+
+    NORMAL = "normal"  # N(0, 0.01), zero bias: VGG, MobileNet, RegNet
+    UNIFORM_FAN_OUT = "uniform_fan_out"  # U(+-1/sqrt(out_features)), zero bias: EfficientNet
+    DEFAULT = "default"  # PyTorch's own Linear init: ResNet
 
 
-def init_weights_torchvision(model: nn.Module) -> None:
-    """The initialisation torchvision uses for its CNNs (kaiming for convs, unit BN)."""
+def init_weights_torchvision(model: nn.Module, linear: LinearInit = LinearInit.NORMAL) -> None:
+    """The initialisation torchvision gives its CNNs: He-normal (fan-out) convolutions, unit
+    normalisation layers, zero biases, and the family's choice for Linear layers."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -139,5 +146,12 @@ def init_weights_torchvision(model: nn.Module) -> None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0, 0.01)
+            if linear is LinearInit.DEFAULT:
+                m.reset_parameters()
+                continue
+            if linear is LinearInit.UNIFORM_FAN_OUT:
+                bound = 1.0 / math.sqrt(m.out_features)
+                nn.init.uniform_(m.weight, -bound, bound)
+            else:
+                nn.init.normal_(m.weight, 0, 0.01)
             nn.init.zeros_(m.bias)

@@ -18,7 +18,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ._base import FeatureInfo, ZooModel
+from ._base import FeatureInfo, LinearInit, ZooModel, init_weights_torchvision
 from .layers import ConvNormAct, SqueezeExcitation, StochasticDepth, make_divisible
 
 
@@ -171,7 +171,7 @@ class EfficientNet(ZooModel):
         self.num_classes = num_classes
         self.classifier = nn.Sequential(nn.Dropout(cfg.dropout, inplace=True),
                                         nn.Linear(last, num_classes) if num_classes > 0 else nn.Identity())
-        self._init_weights()
+        init_weights_torchvision(self, LinearInit.UNIFORM_FAN_OUT)
 
     @staticmethod
     def _depth(cfg: EfficientNetConfig, index: int) -> int:
@@ -179,20 +179,6 @@ class EfficientNet(ZooModel):
         if cfg.fixed_stem_head and index in (0, len(cfg.stages) - 1):
             return repeats
         return int(math.ceil(repeats * cfg.depth_mult))
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                bound = 1.0 / math.sqrt(m.out_features)
-                nn.init.uniform_(m.weight, -bound, bound)
-                nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._base import FeatureInfo, ZooModel
+from ._base import FeatureInfo, ZooModel, init_weights_torchvision
 from .layers import ConvNormAct, make_divisible
 
 
@@ -69,17 +69,7 @@ class MobileNetV2(ZooModel):
         self.num_classes = num_classes
         self.classifier = nn.Sequential(nn.Dropout(dropout),
                                         nn.Linear(last, num_classes) if num_classes > 0 else nn.Identity())
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights_torchvision(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

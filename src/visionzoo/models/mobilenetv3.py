@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import FeatureInfo, ZooModel
+from ._base import FeatureInfo, ZooModel, init_weights_torchvision
 from .layers import ConvNormAct, SqueezeExcitation, make_divisible
 
 RE, HS = nn.ReLU, nn.Hardswish
@@ -108,17 +108,7 @@ class MobileNetV3(ZooModel):
             nn.Linear(last_conv, self._hidden), nn.Hardswish(inplace=True), nn.Dropout(dropout, inplace=True),
             nn.Linear(self._hidden, num_classes) if num_classes > 0 else nn.Identity(),
         )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights_torchvision(self)
 
     @property
     def head_hidden_size(self) -> int:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._base import FeatureInfo, ZooModel
+from ._base import FeatureInfo, ZooModel, init_weights_torchvision
 from .layers import ConvNormAct, SqueezeExcitation, make_divisible
 
 
@@ -142,18 +142,7 @@ class RegNet(ZooModel):
         self.num_classes = num_classes
         self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights_torchvision(self)
 
     def _new_classifier(self, num_classes: int) -> nn.Module:
         fc = nn.Linear(self.num_features, num_classes)

@@ -13,7 +13,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from ._base import FeatureInfo, ZooModel, init_weights_torchvision
+from ._base import FeatureInfo, LinearInit, ZooModel, init_weights_torchvision
 
 
 class BlockType(Enum):
@@ -127,10 +127,7 @@ class ResNet(ZooModel):
         self.num_classes = num_classes
         self.fc = nn.Linear(inplanes, num_classes) if num_classes > 0 else nn.Identity()
 
-        init_weights_torchvision(self)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):  # torchvision keeps PyTorch's default init for fc
-                m.reset_parameters()
+        init_weights_torchvision(self, LinearInit.DEFAULT)
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, Bottleneck):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._base import FeatureInfo, ZooModel
+from ._base import FeatureInfo, ZooModel, init_weights_torchvision
 
 M = 0  # a max-pool in the layer list
 _LAYERS = {
@@ -62,16 +62,7 @@ class VGG(ZooModel):
             nn.Linear(4096, 4096), nn.ReLU(True), nn.Dropout(dropout),
             nn.Linear(4096, num_classes) if num_classes > 0 else nn.Identity(),
         )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights_torchvision(self)
 
     @property
     def head_hidden_size(self) -> int:

@@ -125,11 +125,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "state_dict_ema", "model_ema")
 
 
-def unwrap_state_dict(obj: object) -> object:
-    """The state dict inside training checkpoints ({"state_dict": ...}, {"model": ...})."""
-    return _unwrap(obj)[0]
-
-
 def _unwrap(obj: object) -> tuple[object, tuple[str, ...]]:
     path: list[str] = []
     while isinstance(obj, Mapping) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
