@@ -133,9 +133,10 @@ def quantize(model, calibration: str | os.PathLike | Sequence[str | os.PathLike]
             ort_quant.quantize_static(
                 str(source), str(raw), reader, quant_format=ort_quant.QuantFormat.QDQ, per_channel=True,
                 activation_type=ort_quant.QuantType.QUInt8, weight_type=ort_quant.QuantType.QInt8,
-                calibrate_method=ort_quant.CalibrationMethod.MinMax,
-                # ranges merged every few batches: memory stays that of a few batches' activations
-                extra_options={"CalibMaxIntermediateOutputs": 4})
+                # MinMax keeps only each tensor's min and max per batch, so memory stays small without
+                # CalibMaxIntermediateOutputs, which ONNX Runtime 1.32 breaks: it drops every full group of
+                # batches uncomputed (only the remainder calibrates; none left: "No data is collected")
+                calibrate_method=ort_quant.CalibrationMethod.MinMax)
             used = reader.used
             if used == 0:
                 raise InputError(f"none of the {len(files)} calibration images could be read "
