@@ -232,6 +232,9 @@ def open_runner(model, backend: Backend | str = Backend.AUTO, *, threads: int | 
     precision = _enum(Precision, precision, "precision")
     if backend is not Backend.TORCH and torch.device(device).type != "cpu":
         raise InputError(f"the {backend.value} backend runs on the CPU; use --backend torch for device {device}")
+    if (isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() in DEPLOYED_SUFFIXES
+            and not is_model_file(model)):
+        raise InputError(f"{model}: no such model file")
     if is_model_file(model):
         path = Path(model).expanduser()
         if backend is Backend.AUTO:

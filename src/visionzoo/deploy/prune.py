@@ -80,7 +80,9 @@ class PruneResult:
         def pct(new, old):
             return f"{(new - old) / old:+.1%}" if old else "-"
 
-        acc = (lambda v: f"{v:.2%}" if v is not None else "-")
+        def acc(v):
+            return f"{v:.2%}" if v is not None else "-"
+
         return [
             f"{'':<26} {'before':>12} {'after':>12} {'change':>9}",
             f"{'parameters':<26} {b.params:>12,} {a.params:>12,} {pct(a.params, b.params):>9}",
