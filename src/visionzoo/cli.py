@@ -22,6 +22,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from . import cli_deploy
+from .cli_deploy import BACKEND_HELP, PRECISION_HELP, THREADS_HELP, BackendChoice, PrecisionChoice
 from .data.images import DEFAULT_MAX_PIXELS
 from .errors import VisionZooError
 
@@ -29,7 +31,8 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_NOTHING = 0, 1, 2, 3, 4
 DEFAULT_MODEL = "efficientnet_lite0"
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Pre-trained image models: list, download, inspect, predict, embed.")
+                  help="Pre-trained image models: list, download, inspect, predict, embed, fine-tune, "
+                       "export, quantize, prune, benchmark, serve.")
 out = Console()
 err = Console(stderr=True)
 
@@ -65,7 +68,8 @@ MAX_PIXELS_HELP = "Refuse images with more pixels than this (decompression bombs
 def predict(
     paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
     model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="NAME or NAME.TAG (default weights "
-                              "unless a tag is given), or a bundle/checkpoint via --weights."),
+                              "unless a tag is given), a bundle folder, an .onnx file from `visionzoo export` / "
+                              "`visionzoo quantize`, or a checkpoint via --weights."),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="A local checkpoint file to load instead."),
     topk: int = typer.Option(5, "--topk", "-k", min=1, help="How many classes to show per image."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format (jsonl and csv "
@@ -75,15 +79,20 @@ def predict(
     exact: bool = typer.Option(False, "--exact", help=EXACT_HELP),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=0, help=MAX_PIXELS_HELP),
     device: str = typer.Option("cpu", "--device", help="Torch device to run the model on (cpu, cuda, cuda:1, mps)."),
+    backend: BackendChoice = typer.Option(BackendChoice.auto.value, "--backend", help=BACKEND_HELP),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    precision: PrecisionChoice = typer.Option(PrecisionChoice.fp32.value, "--precision", help=PRECISION_HELP),
 ) -> None:
     """Classify images and print the top classes of each."""
     from .tasks.predict import Prediction, iter_predict
 
-    net = _load_model(model, weights)
+    cli_deploy.set_torch_threads(threads)
+    net = _model_arg(model, weights)
     failures, done = [], 0
     writer = _writer(fmt)
     for result in iter_predict(paths, net, topk=topk, batch_size=batch_size, num_workers=workers,
-                               device=device, fast=not exact, max_pixels=max_pixels or None):
+                               device=device, fast=not exact, max_pixels=max_pixels or None,
+                               backend=backend.value, threads=threads, precision=precision.value):
         if isinstance(result, Prediction):
             writer.add(result)
             done += 1
@@ -99,7 +108,8 @@ def embed(
     paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
     out_file: str = typer.Option(..., "--out", "-o", help="Output file: .npy (with a <stem>.paths.txt list of "
                                  "paths) or .parquet (path and embedding columns)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="NAME or NAME.TAG."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="NAME or NAME.TAG, a bundle folder, or an "
+                              ".onnx file from `visionzoo export` / `visionzoo quantize`."),
     weights: Optional[str] = typer.Option(None, "--weights", "-w", help="A local checkpoint file to load instead."),
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Embed an intermediate stage instead (its "
                                         "index in feature_info, negative from the deepest, or its module name), "
@@ -116,22 +126,34 @@ def embed(
     device: str = typer.Option("cpu", "--device", help="Torch device to run the model on."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar "
                                             "(default: when stderr is a terminal)."),
+    backend: BackendChoice = typer.Option(BackendChoice.auto.value, "--backend", help=BACKEND_HELP + " --layer "
+                                          "needs torch."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
+    precision: PrecisionChoice = typer.Option(PrecisionChoice.fp32.value, "--precision", help=PRECISION_HELP),
 ) -> None:
     """Write one embedding vector per image (pooled pre-logits, or a pooled stage); resumable."""
     from .tasks.embed import embed as run_embed
     from .tasks.embed import sidecar_path
 
-    net = _load_model(model, weights)
+    cli_deploy.set_torch_threads(threads)
+    net = _model_arg(model, weights)
     result = run_embed(paths, net, out=out_file, layer=layer, normalize=normalize, batch_size=batch_size,
                        num_workers=workers, fast=not exact, max_pixels=max_pixels or None, device=device,
                        chunk_size=chunk_size, resume=not restart,
-                       progress=err.is_terminal if progress is None else progress)
+                       progress=err.is_terminal if progress is None else progress,
+                       backend=backend.value, threads=threads, precision=precision.value)
     for failure in result.failures:
         _report_failure(failure)
     extra = f" (+ {sidecar_path(result.out).name})" if result.out.suffix.lower() == ".npy" else ""
     err.print(f"wrote {len(result)} embeddings of dimension {result.dim} to {result.out}{extra}",
               highlight=False, soft_wrap=True)
     _exit_for_failures(len(result), result.failures, "embedded")
+
+
+def _model_arg(model: str, weights: str | None):
+    """What predict and embed run: the name, bundle or .onnx file itself (the backend opens it:
+    see `deploy/backends.open_runner`), or the model with a checkpoint loaded from --weights."""
+    return model if weights is None else _load_model(model, weights)
 
 
 def _load_model(model: str, weights: str | None):
@@ -313,6 +335,13 @@ from . import cli_finetune  # noqa: E402  (the training commands live in their o
 
 app.command("finetune")(cli_finetune.finetune)
 app.command("evaluate")(cli_finetune.evaluate)
+
+# the deployment commands (cli_deploy.py)
+app.command("export")(cli_deploy.export)
+app.command("quantize")(cli_deploy.quantize)
+app.command("prune")(cli_deploy.prune)
+app.command("benchmark")(cli_deploy.benchmark)
+app.command("serve")(cli_deploy.serve)
 
 
 def _fmt(v) -> str:
