@@ -232,18 +232,25 @@ class _CalibrationReader:
     """ONNX Runtime's calibration data reader: batches of the user's images, preprocessed as predict does."""
 
     def __init__(self, files: list[Path], info: ModelInfo, num_workers: int | None):
-        self.batches = image_batches(files, info.preprocess, batch_size=CALIBRATION_BATCH, num_workers=num_workers)
+        self.batches = iter(image_batches(files, info.preprocess, batch_size=CALIBRATION_BATCH,
+                                          num_workers=num_workers))
+        self._pending: list[np.ndarray] = []
         self.used = 0
         self.failures: list[tuple[str, str]] = []
         self.files = files
 
     def get_next(self):
-        for batch in self.batches:
+        # one image at a time: histogram calibrators need equally shaped outputs, and a last,
+        # partial batch (or a batch with a failed image) would have another shape
+        while not self._pending:
+            batch = next(self.batches, None)
+            if batch is None:
+                return None
             self.failures += [(str(self.files[i]), reason) for i, reason in batch.failures]
             if batch.images is not None:
-                self.used += batch.images.shape[0]
-                return {INPUT_NAME: batch.images.numpy()}
-        return None
+                self._pending += list(batch.images.numpy()[:, None])
+        self.used += 1
+        return {INPUT_NAME: self._pending.pop(0)}
 
     def rewind(self):  # part of the reader interface; calibration reads the data once
         pass

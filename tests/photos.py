@@ -1,0 +1,77 @@
+"""Real photos for tests and benchmarks: the sample images shipped with scikit-image and
+matplotlib, augmented copies of them, and camera-size JPEGs made from them."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from PIL import Image, ImageEnhance, ImageOps
+
+# photographs of everyday scenes: a cat, a cup, people, a rocket, a motorbike, a cameraman
+PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png", "grace_hopper.jpg",
+          "camera.png")
+
+
+def sample_photo(name: str) -> Path:
+    """The path of one of the sample photos shipped with scikit-image or matplotlib."""
+    if name == "grace_hopper.jpg":
+        import matplotlib
+
+        return Path(matplotlib.get_data_path()) / "sample_data" / name
+    import skimage
+
+    return Path(skimage.__file__).parent / "data" / name
+
+
+def photos() -> list[Path]:
+    """The sample photos that exist in the installed packages."""
+    return [p for p in map(sample_photo, PHOTOS) if p.is_file()]
+
+
+def augment(img: Image.Image, rng: random.Random) -> Image.Image:
+    """A plausible other shot of the same scene: crop, flip, small rotation, light and colour changes."""
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = rng.uniform(0.6, 1.0)
+    cw, ch = max(16, int(w * scale)), max(16, int(h * scale))
+    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    img = img.crop((x, y, x + cw, y + ch))
+    if rng.random() < 0.5:
+        img = ImageOps.mirror(img)
+    img = img.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR, expand=False)
+    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.75, 1.25))
+    img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.75, 1.25))
+    return ImageEnhance.Color(img).enhance(rng.uniform(0.7, 1.3))
+
+
+def write_augmented(folder: Path, copies: int, seed: int = 0, *, originals: bool = True) -> list[Path]:
+    """Each sample photo (with `originals`) and `copies` augmented versions of it, as JPEGs in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    out = []
+    for src in photos():
+        img = Image.open(src).convert("RGB")
+        if originals:
+            out.append(folder / f"{src.stem}.jpg")
+            img.save(out[-1], quality=92)
+        for i in range(copies):
+            out.append(folder / f"{src.stem}_aug{i:03d}.jpg")
+            augment(img, rng).save(out[-1], quality=rng.randint(75, 95))
+    return out
+
+
+def write_camera_jpegs(folder: Path, count: int, megapixels: float = 12.0, seed: int = 0) -> list[Path]:
+    """`count` camera-size JPEGs (about `megapixels`, quality 90): the sample photos, augmented and
+    upscaled, cycling through them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    sources = [Image.open(p).convert("RGB") for p in photos()]
+    out = []
+    for i in range(count):
+        img = sources[i % len(sources)]
+        img = augment(img, rng) if i >= len(sources) else img
+        scale = (megapixels * 1e6 / (img.width * img.height)) ** 0.5
+        big = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
+        out.append(folder / f"photo_{i:04d}.jpg")
+        big.save(out[-1], quality=90)
+    return out
