@@ -152,7 +152,7 @@ def prune(bundle: str | os.PathLike, ratio: float = 0.3, *, out: str | os.PathLi
         latency_batch: the batch size latency is measured with.
     """
     from ..factory import create_model
-    from ..tasks.finetune import _datasets, finetune
+    from ..tasks.finetune import finetune
     from .backends import TorchRunner
 
     if not is_bundle(bundle):
@@ -165,10 +165,7 @@ def prune(bundle: str | os.PathLike, ratio: float = 0.3, *, out: str | os.PathLi
     if (out / RUN_SUBDIR).exists() or (out / REPORT).exists():
         raise InputError(f"{out} already holds a pruning run; choose another --out")
     train_data, val_data, cfg = _training_data(info, data, val)
-    train_samples, val_samples, classes, _ = _datasets(None, train_data, val_data, cfg)  # finetune's own split
-    if list(classes) != list(info.classes):
-        raise InputError(f"the data's classes {classes[:5]} are not the bundle's {list(info.classes)[:5]}; give the "
-                         f"data the bundle was trained on (--data)")
+    _, val_samples, classes = bundle_split(info, data, val)
 
     size = info.preprocess.crop_size
     original = create_model(bundle)
@@ -201,6 +198,21 @@ def prune(bundle: str | os.PathLike, ratio: float = 0.3, *, out: str | os.PathLi
     with atomic_path(out / REPORT) as tmp:
         tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return report
+
+
+def bundle_split(bundle, data: str | os.PathLike | None = None, val: str | os.PathLike | None = None):
+    """(train samples, validation samples, classes) of the data a bundle was fine-tuned on, split
+    as `finetune` split it (same seed and fraction), so that its validation images are the ones
+    its recorded accuracy was measured on. `data`/`val` replace the recorded sources."""
+    from ..tasks.finetune import _datasets
+
+    info = bundle if hasattr(bundle, "training") else read_bundle(bundle)
+    train_data, val_data, cfg = _training_data(info, data, val)
+    train_samples, val_samples, classes, _ = _datasets(None, train_data, val_data, cfg)
+    if list(classes) != list(info.classes):
+        raise InputError(f"the data's classes {classes[:5]} are not the bundle's {list(info.classes)[:5]}; give the "
+                         f"data the bundle was trained on (--data)")
+    return train_samples, val_samples, classes
 
 
 def _training_data(info, data, val) -> tuple[Any, Any, Any]:

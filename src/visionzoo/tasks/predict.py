@@ -48,10 +48,12 @@ class Prediction:
             for r, t in enumerate(self.top)]}
 
 
-def resolve_model(model: str | ZooModel) -> ZooModel:
-    """A model instance from a name (`arch[.TAG]`, with default weights) or an instance."""
+def resolve_model(model: str | os.PathLike | ZooModel) -> ZooModel:
+    """A model instance from a name (`arch[.TAG]`, with default weights), a bundle folder or an instance."""
     if isinstance(model, ZooModel):
         return model
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
     if isinstance(model, str):
         from ..factory import create_model
         from ..registry import split_name
