@@ -1,0 +1,153 @@
+"""CPU inference throughput: visionzoo's backends against plain PyTorch eager and plain ONNX Runtime.
+
+    python benchmarks/deploy_speed.py [--models resnet50,...] [--batch 32] [--repeats 5] [--threads N]
+
+For each model, one process measures side by side (rounds interleaved, so that a machine
+that speeds up or slows down affects every contestant alike; median of the rounds):
+  eager        the model in PyTorch eager mode, `torch.no_grad()`, NCHW input: what a user writes;
+  plain ort    the model exported with `torch.onnx.export`, run by an ONNX Runtime session
+               with default options and the same thread count;
+  vz torch     visionzoo's torch backend (BatchNorm folded, channels-last, inference mode);
+  vz onnxruntime / vz openvino   visionzoo's runtime backends (exported once, cached);
+  vz int8 ort / vz int8 openvino  (models in --int8) the static int8 model from
+               `visionzoo.quantize`, calibrated on augmented copies of real photos.
+It prints images/second at batch --batch, 224x224, float32, and the ratios the project
+claims: visionzoo's fastest float32 backend against plain ONNX Runtime (>= 1.0) and against
+eager (>= 1.3), and its fastest int8 backend against plain ONNX Runtime float32 (>= 2.0).
+
+Speed does not depend on the weights' values: models without an offline checkpoint
+(everything but EfficientNet-Lite0-2 here) are timed with their random initialisation.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import visionzoo  # noqa: E402
+from tests.photos import write_augmented  # noqa: E402
+from visionzoo.data.loader import available_cpus  # noqa: E402
+from visionzoo.deploy.backends import open_runner  # noqa: E402
+from visionzoo.deploy.measure import describe_machine  # noqa: E402
+from visionzoo.deploy.quantize import quantize  # noqa: E402
+
+MODELS = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_lite0")
+INT8 = ("resnet50", "efficientnet_lite0")
+OFFLINE = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+def plain_ort(net: torch.nn.Module, x: torch.Tensor, folder: Path, threads: int):
+    """What a user does by hand: torch.onnx.export, then a default ONNX Runtime session."""
+    import onnxruntime as ort
+
+    path = folder / "plain.onnx"
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x[:1],), str(path), dynamo=False, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    data = x.numpy()
+    return lambda: session.run(None, {"input": data})
+
+
+def contestants(name: str, x: torch.Tensor, folder: Path, threads: int, calibration: Path | None):
+    net = visionzoo.create_model(name, weights="DEFAULT" if name in OFFLINE else None).eval()
+
+    def eager():
+        with torch.no_grad():
+            return net(x)
+
+    found = {"eager": eager, "plain ort": plain_ort(net, x, folder, threads)}
+    for backend in ("torch", "onnxruntime", "openvino"):
+        runner = open_runner(net, backend, threads=threads)
+        found[f"vz {backend}"] = lambda r=runner: r.logits(x)
+    if calibration is not None:
+        q = quantize(net, calibration, folder / f"{name}.int8.onnx", num_images=200, check=False)
+        for backend in ("onnxruntime", "openvino"):
+            runner = open_runner(q.path, backend, threads=threads)
+            found[f"vz int8 {backend}"] = lambda r=runner: r.logits(x)
+    return found
+
+
+def measure(fns: dict, rounds: int, warmup: int = 2) -> dict[str, float]:
+    """Seconds per batch, median over `rounds` interleaved rounds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--int8", default=",".join(INT8), help="models also quantized to int8 ('' for none)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds")
+    parser.add_argument("--threads", type=int, default=None, help="compute threads (default: available CPUs)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = parser.parse_args()
+    threads = args.threads or available_cpus()
+    torch.set_num_threads(threads)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    print(f"machine: {describe_machine(threads)}")
+    print(f"batch {args.batch}, {args.size}x{args.size}, float32 unless int8; images/second, median of "
+          f"{args.repeats} interleaved rounds\n")
+    results, ok = {}, True
+    int8_models = {m for m in args.int8.split(",") if m}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        os.environ.setdefault("TORCH_HOME", str(tmp / "torch_home"))  # the export cache, thrown away after
+        calibration = None
+        if int8_models:
+            calibration = tmp / "calibration"
+            write_augmented(calibration, copies=30, seed=1, originals=False)
+        for name in args.models.split(","):
+            folder = tmp / name
+            folder.mkdir()
+            fns = contestants(name, x, folder, threads, calibration if name in int8_models else None)
+            seconds = measure(fns, args.repeats)
+            speed = {k: args.batch / s for k, s in seconds.items()}
+            results[name] = speed
+            fp32 = {k: v for k, v in speed.items() if k.startswith("vz ") and "int8" not in k}
+            best = max(fp32, key=fp32.get)
+            print(f"{name}")
+            for k, v in speed.items():
+                print(f"  {k:<18} {v:8.1f} img/s")
+            checks = [(f"fastest float32 ({best}) / plain ort", fp32[best] / speed["plain ort"], 1.0),
+                      (f"fastest float32 ({best}) / eager", fp32[best] / speed["eager"], 1.3)]
+            int8 = {k: v for k, v in speed.items() if "int8" in k}
+            if int8:
+                best8 = max(int8, key=int8.get)
+                checks.append((f"fastest int8 ({best8}) / plain ort float32", int8[best8] / speed["plain ort"], 2.0))
+            for label, ratio, target in checks:
+                passed = ratio >= target
+                ok &= passed
+                print(f"  {label:<52} {ratio:5.2f}x  (target >= {target}: {'ok' if passed else 'MISSED'})")
+            print(flush=True)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": describe_machine(threads), "batch": args.batch,
+                                         "images_per_second": results}, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
