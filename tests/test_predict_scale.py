@@ -82,6 +82,19 @@ def test_fast_path_agrees_with_the_exact_path_on_every_test_image(model, zoo, la
     assert [r.top[0].probability for r in fast[:small]] == [r.top[0].probability for r in exact[:small]]
 
 
+def test_near_ties_of_the_fast_path_are_decoded_again_at_full_size(model, large, monkeypatch):
+    from visionzoo.tasks import predict as predict_module
+
+    inputs = sorted(large.iterdir())
+    exact = [r.top[0].probability for r in visionzoo.predict(inputs, model, topk=1, num_workers=0, fast=False)]
+    monkeypatch.setattr(predict_module, "NEAR_TIE", 0.0)  # never re-decode: the pure fast path
+    fast = [r.top[0].probability for r in visionzoo.predict(inputs, model, topk=1, num_workers=0)]
+    assert fast != pytest.approx(exact, abs=1e-6)  # the large JPEGs really took the reduced decode
+    monkeypatch.setattr(predict_module, "NEAR_TIE", 1.0)  # every reduced image counts as a near-tie
+    rechecked = [r.top[0].probability for r in visionzoo.predict(inputs, model, topk=1, num_workers=0)]
+    assert rechecked == pytest.approx(exact, abs=1e-5)
+
+
 def test_exact_flag_and_workers_in_the_cli(capsys, model, large):
     path = large / "coffee.jpg"
     exact = visionzoo.predict(path, model, topk=1, fast=False, num_workers=0)[0]

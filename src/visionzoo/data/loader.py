@@ -14,13 +14,13 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ImageError, InputError
-from .images import DEFAULT_MAX_PIXELS, load_image
+from .images import DEFAULT_MAX_PIXELS, draft_info, load_image
 
 MAX_AUTO_WORKERS = 8
 
@@ -30,10 +30,12 @@ class ImageBatch:
     indices: list[int]  # positions (in the input list) of the images in `images`, ascending
     images: torch.Tensor | None  # (len(indices), C, H, W); None when every file of the batch failed
     failures: list[tuple[int, str]]  # (position, reason) of the files of the batch that failed
+    reduced: list[int] = field(default_factory=list)  # positions of the images decoded at a reduced scale
 
 
 class ImageFiles(Dataset):
-    """Position i -> (i, preprocessed tensor, None), or (i, None, reason) for a bad file."""
+    """Position i -> (i, preprocessed tensor, None, reduced), or (i, None, reason, False) for a bad file;
+    `reduced`: the image was decoded at a reduced scale (the fast path)."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], transform, *,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_to: int | None = None):
@@ -48,16 +50,17 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         try:
             img = load_image(self.paths[i], max_pixels=self.max_pixels, reduce_to=self.reduce_to)
-            return i, self.transform(img), None
+            return i, self.transform(img), None, draft_info(img) is not None
         except ImageError as e:
-            return i, None, e.reason
+            return i, None, e.reason, False
 
 
 def _collate(items) -> ImageBatch:
-    good = [(i, x) for i, x, _ in items if x is not None]
+    good = [(i, x) for i, x, _, _ in items if x is not None]
     return ImageBatch(indices=[i for i, _ in good],
                       images=torch.stack([x for _, x in good]) if good else None,
-                      failures=[(i, reason) for i, _, reason in items if reason is not None])
+                      failures=[(i, reason) for i, _, reason, _ in items if reason is not None],
+                      reduced=[i for i, _, _, reduced in items if reduced])
 
 
 def available_cpus() -> int:
