@@ -97,6 +97,20 @@ def test_predict_jpeg_bytes_and_topk_query(server, tmp_path):
     assert body["predictions"][0]["probability"] == pytest.approx(expected.top[0].probability, abs=1e-5)
 
 
+def test_near_ties_are_decided_on_the_full_size_decode_as_predict_does(server, tmp_path, monkeypatch):
+    from visionzoo.tasks import predict as predict_module
+
+    img = Image.open(COFFEE).convert("RGB").resize((1800, 1200))  # a clear answer: no near-tie by default
+    path = tmp_path / "coffee.jpg"
+    img.save(path, quality=90)
+    exact = visionzoo.predict([path], "efficientnet_lite0", topk=1, num_workers=0, fast=False)[0].top[0]
+    fast = call(server.url + "/predict?topk=1", "POST", path.read_bytes())[1]["predictions"][0]
+    assert fast["probability"] != pytest.approx(exact.probability, abs=1e-6)  # the reduced decode differs
+    monkeypatch.setattr(predict_module, "NEAR_TIE", 1.0)  # every image counts as a near-tie
+    redone = call(server.url + "/predict?topk=1", "POST", path.read_bytes())[1]["predictions"][0]
+    assert (redone["index"], redone["probability"]) == (exact.index, pytest.approx(exact.probability, abs=1e-5))
+
+
 def test_bad_requests(server):
     status, body, _ = call(server.url + "/predict", "POST", b"this is not an image at all" * 10)
     assert status == 400

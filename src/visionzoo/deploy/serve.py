@@ -15,8 +15,9 @@ Endpoints (every response is JSON; errors are `{"error": "<one line>"}`):
     wrong method; 411 no Content-Length; 413 a body over `max_bytes`; 500 inference failed.
 
 Images are decoded and preprocessed exactly as `predict` does (`data/images.load_image`,
-with the fast JPEG path unless `fast=False`, then the model's own recipe), so the server
-and `visionzoo predict` give the same answer for the same file. Requests are handled in
+with the fast JPEG path unless `fast=False`, then the model's own recipe; a near-tie of the
+fast path decided on the full-size decode), so the server and `visionzoo predict` give the
+same answer for the same file. Requests are handled in
 threads (decoding runs concurrently); inference is serialised by a lock, since one model
 serves them all. Ctrl-C (or SIGTERM) stops the server cleanly.
 
@@ -42,8 +43,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import torch
 
-from ..data.images import DEFAULT_MAX_PIXELS, load_image
+from ..data.images import DEFAULT_MAX_PIXELS, draft_info, load_image
 from ..errors import ImageError, InputError
+from ..tasks.predict import near_ties
 
 log = logging.getLogger("visionzoo")
 DEFAULT_PORT = 8000
@@ -96,18 +98,24 @@ class PredictServer(ThreadingHTTPServer):
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             img = load_image(name, max_pixels=self.max_pixels, reduce_to=self.reduce_to)
-            x = self.transform(img).unsqueeze(0)
+            probs = self._probabilities(img)
+            if draft_info(img) is not None and near_ties(probs[None])[0]:
+                # as predict does: a near-tie of the reduced decode is decided on the full-size one
+                probs = self._probabilities(load_image(name, max_pixels=self.max_pixels))
         finally:
             Path(name).unlink(missing_ok=True)
-        with self.lock:
-            logits = self.runner.logits(x)
-        probs = torch.softmax(logits.float(), dim=1)[0]
         k = min(topk or self.topk, self.runner.num_classes)
         values, classes = probs.topk(k)
         names = self.runner.categories
         return {"model": self.runner.arch, "predictions": [
             {"rank": r + 1, "index": c, "label": names[c] if names else f"class_{c}", "probability": v}
             for r, (v, c) in enumerate(zip(values.tolist(), classes.tolist(), strict=True))]}
+
+    def _probabilities(self, img) -> torch.Tensor:
+        x = self.transform(img).unsqueeze(0)
+        with self.lock:
+            logits = self.runner.logits(x)
+        return torch.softmax(logits.float(), dim=1)[0]
 
     def server_close(self) -> None:
         super().server_close()

@@ -132,6 +132,12 @@ def iter_predict(inputs: Sequence[str | os.PathLike], model: str | ZooModel | Ru
                 yield results[i]
 
 
+def near_ties(probs: torch.Tensor) -> torch.Tensor:
+    """Which rows of `probs` (N, classes) have their two most probable classes within `NEAR_TIE`."""
+    top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
+    return (top2[:, 0] - top2[:, -1]) < NEAR_TIE
+
+
 def _recheck_near_ties(probs: torch.Tensor, batch, files, runner: Runner, max_pixels: int | None) -> None:
     """Redo, from a full-size decode, the images of `batch` decoded at a reduced scale whose two
     most probable classes are within `NEAR_TIE` of each other (in place in `probs`).
@@ -140,10 +146,9 @@ def _recheck_near_ties(probs: torch.Tensor, batch, files, runner: Runner, max_pi
     leading classes over 300 camera photos here); where the two are that close, the top-1 could
     differ from the exact path's, so those images take the exact path. Clear answers, most of
     them, keep the fast path's result."""
-    top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
-    gap = top2[:, 0] - top2[:, -1]
+    tied = near_ties(probs)
     reduced = set(batch.reduced)
-    redo = [row for row, i in enumerate(batch.indices) if i in reduced and gap[row] < NEAR_TIE]
+    redo = [row for row, i in enumerate(batch.indices) if i in reduced and tied[row]]
     if not redo:
         return
     transform = runner.preprocess.transforms()
