@@ -66,3 +66,11 @@ def test_prune_refuses_what_it_cannot_do(tmp_path, digits_bundle):
         prune(digits_bundle, 1.5, out=tmp_path / "y", finetune_epochs=0)
     with pytest.raises(InputError, match="finetune_epochs must be >= 0"):
         prune(digits_bundle, 0.3, out=tmp_path / "z", finetune_epochs=-1)
+
+
+def test_an_accuracy_that_did_not_recover_is_warned_about(digits_bundle, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="visionzoo"):
+        result = prune(digits_bundle, 0.3, out=tmp_path / "unrecovered", finetune_epochs=0, progress=False)
+    assert result.after.accuracy < result.before.accuracy - 0.01  # pruned, not fine-tuned
+    assert any("less accurate than the original" in r.getMessage() and "--finetune-epochs" in r.getMessage()
+               for r in caplog.records)

@@ -197,6 +197,10 @@ def prune(bundle: str | os.PathLike, ratio: float = 0.3, *, out: str | os.PathLi
                          val_images=len(images))
     with atomic_path(out / REPORT) as tmp:
         tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if before.accuracy is not None and after.accuracy is not None and after.accuracy < before.accuracy - 0.01:
+        log.warning("the pruned model is %.1f points less accurate than the original (%.2f%% vs %.2f%%); fine-tune "
+                    "it longer (--finetune-epochs; 10 recover the digits example) or prune less (--ratio)",
+                    100 * (before.accuracy - after.accuracy), 100 * after.accuracy, 100 * before.accuracy)
     return report
 
 
