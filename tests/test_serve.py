@@ -218,11 +218,18 @@ def test_serve_returns_and_cleans_up_after_shutdown(server):
     assert not srv.tmp.exists()
 
 
-def test_cli_serve_stops_on_ctrl_c(tmp_path):
+def _default_sigint() -> None:
+    # a test run started in the background by a non-interactive shell inherits SIGINT ignored,
+    # and so would the server: give it the disposition a terminal's Ctrl-C meets
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_cli_serve_stops_on_ctrl_c_and_sigterm(tmp_path, signum):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "visionzoo", "serve", "efficientnet_lite0", "--port", "0",
                              "--backend", "torch"], stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env=env)
+                            env=env, preexec_fn=_default_sigint)
     try:
         line = proc.stderr.readline()
         deadline = time.time() + 120
@@ -232,7 +239,7 @@ def test_cli_serve_stops_on_ctrl_c(tmp_path):
         assert match, line
         status, body, _ = call(match.group(0) + "/health")
         assert (status, body) == (200, {"status": "ok"})
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
