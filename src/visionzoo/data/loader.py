@@ -66,7 +66,7 @@ def _collate(items) -> ImageBatch:
                       reduced=[i for i, _, _, reduced in items if reduced])
 
 
-def _fixed_mmap_threshold(worker_id: int) -> None:
+def fix_mmap_threshold(worker_id: int) -> None:
     """DataLoader worker start: large buffers (decoded images, preprocessed tensors, batches)
     always get their own memory mapping, returned to the system when freed.
 
@@ -132,7 +132,7 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
                          reduce_to=preprocess.resize_size if fast else None)
     loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=pin_memory,
-                        worker_init_fn=_fixed_mmap_threshold if num_workers else None)
+                        worker_init_fn=fix_mmap_threshold if num_workers else None)
     if num_workers == 0:
         yield from loader
         return

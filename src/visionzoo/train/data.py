@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..data.images import load_image
-from ..data.loader import available_cpus
+from ..data.loader import available_cpus, fix_mmap_threshold
 from ..data.transforms import Interpolation, to_normalized_tensor
 from ..errors import InputError
 from ..weights.records import Preprocess
@@ -173,7 +173,7 @@ def loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int
     # one: a resumed run creates its iterator an epoch later, which would shift dropout's draws.
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=num_workers,
                       persistent_workers=num_workers > 0, pin_memory=device.type == "cuda",
-                      generator=torch.Generator())
+                      generator=torch.Generator(), worker_init_fn=fix_mmap_threshold if num_workers else None)
 
 
 def check_classes(train_targets: Sequence[int], num_classes: int, classes: Sequence[str]) -> None:
