@@ -25,27 +25,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-import visionzoo
-from visionzoo.data.images import load_image
-from visionzoo.data.loader import available_cpus, image_batches
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import visionzoo  # noqa: E402
+from tests.photos import sample_image  # noqa: E402
+from visionzoo.data.images import load_image  # noqa: E402
+from visionzoo.data.loader import available_cpus, image_batches  # noqa: E402
 
 PHOTOS = ["chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png", "grace_hopper.jpg"]
-
-
-def sample_photo(name: str) -> Path:
-    if name == "grace_hopper.jpg":
-        import matplotlib
-
-        return Path(matplotlib.get_data_path()) / "sample_data" / name
-    import skimage
-
-    return Path(skimage.__file__).parent / "data" / name
 
 
 def make_inputs(folder: Path, megapixels: float) -> list[Path]:
     paths = []
     for name in PHOTOS:
-        img = Image.open(sample_photo(name)).convert("RGB")
+        img = Image.open(sample_image(name)).convert("RGB")
         scale = (megapixels * 1e6 / (img.width * img.height)) ** 0.5
         big = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
         path = folder / (Path(name).stem + ".jpg")

@@ -26,7 +26,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import visionzoo  # noqa: E402
 from tests.photos import write_augmented  # noqa: E402
 from visionzoo.data.loader import available_cpus  # noqa: E402
 from visionzoo.deploy.backends import open_runner  # noqa: E402
-from visionzoo.deploy.measure import describe_machine  # noqa: E402
+from visionzoo.deploy.measure import describe_machine, interleaved_times  # noqa: E402
 from visionzoo.deploy.quantize import quantize  # noqa: E402
 
 MODELS = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_lite0")
@@ -81,18 +80,9 @@ def contestants(name: str, x: torch.Tensor, folder: Path, threads: int, calibrat
     return found
 
 
-def measure(fns: dict, rounds: int, warmup: int = 2) -> dict[str, float]:
+def measure(fns: dict, rounds: int) -> dict[str, float]:
     """Seconds per batch, median over `rounds` interleaved rounds."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in interleaved_times(fns, rounds).items()}
 
 
 def main() -> int:

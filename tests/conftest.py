@@ -9,19 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from .photos import sample_image  # noqa: F401  (imported from here by the tests)
+
 FIXTURES = Path(__file__).parent / "fixtures"
 PARITY = FIXTURES / "parity"
-
-
-def sample_image(name: str) -> Path:
-    """A real photo shipped by scikit-image (coffee.png, chelsea.png, ...) or matplotlib."""
-    if name == "grace_hopper.jpg":
-        import matplotlib
-
-        return Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-    import skimage
-
-    return Path(skimage.__file__).parent / "data" / name
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycl
           "camera.png")
 
 
-def sample_photo(name: str) -> Path:
-    """The path of one of the sample photos shipped with scikit-image or matplotlib."""
+def sample_image(name: str) -> Path:
+    """A real photo shipped by scikit-image (coffee.png, chelsea.png, ...) or matplotlib (grace_hopper.jpg)."""
     if name == "grace_hopper.jpg":
         import matplotlib
 
@@ -25,7 +25,7 @@ def sample_photo(name: str) -> Path:
 
 def photos() -> list[Path]:
     """The sample photos that exist in the installed packages."""
-    return [p for p in map(sample_photo, PHOTOS) if p.is_file()]
+    return [p for p in map(sample_image, PHOTOS) if p.is_file()]
 
 
 def augment(img: Image.Image, rng: random.Random) -> Image.Image:

@@ -23,8 +23,9 @@ from rich.console import Console
 from rich.table import Table
 
 from . import cli_deploy
-from .cli_deploy import BACKEND_HELP, PRECISION_HELP, THREADS_HELP, BackendChoice, PrecisionChoice
+from .cli_deploy import BACKEND_HELP, PRECISION_HELP, THREADS_HELP, PrecisionChoice
 from .data.images import DEFAULT_MAX_PIXELS
+from .deploy.backends import Backend
 from .errors import VisionZooError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_NOTHING = 0, 1, 2, 3, 4
@@ -79,7 +80,7 @@ def predict(
     exact: bool = typer.Option(False, "--exact", help=EXACT_HELP),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=0, help=MAX_PIXELS_HELP),
     device: str = typer.Option("cpu", "--device", help="Torch device to run the model on (cpu, cuda, cuda:1, mps)."),
-    backend: BackendChoice = typer.Option(BackendChoice.auto.value, "--backend", help=BACKEND_HELP),
+    backend: Backend = typer.Option(Backend.AUTO.value, "--backend", help=BACKEND_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     precision: PrecisionChoice = typer.Option(PrecisionChoice.fp32.value, "--precision", help=PRECISION_HELP),
 ) -> None:
@@ -126,7 +127,7 @@ def embed(
     device: str = typer.Option("cpu", "--device", help="Torch device to run the model on."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar "
                                             "(default: when stderr is a terminal)."),
-    backend: BackendChoice = typer.Option(BackendChoice.auto.value, "--backend", help=BACKEND_HELP + " --layer "
+    backend: Backend = typer.Option(Backend.AUTO.value, "--backend", help=BACKEND_HELP + " --layer "
                                           "needs torch."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     precision: PrecisionChoice = typer.Option(PrecisionChoice.fp32.value, "--precision", help=PRECISION_HELP),

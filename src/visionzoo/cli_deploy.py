@@ -14,29 +14,18 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from .deploy.backends import Backend
 from .deploy.export import TOLERANCE, ExportFormat
+from .deploy.quantize import QuantMode
 
 out = Console()
 err = Console(stderr=True)
-
-
-class BackendChoice(str, Enum):
-    auto = "auto"
-    torch = "torch"
-    onnxruntime = "onnxruntime"
-    openvino = "openvino"
 
 
 class RuntimeChoice(str, Enum):
     auto = "auto"
     onnxruntime = "onnxruntime"
     openvino = "openvino"
-
-
-class QuantModeChoice(str, Enum):
-    auto = "auto"
-    static = "static"
-    dynamic = "dynamic"
 
 
 class PrecisionChoice(str, Enum):
@@ -91,7 +80,7 @@ def quantize(
                                               "(a folder, glob, @LIST or CSV; a few hundred typical ones). "
                                               "Needed for static quantization."),
     out_file: Path = typer.Option(..., "--out", "-o", help="The int8 model file to write (.onnx)."),
-    mode: QuantModeChoice = typer.Option(QuantModeChoice.auto.value, "--mode",
+    mode: QuantMode = typer.Option(QuantMode.AUTO.value, "--mode",
                                          help="static: calibrated activation ranges (convolutional networks); "
                                               "dynamic: ranges per batch (ViT, Swin); auto: chosen from where "
                                               "the multiply-adds are."),
@@ -190,7 +179,7 @@ def serve(
     model: str = typer.Argument(..., help=RUN_MODEL_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port (0: any free one)."),
-    backend: BackendChoice = typer.Option(BackendChoice.auto.value, "--backend", help=BACKEND_HELP),
+    backend: Backend = typer.Option(Backend.AUTO.value, "--backend", help=BACKEND_HELP),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
     precision: PrecisionChoice = typer.Option(PrecisionChoice.fp32.value, "--precision", help=PRECISION_HELP),
     topk: int = typer.Option(5, "--topk", "-k", min=1, max=100, help="Classes returned per image."),

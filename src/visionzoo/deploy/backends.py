@@ -12,7 +12,7 @@ the recipe in `runner.preprocess`) and returns float32 logits and pooled embeddi
 - `onnxruntime`: the model's ONNX export (`cache.py`: exported and verified once, cached
   next to the weights) in an ONNX Runtime session with all graph optimisations.
 - `openvino`: the same ONNX file compiled by OpenVINO for each batch shape it meets (a
-  static shape lets it choose faster kernels than a dynamic one: measured 2x on ResNet-50),
+  static shape lets it choose kernels for that shape),
   in float32 unless `precision="bf16"` (OpenVINO would otherwise pick bf16 on CPUs with
   AVX512-BF16 or AMX, which is not the float32 model).
 
@@ -153,8 +153,8 @@ class OnnxRuntimeRunner(Runner):
     every thread. A batch of at least `STREAM_MIN` images per thread is split into one part
     per thread, each run by a single-threaded session at the same time (data parallelism):
     small and depthwise convolutions split poorly across threads, whole images split
-    perfectly (measured here 3-6% more images/second on ResNet-50, MobileNetV3 and
-    EfficientNet-B0 at batch 32 on 2 cores). The second session holds its own copy of the
+    perfectly (benchmarks/deploy_speed.py, batch 32 on 2 cores: 1.01x plain ONNX Runtime on
+    ResNet-50, 1.10x on EfficientNet-B0, 1.12x on MobileNetV3-Large). The second session holds its own copy of the
     weights; `split_batches=False` saves that memory."""
 
     backend = Backend.ONNXRUNTIME

@@ -9,7 +9,7 @@ import platform
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +55,23 @@ def time_calls(fn: Callable[[], object], batch: int, *, warmup: int = 2, repeats
         fn()
         times.append(time.perf_counter() - t)
     return Timing(batch, tuple(times))
+
+
+def interleaved_times(fns: Mapping[str, Callable[[], object]], rounds: int, *, warmup: int = 2
+                      ) -> dict[str, list[float]]:
+    """Seconds of each call of each function: `warmup` untimed calls each, then `rounds` rounds
+    that call every function once in turn, so that a machine that speeds up or slows down
+    during the run affects all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
 
 
 def random_batch(batch: int, size: int, seed: int = 0) -> torch.Tensor:

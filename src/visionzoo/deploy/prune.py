@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from ..errors import InputError
 from ..fileutil import atomic_path
 from ..models._base import ZooModel
 from ._optional import require
-from .measure import accuracy, load_labelled, random_batch, time_calls
+from .measure import accuracy, interleaved_times, load_labelled, random_batch
 
 log = logging.getLogger("visionzoo")
 PRUNED_SUBDIR = "pruned"
@@ -242,16 +243,11 @@ def _compare(original: ZooModel, final: ZooModel, size: int, images, labels, bat
 
     runners = [TorchRunner(original), TorchRunner(final)]
     x = random_batch(batch, size)
-    timings: list[list[float]] = [[], []]
-    for r in runners:
-        time_calls(lambda r=r: r.logits(x), batch, warmup=3, repeats=0, min_repeats=0)
-    for _ in range(7):
-        for i, r in enumerate(runners):
-            timings[i] += time_calls(lambda r=r: r.logits(x), batch, warmup=0, repeats=3, min_repeats=3).times
+    times = interleaved_times({i: (lambda r=r: r.logits(x)) for i, r in enumerate(runners)}, 21, warmup=3)
     stats = []
-    for net, runner, times in zip((original, final), runners, timings, strict=True):
+    for i, (net, runner) in enumerate(zip((original, final), runners, strict=True)):
         macs, params = count_macs(net, size)
         acc = accuracy(runner.logits, images, labels) if len(images) else None
-        stats.append(ModelStats(params=params, macs=macs, latency_ms=1000 * sorted(times)[len(times) // 2],
+        stats.append(ModelStats(params=params, macs=macs, latency_ms=1000 * statistics.median(times[i]),
                                 latency_batch=batch, accuracy=acc))
     return stats[0], stats[1]

@@ -21,6 +21,7 @@ and is written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -164,7 +165,7 @@ def quantize(model, calibration: str | os.PathLike | Sequence[str | os.PathLike]
                             size_int8=out.stat().st_size)
     if check and files:
         agreement = top1_agreement(open_runner(net, Backend.TORCH), open_runner(out, backend), files[:64], info)
-        result = QuantizeResult(**{**result.__dict__, "check_backend": backend.value, "top1_agreement": agreement})
+        result = dataclasses.replace(result, check_backend=backend.value, top1_agreement=agreement)
         if agreement < 0.9:
             log.warning("%s: the int8 model agrees with float32 on only %.0f%% of the calibration images; check "
                         "its accuracy before shipping it", out, 100 * agreement)
@@ -172,9 +173,7 @@ def quantize(model, calibration: str | os.PathLike | Sequence[str | os.PathLike]
 
 
 def _choose_mode(net: ZooModel, info: ModelInfo, mode: QuantMode) -> tuple[QuantMode, str]:
-    if mode is QuantMode.STATIC:
-        return mode, "chosen with --mode"
-    if mode is QuantMode.DYNAMIC:
+    if mode is not QuantMode.AUTO:
         return mode, "chosen with --mode"
     share = linear_share(net, info.input_size)
     if share > LINEAR_SHARE:
