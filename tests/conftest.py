@@ -3,16 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from .photos import sample_image  # noqa: F401  (imported from here by the tests)
-
-FIXTURES = Path(__file__).parent / "fixtures"
-PARITY = FIXTURES / "parity"
+from .parity import PARITY
 
 
 @pytest.fixture(scope="session")
@@ -95,20 +91,3 @@ def digits_linear_run(digits_dir, tmp_path_factory):
 def digits_bundle(digits_linear_run) -> Path:
     """A fine-tuned digits classifier bundle (EfficientNet-Lite0, 48x48, about 96% accurate)."""
     return digits_linear_run[0].bundle
-
-
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    old = sys.argv
-    sys.argv = ["visionzoo", *map(str, args)]
-    try:
-        from visionzoo import cli
-
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code or 0
-    finally:
-        sys.argv = old
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .conftest import sample_image
+from .photos import sample_image
 
 # images whose pixels are the photo's (lossless, or a faithful round trip): same top-1 as the photo
 FAITHFUL = ("rgb.png", "rgb.jpg", "exif_rotated.jpg", "progressive.jpg", "cmyk.jpg", "rgb.webp", "rgb.bmp",

@@ -11,8 +11,8 @@ from visionzoo.bundle import BUNDLE_JSON, WEIGHTS_FILE, load_bundle, read_bundle
 from visionzoo.errors import CheckpointError, InputError
 from visionzoo.weights.records import Preprocess
 
-from .conftest import run_cli as run
-from .conftest import sample_image
+from .cli_runner import run_cli as run
+from .photos import sample_image
 
 CLASSES = ["cat", "coffee", "rocket"]
 PP = Preprocess(80, 64, "bilinear")

@@ -12,8 +12,8 @@ import pytest
 
 from visionzoo import cli
 
-from .conftest import run_cli as run
-from .conftest import sample_image
+from .cli_runner import run_cli as run
+from .photos import sample_image
 
 
 @pytest.fixture

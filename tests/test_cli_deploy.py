@@ -11,7 +11,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from visionzoo import cli
 
-from .conftest import run_cli as run
+from .cli_runner import run_cli as run
 
 IMAGES = Path(__file__).parent.parent / "examples" / "images"
 COFFEE, CHELSEA = IMAGES / "coffee.png", IMAGES / "chelsea.png"

@@ -10,7 +10,7 @@ import visionzoo
 from visionzoo import cli
 from visionzoo.weights.hub import cache_dir
 
-from .conftest import run_cli
+from .cli_runner import run_cli
 from .fault_server import FaultServer, record_for, squeezenet_checkpoint
 
 

@@ -11,7 +11,7 @@ from visionzoo import ImageError, InputError
 from visionzoo.data.datasets import ImageDataset, open_dataset
 from visionzoo.weights.records import Preprocess
 
-from .conftest import sample_image
+from .photos import sample_image
 
 
 @pytest.fixture

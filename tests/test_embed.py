@@ -22,7 +22,7 @@ from visionzoo.data import load_image
 from visionzoo.models.features import FeatureExtractor
 from visionzoo.tasks.embed import read_embeddings, sidecar_path
 
-from .conftest import sample_image
+from .photos import sample_image
 
 PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "grace_hopper.jpg",
           "hubble_deep_field.jpg", "retina.jpg", "ihc.png", "camera.png", "coins.png", "brick.png"]

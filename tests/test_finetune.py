@@ -26,7 +26,7 @@ import visionzoo
 from visionzoo.errors import InputError, TrainingError
 from visionzoo.train.config import Strategy
 
-from .conftest import run_cli as run
+from .cli_runner import run_cli as run
 
 SRC = Path(visionzoo.__file__).resolve().parents[1]
 

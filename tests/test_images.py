@@ -13,8 +13,8 @@ from visionzoo.data.inputs import expand_inputs
 from visionzoo.errors import ImageError
 from visionzoo.weights.records import Preprocess
 
-from .conftest import sample_image
 from .imagezoo import BAD, BOMB_PIXELS, FAITHFUL, LOWERED_LIMIT, good_names, make_image_zoo, photo
+from .photos import sample_image
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -15,8 +15,7 @@ from visionzoo.weights.inspect import inspect_checkpoint
 from visionzoo.weights.io import save_state_dict
 from visionzoo.weights.remap import LAYOUTS, detect_layout, remap, strip_prefixes
 
-from .conftest import PARITY
-from .parity import fill_values, relative_error
+from .parity import PARITY, fill_values, relative_error
 
 TIMM = json.loads((PARITY / "timm" / "manifest.json").read_text())["cases"]
 TORCHVISION = json.loads((PARITY / "manifest.json").read_text())["cases"]

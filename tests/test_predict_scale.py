@@ -16,9 +16,9 @@ import visionzoo
 from visionzoo import cli
 from visionzoo.tasks.predict import Prediction
 
-from .conftest import run_cli as run
-from .conftest import sample_image
+from .cli_runner import run_cli as run
 from .imagezoo import BAD, FAITHFUL, LOWERED_LIMIT, good_names, make_image_zoo
+from .photos import sample_image
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -47,7 +47,7 @@ def test_static_quantization_keeps_the_top1_on_real_photos(lite0_int8, tmp_path)
 
 
 def test_quantized_file_runs_in_predict(lite0_int8):
-    from .conftest import sample_image
+    from .photos import sample_image
 
     (pred,) = visionzoo.predict([sample_image("coffee.png")], model=str(lite0_int8.path), topk=1)
     assert pred.label == "espresso"

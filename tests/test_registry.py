@@ -12,7 +12,7 @@ from visionzoo.errors import UnknownModelError, UnknownWeightsError
 from visionzoo.registry import CATALOG, REGISTRY
 from visionzoo.weights.records import Preprocess, Weights
 
-from .conftest import FIXTURES
+from .parity import FIXTURES
 
 TORCHVISION_ARCHS = set(json.loads((FIXTURES / "parity" / "manifest.json").read_text())["cases"])
 ALL_RECORDS = [w for a in visionzoo.list_models() for w in REGISTRY.get_architecture(a).weights]

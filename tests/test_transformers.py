@@ -13,7 +13,7 @@ from visionzoo.errors import InputError
 from visionzoo.models.layers import resample_pos_embed, set_fused_attention
 from visionzoo.registry import REGISTRY
 
-from .conftest import sample_image
+from .photos import sample_image
 
 
 def _build(arch: str, **kwargs) -> torch.nn.Module:

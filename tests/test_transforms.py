@@ -10,7 +10,8 @@ from visionzoo.data.images import load_image
 from visionzoo.data.transforms import center_crop, resized_size
 from visionzoo.weights.records import Preprocess
 
-from .conftest import FIXTURES, sample_image
+from .parity import FIXTURES
+from .photos import sample_image
 
 REF = np.load(FIXTURES / "preprocess_reference.npz")
 IMNET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

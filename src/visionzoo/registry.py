@@ -20,6 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .enums import Task, parse_enum
 from .errors import UnknownModelError, UnknownWeightsError
 from .weights.records import DEFAULT_PREPROCESS, Preprocess, Weights
 
@@ -40,6 +41,10 @@ class Architecture:
     config: Any
     weights: tuple[Weights, ...]  # published weights, default first
     default_preprocess: Preprocess  # for use without weights (from the default weights if any)
+
+    @property
+    def task(self) -> Task:
+        return self.model_class.task
 
     @property
     def default_weights(self) -> Weights | None:
@@ -115,10 +120,13 @@ class Registry:
         return dict(sorted(archs.items()))
 
     # -- queries ---------------------------------------------------------------------------
-    def list_models(self, pattern: str | None = None, pretrained: bool = False) -> list[str]:
+    def list_models(self, pattern: str | None = None, pretrained: bool = False,
+                    task: Task | str | None = None) -> list[str]:
         """Names of the buildable architectures, optionally filtered by a glob pattern
-        (`"resnet*"`) and to those with published weights."""
-        names = [n for n, a in self._archs.items() if not pretrained or a.weights]
+        (`"resnet*"`), to those with published weights, and to one task."""
+        wanted = None if task is None else parse_enum(Task, task, "task")
+        names = [n for n, a in self._archs.items()
+                 if (not pretrained or a.weights) and (wanted is None or a.task is wanted)]
         if pattern:
             names = [n for n in names if fnmatch.fnmatch(n, pattern.lower())]
         return names

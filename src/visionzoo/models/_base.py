@@ -1,19 +1,24 @@
-"""The one interface every visionzoo model exposes.
+"""The interfaces every visionzoo model exposes.
 
-Workflows (predict, embed, fine-tune, export) are written against this class only:
-`forward_features` gives the last feature map, `forward_head` pools and classifies
-(or stops at the pooled embedding with `pre_logits=True`), `reset_classifier` swaps
-the head for a correctly sized new one, and `feature_info` describes each stage.
+`VisionModel` is the root of every architecture, whatever its task: it declares the task,
+the number of classes, a way to resize the class head, and the hooks the weight loader
+calls. `ZooModel` is the interface of classifiers (images, and video clips):
+`forward_features` gives the last feature map, `forward_head` pools and classifies (or stops
+at the pooled embedding with `pre_logits=True`), `reset_classifier` swaps the head for a
+correctly sized new one, and `feature_info` describes each stage. Workflows (predict, embed,
+fine-tune, export) are written against these classes only.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ..enums import Task
 from ..errors import InputError
 
 
@@ -26,8 +31,43 @@ class FeatureInfo:
     reduction: int  # input size / output size (the stage's total stride)
 
 
-class ZooModel(nn.Module):
-    """Base of all architectures. Subclasses set the attributes below in `__init__`.
+class VisionModel(nn.Module):
+    """Root of every architecture: subclasses declare `task` and set `num_classes` in `__init__`."""
+
+    task: ClassVar[Task]
+    num_classes: int  # size of the class output (0 when the head was removed)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the class head(s) with new ones of `num_classes` outputs."""
+        raise NotImplementedError
+
+    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fit a checkpoint of this architecture to this instance before strict loading.
+
+        Called by `create_model` after foreign layouts are renamed. Families override it
+        for what only they know (resampling position embeddings for another image size,
+        dropping auxiliary heads that are switched off) and log what they changed.
+        The default returns the state dict unchanged. It runs on a model whose
+        parameters may be on the meta device (see `weights/lean.py`): use shapes and
+        attributes, not parameter values. Shape changes are reported in `load_report`.
+        """
+        return state_dict
+
+    def init_computed_buffers(self) -> None:
+        """(Re)compute the buffers the model derives from its architecture instead of
+        learning them (Swin/MaxViT relative-position indices, Swin v2 coordinate tables).
+
+        Constructors call this; call it again after building on the meta device and
+        materialising with `to_empty` (which leaves buffers uninitialised). Each submodule
+        that owns such buffers implements `init_computed_buffers`; the default visits them.
+        """
+        for m in self.modules():
+            if m is not self and callable(getattr(m, "init_computed_buffers", None)):
+                m.init_computed_buffers()
+
+
+class ZooModel(VisionModel):
+    """Base of classifiers (images and video clips). Subclasses set the attributes below in `__init__`.
 
     Attributes:
         num_classes: size of the classifier output (0 when the head was removed).
@@ -39,7 +79,7 @@ class ZooModel(nn.Module):
         first_conv: dotted path of the first convolution (for input-channel adaptation).
     """
 
-    num_classes: int
+    task: ClassVar[Task] = Task.CLASSIFICATION
     num_features: int
     feature_info: list[FeatureInfo]
     classifier_name: str
@@ -93,18 +133,6 @@ class ZooModel(nn.Module):
         setattr(parent, leaf, new)
         self.num_classes = num_classes
 
-    def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Fit a checkpoint of this architecture to this instance before strict loading.
-
-        Called by `create_model` after foreign layouts are renamed. Families override it
-        for what only they know (resampling position embeddings for another image size,
-        dropping auxiliary heads that are switched off) and log what they changed.
-        The default returns the state dict unchanged. It runs on a model whose
-        parameters may be on the meta device (see `weights/lean.py`): use shapes and
-        attributes, not parameter values. Shape changes are reported in `load_report`.
-        """
-        return state_dict
-
     def format_stage_output(self, index: int, output: torch.Tensor) -> torch.Tensor:
         """Turn the raw output of `feature_info[index].module` into an NCHW feature map.
 
@@ -112,18 +140,6 @@ class ZooModel(nn.Module):
         override this to reshape tokens or channels-last maps.
         """
         return output
-
-    def init_computed_buffers(self) -> None:
-        """(Re)compute the buffers the model derives from its architecture instead of
-        learning them (Swin/MaxViT relative-position indices, Swin v2 coordinate tables).
-
-        Constructors call this; call it again after building on the meta device and
-        materialising with `to_empty` (which leaves buffers uninitialised). Each submodule
-        that owns such buffers implements `init_computed_buffers`; the default visits them.
-        """
-        for m in self.modules():
-            if m is not self and callable(getattr(m, "init_computed_buffers", None)):
-                m.init_computed_buffers()
 
 
 class LinearInit(Enum):

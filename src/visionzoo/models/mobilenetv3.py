@@ -7,7 +7,8 @@ architecture search. State-dict names match torchvision's (`features.N.block.K`,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -30,6 +31,7 @@ class Bneck:
     squeeze_excite: bool
     act_layer: type[nn.Module]
     stride: int
+    dilation: int = 1  # >1: the stride is replaced by this dilation of the depthwise convolution
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ class InvertedResidual(nn.Module):
         layers: list[nn.Module] = []
         if expanded != in_chs:
             layers.append(conv(in_chs, expanded, 1))
-        layers.append(conv(expanded, expanded, cfg.kernel, cfg.stride, groups=expanded))
+        stride = 1 if cfg.dilation > 1 else cfg.stride
+        layers.append(conv(expanded, expanded, cfg.kernel, stride, groups=expanded, dilation=cfg.dilation))
         if cfg.squeeze_excite:
             layers.append(SqueezeExcitation(expanded, make_divisible(expanded // 4), gate_layer=nn.Hardsigmoid))
         layers.append(conv(expanded, out_chs, 1, act_layer=None))
@@ -83,18 +86,25 @@ class MobileNetV3(ZooModel):
     classifier_name = "classifier.3"
     first_conv = "features.0.0"
 
-    def __init__(self, cfg: MobileNetV3Config, num_classes: int = 1000, in_chans: int = 3, dropout: float = 0.2):
+    def __init__(self, cfg: MobileNetV3Config, num_classes: int = 1000, in_chans: int = 3, dropout: float = 0.2,
+                 dilated: bool = False, reduced_tail: bool = False,
+                 norm_layer: Callable[[int], nn.Module] | None = None):
+        """`dilated` keeps the last stage at stride 16 with dilated depthwise convolutions
+        (segmentation backbones); `reduced_tail` halves the last stage's channels (as torchvision's
+        builder does on request); `norm_layer` replaces the BatchNorm (eps 1e-3) of the published
+        classifiers (detection backbones use FrozenBatchNorm2d)."""
         super().__init__()
         # the TensorFlow-trained defaults: BN eps 1e-3, momentum 0.01
-        norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)
+        norm_layer = norm_layer or partial(nn.BatchNorm2d, eps=0.001, momentum=0.01)
+        blocks = _tail_adjusted(cfg.blocks, dilated, reduced_tail)
         channels = make_divisible(cfg.stem_chs * cfg.width_mult)
         layers: list[nn.Module] = [ConvNormAct(in_chans, channels, 3, 2, norm_layer=norm_layer, act_layer=HS)]
         self.feature_info = []
         reduction = 2
-        for block in cfg.blocks:
+        for block in blocks:
             if block.stride == 2:  # a stage ends where the next downsampling begins
                 self.feature_info.append(FeatureInfo(f"features.{len(layers) - 1}", channels, reduction))
-                reduction *= 2
+                reduction *= 2 if block.dilation == 1 else 1
             layers.append(InvertedResidual(channels, block, cfg.width_mult, norm_layer))
             channels = layers[-1].out_channels
         last_conv = 6 * channels
@@ -102,7 +112,7 @@ class MobileNetV3(ZooModel):
         self.feature_info.append(FeatureInfo(f"features.{len(layers) - 1}", last_conv, reduction))
         self.features = nn.Sequential(*layers)
         self.num_features = last_conv
-        self._hidden = make_divisible(cfg.last_chs * cfg.width_mult)
+        self._hidden = make_divisible(cfg.last_chs // (2 if reduced_tail else 1) * cfg.width_mult)
         self.num_classes = num_classes
         self.classifier = nn.Sequential(
             nn.Linear(last_conv, self._hidden), nn.Hardswish(inplace=True), nn.Dropout(dropout, inplace=True),
@@ -120,6 +130,20 @@ class MobileNetV3(ZooModel):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.classifier[:3](torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
         return x if pre_logits else self.classifier[3](x)
+
+
+def _tail_adjusted(blocks: tuple[Bneck, ...], dilated: bool, reduced_tail: bool) -> tuple[Bneck, ...]:
+    """The blocks with the last stage (from its stride-2 block on) dilated and/or halved in width."""
+    if not (dilated or reduced_tail):
+        return blocks
+    start = max(i for i, b in enumerate(blocks) if b.stride == 2)
+    divider = 2 if reduced_tail else 1
+    out = list(blocks[:start])
+    for i, b in enumerate(blocks[start:]):
+        # the first tail block still expands its (unreduced) input
+        out.append(replace(b, expanded=b.expanded if i == 0 else b.expanded // divider,
+                           out_chs=b.out_chs // divider, dilation=2 if dilated else 1))
+    return tuple(out)
 
 
 MODEL_CLASS = MobileNetV3

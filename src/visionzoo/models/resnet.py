@@ -7,6 +7,7 @@ bottleneck sits on its 3x3 convolution. State-dict names match torchvision's.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -48,15 +49,18 @@ class BasicBlock(nn.Module):
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 groups: int = 1, base_width: int = 64):
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError("BasicBlock supports only groups=1 and width_per_group=64")
+        if dilation > 1:
+            raise ValueError("BasicBlock does not support dilation (replace_stride_with_dilation needs ResNet-50+)")
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = norm_layer(planes)
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,15 +74,16 @@ class Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 groups: int = 1, base_width: int = 64):
+                 groups: int = 1, base_width: int = 64, dilation: int = 1,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
         width = int(planes * (base_width / 64.0)) * groups
         self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
+        self.bn1 = norm_layer(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, dilation, dilation=dilation, groups=groups, bias=False)
+        self.bn2 = norm_layer(width)
         self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.bn3 = norm_layer(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
 
@@ -98,30 +103,41 @@ class ResNet(ZooModel):
     first_conv = "conv1"
 
     def __init__(self, cfg: ResNetConfig, num_classes: int = 1000, in_chans: int = 3,
-                 zero_init_residual: bool = False):
+                 zero_init_residual: bool = False,
+                 replace_stride_with_dilation: tuple[bool, bool, bool] = (False, False, False),
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
+        """`replace_stride_with_dilation[i]` keeps the resolution of stage i + 2 and dilates its
+        convolutions instead (segmentation backbones: output stride 8 with (False, True, True));
+        `norm_layer` replaces BatchNorm2d (detection backbones use FrozenBatchNorm2d)."""
         super().__init__()
+        if len(replace_stride_with_dilation) != 3:
+            raise ValueError(f"replace_stride_with_dilation needs 3 values, got {replace_stride_with_dilation!r}")
         block = _BLOCKS[cfg.block]
         self.conv1 = nn.Conv2d(in_chans, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = norm_layer(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        inplanes = 64
+        inplanes, dilation, reduction = 64, 1, 4
         self.feature_info = [FeatureInfo("relu", 64, 2)]
         for i, (planes, depth) in enumerate(zip((64, 128, 256, 512), cfg.layers, strict=True)):
             stride = 1 if i == 0 else 2
+            first_dilation = dilation
+            if i > 0 and replace_stride_with_dilation[i - 1]:
+                dilation, stride = dilation * stride, 1
             blocks = []
             for j in range(depth):
                 downsample = None
                 if j == 0 and (stride != 1 or inplanes != planes * block.expansion):
                     downsample = nn.Sequential(
                         nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
-                        nn.BatchNorm2d(planes * block.expansion),
+                        norm_layer(planes * block.expansion),
                     )
-                blocks.append(block(inplanes, planes, stride if j == 0 else 1, downsample,
-                                    cfg.groups, cfg.width_per_group))
+                blocks.append(block(inplanes, planes, stride if j == 0 else 1, downsample, cfg.groups,
+                                    cfg.width_per_group, first_dilation if j == 0 else dilation, norm_layer))
                 inplanes = planes * block.expansion
+            reduction *= stride
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-            self.feature_info.append(FeatureInfo(f"layer{i + 1}", inplanes, 4 * 2**i))
+            self.feature_info.append(FeatureInfo(f"layer{i + 1}", inplanes, reduction))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.num_features = inplanes
         self.num_classes = num_classes
