@@ -1,0 +1,6 @@
+"""Detection operators in plain PyTorch (no compiled extension): box utilities and the box coder,
+non-maximum suppression, RoIAlign and its multi-scale pooler, mask pasting.
+
+Each function takes and returns tensors only, vectorised over boxes, and reproduces the results of
+torchvision's compiled operators (the same kept boxes in the same order, the same pooled values).
+"""
