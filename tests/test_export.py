@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import visionzoo
-from visionzoo.deploy.export import ExportFormat, export_model, load_torch_export, read_onnx_info
 from visionzoo.errors import ExportError, InputError
 from visionzoo.registry import FAMILIES, REGISTRY
+from visionzoo.runtime.export import ExportFormat, export_model, load_torch_export, read_onnx_info
 
 pytest.importorskip("onnxruntime")
 

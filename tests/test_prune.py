@@ -9,8 +9,8 @@ import torch
 
 import visionzoo
 from visionzoo.bundle import read_bundle
-from visionzoo.deploy.prune import count_macs, prune, prune_model
 from visionzoo.errors import InputError
+from visionzoo.tasks.prune import count_macs, prune, prune_model
 
 pytest.importorskip("torch_pruning")
 

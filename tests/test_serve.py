@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 import visionzoo
-from visionzoo.deploy.serve import DRAIN_LIMIT, make_server, serve
 from visionzoo.errors import InputError
+from visionzoo.tasks.serve import DRAIN_LIMIT, make_server, serve
 
 IMAGES = Path(__file__).parent.parent / "examples" / "images"
 COFFEE = IMAGES / "coffee.png"

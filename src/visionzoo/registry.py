@@ -29,6 +29,7 @@ FAMILIES = ("alexnet", "convnext", "densenet", "efficientnet", "googlenet", "inc
             "mobilenetv2", "mobilenetv3", "regnet", "resnet", "shufflenetv2", "squeezenet", "swin_transformer", "vgg",
             "vision_transformer")
 CATALOG = Path(__file__).parent / "weights" / "data" / "catalog.json"
+DEFAULT_MODEL = "efficientnet_lite0"  # the model every workflow uses unless told otherwise: offline, packaged
 
 
 @dataclass(frozen=True)

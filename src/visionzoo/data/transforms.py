@@ -16,7 +16,7 @@ from PIL import Image
 from .images import draft_info
 
 if TYPE_CHECKING:
-    from ..weights.records import Preprocess
+    from .preprocess import Preprocess
 
 
 class Interpolation(str, Enum):

@@ -22,7 +22,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from ..models._base import ZooModel
+from ..models.base import ZooModel
 from ..weights.records import Preprocess
 from .config import Strategy
 from .data import KeyedImages, stratified_split

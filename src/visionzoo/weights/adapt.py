@@ -32,7 +32,7 @@ from .lean import LeftOnMeta, build_lean, load_assign
 from .remap import LAYOUTS, detect_layout, strip_prefixes
 
 if TYPE_CHECKING:
-    from ..models._base import ZooModel
+    from ..models.base import ZooModel
 
 log = logging.getLogger("visionzoo")
 StateDict = dict[str, torch.Tensor]

@@ -13,13 +13,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from ..enums import Task
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..card import ModelCard
+    from ..data.preprocess import Preprocess
+    from ..weights.adapt import LoadReport
+    from ..weights.records import Weights
 
 
 @dataclass(frozen=True)
@@ -32,14 +38,46 @@ class FeatureInfo:
 
 
 class VisionModel(nn.Module):
-    """Root of every architecture: subclasses declare `task` and set `num_classes` in `__init__`."""
+    """Root of every architecture: subclasses declare `task` and set `num_classes` in `__init__`.
+
+    `create_model` sets `card` (what the model is: task, weights, classes, preprocessing) and
+    `load_report` (what loading its weights did). The read-only properties below are views of
+    the card, kept for the familiar spelling (`model.preprocess`, `model.categories`).
+    """
 
     task: ClassVar[Task]
     num_classes: int  # size of the class output (0 when the head was removed)
+    card: ModelCard | None = None
+    load_report: LoadReport | None = None
+
+    @property
+    def arch(self) -> str | None:
+        return self.card.architecture if self.card is not None else None
+
+    @property
+    def preprocess(self) -> Preprocess | None:
+        return self.card.preprocess if self.card is not None else None
+
+    @property
+    def categories(self) -> tuple[str, ...] | None:
+        return self.card.classes if self.card is not None else None
+
+    @property
+    def pretrained_weights(self) -> Weights | None:
+        return self.card.weights if self.card is not None else None
+
+    @property
+    def weights_source(self) -> str | None:
+        return self.card.source if self.card is not None else None
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the class head(s) with new ones of `num_classes` outputs."""
         raise NotImplementedError
+
+    def _forget_classes_unless(self, num_classes: int) -> None:
+        """After a head change: the card's class names no longer apply unless there are as many."""
+        if self.card is not None and self.card.classes is not None and len(self.card.classes) != num_classes:
+            self.card = self.card.replace(classes=None)
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Fit a checkpoint of this architecture to this instance before strict loading.
@@ -87,13 +125,6 @@ class ZooModel(VisionModel):
     # the one (square) input size a model is built for (ViT), or None when any size it
     # can tile works (convolutional families, Swin, MaxViT)
     image_size: int | None = None
-    # set by `create_model`: registry name, weights record (or None), where the weights came
-    # from, the evaluation preprocessing and the class names (None when unknown)
-    arch: str | None = None
-    pretrained_weights = None
-    weights_source: str | None = None
-    preprocess = None
-    categories: tuple[str, ...] | None = None
 
     @property
     def head_hidden_size(self) -> int:
@@ -132,6 +163,7 @@ class ZooModel(VisionModel):
         parent = self.get_submodule(parent_name) if parent_name else self
         setattr(parent, leaf, new)
         self.num_classes = num_classes
+        self._forget_classes_unless(num_classes)
 
     def format_stage_output(self, index: int, output: torch.Tensor) -> torch.Tensor:
         """Turn the raw output of `feature_info[index].module` into an NCHW feature map.
