@@ -21,7 +21,7 @@ from visionzoo.weights.adapt import LoadReport, adapt, adapt_input_channels, loa
 from visionzoo.weights.io import checkpoint_format, read_checkpoint, save_state_dict
 from visionzoo.weights.lean import build_meta, meta_tensors
 
-MAX_PARAMS = 150_000_000  # larger architectures are covered by smaller members of their family
+LARGE = 150_000_000  # parameters above which building twice takes long: in the slow set (CI runs it)
 
 
 def _num_params(arch: str) -> int:
@@ -43,12 +43,11 @@ def _identical(a: nn.Module, b: nn.Module) -> None:
 
 
 # -- lean loading ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", visionzoo.list_models())
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if _num_params(a) > LARGE else a
+                                  for a in visionzoo.list_models()])
 def test_lean_build_is_identical_to_the_normal_one(arch):
     """Every registered architecture: building on the meta device and assigning the checkpoint's
     tensors gives exactly the model that random init + load_state_dict gives."""
-    if _num_params(arch) > MAX_PARAMS:
-        pytest.skip(f"{arch} has over {MAX_PARAMS:,} parameters; its family's smaller models cover it")
     torch.manual_seed(0)
     build = REGISTRY.get_architecture(arch).build
     reference = build().eval()

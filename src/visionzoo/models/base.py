@@ -51,6 +51,14 @@ class VisionModel(nn.Module):
     load_report: LoadReport | None = None
 
     @property
+    def card_required(self) -> ModelCard:
+        """The card, for workflows that need one: a model built without `create_model` has none."""
+        if self.card is None:
+            raise InputError(f"this {type(self).__name__} has no description (task, classes, preprocessing); "
+                             f"build it with visionzoo.create_model")
+        return self.card
+
+    @property
     def arch(self) -> str | None:
         return self.card.architecture if self.card is not None else None
 

@@ -115,29 +115,39 @@ def finetune(data: str | os.PathLike | None = None, out: str | os.PathLike = "ru
 
 
 @dataclass
-class _Context:
+class _Data:
+    """A run's images: the training and validation samples, the class names, where they came from."""
+
+    train_samples: list
+    val_samples: list
+    classes: list[str]
+    sources: dict[str, Any]
+    fingerprint: str
+
+
+@dataclass
+class _Context(_Data):
     """What every part of one fine-tuning run needs: the data, the model, and how it trains."""
 
     run_dir: Path
     cfg: FinetuneConfig
     dist: D.Dist
     say: Callable[[str], None]
-    train_samples: list
-    val_samples: list
-    classes: list[str]
-    sources: dict[str, Any]
-    fingerprint: str
-    net: ZooModel | None = None
-    pp: Preprocess | None = None  # the training preprocessing (crop size and recipe)
-    amp: torch.dtype | None = None  # bfloat16 autocast, or None
-    workers: int = 0
+    net: ZooModel
+    pp: Preprocess  # the training preprocessing (crop size and recipe)
+    amp: torch.dtype | None  # bfloat16 autocast, or None
+    workers: int
 
 
 def _run(data, run_dir: Path, train, val, cfg: FinetuneConfig, resume: bool, dist: D.Dist, progress: bool,
          echo: Callable[[str], None]) -> FinetuneResult:
-    ctx = _context(data, run_dir, train, val, cfg, dist, echo)
-    payload = _existing_run(run_dir, resume, cfg, ctx.fingerprint)
-    builder_kwargs, base_weights = _starting_model(ctx)
+    found = _data(data, train, val, cfg, dist)
+    payload = _existing_run(run_dir, resume, cfg, found.fingerprint)
+    net, builder_kwargs, base_weights = _starting_model(cfg, found.classes, dist)
+    pp = training_preprocess(net.card_required.preprocess, cfg.image_size)
+    ctx = _Context(**vars(found), run_dir=run_dir, cfg=cfg, dist=dist,
+                   say=echo if dist.is_main else (lambda message: None), net=net, pp=pp,
+                   amp=_amp_dtype(cfg.precision, dist.device, pp.crop_size), workers=default_workers(cfg.num_workers))
     strategy, reason = _strategy(ctx, payload)
     ctx.cfg = cfg = cfg.resolved(strategy)
     ctx.say(f"strategy: {strategy.value} ({reason})")
@@ -174,8 +184,7 @@ def _run(data, run_dir: Path, train, val, cfg: FinetuneConfig, resume: bool, dis
                           config=cfg)
 
 
-def _context(data, run_dir: Path, train, val, cfg: FinetuneConfig, dist: D.Dist,
-             echo: Callable[[str], None]) -> _Context:
+def _data(data, train, val, cfg: FinetuneConfig, dist: D.Dist) -> _Data:
     """The run's data, checked against the number of processes."""
     train_samples, val_samples, classes, sources = training_samples(data, train, val, cfg)
     for what, samples in (("training", train_samples), ("validation", val_samples)):
@@ -185,29 +194,25 @@ def _context(data, run_dir: Path, train, val, cfg: FinetuneConfig, dist: D.Dist,
     if cfg.batch_size % dist.world:
         raise InputError(f"batch_size {cfg.batch_size} is the global batch: make it a multiple of the "
                          f"{dist.world} processes")
-    say = echo if dist.is_main else (lambda message: None)
-    return _Context(run_dir, cfg, dist, say, train_samples, val_samples, classes, sources,
-                    _fingerprint(train_samples, val_samples, classes))
+    return _Data(train_samples, val_samples, classes, sources, _fingerprint(train_samples, val_samples, classes))
 
 
-def _starting_model(ctx: _Context) -> tuple[dict[str, Any], str | None]:
-    """Build the model to fine-tune (with a head for the run's classes) into `ctx`, with the training
-    preprocessing, autocast type and decoding workers; returns (builder arguments, base weights)."""
-    cfg = ctx.cfg
+def _starting_model(cfg: FinetuneConfig, classes: list[str], dist: D.Dist
+                    ) -> tuple[ZooModel, dict[str, Any], str | None]:
+    """The model to fine-tune (with a head for the run's classes) on the run's device, the builder
+    arguments its weights imply, and the name of those weights."""
     # NAME: its default weights; NAME.TAG: those weights; a bundle: its weights (fine-tune further)
     named_weights = is_bundle(cfg.model) or split_name(cfg.model)[1] is not None
     torch.manual_seed(sample_seed(cfg.seed, 0))  # the new classifier's initial weights come from the seed
-    net = create_model(cfg.model, weights=None if named_weights else "DEFAULT", num_classes=len(ctx.classes))
-    card = net.card
-    if card.bundle is not None and list(card.bundle.classes) != list(ctx.classes):
-        net.reset_classifier(len(ctx.classes))  # a bundle for other classes: keep its backbone, not its head
-    ctx.net = net.to(ctx.dist.device)
-    ctx.pp = training_preprocess(card.preprocess, cfg.image_size)
-    ctx.amp = _amp_dtype(cfg.precision, ctx.dist.device, ctx.pp.crop_size)
-    ctx.workers = default_workers(cfg.num_workers)
+    net = create_model(cfg.model, weights=None if named_weights else "DEFAULT", num_classes=len(classes))
+    if not isinstance(net, ZooModel):
+        raise InputError(f"{cfg.model} is a {net.task.value} model; this fine-tunes classifiers")
+    card = net.card_required
+    if card.bundle is not None and list(card.bundle.classes) != list(classes):
+        net.reset_classifier(len(classes))  # a bundle for other classes: keep its backbone, not its head
     builder_kwargs = dict(card.bundle.builder_kwargs if card.bundle is not None
                           else (card.weights.builder_kwargs if card.weights else {}))
-    return builder_kwargs, card.weights.name if card.weights else card.source
+    return net.to(dist.device), builder_kwargs, card.weights.name if card.weights else card.source
 
 
 def _strategy(ctx: _Context, payload: dict | None) -> tuple[Strategy, str]:

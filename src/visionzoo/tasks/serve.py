@@ -45,6 +45,7 @@ import torch
 
 from ..data.images import DEFAULT_MAX_PIXELS, draft_info, load_image
 from ..errors import ImageError, InputError
+from ..runtime.backends import open_runner
 from ..version import __version__
 from .predict import near_ties
 
@@ -300,15 +301,13 @@ def make_server(model, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, bac
         max_pixels: refuse larger images (decompression bombs); None: no limit.
         fast: decode large JPEGs at a reduced scale first, as `predict` does by default.
     """
-    from .predict import resolve_runner
-
     if not 1 <= topk <= MAX_TOPK:
         raise InputError(f"topk must be between 1 and {MAX_TOPK}, got {topk}")
     if max_bytes < 1:
         raise InputError(f"max_bytes must be >= 1, got {max_bytes}")
     if not 0 <= port <= 65535:
         raise InputError(f"port must be between 0 and 65535, got {port}")
-    runner = resolve_runner(model, backend, threads=threads, precision=precision)
+    runner = open_runner(model, backend, threads=threads, precision=precision)
     try:
         return PredictServer((host, port), runner, topk=topk, max_bytes=max_bytes, max_pixels=max_pixels,
                              fast=fast)
