@@ -150,7 +150,8 @@ class SegmentationModel(VisionModel):
         return result
 
     def reset_classifier(self, num_classes: int) -> None:
-        """New final 1x1 convolutions (main and auxiliary heads) for `num_classes`, on the old ones' device and dtype."""
+        """New final 1x1 convolutions (main and auxiliary heads) for `num_classes`, on the old
+        ones' device and dtype."""
         _check_num_classes(num_classes)
         for name in self.class_layers:
             parent_name, _, leaf = name.rpartition(".")

@@ -75,7 +75,8 @@ class DeepLabHead(nn.Sequential):
     """ASPP, 3x3 conv-BN-ReLU, 1x1 classifier (flat: `0` is the ASPP, `4` the classifier)."""
 
     def __init__(self, in_channels: int, num_classes: int, rates: Sequence[int] = (12, 24, 36), width: int = 256):
-        super().__init__(ASPP(in_channels, rates, width), *ConvNormAct(width, width, 3), nn.Conv2d(width, num_classes, 1))
+        super().__init__(ASPP(in_channels, rates, width), *ConvNormAct(width, width, 3),
+                         nn.Conv2d(width, num_classes, 1))
 
     @property
     def class_layers(self) -> tuple[str, ...]:
