@@ -34,6 +34,7 @@ from ..errors import InputError
 from . import mobilenetv3, resnet
 from ._base import VisionModel, ZooModel
 from .features import FeatureExtractor
+from .layers import ConvNormAct
 from .resnet import Bottleneck
 from .segmentation_heads import DeepLabHead, FCNHead, LRASPPHead, upsample_to
 
@@ -181,8 +182,6 @@ class PublishedSegmentationModel(SegmentationModel):
 
     def __init__(self, cfg: SegmentationConfig, num_classes: int = 21, aux_loss: bool | None = None):
         aux = cfg.head is not HeadKind.LRASPP if aux_loss is None else bool(aux_loss)
-        if aux and cfg.head is HeadKind.LRASPP:
-            raise InputError("the LR-ASPP head has no auxiliary classifier; pass aux_loss=False")
         layers, channels = _dilated_backbone(cfg.backbone)
         taps = cfg.taps if aux or cfg.head is HeadKind.LRASPP else cfg.taps[1:]
         super().__init__(StageTaps(layers, taps), [channels[t] for t in taps], cfg.head, num_classes, aux)
@@ -219,8 +218,8 @@ def segmentation_model(backbone: ZooModel, head: HeadKind | str, num_classes: in
     _check_num_classes(num_classes)
     if aux_loss and head is HeadKind.LRASPP:
         raise InputError("the LR-ASPP head has no auxiliary classifier; pass aux_loss=False")
-    if dilate:
-        dilate_(backbone)
+    # the stages are chosen before dilating (which only lowers the reduction of the deepest
+    # stages), so that a backbone that does not fit is left untouched
     infos = backbone.feature_info
     deepest = len(infos) - 1
     name = backbone.arch or type(backbone).__name__
@@ -237,6 +236,8 @@ def segmentation_model(backbone: ZooModel, head: HeadKind | str, num_classes: in
         taps = (deepest - 1, deepest)
     else:
         taps = (deepest,)
+    if dilate:
+        dilate_(backbone)
     backbone.reset_classifier(0)
     extractor = FeatureExtractor(backbone, taps)
     return SegmentationModel(extractor, extractor.channels, head, num_classes, aux_loss)
@@ -281,8 +282,8 @@ def _dilate_resnet_(net: resnet.ResNet) -> bool:
 
 
 def _dilate_mobilenetv3_(net: mobilenetv3.MobileNetV3) -> bool:
-    depthwise = [next(m[0] for m in block.block if m[0].groups > 1) for block in net.features
-                 if isinstance(block, mobilenetv3.InvertedResidual)]
+    depthwise = [next(m[0] for m in block.block if isinstance(m, ConvNormAct) and m[0].groups > 1)
+                 for block in net.features if isinstance(block, mobilenetv3.InvertedResidual)]
     if any(conv.dilation != (1, 1) for conv in depthwise):
         return True
     start = max(i for i, conv in enumerate(depthwise) if conv.stride == (2, 2))
