@@ -3,10 +3,11 @@
     python benchmarks/segmentation_speed.py [--models fcn_resnet50,lraspp_mobilenet_v3_large]
         [--repeats 10] [--threads 2] [--reference-python /work/tvenv/bin/python]
 
-One 1 x 3 x 520 x 693 float32 image (the size torchvision's evaluation resizes VOC photos
-to), eval mode, `torch.no_grad()`, 2 compute threads; milliseconds per image, the median of
-the repeats. Each model is built as its published weights are (auxiliary head on where they
-have one) with random values: speed does not depend on them. Printed beside ours:
+One 1 x 3 x 520 x 693 float32 image (a 500 x 375 VOC photo after torchvision's evaluation
+resize to a 520-pixel shorter side), eval mode, `torch.no_grad()`, 2 compute threads;
+milliseconds per image, the median of the repeats. Each model is built as its published
+weights are (auxiliary head on where they have one) with random values: speed does not
+depend on them. Printed beside ours:
 torchvision's anchor figures (tests/fixtures/tasks/README.md: torchvision 0.29, torch
 2.14.1, an AVX-512 EPYC with 2 threads) and, with --reference-python (an interpreter with
 torchvision), torchvision's eager model timed on the same input in a worker process, its
