@@ -31,8 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from visionzoo.data.loader import available_cpus  # noqa: E402
 from visionzoo.deploy.measure import describe_machine  # noqa: E402
+
+from visionzoo.data.loader import available_cpus  # noqa: E402
 from visionzoo.models import segmentation  # noqa: E402
 
 MODELS = ("fcn_resnet50", "lraspp_mobilenet_v3_large")

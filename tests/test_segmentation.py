@@ -13,7 +13,7 @@ import visionzoo
 from visionzoo import InputError
 from visionzoo.enums import Task
 from visionzoo.models import mobilenetv3, resnet
-from visionzoo.models._base import FeatureInfo, ZooModel
+from visionzoo.models.base import FeatureInfo, ZooModel
 from visionzoo.models.segmentation import (
     MODEL_CLASS,
     VARIANTS,

@@ -32,7 +32,7 @@ from torch import nn
 from ..enums import Task, parse_enum
 from ..errors import InputError
 from . import mobilenetv3, resnet
-from ._base import VisionModel, ZooModel
+from .base import VisionModel, ZooModel
 from .features import FeatureExtractor
 from .layers import ConvNormAct
 from .resnet import Bottleneck
