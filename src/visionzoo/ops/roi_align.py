@@ -139,13 +139,7 @@ def roi_align_levels(features: Sequence[torch.Tensor], scales: Sequence[float], 
             sel = slice(start, min(start + step, size)) if members is None else members[start:start + step]
             ys, wy = _axis_taps(y1[sel], bin_h[sel], height[sel], out_h, grid_h)
             xs, wx = _axis_taps(x1[sel], bin_w[sel], width[sel], out_w, grid_w)
-            rows = (image_base[sel, None, None, None, None]
-                    + ys[:, :, None, :, None] * width[sel, None, None, None, None] + xs[:, None, :, None, :])
-            weights = wy[:, :, None, :, None] * wx[:, None, :, None, :]
-            bag = rows.shape[-2] * rows.shape[-1]
-            pooled = F.embedding_bag(rows.reshape(-1, bag), table, mode="sum",
-                                     per_sample_weights=weights.reshape(-1, bag))
-            pooled = pooled.view(-1, out_h, out_w, channels).div_(grid_h * grid_w)
+            pooled = _pool_bins(table, ys, wy / (grid_h * grid_w), xs, wx, image_base[sel], width[sel])
             if result is None and step >= size:
                 result = pooled
             else:
@@ -174,6 +168,18 @@ def _pixel_table(features: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.
     return table, bases
 
 
+def _pool_bins(table: torch.Tensor, ys: torch.Tensor, wy: torch.Tensor, xs: torch.Tensor, wx: torch.Tensor,
+               image_base: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """(n, out_h, out_w, C): each bin's weighted sum of table rows, one bag of (row taps x column
+    taps) per bin (`_axis_taps`; wy already divided by the number of samples)."""
+    row_start = image_base[:, None, None] + ys * width[:, None, None]
+    rows = row_start[:, :, None, :, None] + xs[:, None, :, None, :]
+    weights = wy[:, :, None, :, None] * wx[:, None, :, None, :]
+    bag = ys.shape[-1] * xs.shape[-1]
+    pooled = F.embedding_bag(rows.reshape(-1, bag), table, mode="sum", per_sample_weights=weights.reshape(-1, bag))
+    return pooled.view(ys.shape[0], ys.shape[1], xs.shape[1], -1)
+
+
 def _axis_taps(start: torch.Tensor, bin_size: torch.Tensor, size: torch.Tensor, pooled: int, grid: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel indices and bilinear weights along one axis: both (n, pooled, 2 * grid), the two
@@ -188,8 +194,9 @@ def _axis_taps(start: torch.Tensor, bin_size: torch.Tensor, size: torch.Tensor, 
     size = size[:, None, None]
     inside = (coord >= -1.0) & (coord <= size)
     coord = coord.clamp(min=0.0)
-    low = torch.where(inside, coord, 0.0).long()
     last = size - 1
+    # a sample outside the map weighs 0; its index is the nearest pixel (any valid row would do)
+    low = torch.minimum(coord.nan_to_num(0.0), last.to(dtype)).long()
     at_end = low >= last
     low = torch.where(at_end, last, low)
     high = torch.where(at_end, last, low + 1)
