@@ -135,6 +135,12 @@ def test_roi_align_known_values():
     out = roi_align(x, rois, (2, 4), 1.0, 2, aligned=False)
     torch.testing.assert_close(out[0, 0], torch.tensor([1.5, 2.5, 3.5, 4.5], dtype=torch.float64).expand(2, 4))
     torch.testing.assert_close(out[1, 0], torch.tensor([[2.0], [5.0]], dtype=torch.float64).expand(2, 4) + 100)
+    # one sample per bin, at x = 8 (the map's width: still read, as the last column) and at
+    # x = 10 (beyond: 0); at y = -1 (still read, as the first row) and y = -1.5 (beyond: 0)
+    edge = torch.tensor([[0, 7.0, 2.0, 11.0, 4.0], [1, 1.0, -1.5, 3.0, -0.5], [1, 1.0, -2.0, 3.0, -1.0]],
+                        dtype=torch.float64)
+    out = roi_align(x, edge, (1, 2), 1.0, 1)
+    assert out[:, 0, 0].tolist() == [[7.0, 0.0], [100.0, 100.0], [0.0, 0.0]]
 
 
 def test_roi_align_empty_inputs():
@@ -187,6 +193,7 @@ def test_infer_scale_rounds_to_powers_of_two():
     assert infer_scale((200, 304), (800, 1216)) == 0.25
     assert infer_scale((25, 38), (800, 1216)) == 1 / 32
     assert infer_scale((101, 9), (800, 1216)) == 0.125  # the height ratio, rounded in log2
+    assert infer_scale((160, 9), (800, 1216)) == 0.25  # 0.2 is nearer 1/4 than 1/8 in log2
     assert infer_scale((13, 17), (100, 100)) == 0.125
 
 
