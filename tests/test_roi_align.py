@@ -49,7 +49,8 @@ def _bilinear(plane: np.ndarray, y, x) -> np.ndarray:
         x1 = x0 + 1
     ly, lx = y - y0, x - x0
     hy, hx = 1 - ly, 1 - lx
-    return hy * hx * plane[:, y0, x0] + hy * lx * plane[:, y0, x1] + ly * hx * plane[:, y1, x0] + ly * lx * plane[:, y1, x1]
+    return (hy * hx * plane[:, y0, x0] + hy * lx * plane[:, y0, x1]
+            + ly * hx * plane[:, y1, x0] + ly * lx * plane[:, y1, x1])
 
 
 def reference_roi_align(features: np.ndarray, rois: np.ndarray, output_size: tuple[int, int], scale: float,
