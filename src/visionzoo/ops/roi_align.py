@@ -23,6 +23,7 @@ from ..errors import InputError
 
 # Samples x corners per chunk of regions: bounds the index and weight tensors (~100 MiB at float64).
 _ENTRY_BUDGET = 1 << 22
+_MAX_GRID = 1 << 20  # adaptive samples per bin and axis beyond this are not sampling, they are a bug
 
 
 def roi_align(input: torch.Tensor, boxes: torch.Tensor | Sequence[torch.Tensor], output_size: int | Sequence[int],
@@ -121,27 +122,26 @@ def roi_align_levels(features: Sequence[torch.Tensor], scales: Sequence[float], 
     if sampling_ratio > 0:
         groups = [(sampling_ratio, sampling_ratio, None)]
     else:  # ceil(size / bins) samples; an empty, inverted or non-finite region gets none and pools to 0
-        grid_h, grid_w = (torch.where(torch.isfinite(b), torch.ceil(b), 0.0).clamp(0, 1 << 20).long()
+        grid_h, grid_w = (torch.where(torch.isfinite(b), torch.ceil(b), 0.0).clamp(0, _MAX_GRID).long()
                           for b in (bin_h, bin_w))
-        keys, group_of = torch.unique(grid_h * ((1 << 20) + 1) + grid_w, return_inverse=True)
-        groups = [(key // ((1 << 20) + 1), key % ((1 << 20) + 1), None if len(keys) == 1 else
-                   torch.nonzero(group_of == g).squeeze(1)) for g, key in enumerate(keys.tolist())]
+        keys, group_of = torch.unique(grid_h * (_MAX_GRID + 1) + grid_w, return_inverse=True)
+        groups = [(key // (_MAX_GRID + 1), key % (_MAX_GRID + 1),
+                   None if len(keys) == 1 else torch.nonzero(group_of == g).squeeze(1))
+                  for g, key in enumerate(keys.tolist())]
 
     result = None
-    if len(groups) > 1 or index is not None:
-        result = first.new_zeros((k, out_h, out_w, channels))
-    for grid_h, grid_w, members in groups:
+    for grid_h, grid_w, members in groups:  # members None: every region
         if grid_h == 0 or grid_w == 0:
             continue
         size = rois.shape[0] if members is None else members.numel()
         step = max(1, _ENTRY_BUDGET // (out_h * out_w * 4 * grid_h * grid_w))
         for start in range(0, size, step):
-            sel = slice(start, min(start + step, size)) if members is None else members[start:start + step]
+            sel = slice(start, start + step) if members is None else members[start:start + step]
             ys, wy = _axis_taps(y1[sel], bin_h[sel], height[sel], out_h, grid_h)
             xs, wx = _axis_taps(x1[sel], bin_w[sel], width[sel], out_w, grid_w)
             pooled = _pool_bins(table, ys, wy / (grid_h * grid_w), xs, wx, image_base[sel], width[sel])
-            if result is None and step >= size:
-                result = pooled
+            if members is None and index is None and step >= size:
+                result = pooled  # every region in one piece, in order: no copy
             else:
                 if result is None:
                     result = first.new_zeros((k, out_h, out_w, channels))
