@@ -120,6 +120,8 @@ def test_paste_edge_cases():
     (lambda m, b: paste_masks_in_image(m, b, (40, 60), padding=-1), "padding"),
     (lambda m, b: heatmaps_to_keypoints(m[:, 0], b), "(K, J, S, S)"),
     (lambda m, b: heatmaps_to_keypoints(m, b[:, :3]), "(2, 4)"),
+    (lambda m, b: paste_masks_in_image(m, b * torch.tensor([1.0, float("nan")])[:, None], (40, 60)), "NaN"),
+    (lambda m, b: heatmaps_to_keypoints(m, b * torch.tensor([1.0, float("inf")])[:, None]), "infinite"),
 ])
 def test_bad_input(call, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")):

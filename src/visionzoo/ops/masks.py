@@ -40,6 +40,8 @@ def paste_masks_in_image(masks: torch.Tensor, boxes: torch.Tensor, img_shape: Se
     if not isinstance(boxes, torch.Tensor) or boxes.shape != (masks.shape[0], 4):
         got = tuple(boxes.shape) if isinstance(boxes, torch.Tensor) else type(boxes).__name__
         raise InputError(f"boxes must be a ({masks.shape[0]}, 4) tensor, one x1, y1, x2, y2 row per mask, got {got}")
+    if not bool(torch.isfinite(boxes).all()):
+        raise InputError("boxes hold NaN or infinite coordinates; paste masks of finite boxes only")
     im_h, im_w = _image_size(img_shape)
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise InputError(f"padding must be a non-negative int, got {padding!r}")
@@ -78,6 +80,8 @@ def heatmaps_to_keypoints(maps: torch.Tensor, rois: torch.Tensor) -> tuple[torch
         got = tuple(rois.shape) if isinstance(rois, torch.Tensor) else type(rois).__name__
         raise InputError(f"rois must be a ({maps.shape[0]}, 4) tensor, one x1, y1, x2, y2 row per heatmap set, "
                          f"got {got}")
+    if not bool(torch.isfinite(rois).all()):
+        raise InputError("rois hold NaN or infinite coordinates; decode keypoints of finite boxes only")
     count, joints = maps.shape[:2]
     widths = (rois[:, 2] - rois[:, 0]).clamp(min=1)
     heights = (rois[:, 3] - rois[:, 1]).clamp(min=1)
