@@ -1,8 +1,9 @@
 """Evaluation preprocessing without torchvision.
 
-Reproduces torchvision's `ImageClassification` preset on PIL images exactly: resize
-the shorter side with Pillow's (antialiased) filter, centre crop (zero-padding an
-image smaller than the crop), scale to [0, 1], normalise.
+Reproduces torchvision's presets on PIL images exactly: `ImageClassification` (resize the
+shorter side with Pillow's antialiased filter, centre crop, zero-padding an image smaller than
+the crop, scale to [0, 1], normalise) and, without the crop, `SemanticSegmentation`,
+`ObjectDetection` and `OpticalFlow` (see `preprocess.py`).
 """
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def to_normalized_tensor(img: Image.Image, mean, std) -> torch.Tensor:
 
 
 class ClassificationTransform:
-    """Callable PIL image -> normalised CHW float32 tensor for one preprocessing recipe."""
+    """Callable PIL image -> normalised CHW float32 tensor: resize (the shorter side, or to height x width),
+    centre crop, normalise. Classification's recipe, and each frame's in video classification."""
 
     def __init__(self, preprocess: Preprocess):
         self.preprocess = preprocess
@@ -79,17 +81,48 @@ class ClassificationTransform:
         draft = draft_info(img)
         if img.mode != "RGB":
             img = img.convert("RGB")
-        if draft is not None:
-            # a reduced-scale decode (the fast path): resize the area that covers the full image
-            # to the size the full image would get, so the geometry is the exact path's
-            size = resized_size(*draft.full_size, p.resize_size)
-            img = img.resize(size, self.interpolation.pil, box=draft.region)
-        else:
-            img = resize_shorter(img, p.resize_size, self.interpolation)
-        img = center_crop(img, p.crop_size)
+        if p.resize_hw is not None:
+            height, width = p.resize_hw
+            img = img.resize((width, height), self.interpolation.pil, box=draft.region if draft else None)
+        elif p.resize_size is not None:
+            if draft is not None:
+                # a reduced-scale decode (the fast path): resize the area that covers the full image
+                # to the size the full image would get, so the geometry is the exact path's
+                size = resized_size(*draft.full_size, p.resize_size)
+                img = img.resize(size, self.interpolation.pil, box=draft.region)
+            else:
+                img = resize_shorter(img, p.resize_size, self.interpolation)
+        if p.crop_size is not None:
+            img = center_crop(img, p.crop_size)
         return to_normalized_tensor(img, p.mean, p.std)
 
     def __repr__(self) -> str:
         p = self.preprocess
-        return (f"ClassificationTransform(resize={p.resize_size}, crop={p.crop_size}, "
+        resize = list(p.resize_hw) if p.resize_hw is not None else p.resize_size
+        return (f"ClassificationTransform(resize={resize}, crop={p.crop_size}, "
                 f"interpolation={p.interpolation}, mean={p.mean}, std={p.std})")
+
+
+class ResizeNormalize:
+    """Callable PIL image -> normalised CHW float32 tensor without a crop: semantic segmentation (the shorter
+    side resized), detection and optical flow (no resize; scaled to [0, 1] or [-1, 1])."""
+
+    def __init__(self, preprocess: Preprocess):
+        self.preprocess = preprocess
+        self.interpolation = Interpolation(preprocess.interpolation)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        p = self.preprocess
+        draft = draft_info(img)
+        if img.mode != "RGB":
+            img = img.convert("RGB")
+        full = draft.full_size if draft is not None else img.size
+        if p.resize_size is not None:
+            img = img.resize(resized_size(*full, p.resize_size), self.interpolation.pil,
+                             box=draft.region if draft else None)
+        elif draft is not None:  # no resize: back to the full image's size
+            img = img.resize(full, self.interpolation.pil, box=draft.region)
+        return to_normalized_tensor(img, p.mean, p.std)
+
+    def __repr__(self) -> str:
+        return f"ResizeNormalize({self.preprocess.describe()})"

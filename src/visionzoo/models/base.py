@@ -78,6 +78,11 @@ class VisionModel(nn.Module):
     def weights_source(self) -> str | None:
         return self.card.source if self.card is not None else None
 
+    @property
+    def class_layers(self) -> tuple[str, ...]:
+        """Dotted names of the layers that map to the classes (the ones `reset_classifier` replaces)."""
+        return ()
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the class head(s) with new ones of `num_classes` outputs."""
         raise NotImplementedError
@@ -137,6 +142,10 @@ class ZooModel(VisionModel):
     @property
     def head_hidden_size(self) -> int:
         return self.num_features
+
+    @property
+    def class_layers(self) -> tuple[str, ...]:
+        return (self.classifier_name,)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
