@@ -5,32 +5,23 @@ from typing import Optional
 
 import typer
 
-from ..data.images import DEFAULT_MAX_PIXELS
 from ..registry import DEFAULT_MODEL
-from ..runtime.backends import Backend
+from ..runtime.options import InferenceOptions
 from .common import (
     INPUTS_HELP,
-    BackendChoice,
-    BatchSize,
-    Device,
-    Exact,
-    MaxPixels,
     ModelArg,
     OutputFormat,
-    PrecisionChoice,
     PredictionWriter,
-    RunPrecision,
-    Threads,
     WeightsFile,
-    Workers,
     exit_for_failures,
-    inference_options,
     model_arg,
     note,
     report_failure,
+    with_inference_options,
 )
 
 
+@with_inference_options
 def predict(
     paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
     model: ModelArg = DEFAULT_MODEL,
@@ -38,20 +29,12 @@ def predict(
     topk: int = typer.Option(5, "--topk", "-k", min=1, help="How many classes to show per image."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format (jsonl and csv "
                                      "stream one result at a time, for any number of images)."),
-    batch_size: BatchSize = 32,
-    workers: Workers = None,
-    exact: Exact = False,
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-    device: Device = "cpu",
-    backend: BackendChoice = Backend.AUTO,
-    threads: Threads = None,
-    precision: PrecisionChoice = RunPrecision.fp32,
+    *,
+    options: InferenceOptions,
 ) -> None:
     """Classify images and print the top classes of each."""
     from ..tasks.predict import Prediction, iter_predict
 
-    options = inference_options(batch_size=batch_size, workers=workers, exact=exact, max_pixels=max_pixels,
-                                device=device, backend=backend, threads=threads, precision=precision)
     failures, done = [], 0
     writer = PredictionWriter(fmt)
     for result in iter_predict(paths, model_arg(model, weights), topk=topk, options=options):
@@ -65,6 +48,7 @@ def predict(
     exit_for_failures(done, failures, "predicted")
 
 
+@with_inference_options
 def embed(
     paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
     out_file: str = typer.Option(..., "--out", "-o", help="Output file: .npy (with a <stem>.paths.txt list of "
@@ -81,22 +65,14 @@ def embed(
                                  "instead of resuming it."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar "
                                             "(default: when stderr is a terminal)."),
-    batch_size: BatchSize = 32,
-    workers: Workers = None,
-    exact: Exact = False,
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-    device: Device = "cpu",
-    backend: BackendChoice = Backend.AUTO,
-    threads: Threads = None,
-    precision: PrecisionChoice = RunPrecision.fp32,
+    *,
+    options: InferenceOptions,
 ) -> None:
     """Write one embedding vector per image (pooled pre-logits, or a pooled stage); resumable."""
     from ..tasks.embed import embed as run_embed
     from ..tasks.embed import sidecar_path
     from .common import err
 
-    options = inference_options(batch_size=batch_size, workers=workers, exact=exact, max_pixels=max_pixels,
-                                device=device, backend=backend, threads=threads, precision=precision)
     result = run_embed(paths, model_arg(model, weights), out=out_file, layer=layer, normalize=normalize,
                        chunk_size=chunk_size, resume=not restart,
                        progress=err.is_terminal if progress is None else progress, options=options)

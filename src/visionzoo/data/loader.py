@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import ImageError, InputError
+from ..errors import ImageError, check_at_least
 from .images import DEFAULT_MAX_PIXELS, draft_info, load_image
 
 MAX_AUTO_WORKERS = 8
@@ -115,12 +115,9 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
             (embed aligns batches with its resumable chunks).
         pin_memory: page-lock batches for a faster copy to a GPU.
     """
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers is not None and num_workers < 0:
-        raise InputError(f"num_workers must be >= 0, got {num_workers}")
-    if max_pixels is not None and max_pixels < 1:
-        raise InputError(f"max_pixels must be >= 1 (or None for no limit), got {max_pixels}")
+    check_at_least("batch_size", batch_size, 1)
+    check_at_least("num_workers", num_workers, 0, optional=True)
+    check_at_least("max_pixels", max_pixels, 1, optional=True, note=" (or None for no limit)")
     if index_batches is None:
         index_batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
     index_batches = [list(b) for b in index_batches if len(b)]
