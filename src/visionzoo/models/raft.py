@@ -276,7 +276,8 @@ def lookup_correlation(pyramid: list[torch.Tensor], coords: torch.Tensor, radius
         sampled = F.grid_sample(level, 2 * points / size - 1, mode="bilinear", padding_mode="zeros",
                                 align_corners=True)
         out.append(sampled.view(n, h, w, side * side))
-    return torch.cat(out, dim=-1).permute(0, 3, 1, 2)
+    # contiguous NCHW: a channels-last view would switch the motion encoder's convolutions to that layout
+    return torch.cat(out, dim=-1).permute(0, 3, 1, 2).contiguous()
 
 
 def upsample_flow(flow: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -330,9 +331,14 @@ class RAFT(VisionModel):
         if isinstance(num_flow_updates, bool) or not isinstance(num_flow_updates, int) or num_flow_updates < 1:
             raise InputError(f"num_flow_updates must be an integer >= 1, got {num_flow_updates!r}")
 
-    def forward(self, image1: torch.Tensor, image2: torch.Tensor, num_flow_updates: int = 12) -> list[torch.Tensor]:
+    def forward(self, image1: torch.Tensor, image2: torch.Tensor, num_flow_updates: int = 12, *,
+                all_estimates: bool = True) -> list[torch.Tensor]:
         """Flow from `image1` to `image2` (N, 3, H, W each, values in [-1, 1]), refined `num_flow_updates`
-        times: the list of every estimate, (N, 2, H, W) in pixels (x then y), the last the best."""
+        times: the list of every estimate, (N, 2, H, W) in pixels (x then y), the last the best.
+
+        `all_estimates=False` returns only the last one (a list of one): the intermediate estimates
+        are then never brought to full resolution, which saves the upsampling mask of every update.
+        """
         self._check_inputs(image1, image2, num_flow_updates)
         n = image1.shape[0]
         fmap1, fmap2 = self.feature_encoder(torch.cat([image1, image2], dim=0)).chunk(2, dim=0)
@@ -346,14 +352,15 @@ class RAFT(VisionModel):
         coords0 = coords_grid(n, h, w, fmap1.dtype, fmap1.device)
         coords1 = coords0
         estimates = []
-        for _ in range(num_flow_updates):
+        for i in range(num_flow_updates):
             # the lookup position is not differentiated through (the paper's choice)
             coords1 = coords1.detach()
             corr = lookup_correlation(pyramid, coords1, self.cfg.corr_radius)
             hidden, delta = self.update_block(hidden, context, corr, coords1 - coords0)
             coords1 = coords1 + delta
-            mask = None if self.mask_predictor is None else self.mask_predictor(hidden)
-            estimates.append(upsample_flow(coords1 - coords0, mask))
+            if all_estimates or i == num_flow_updates - 1:
+                mask = None if self.mask_predictor is None else self.mask_predictor(hidden)
+                estimates.append(upsample_flow(coords1 - coords0, mask))
         return estimates
 
 
