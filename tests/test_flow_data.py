@@ -77,9 +77,11 @@ def test_magnitude_sets_saturation_and_unknown_flow_is_black():
     assert np.abs(beyond - 0.75 * full.astype(float)).max() <= 1  # beyond the scale: same hue, darker
     field[:, 0, 0] = np.nan
     field[:, 0, 1] = 0.0
+    field[:, 0, 2] = 1.7e308  # finite components, a length beyond float64
     image = flow_to_color(field)
     assert image[0, 0].tolist() == [0, 0, 0]
     assert image[0, 1].tolist() == [255, 255, 255]
+    assert image[0, 2].tolist() == [0, 0, 0]
     assert (image[1:] == full).all()  # NaNs do not change the scale of the others
 
 
@@ -95,8 +97,9 @@ def test_batches_are_scaled_per_image_unless_a_scale_is_given():
 def test_flow_to_color_rejects_bad_input():
     with pytest.raises(InputError, match="shape"):
         flow_to_color(np.zeros((3, 4, 4)))
-    with pytest.raises(InputError, match="max_magnitude"):
-        flow_to_color(np.zeros((2, 4, 4)), max_magnitude=0)
+    for bad in (0, -1.0, float("nan"), float("inf"), "3", True):
+        with pytest.raises(InputError, match="max_magnitude"):
+            flow_to_color(np.zeros((2, 4, 4)), max_magnitude=bad)
 
 
 def test_color_wheel_legend():

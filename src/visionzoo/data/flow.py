@@ -77,10 +77,13 @@ def flow_to_color(flow: torch.Tensor | np.ndarray, max_magnitude: float | None =
         for i, field in enumerate(flow):
             out[i] = flow_to_color(field, max_magnitude)
         return out
-    if max_magnitude is not None and not (max_magnitude > 0 and math.isfinite(max_magnitude)):
+    if max_magnitude is not None and not (isinstance(max_magnitude, (int, float, np.floating, np.integer))
+                                          and not isinstance(max_magnitude, bool)
+                                          and 0 < max_magnitude < math.inf):
         raise InputError(f"max_magnitude must be a positive number of pixels, got {max_magnitude!r}")
     u, v = flow
-    known = np.isfinite(u) & np.isfinite(v)
+    with np.errstate(over="ignore", invalid="ignore"):
+        known = np.isfinite(np.hypot(u, v))  # NaN, infinite or overflowing vectors: unknown flow
     u, v = np.where(known, u, 0.0), np.where(known, v, 0.0)
     magnitude = np.hypot(u, v)
     if max_magnitude is None:
