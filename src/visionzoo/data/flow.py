@@ -11,11 +11,9 @@ channel 1 the vertical one (pixels down), the layout models return per image. Co
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import struct
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
+from ..fileutil import atomic_path
 
 FLO_MAGIC = 202021.25  # the float32 that opens every .flo file ("PIEH" in ASCII)
 FLOW_SUFFIXES = (".flo", ".npy")
@@ -123,16 +122,8 @@ def color_wheel_legend(size: int = 151) -> np.ndarray:
 
 def _write_atomic(path: Path, write) -> None:
     # a half-written flow file must never replace a good one: write beside it, then rename
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        write(f)
 
 
 def _single_flow(flow: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..enums import Task
 from ..errors import InputError
-from ._base import VisionModel
+from .base import VisionModel
 from .layers import ConvNormAct
 
 FLOW_STRIDE = 8  # both encoders work at 1/8 of the input resolution
