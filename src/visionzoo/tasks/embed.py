@@ -182,7 +182,7 @@ class _ChunkPlan:
 def _run_key(files: list[Path], runner: Runner, encoder: Encoder, opts: InferenceOptions, chunk_size: int) -> dict:
     """Everything that changes a bit of the result: saved chunks are reused only under the same key."""
     return {"version": _KEY_VERSION, "inputs": _inputs_fingerprint(files), "count": len(files),
-            "model": _model_fingerprint(runner), "layer": encoder.layer, "normalize": encoder.normalize,
+            "model": model_fingerprint(runner), "layer": encoder.layer, "normalize": encoder.normalize,
             "preprocess": runner.preprocess.to_dict(), "fast": opts.fast, "max_pixels": opts.max_pixels,
             "batch_size": opts.batch_size, "chunk_size": chunk_size, "device": opts.torch_device.type,
             "torch": torch.__version__}
@@ -241,7 +241,7 @@ class Encoder:
         return F.normalize(v, dim=1) if self.normalize else v
 
 
-def _model_fingerprint(runner: Runner) -> dict:
+def model_fingerprint(runner: Runner) -> dict:
     """What the resumable key records of the model: its weights (or file) and how it runs."""
     if isinstance(runner, TorchRunner):
         weights = weights_fingerprint(runner.net)
