@@ -97,8 +97,11 @@ def set_torch_threads(threads: int | None) -> None:
 
 
 class Failed(Protocol):
-    path: str
-    reason: str
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
 
 
 def report_failure(failure: Failed) -> None:

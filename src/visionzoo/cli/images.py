@@ -135,9 +135,9 @@ def _on_ray(paths: list[str], model, out: str | None, options: InferenceOptions,
     result = run_on_ray(paths, model, out=out, embed=embed, address=address, workers=options.num_workers,
                         restart=restart, progress=err.is_terminal if progress is None else progress,
                         options=dataclasses.replace(options, num_workers=None), **outputs)
-    for failure in [*result.failures, *result.errors]:
+    failures = result.failures + result.errors
+    for failure in failures:
         report_failure(failure)
     resumed = f"; {result.resumed} already had one" if result.resumed else ""
     note(f"wrote {result.added} rows to {result.out} ({result.rows} in all{resumed})")
-    exit_for_failures(result.added - len(result.errors), [*result.failures, *result.errors],
-                      "embedded" if embed else "predicted")
+    exit_for_failures(result.added - len(result.errors), failures, "embedded" if embed else "predicted")

@@ -275,6 +275,6 @@ class OutputFolder:
                 log.warning("%s: unreadable (%s); deleting it, its images will run again", f, e)
                 self.fs.delete_file(f)
                 continue
-            for p, e in zip(table.column(PATH).to_pylist(), table.column(ERROR).to_pylist(), strict=True):
-                rows.setdefault(p, e)
+            for path, error in zip(table.column(PATH).to_pylist(), table.column(ERROR).to_pylist(), strict=True):
+                rows.setdefault(path, error)
         return list(rows.items())
