@@ -270,6 +270,7 @@ def test_killing_a_worker_mid_run_loses_no_image(ray_instance, tmp_path):
         time.sleep(0.2)
     thread.join(timeout=900)
     assert killed is not None, "the job ended before a worker could be killed"
+    print("the job", "failed: rerun" if "error" in outcome else "finished: Ray retried")
     if "error" in outcome:  # Ray gave up: a rerun fills in exactly the missing rows
         before = {r["path"] for r in pq.read_table(out).to_pylist()} if any(out.glob("*.parquet")) else set()
         run = run_on_ray([folder], "efficientnet_lite0", out=out, workers=1, batch_size=8, threads=1)

@@ -133,7 +133,8 @@ def run_on_ray(inputs: Sequence[str | os.PathLike] | str | os.PathLike, model: s
                                                 file_extensions=sorted(e.lstrip(".") for e in IMAGE_EXTENSIONS))
             parts.append(remote.map_batches(DropDone(frozenset(done))) if done else remote)
         ds = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-        ds = ds.map_batches(predictor.decoder(), batch_size=opts.batch_size, num_cpus=1)
+        ds = ds.map_batches(predictor.decoder(), batch_size=opts.batch_size, num_cpus=1,
+                            memory=_decoding_memory(predictor, opts.batch_size))
         ds = ds.map_batches(BatchPredictor, fn_constructor_kwargs=predictor.kwargs, batch_size=opts.batch_size,
                             **_actor_args(ray, opts, workers, cpus))
         ds.write_parquet(folder.uri, filesystem=folder.fs)
@@ -156,15 +157,20 @@ def _init(ray: Any, address: str | None) -> None:
              runtime_env={"env_vars": env} if env else None)
 
 
-def _actor_args(ray: Any, opts: InferenceOptions, workers: int | None, cpus: int) -> dict[str, Any]:
-    """The actor pool: `threads` CPUs (or a GPU) per actor; `workers` actors, or autoscaled.
+def _decoding_memory(predictor: BatchPredictor, batch_size: int) -> int:
+    """Bytes a decoding task holds: a batch of preprocessed images, about three times over (the
+    decoded image, its tensor, the batch). Reserving them also gives decoding other resources
+    than the model's actors, which keeps Ray from fusing the two stages into the actors, where
+    decoding and the model would wait for each other."""
+    side = predictor.runner.preprocess.crop_size or predictor.runner.info.input_size
+    return 3 * batch_size * 3 * side * side * 4
 
-    A dead actor is restarted and its batches retried, without end (Ray's default for actor
-    pools, stated here because no image may be lost). Stating it also makes the actors' remote
-    arguments differ from the decoding tasks', which keeps Ray from fusing decoding into the
-    actors, where decoding and the model would wait for each other."""
+
+def _actor_args(ray: Any, opts: InferenceOptions, workers: int | None, cpus: int) -> dict[str, Any]:
+    """The actor pool: `threads` CPUs (or a GPU) per actor; `workers` actors, or autoscaled. (Ray
+    restarts an actor pool's dead actors and retries their batches without end, by default.)"""
     actor_cpus = opts.threads or 1
-    args: dict[str, Any] = {"num_cpus": actor_cpus, "max_restarts": -1, "max_task_retries": -1}
+    args: dict[str, Any] = {"num_cpus": actor_cpus}
     if opts.torch_device.type == "cuda":
         gpus = int(ray.cluster_resources().get("GPU", 0))
         if gpus < 1:
