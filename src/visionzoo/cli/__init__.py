@@ -18,6 +18,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from ..errors import VisionZooError
 from . import deploy, images, train, zoo
@@ -53,7 +54,7 @@ def main() -> None:
     try:
         app()
     except VisionZooError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
 
 

@@ -48,7 +48,8 @@ class Runtime(str, Enum):
 
 INPUTS_HELP = ("Image files, folders (searched recursively), globs ('photos/**/*.jpg'), @LIST (a text "
                "file of paths, one per line) or a CSV with a 'path' column.")
-WORKERS_HELP = "Decoding processes (default: one per spare CPU core; 0 decodes in the main process)."
+WORKERS_HELP = ("Decoding processes (default: one per spare CPU core; 0 decodes in the main process). With "
+                "--engine ray: model actors (default: as many as the load asks, up to half the CPUs).")
 EXACT_HELP = ("Decode every image at full size: torchvision's preprocessing exactly. By default large "
               "JPEGs are decoded at a reduced scale first (much faster, nearly identical inputs).")
 MAX_PIXELS_HELP = "Refuse images with more pixels than this (decompression bombs); 0 for no limit."
@@ -96,8 +97,11 @@ def set_torch_threads(threads: int | None) -> None:
 
 
 class Failed(Protocol):
-    path: str
-    reason: str
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
 
 
 def report_failure(failure: Failed) -> None:

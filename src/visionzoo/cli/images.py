@@ -1,10 +1,13 @@
 """`predict` and `embed`: images in, labels or vectors out."""
 from __future__ import annotations
 
+import dataclasses
+from enum import Enum
 from typing import Optional
 
 import typer
 
+from ..errors import InputError
 from ..registry import DEFAULT_MODEL
 from ..runtime.options import InferenceOptions
 from .common import (
@@ -21,6 +24,17 @@ from .common import (
 )
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+ENGINE_HELP = ("local: this machine; ray: a Ray cluster or a local Ray instance (pip install \"visionzoo[ray]\"), "
+               "writing a folder of Parquet files (--out DIR.parquet, one row per image, resumable), with "
+               "--workers model actors.")
+ADDRESS_HELP = "With --engine ray: the cluster (auto, ray://HEAD:10001); default: a new local Ray instance."
+
+
 @with_inference_options
 def predict(
     paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
@@ -29,11 +43,25 @@ def predict(
     topk: int = typer.Option(5, "--topk", "-k", min=1, help="How many classes to show per image."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format (jsonl and csv "
                                      "stream one result at a time, for any number of images)."),
+    engine: Engine = typer.Option(Engine.local, "--engine", help=ENGINE_HELP),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="With --engine ray: the output folder "
+                                          "(DIR.parquet; a rerun fills in the images without a row)."),
+    restart: bool = typer.Option(False, "--restart", help="With --engine ray: delete the rows already in --out "
+                                 "and start over."),
     *,
     options: InferenceOptions,
 ) -> None:
-    """Classify images and print the top classes of each."""
+    """Classify images and print the top classes of each (or, on Ray, write them to Parquet)."""
     from ..tasks.predict import Prediction, iter_predict
+
+    if engine is Engine.ray:
+        _on_ray(paths, model_arg(model, weights), out_dir, options, embed=False, topk=topk, address=address,
+                restart=restart, progress=None)
+        return
+    if out_dir is not None or address is not None or restart:
+        raise InputError("--out, --address and --restart go with --engine ray; the local predict prints its "
+                         "results (--format jsonl or csv streams them, for any number of images)")
 
     failures, done = [], 0
     writer = PredictionWriter(fmt)
@@ -52,7 +80,8 @@ def predict(
 def embed(
     paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
     out_file: str = typer.Option(..., "--out", "-o", help="Output file: .npy (with a <stem>.paths.txt list of "
-                                 "paths) or .parquet (path and embedding columns)."),
+                                 "paths) or .parquet (path and embedding columns); with --engine ray, a folder "
+                                 "(DIR.parquet) of Parquet files."),
     model: ModelArg = DEFAULT_MODEL,
     weights: WeightsFile = None,
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Embed an intermediate stage instead (its "
@@ -65,6 +94,8 @@ def embed(
                                  "instead of resuming it."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar "
                                             "(default: when stderr is a terminal)."),
+    engine: Engine = typer.Option(Engine.local, "--engine", help=ENGINE_HELP),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     *,
     options: InferenceOptions,
 ) -> None:
@@ -72,6 +103,15 @@ def embed(
     from ..tasks.embed import embed as run_embed
     from ..tasks.embed import sidecar_path
     from .common import err
+
+    if engine is Engine.ray:
+        if chunk_size is not None:
+            raise InputError("--chunk-size is the local engine's; on Ray each block of images is saved as it is done")
+        _on_ray(paths, model_arg(model, weights), out_file, options, embed=True, layer=layer, normalize=normalize,
+                address=address, restart=restart, progress=progress)
+        return
+    if address is not None:
+        raise InputError("--address goes with --engine ray")
 
     result = run_embed(paths, model_arg(model, weights), out=out_file, layer=layer, normalize=normalize,
                        chunk_size=chunk_size, resume=not restart,
@@ -82,3 +122,22 @@ def embed(
     extra = f" (+ {sidecar_path(written).name})" if written is not None and written.suffix.lower() == ".npy" else ""
     note(f"wrote {len(result)} embeddings of dimension {result.dim} to {written}{extra}")
     exit_for_failures(len(result), result.failures, "embedded")
+
+
+def _on_ray(paths: list[str], model, out: str | None, options: InferenceOptions, *, embed: bool, address: str | None,
+            restart: bool, progress: bool | None, **outputs) -> None:
+    """Run predict or embed on Ray (`tasks/ray_engine.py`) and report as the local commands do."""
+    from ..tasks.ray_engine import run_on_ray
+    from .common import err
+
+    if out is None:
+        raise InputError("--engine ray writes its rows to a folder of Parquet files: give one with --out DIR.parquet")
+    result = run_on_ray(paths, model, out=out, embed=embed, address=address, workers=options.num_workers,
+                        restart=restart, progress=err.is_terminal if progress is None else progress,
+                        options=dataclasses.replace(options, num_workers=None), **outputs)
+    failures = result.failures + result.errors
+    for failure in failures:
+        report_failure(failure)
+    resumed = f"; {result.resumed} already had one" if result.resumed else ""
+    note(f"wrote {result.added} rows to {result.out} ({result.rows} in all{resumed})")
+    exit_for_failures(result.added - len(result.errors), failures, "embedded" if embed else "predicted")
