@@ -18,6 +18,7 @@ position embeddings (v1) and relative-position tables (v2) are sized for it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import ClassVar
@@ -32,6 +33,7 @@ from ._base import FeatureInfo, ZooModel
 from .layers import Mlp, StochasticDepth, attention, check_clip
 
 THW = tuple[int, int, int]
+NormLayer = Callable[[int], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -139,12 +141,13 @@ class MultiscaleAttention(nn.Module):
     (queries with stride 2 where a stage starts); v2 adds relative positions and a residual
     from the pooled query."""
 
-    def __init__(self, in_dim: int, dim: int, s: BlockSetting, grid: THW, v2: bool, dropout: float,
-                 norm_layer: partial[nn.LayerNorm], fused: bool = True):
+    def __init__(self, in_dim: int, dim: int, setting: BlockSetting, grid: THW, v2: bool, dropout: float,
+                 norm_layer: NormLayer, fused: bool = True):
         super().__init__()
+        s = setting
         self.num_heads = s.heads
         self.head_dim = dim // s.heads
-        self.residual_pool = v2
+        self.v2 = v2
         self.fused = fused
         self.qkv = nn.Linear(in_dim, 3 * dim)
         self.project = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
@@ -175,11 +178,11 @@ class MultiscaleAttention(nn.Module):
         if self.pool_q is not None:
             q, thw = self.pool_q(q, thw)
         bias = None
-        if self.residual_pool:
+        if self.v2:
             logits = relative_position_logits(q, thw, k_thw, (self.rel_pos_t, self.rel_pos_h, self.rel_pos_w))
             bias = F.pad(logits, (1, 0, 1, 0))  # nothing for the class token's row and column
         x = attention(q, k, v, bias, fused=self.fused)
-        if self.residual_pool:  # the pooled query joins the output, except the class token's
+        if self.v2:  # residual pooling: the pooled query joins the output, except the class token's
             x = x + F.pad(q[:, :, 1:], (0, 0, 1, 0))
         x = x.transpose(1, 2).reshape(b, q.shape[2], -1)
         return self.project(x), thw
@@ -189,9 +192,10 @@ class MultiscaleAttention(nn.Module):
 
 
 class MultiscaleBlock(nn.Module):
-    def __init__(self, s: BlockSetting, grid: THW, v2: bool, dropout: float, drop_prob: float,
-                 norm_layer: partial[nn.LayerNorm]):
+    def __init__(self, setting: BlockSetting, grid: THW, v2: bool, dropout: float, drop_prob: float,
+                 norm_layer: NormLayer):
         super().__init__()
+        s = setting
         self.proj_after_attn = v2
         dim = s.out_chs if v2 else s.in_chs  # the attention's width
         self.pool_skip = None
@@ -257,6 +261,7 @@ class MViT(ZooModel):
         if isinstance(spatial_size, int):
             spatial_size = (spatial_size, spatial_size)
         self.clip_size: THW = (temporal_size, *spatial_size)
+        self.image_size = spatial_size[0] if spatial_size[0] == spatial_size[1] else None
         if any(s < p for s, p in zip(self.clip_size, cfg.patch_stride, strict=True)):
             raise InputError(f"MViT clip size {self.clip_size} is smaller than its patch {cfg.patch_stride}")
         sd = cfg.stochastic_depth_prob if stochastic_depth_prob is None else stochastic_depth_prob
@@ -290,7 +295,7 @@ class MViT(ZooModel):
             nn.init.trunc_normal_(p, std=0.02)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_clip(x, type(self).__name__, self.clip_size)
+        check_clip(x, self.arch or type(self).__name__, self.clip_size)
         x = self.pos_encoding(self.conv_proj(x).flatten(2).transpose(1, 2))
         thw = self.pos_encoding.grid
         for block in self.blocks:

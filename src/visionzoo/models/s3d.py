@@ -120,14 +120,14 @@ class S3D(ZooModel):
         return nn.Conv3d(self.num_features, num_classes, 1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_clip(x, type(self).__name__)
+        check_clip(x, self.arch or type(self).__name__)
         return self.features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if any(s < k for s, k in zip(x.shape[2:], self.head_pool, strict=True)):
             t, h, w = self.head_pool
-            # the map has ceil(T / 4) // 2 frames and ceil(H / 16) // 2 rows (strides 2, 2, 2 in time)
-            raise InputError(f"S3D's head pools {t}x{h}x{w} windows of its last feature map, which is "
+            # the last map has ceil(T / 4) // 2 frames and ceil(H / 16) // 2 rows and columns
+            raise InputError(f"{self.arch or 'S3D'}'s head pools {t}x{h}x{w} windows of its last feature map, which is "
                              f"{'x'.join(map(str, x.shape[2:]))} here; give clips of at least {8 * t - 3} frames "
                              f"of {32 * h - 15}x{32 * w - 15} pixels (the weights were trained on 16 of 224x224)")
         x = self.avgpool(x)

@@ -127,7 +127,7 @@ class SwinTransformer3d(ZooModel):
                     nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_clip(x, type(self).__name__)
+        check_clip(x, self.arch or type(self).__name__)
         x = self.features(self.pos_drop(self.patch_embed(x)))
         return self.norm(x).permute(0, 4, 1, 2, 3)
 

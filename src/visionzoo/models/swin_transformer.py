@@ -11,6 +11,9 @@ Stages work on channels-last maps (B, H, W, C). Any input whose sides are multip
 the patch size (4) works: like torchvision, each stage pads its map to a multiple of the
 window size and patch merging pads odd sizes; the relative-position index and coordinate
 table are computed from the window size (`init_computed_buffers`), never from the input.
+The window machinery (partition, merge, shift mask, attention) takes channels-last maps with
+any number of sides: the video model (`swin3d.py`) reuses it, with the blocks and patch
+merging, on (B, T, H, W, C) maps.
 """
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ class VideoResNet(ZooModel):
         init_weights_torchvision(self, LinearInit.NORMAL)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_clip(x, type(self).__name__)
+        check_clip(x, self.arch or type(self).__name__)
         x = self.stem(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
