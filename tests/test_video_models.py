@@ -134,12 +134,13 @@ def test_mvit_takes_only_the_clip_size_it_was_built_for(name):
 
 
 def test_mvit_fused_and_explicit_attention_agree():
-    model = copy.deepcopy(_shared("mvit_v2_s")).double()
-    x = _clip("mvit_v2_s")[:1].double()
+    """The relative-position bias reaches the fused kernel as it does the explicit path."""
+    model = copy.deepcopy(_shared("mvit_v2_s"))
+    x = _clip("mvit_v2_s")[:1]
     with torch.no_grad():
         fused = model(x)
         explicit = set_fused_attention(model, False)(x)
-    assert torch.allclose(fused, explicit, rtol=0, atol=1e-10 * fused.abs().max().item())
+    assert torch.allclose(fused, explicit, rtol=0, atol=1e-5 * fused.abs().max().item())
 
 
 def test_s3d_takes_clips_down_to_the_size_its_head_pools():
