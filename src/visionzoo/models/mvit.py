@@ -268,7 +268,8 @@ class MViT(ZooModel):
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
         settings = block_settings(cfg)
         self.conv_proj = nn.Conv3d(in_chans, cfg.dims[0], cfg.patch_kernel, cfg.patch_stride, cfg.patch_padding)
-        grid = tuple(s // p for s, p in zip(self.clip_size, cfg.patch_stride, strict=True))
+        (t, h, w), (pt, ph, pw) = self.clip_size, cfg.patch_stride
+        grid: THW = (t // pt, h // ph, w // pw)
         self.pos_encoding = PositionalEncoding(cfg.dims[0], grid, absolute=not cfg.v2)
         self.blocks = nn.ModuleList()
         self.feature_info = []
@@ -306,8 +307,10 @@ class MViT(ZooModel):
         x = x[:, 0]
         return x if pre_logits else self.head(x)
 
-    def format_stage_output(self, index: int, output: tuple[torch.Tensor, THW]) -> torch.Tensor:
+    def format_stage_output(self, index: int, output: torch.Tensor | tuple[torch.Tensor, THW]) -> torch.Tensor:
         """A block's (tokens, grid) -> (B, C, T, H, W), without the class token."""
+        if isinstance(output, torch.Tensor):
+            raise TypeError("MViT stages are blocks, whose output is (tokens, grid)")
         x, thw = output
         return x[:, 1:].transpose(1, 2).reshape(x.shape[0], x.shape[2], *thw)
 

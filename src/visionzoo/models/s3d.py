@@ -105,8 +105,9 @@ class S3D(ZooModel):
             for block in blocks:
                 if block[0] != chs:
                     raise ValueError(f"S3D block {block} takes {block[0]} channels, the previous one gives {chs}")
-                layers.append(SepInception3d(block, norm))
-                chs = layers[-1].out_channels
+                inception = SepInception3d(block, norm)
+                layers.append(inception)
+                chs = inception.out_channels
             self.feature_info.append(FeatureInfo(f"features.{len(layers) - 1}", chs, reduction))
         self.features = nn.Sequential(*layers)
         self.head_pool = cfg.head_pool

@@ -105,7 +105,8 @@ class SwinTransformer3d(ZooModel):
             dim = cfg.embed_dim * 2 ** i
             blocks = []
             for j in range(depth):
-                shift = tuple(0 if j % 2 == 0 else w // 2 for w in cfg.window_size)
+                wt, wh, ww = cfg.window_size
+                shift: THW = (0, 0, 0) if j % 2 == 0 else (wt // 2, wh // 2, ww // 2)
                 attn = ShiftedWindowAttention3d(dim, cfg.window_size, shift, heads, attention_dropout, dropout,
                                                 fused_attention)
                 blocks.append(SwinBlock(dim, attn, cfg.mlp_ratio, False, sd * block_id / (total - 1), dropout))

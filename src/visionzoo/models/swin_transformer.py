@@ -195,7 +195,8 @@ class ShiftedWindowAttention(nn.Module):
         x = window_merge(x, window, padded)
         if any(shift):
             x = torch.roll(x, shifts=shift, dims=dims)
-        return x[(slice(None), *(slice(0, s) for s in sides))].contiguous()
+        unpadded = (slice(None),) + tuple(slice(0, s) for s in sides)
+        return x[unpadded].contiguous()
 
     def extra_repr(self) -> str:
         return f"window_size={self.window_size}, shift_size={self.shift_size}, num_heads={self.num_heads}, " \

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -81,12 +82,11 @@ class VideoResNet(ZooModel):
 
     def __init__(self, cfg: VideoResNetConfig, num_classes: int = 400, in_chans: int = 3):
         super().__init__()
-        conv3d = {"conv_layer": nn.Conv3d, "norm_layer": nn.BatchNorm3d}
+        conv3d = partial(ConvNormAct, conv_layer=nn.Conv3d, norm_layer=nn.BatchNorm3d, bias=False)
         if cfg.factorised_stem:
-            self.stem = nn.Sequential(*ConvNormAct(in_chans, 45, (1, 7, 7), (1, 2, 2), **conv3d, bias=False),
-                                      *ConvNormAct(45, 64, (3, 1, 1), **conv3d, bias=False))
+            self.stem = nn.Sequential(*conv3d(in_chans, 45, (1, 7, 7), (1, 2, 2)), *conv3d(45, 64, (3, 1, 1)))
         else:
-            self.stem = nn.Sequential(*ConvNormAct(in_chans, 64, (3, 7, 7), (1, 2, 2), **conv3d, bias=False))
+            self.stem = nn.Sequential(*conv3d(in_chans, 64, (3, 7, 7), (1, 2, 2)))
         self.feature_info = [FeatureInfo("stem", 64, 2)]
         in_chs, reduction = 64, 2
         for i, (kind, depth, out_chs) in enumerate(zip(cfg.convs, cfg.layers, (64, 128, 256, 512), strict=True)):
@@ -105,7 +105,9 @@ class VideoResNet(ZooModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_clip(x, self.arch or type(self).__name__)
         x = self.stem(x)
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for i in range(1, 5):
+            x = getattr(self, f"layer{i}")(x)
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(self.avgpool(x), 1)

@@ -65,8 +65,9 @@ class ConvNormAct(nn.Sequential):
                  norm_layer: Callable[[int], nn.Module] | None = nn.BatchNorm2d,
                  act_layer: Callable[..., nn.Module] | None = nn.ReLU, padding: int | tuple[int, ...] | None = None,
                  same_padding: bool = False, bias: bool | None = None, dilation: int | tuple[int, ...] = 1,
-                 conv_layer: type[nn.Conv2d] | type[nn.Conv3d] = nn.Conv2d):
+                 conv_layer: Callable[..., nn.Conv2d | nn.Conv3d] = nn.Conv2d):
         bias = norm_layer is None if bias is None else bias
+        conv: nn.Conv2d | nn.Conv3d
         if same_padding:
             if conv_layer is not nn.Conv2d or not isinstance(kernel_size, int) or not isinstance(stride, int):
                 raise ValueError("same_padding needs a Conv2d with an int kernel size and stride")
@@ -89,9 +90,9 @@ def _centred_padding(kernel_size: int | tuple[int, ...], dilation: int | tuple[i
     """The padding that keeps a stride-1 convolution's output the size of its input (odd kernels)."""
     if isinstance(kernel_size, int) and isinstance(dilation, int):
         return (kernel_size - 1) // 2 * dilation
-    n = len(kernel_size) if not isinstance(kernel_size, int) else len(dilation)
-    kernels = (kernel_size,) * n if isinstance(kernel_size, int) else tuple(kernel_size)
-    dilations = (dilation,) * n if isinstance(dilation, int) else tuple(dilation)
+    sides = len(kernel_size) if isinstance(kernel_size, tuple) else len(dilation) if isinstance(dilation, tuple) else 1
+    kernels = (kernel_size,) * sides if isinstance(kernel_size, int) else kernel_size
+    dilations = (dilation,) * sides if isinstance(dilation, int) else dilation
     return tuple((k - 1) // 2 * d for k, d in zip(kernels, dilations, strict=True))
 
 
