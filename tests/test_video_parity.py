@@ -18,7 +18,7 @@ FAMILIES = {video_resnet: ("r3d_18", "mc3_18", "r2plus1d_18"), s3d: ("s3d",), mv
             swin3d: ("swin3d_t", "swin3d_s", "swin3d_b")}
 FAMILY_OF = {name: family for family, names in FAMILIES.items() for name in names}
 # float64 at 16x224x224 on two cores: tens of seconds each
-SLOW = {"mvit_v1_b", "mvit_v2_s", "swin3d_b"}
+SLOW = {"mvit_v1_b", "mvit_v2_s", "swin3d_s", "swin3d_b"}
 
 
 def test_every_video_case_has_a_family_and_every_variant_a_case():
