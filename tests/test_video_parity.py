@@ -17,7 +17,7 @@ _CASES = {name: case for name, case in json.loads((TASKS / "manifest.json").read
 FAMILIES = {video_resnet: ("r3d_18", "mc3_18", "r2plus1d_18"), s3d: ("s3d",), mvit: ("mvit_v1_b", "mvit_v2_s"),
             swin3d: ("swin3d_t", "swin3d_s", "swin3d_b")}
 FAMILY_OF = {name: family for family, names in FAMILIES.items() for name in names}
-# float64 at 16x224x224 on two cores: tens of seconds each
+# over ~30 s each in float64 on two cores (MViT takes 16x224x224 clips; the larger Swin3Ds are deep)
 SLOW = {"mvit_v1_b", "mvit_v2_s", "swin3d_s", "swin3d_b"}
 
 
