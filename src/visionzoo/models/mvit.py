@@ -29,7 +29,7 @@ from torch import nn
 
 from ..enums import Task
 from ..errors import InputError
-from ._base import FeatureInfo, ZooModel
+from .base import FeatureInfo, ZooModel
 from .layers import Mlp, StochasticDepth, attention, check_clip
 
 THW = tuple[int, int, int]

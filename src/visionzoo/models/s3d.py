@@ -17,7 +17,7 @@ from torch import nn
 
 from ..enums import Task
 from ..errors import InputError
-from ._base import FeatureInfo, ZooModel
+from .base import FeatureInfo, ZooModel
 from .layers import ConvNormAct, check_clip
 
 # (in, branch0, branch1 middle, branch1, branch2 middle, branch2, branch3) channels of one block

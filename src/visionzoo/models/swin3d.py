@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..enums import Task
-from ._base import FeatureInfo, ZooModel
+from .base import FeatureInfo, ZooModel
 from .layers import check_clip, relative_position_index
 from .swin_transformer import PatchMerging, ShiftedWindowAttention, SwinBlock
 

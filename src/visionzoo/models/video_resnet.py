@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..enums import Task
-from ._base import FeatureInfo, LinearInit, ZooModel, init_weights_torchvision
+from .base import FeatureInfo, LinearInit, ZooModel, init_weights_torchvision
 from .layers import ConvNormAct, check_clip
 
 
