@@ -87,13 +87,29 @@ def main(src: Path) -> None:
     print(f"{len(rows)} weights rows written to {OUT / 'catalog.json'}")
 
 
+# How each video model's weights were evaluated (torchvision's weights documentation and its video
+# classification reference): frames per clip, the frame rate the video is resampled to before the
+# clip is taken (so the temporal stride is the source's frame rate over this one), and the number of
+# clips per video whose scores were averaged.
+VIDEO_CLIPS = {
+    "r3d_18": (16, 15, 5), "mc3_18": (16, 15, 5), "r2plus1d_18": (16, 15, 5),
+    "s3d": (128, 15, 1),
+    "mvit_v1_b": (16, 7.5, 5), "mvit_v2_s": (16, 7.5, 5),
+    "swin3d_t": (32, 15, 12), "swin3d_s": (32, 15, 12), "swin3d_b": (32, 15, 12),
+}
+
 # Builder arguments implied by published task weights (torchvision's builders set them when loading).
 TASK_BUILDER_KWARGS: dict[tuple[str, str], dict] = {}
 
 
-def task_preprocess(p: dict) -> dict:
-    """The catalog's preset description as a `Preprocess` dict (see data/preprocess.py)."""
+def task_preprocess(p: dict, clips: tuple | None = None) -> dict:
+    """The catalog's preset description as a `Preprocess` dict (see data/preprocess.py); a video
+    model's with its clip sampling."""
     kind = p["transform"]
+    if clips is not None:
+        frames, rate, per_video = clips
+        sampling = {"clip_len": frames, "frame_rate": rate, "clips": per_video}
+        return {**task_preprocess(p), **sampling}
     if kind == "ObjectDetection":  # the detector normalises and resizes itself
         return {"kind": kind, "resize_size": None, "crop_size": None, "mean": [0.0] * 3, "std": [1.0] * 3}
     if kind == "OpticalFlow":  # [0, 1] -> [-1, 1]
@@ -118,7 +134,7 @@ def task_rows(models: dict) -> list[dict]:
                 "dataset": dataset, "metrics": {k: (None if v != v else v) for k, v in metrics.items()},
                 "gflops": w["gflops"], "file_size_mb": w["file_size_mb"], "recipe": w["recipe"], "license": None,
                 "categories": w.get("categories"), "keypoint_names": w.get("keypoint_names"),
-                "preprocess": task_preprocess(w["preprocess"]),
+                "preprocess": task_preprocess(w["preprocess"], VIDEO_CLIPS.get(arch)),
                 "builder_kwargs": TASK_BUILDER_KWARGS.get((arch, w["tag"]), {}), "layout": "native",
             })
     return rows

@@ -37,6 +37,10 @@ class ImageError(VisionZooError):
         self.reason = reason
 
 
+class VideoError(ImageError):
+    """A file that is not a readable video (corrupt, truncated, no video stream, no frames)."""
+
+
 class InputError(VisionZooError, ValueError):
     """An invalid argument or input path."""
 

@@ -17,6 +17,7 @@ _EXTRAS = {
     "pyarrow": ("reading and writing .parquet files", "parquet"),
     "pyarrow.parquet": ("reading and writing .parquet files", "parquet"),
     "matplotlib": ("plots", "plots"),
+    "av": ("decoding video files", "video"),
     "ray": ("running on a Ray cluster (--engine ray)", "ray"),
     "ray.data": ("running on a Ray cluster (--engine ray)", "ray"),
 }

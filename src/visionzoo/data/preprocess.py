@@ -9,6 +9,10 @@ One record for every task, as torchvision's presets (`kind` names the preset it 
 | ObjectDetection       | scale to [0, 1] (the detector normalises and resizes itself)              |
 | VideoClassification   | per frame: resize (shorter side, or to height x width), crop, normalise   |
 | OpticalFlow           | scale to [-1, 1] (mean = std = 0.5)                                       |
+
+A video recipe also says how clips are sampled from a video, as the weights were evaluated:
+`clip_len` frames taken at `frame_rate` frames per second (the video is resampled to that rate, so
+the temporal stride is the source's rate over it), `clips` of them per video, scores averaged.
 """
 from __future__ import annotations
 
@@ -34,10 +38,20 @@ class Preprocess:
     std: tuple[float, ...] = IMAGENET_STD
     kind: str = "ImageClassification"  # the torchvision preset it reproduces (see the module docstring)
     resize_hw: tuple[int, int] | None = None  # resized to exactly (height, width) instead (R3D's 128x171)
+    clip_len: int | None = None  # video: frames per clip
+    frame_rate: float | None = None  # video: frames per second clips are sampled at (None: every frame)
+    clips: int | None = None  # video: clips per video whose scores the weights' evaluation averaged
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise InputError(f"unknown preprocessing kind {self.kind!r}; one of {', '.join(KINDS)}")
+        for name in ("clip_len", "clips"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.frame_rate is not None and not (isinstance(self.frame_rate, (int, float))
+                                                and not isinstance(self.frame_rate, bool) and self.frame_rate > 0):
+            raise InputError(f"frame_rate must be a positive number of frames per second, got {self.frame_rate!r}")
 
     @property
     def crop(self) -> int:
@@ -58,7 +72,8 @@ class Preprocess:
             crop = crop_hw[0]
         kind = d.get("kind") or d.get("transform") or "ImageClassification"
         return cls(resize, crop, d.get("interpolation", "bilinear"), tuple(d.get("mean", IMAGENET_MEAN)),
-                   tuple(d.get("std", IMAGENET_STD)), kind, resize_hw)
+                   tuple(d.get("std", IMAGENET_STD)), kind, resize_hw, d.get("clip_len"), d.get("frame_rate"),
+                   d.get("clips"))
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"resize_size": self.resize_size, "crop_size": self.crop_size,
@@ -67,6 +82,9 @@ class Preprocess:
             d["kind"] = self.kind
         if self.resize_hw is not None:
             d["resize_size"] = list(self.resize_hw)
+        for name in ("clip_len", "frame_rate", "clips"):
+            if getattr(self, name) is not None:
+                d[name] = getattr(self, name)
         return d
 
     def describe(self) -> str:
@@ -80,6 +98,9 @@ class Preprocess:
         if parts:
             parts.append(self.interpolation)
         parts += [f"mean {self.mean}", f"std {self.std}"]
+        if self.clip_len is not None:
+            rate = f" at {self.frame_rate:g} fps" if self.frame_rate else ""
+            parts.append(f"clips of {self.clip_len} frames{rate}" + (f", {self.clips} per video" if self.clips else ""))
         return ", ".join(parts) if self.kind == "ImageClassification" else f"{self.kind}: {', '.join(parts)}"
 
     def transforms(self):
