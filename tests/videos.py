@@ -62,8 +62,8 @@ def write_video(path: Path, frames: int = 48, *, size: tuple[int, int] = (160, 1
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        if bit_rate:
-            stream.bit_rate = bit_rate
+        if bit_rate or codec == "mpeg4":  # mpeg4's default rate blurs the square by a pixel or two
+            stream.bit_rate = bit_rate or 2_000_000
         if gop:
             stream.codec_context.gop_size = gop
         if options:

@@ -46,8 +46,8 @@ class Runtime(str, Enum):
     openvino = "openvino"
 
 
-INPUTS_HELP = ("Image files, folders (searched recursively), globs ('photos/**/*.jpg'), @LIST (a text "
-               "file of paths, one per line) or a CSV with a 'path' column.")
+INPUTS_HELP = ("Image files (video files for a video model), folders (searched recursively), globs "
+               "('photos/**/*.jpg'), @LIST (a text file of paths, one per line) or a CSV with a 'path' column.")
 WORKERS_HELP = ("Decoding processes (default: one per spare CPU core; 0 decodes in the main process). With "
                 "--engine ray: model actors (default: as many as the load asks, up to half the CPUs).")
 EXACT_HELP = ("Decode every image at full size: torchvision's preprocessing exactly. By default large "
@@ -169,13 +169,16 @@ class PredictionWriter:
     """Prints predictions (objects with `path`, `top` and `to_dict()`) in the chosen format: jsonl and
     csv stream one result at a time, table and json collect them and print at the end."""
 
+    TABLE_COLUMNS: tuple[str, ...] = ("path", "rank", "label", "probability", "index")
+    CSV_HEADER: tuple[str, ...] = ("path", "rank", "index", "label", "probability")
+
     def __init__(self, fmt: OutputFormat):
         self.fmt = fmt
         self.items: list[dict[str, Any]] = []
-        self.table = Table("path", "rank", "label", "probability", "index")
+        self.table = Table(*self.TABLE_COLUMNS)
         self.csv = csv.writer(sys.stdout) if fmt is OutputFormat.csv else None
         if self.csv is not None:
-            self.csv.writerow(["path", "rank", "index", "label", "probability"])
+            self.csv.writerow(self.CSV_HEADER)
 
     def add(self, p: Any) -> None:
         if self.fmt is OutputFormat.table:
@@ -198,3 +201,33 @@ class PredictionWriter:
         elif self.fmt is OutputFormat.json:
             sys.stdout.write(json.dumps(self.items, indent=2) + "\n")
         sys.stdout.flush()
+
+
+
+class VideoPredictionWriter(PredictionWriter):
+    """Video predictions (`tasks/video.py`): the classes averaged over the clips, then each clip's. The
+    table and CSV get a `clip` column (`all` for the average) and the clip's start and end in seconds;
+    JSON and JSONL hold the clips in each record."""
+
+    TABLE_COLUMNS = ("path", "clip", "seconds", "rank", "label", "probability", "index")
+    CSV_HEADER = ("path", "clip", "start", "end", "rank", "index", "label", "probability")
+
+    def add(self, p: Any) -> None:
+        rows = [("all", None, None, p.top)] + [(str(c.index + 1), c.start, c.end, c.top) for c in p.clips]
+        if self.fmt is OutputFormat.table:
+            for clip, start, end, top in rows:
+                seconds = "" if start is None else f"{start:.2f}-{end:.2f}"
+                for r, t in enumerate(top):
+                    first = r == 0
+                    self.table.add_row(p.path if clip == "all" and first else "", clip if first else "",
+                                       seconds if first else "", str(r + 1), t.label, f"{t.probability:.4f}",
+                                       str(t.index))
+            self.table.add_section()
+        elif self.csv is not None:
+            for clip, start, end, top in rows:
+                for r, t in enumerate(top):
+                    self.csv.writerow([p.path, clip, "" if start is None else f"{start:.3f}",
+                                       "" if end is None else f"{end:.3f}", r + 1, t.index, t.label,
+                                       f"{t.probability:.6f}"])
+        else:
+            super().add(p)

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from ..data.inputs import Failure
 from ..errors import InputError
 from ..registry import DEFAULT_MODEL
 from ..runtime.options import InferenceOptions
@@ -15,6 +16,7 @@ from .common import (
     ModelArg,
     OutputFormat,
     PredictionWriter,
+    VideoPredictionWriter,
     WeightsFile,
     exit_for_failures,
     model_arg,
@@ -32,6 +34,8 @@ class Engine(str, Enum):
 ENGINE_HELP = ("local: this machine; ray: a Ray cluster or a local Ray instance (pip install \"visionzoo[ray]\"), "
                "writing a folder of Parquet files (--out DIR.parquet, one row per image, resumable), with "
                "--workers model actors.")
+CLIPS_HELP = ("Video models: evenly spaced clips per video, sampled as the weights were evaluated (default: the "
+              "weights' own count); --batch-size then counts clips.")
 ADDRESS_HELP = "With --engine ray: the cluster (auto, ray://HEAD:10001); default: a new local Ray instance."
 
 
@@ -49,13 +53,19 @@ def predict(
                                           "(DIR.parquet; a rerun fills in the images without a row)."),
     restart: bool = typer.Option(False, "--restart", help="With --engine ray: delete the rows already in --out "
                                  "and start over."),
+    clips: Optional[int] = typer.Option(None, "--clips", min=1, help=CLIPS_HELP + " Each clip's top classes and "
+                                        "their average are printed."),
     *,
     options: InferenceOptions,
 ) -> None:
-    """Classify images and print the top classes of each (or, on Ray, write them to Parquet)."""
-    from ..tasks.predict import Prediction, iter_predict
+    """Classify images (or videos, with a video model) and print the top classes of each (or, on Ray, write
+    them to Parquet)."""
+    from ..tasks.predict import iter_predict
+    from ..tasks.video import VideoPrediction
 
     if engine is Engine.ray:
+        if clips is not None:
+            raise InputError("--clips is for video models, which run with the local engine")
         _on_ray(paths, model_arg(model, weights), out_dir, options, embed=False, topk=topk, address=address,
                 restart=restart, progress=None)
         return
@@ -64,15 +74,17 @@ def predict(
                          "results (--format jsonl or csv streams them, for any number of images)")
 
     failures, done = [], 0
-    writer = PredictionWriter(fmt)
-    for result in iter_predict(paths, model_arg(model, weights), topk=topk, options=options):
-        if isinstance(result, Prediction):
-            writer.add(result)
-            done += 1
-        else:
+    writer: PredictionWriter | None = None  # chosen by the first result: image or video predictions
+    for result in iter_predict(paths, model_arg(model, weights), topk=topk, clips=clips, options=options):
+        if isinstance(result, Failure):
             failures.append(result)
             report_failure(result)
-    writer.close()
+            continue
+        if writer is None:
+            writer = (VideoPredictionWriter if isinstance(result, VideoPrediction) else PredictionWriter)(fmt)
+        writer.add(result)
+        done += 1
+    (writer or PredictionWriter(fmt)).close()
     exit_for_failures(done, failures, "predicted")
 
 
@@ -96,15 +108,20 @@ def embed(
                                             "(default: when stderr is a terminal)."),
     engine: Engine = typer.Option(Engine.local, "--engine", help=ENGINE_HELP),
     address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    clips: Optional[int] = typer.Option(None, "--clips", min=1, help=CLIPS_HELP + " A video's vector is the mean "
+                                        "of its clips' pooled embeddings."),
     *,
     options: InferenceOptions,
 ) -> None:
-    """Write one embedding vector per image (pooled pre-logits, or a pooled stage); resumable."""
+    """Write one embedding vector per image (pooled pre-logits, or a pooled stage), or per video with a video
+    model; resumable."""
     from ..tasks.embed import embed as run_embed
     from ..tasks.embed import sidecar_path
     from .common import err
 
     if engine is Engine.ray:
+        if clips is not None:
+            raise InputError("--clips is for video models, which run with the local engine")
         if chunk_size is not None:
             raise InputError("--chunk-size is the local engine's; on Ray each block of images is saved as it is done")
         _on_ray(paths, model_arg(model, weights), out_file, options, embed=True, layer=layer, normalize=normalize,
@@ -114,7 +131,7 @@ def embed(
         raise InputError("--address goes with --engine ray")
 
     result = run_embed(paths, model_arg(model, weights), out=out_file, layer=layer, normalize=normalize,
-                       chunk_size=chunk_size, resume=not restart,
+                       chunk_size=chunk_size, resume=not restart, clips=clips,
                        progress=err.is_terminal if progress is None else progress, options=options)
     for failure in result.failures:
         report_failure(failure)

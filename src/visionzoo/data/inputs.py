@@ -1,8 +1,10 @@
-"""Turning the paths a user gives into a list of image files.
+"""Turning the paths a user gives into a list of image (or video) files.
 
 An input is one of:
   - a file (used whatever its extension);
-  - a folder, searched recursively for image extensions (hidden entries skipped);
+  - a folder, searched recursively for image extensions (hidden entries skipped), or video
+    extensions for a video model (`kinds`); a folder that mixes images and videos is refused
+    unless the model takes both;
   - a glob pattern (`photos/**/*.jpg`; `**` spans folders);
   - `@LIST`: a text file listing inputs, one per line (files, folders or globs; blank
     lines and lines starting with `#` ignored; relative paths are relative to the list
@@ -21,6 +23,11 @@ from pathlib import Path
 
 from ..errors import InputError
 from .images import IMAGE_EXTENSIONS
+from .video import VIDEO_EXTENSIONS
+
+# the kinds of media file a folder is searched for, by extension
+MEDIA_EXTENSIONS = {"image": IMAGE_EXTENSIONS, "video": VIDEO_EXTENSIONS}
+ALL_MEDIA = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
 
 @dataclass(frozen=True)
@@ -31,8 +38,10 @@ class Failure:
     reason: str
 
 
-def expand_inputs(items: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Failure]]:
-    """Files, folders, globs, `@LIST` files and CSV datasets -> image files.
+def expand_inputs(items: Iterable[str | os.PathLike], *,
+                  kinds: Iterable[str] = ("image",)) -> tuple[list[Path], list[Failure]]:
+    """Files, folders, globs, `@LIST` files and CSV datasets -> image files (or the `kinds` of media
+    file the model takes: "image", "video").
 
     Returns the files in a stable order (folders and glob matches sorted, duplicates
     dropped) and the inputs that matched nothing. A file named explicitly (in the
@@ -41,6 +50,8 @@ def expand_inputs(items: Iterable[str | os.PathLike]) -> tuple[list[Path], list[
     """
     if isinstance(items, (str, os.PathLike)):
         items = [items]
+    kinds = tuple(kinds)
+    extensions = frozenset().union(*(MEDIA_EXTENSIONS[k] for k in kinds))
     files: list[Path] = []
     failures: list[Failure] = []
     seen: set[Path] = set()
@@ -59,10 +70,12 @@ def expand_inputs(items: Iterable[str | os.PathLike]) -> tuple[list[Path], list[
         if text.startswith("@") and not from_list and not path.exists():
             _expand_list(Path(text[1:]).expanduser(), expand, failures)
         elif path.is_dir():
-            found = sorted(find_images(path))
+            media = sorted(find_images(path, ALL_MEDIA))  # one walk: the model's files and any others
+            found = [p for p in media if p.suffix.lower() in extensions]
+            _check_other_media(path, kinds, found, [p for p in media if p.suffix.lower() not in extensions])
             if not found:
-                failures.append(Failure(text, "folder holds no image files (" +
-                                        ", ".join(sorted(IMAGE_EXTENSIONS)) + ")"))
+                failures.append(Failure(text, f"folder holds no {' or '.join(kinds)} files (" +
+                                        ", ".join(sorted(extensions)) + ")"))
             for p in found:
                 add(p)
         elif path.is_file() and path.suffix.lower() == ".csv" and not from_list:
@@ -84,13 +97,26 @@ def expand_inputs(items: Iterable[str | os.PathLike]) -> tuple[list[Path], list[
     return files, failures
 
 
-def find_images(folder: Path) -> Iterable[Path]:
-    """Image files below `folder` at any depth (unsorted), skipping hidden files and folders."""
+def find_images(folder: Path, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> Iterable[Path]:
+    """Image files (or files with other `extensions`) below `folder` at any depth (unsorted),
+    skipping hidden files and folders."""
     for root, dirs, names in os.walk(folder, followlinks=True):
         dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .ipynb_checkpoints, ...
         for name in names:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
                 yield Path(root) / name
+
+
+def _check_other_media(folder: Path, kinds: tuple[str, ...], own: list[Path], others: list[Path]) -> None:
+    """A folder holding both files the model takes and media of another kind is refused: which ones
+    did the user mean?"""
+    if not (own and others):
+        return
+    kind = next(k for k, ext in MEDIA_EXTENSIONS.items() if others[0].suffix.lower() in ext)
+    takes = " and ".join(kinds)
+    raise InputError(f"{folder} mixes {takes} files ({len(own)}) with {kind} files ({len(others)}, e.g. "
+                     f"{others[0].name}); this model takes {takes} files only: put the {kind} files in another "
+                     f"folder (a {kind} model takes them)")
 
 
 def _expand_list(list_file: Path, expand, failures: list[Failure]) -> None:

@@ -23,16 +23,18 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
 
 from ..errors import InputError, VideoError, check_at_least
 from ..optional import require
+from .loader import ImageBatch, default_num_workers, fix_mmap_threshold
 from .preprocess import Preprocess
 from .transforms import resized_size
 
@@ -326,7 +328,8 @@ def read_clips(path: str | os.PathLike, preprocess: Preprocess, clips: int | Non
                     del held[i]
 
 
-def frame_pairs(path: str | os.PathLike, every: int = 1, *, gap: int = 1) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def frame_pairs(path: str | os.PathLike, every: int = 1, *,
+                gap: int = 1) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """(index, frame i, frame i + gap) for i = 0, every, 2 * every, ...: consecutive frames for
     optical flow, decoded lazily (two frames held at a time)."""
     check_at_least("every", every, 1)
@@ -348,3 +351,63 @@ def frame_pairs(path: str | os.PathLike, every: int = 1, *, gap: int = 1) -> Ite
 def _reason(e: BaseException) -> str:
     text = getattr(e, "strerror", None) or str(e) or type(e).__name__
     return str(text).strip().splitlines()[0][:200]
+
+
+# -- batches of whole videos, decoded in worker processes --------------------------------------
+
+@dataclass
+class VideoBatch(ImageBatch):
+    """An `ImageBatch` whose `images` are (videos, clips, C, T, H, W): every clip of each video."""
+
+    spans: list[list[tuple[float, float]]] = field(default_factory=list)  # (start, end) seconds of each clip
+
+
+class VideoFiles(Dataset):
+    """Position i -> (i, (clips, C, T, H, W) tensor, None, spans), or (i, None, reason, []) for a bad file."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], preprocess: Preprocess, clips: int | None = None):
+        self.paths = list(paths)
+        self.preprocess = preprocess
+        self.clips = clips
+        self.transform = ClipTransform(preprocess)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            got = list(read_clips(self.paths[i], self.preprocess, self.clips, transform=self.transform))
+        except VideoError as e:
+            return i, None, e.reason, []
+        return i, torch.stack([c.tensor for c in got]), None, [(c.start_time, c.end_time) for c in got]
+
+
+def _collate(items) -> VideoBatch:
+    good = [(i, x, spans) for i, x, _, spans in items if x is not None]
+    return VideoBatch(indices=[i for i, _, _ in good], images=torch.stack([x for _, x, _ in good]) if good else None,
+                      failures=[(i, reason) for i, _, reason, _ in items if reason is not None],
+                      spans=[spans for _, _, spans in good])
+
+
+def video_batches(paths: Sequence[str | os.PathLike], preprocess: Preprocess, *, clips: int | None = None,
+                  batch_size: int = 1, num_workers: int | None = None,
+                  index_batches: Sequence[Sequence[int]] | None = None, **_image_options) -> Iterator[VideoBatch]:
+    """Yield the videos of `paths` as batches of whole videos (`batch_size` videos each, or the
+    given `index_batches`), every video cut into its evenly spaced clips and preprocessed, decoded in
+    `num_workers` processes (None: one per spare core; 0: here). Options that only images have
+    (`fast`, `max_pixels`, `pin_memory`) are accepted and ignored, so this stands in for
+    `image_batches`. Memory: the clips of the batches in flight, whatever the videos' lengths."""
+    _av()  # a missing PyAV is one clear error, not a failure per file
+    check_at_least("batch_size", batch_size, 1)
+    check_at_least("num_workers", num_workers, 0, optional=True)
+    if index_batches is None:
+        index_batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
+    index_batches = [list(b) for b in index_batches if len(b)]
+    if not index_batches:
+        return
+    if num_workers is None:
+        num_workers = default_num_workers(len(index_batches))
+    loader = DataLoader(VideoFiles(paths, preprocess, clips), batch_sampler=index_batches, num_workers=num_workers,
+                        collate_fn=_collate, worker_init_fn=fix_mmap_threshold if num_workers else None,
+                        prefetch_factor=1 if num_workers else None)
+    yield from loader

@@ -121,7 +121,9 @@ class TorchRunner(Runner):
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """The batch on the model's device, in the memory format the model runs fastest with."""
         x = images.to(self.device)
-        return x.contiguous(memory_format=torch.channels_last) if self.optimized and x.ndim == 4 else x
+        if self.optimized and x.ndim in (4, 5):
+            return x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+        return x
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision is Precision.BF16)

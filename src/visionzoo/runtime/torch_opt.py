@@ -26,6 +26,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ..models.base import VisionModel
 
 log = logging.getLogger("visionzoo")
+_NORMS = (nn.BatchNorm2d, nn.BatchNorm3d)  # folded into the convolution of the same dimension before them
 
 
 def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, inplace: bool = False) -> nn.Module:
@@ -42,8 +43,14 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, inpl
         name = net.arch if isinstance(net, VisionModel) else None
         log.info("%s: folded %d BatchNorm layers into convolutions", name or type(net).__name__, folded)
     if channels_last:
-        net.to(memory_format=torch.channels_last)
+        net.to(memory_format=channels_last_format(net))
     return net
+
+
+def channels_last_format(net: nn.Module) -> torch.memory_format:
+    """NDHWC for a network of 3-D convolutions (video), NHWC otherwise."""
+    video = any(isinstance(m, nn.Conv3d) for m in net.modules())
+    return torch.channels_last_3d if video else torch.channels_last
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -60,7 +67,8 @@ def copy_model(model: nn.Module) -> nn.Module:
 
 
 def fold_batchnorms(model: nn.Module) -> int:
-    """Fold every (Conv2d -> BatchNorm2d) pair of an eval-mode model in place; returns how many."""
+    """Fold every (Conv2d -> BatchNorm2d) and (Conv3d -> BatchNorm3d) pair of an eval-mode model in place;
+    returns how many."""
     pairs: list[tuple[str, str]] = []
     _find_pairs(model, "", pairs)
     for conv_name, bn_name in pairs:
@@ -71,7 +79,7 @@ def fold_batchnorms(model: nn.Module) -> int:
 
 
 def _find_pairs(module: nn.Module, prefix: str, pairs: list[tuple[str, str]]) -> None:
-    if not any(isinstance(m, nn.BatchNorm2d) for m in module.modules()):
+    if not any(isinstance(m, _NORMS) for m in module.modules()):
         return
     try:
         graph = _LeafTracer().trace(module)
@@ -80,7 +88,7 @@ def _find_pairs(module: nn.Module, prefix: str, pairs: list[tuple[str, str]]) ->
             _find_pairs(child, f"{prefix}{name}.", pairs)
         return
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(module.get_submodule(node.target), nn.BatchNorm2d):
+        if node.op != "call_module" or not isinstance(module.get_submodule(node.target), _NORMS):
             continue
         source = node.args[0] if node.args else None
         if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
@@ -98,8 +106,9 @@ class _LeafTracer(fx.Tracer):
         return next(iter(m.children()), None) is None or super().is_leaf_module(m, qualname)
 
 
-def _foldable(conv: nn.Module, bn: nn.BatchNorm2d) -> bool:
-    return (isinstance(conv, nn.Conv2d) and not bn.training and bn.track_running_stats
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    conv_type = nn.Conv3d if isinstance(bn, nn.BatchNorm3d) else nn.Conv2d
+    return (isinstance(conv, conv_type) and not bn.training and bn.track_running_stats
             and bn.running_mean is not None and conv.out_channels == bn.num_features)
 
 

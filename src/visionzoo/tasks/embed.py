@@ -18,13 +18,15 @@ written atomically) is the same, byte for byte.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ import torch.nn.functional as F
 
 from ..data.inputs import Failure, expand_inputs
 from ..data.loader import image_batches
+from ..data.video import video_batches
+from ..enums import Task
 from ..errors import InputError
 from ..fileutil import atomic_path, json_digest, sha256_file, weights_fingerprint
 from ..models.base import ZooModel
@@ -44,6 +48,7 @@ from ..progress import progress_bar
 from ..registry import DEFAULT_MODEL
 from ..runtime.backends import Runner, TorchRunner
 from ..runtime.options import InferenceOptions
+from .video import VIDEO_KINDS, check_video_runner, videos_per_batch
 
 log = logging.getLogger("visionzoo")
 FORMATS = {".npy": "npy", ".parquet": "parquet", ".pq": "parquet"}
@@ -100,9 +105,9 @@ def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
           model: str | os.PathLike | ZooModel | Runner = DEFAULT_MODEL, *, out: str | os.PathLike | None = None,
           layer: int | str | None = None, normalize: bool = False, chunk_size: int | None = None,
-          resume: bool = True, progress: bool = False, options: InferenceOptions | None = None,
-          **settings: Any) -> Embeddings:
-    """Embed images: files, folders, globs, `@LIST` files or CSV datasets.
+          resume: bool = True, progress: bool = False, clips: int | None = None,
+          options: InferenceOptions | None = None, **settings: Any) -> Embeddings:
+    """Embed images (or, with a video model, videos): files, folders, globs, `@LIST` files or CSV datasets.
 
     Args:
         model: a name (`arch[.TAG]`, default weights), a bundle, a model instance, an ONNX
@@ -116,6 +121,9 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
         chunk_size: images per saved chunk (a multiple of the batch size; default 8 batches).
         resume: reuse the chunks of an interrupted run with the same key; False starts over.
         progress: show a progress bar on stderr.
+        clips: video models: a video's vector is the mean of the pooled embeddings of this many
+            evenly spaced clips (default: the weights' evaluation count); `batch_size` then counts
+            clips, and a batch holds whole videos.
         options: how to decode, batch and run (`InferenceOptions`; its fields may also be
             given as keywords, as for `predict`).
 
@@ -123,23 +131,31 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     from the file when first accessed.
     """
     opts = InferenceOptions.of(options, **settings)
-    chunk_size = CHUNK_BATCHES * opts.batch_size if chunk_size is None else chunk_size
-    if chunk_size < 1 or chunk_size % opts.batch_size:
-        raise InputError(f"chunk_size must be a positive multiple of batch_size ({opts.batch_size}), "
-                         f"got {chunk_size}")
     out = Path(out).expanduser() if out is not None else None
     fmt = _output_format(out) if out is not None else None
     if fmt == "parquet":
         require("pyarrow.parquet")
     runner = opts.open(model)
+    video = runner.info.task is Task.VIDEO
+    if video:  # a batch holds whole videos: as many as fit in batch_size clips
+        check_video_runner(runner)
+        clips = clips or runner.preprocess.clips or 1
+        opts = dataclasses.replace(opts, batch_size=videos_per_batch(opts.batch_size, clips))
+    elif clips is not None:
+        raise InputError(f"clips is for video models; {runner.arch} embeds images")
+    chunk_size = CHUNK_BATCHES * opts.batch_size if chunk_size is None else chunk_size
+    if chunk_size < 1 or chunk_size % opts.batch_size:
+        raise InputError(f"chunk_size must be a positive multiple of batch_size ({opts.batch_size}), "
+                         f"got {chunk_size}")
     encoder = Encoder(runner, layer, normalize)
-    files, failures = expand_inputs(inputs)
-    key = _run_key(files, runner, encoder, opts, chunk_size) if out is not None else None
+    files, failures = expand_inputs(inputs, kinds=VIDEO_KINDS if video else ("image",))
+    key = _run_key(files, runner, encoder, opts, chunk_size, clips) if out is not None else None
     store = _ChunkStore(_work_dir(out) if out is not None else None, key, resume)
     plan = _ChunkPlan(len(files), chunk_size, opts.batch_size)
     if store.done:
         log.warning("resuming: %d of %d chunks already embedded (in %s)", len(store.done), plan.count, store.folder)
-    _embed_chunks(files, runner, encoder, store, plan, opts, progress)
+    batches = functools.partial(video_batches, clips=clips) if video else image_batches
+    _embed_chunks(files, runner, encoder, store, plan, opts, progress, batches)
 
     chunks = [store.load(k) for k in range(plan.count)]
     paths = [str(p) for p in files]
@@ -179,25 +195,26 @@ class _ChunkPlan:
                                                                                             self.batch_size)]
 
 
-def _run_key(files: list[Path], runner: Runner, encoder: Encoder, opts: InferenceOptions, chunk_size: int) -> dict:
+def _run_key(files: list[Path], runner: Runner, encoder: Encoder, opts: InferenceOptions, chunk_size: int,
+             clips: int | None = None) -> dict:
     """Everything that changes a bit of the result: saved chunks are reused only under the same key."""
     return {"version": _KEY_VERSION, "inputs": _inputs_fingerprint(files), "count": len(files),
             "model": model_fingerprint(runner), "layer": encoder.layer, "normalize": encoder.normalize,
             "preprocess": runner.preprocess.to_dict(), "fast": opts.fast, "max_pixels": opts.max_pixels,
             "batch_size": opts.batch_size, "chunk_size": chunk_size, "device": opts.torch_device.type,
-            "torch": torch.__version__}
+            "torch": torch.__version__, **({"clips": clips} if clips is not None else {})}
 
 
 def _embed_chunks(files: list[Path], runner: Runner, encoder: Encoder, store: _ChunkStore, plan: _ChunkPlan,
-                  opts: InferenceOptions, progress: bool) -> None:
+                  opts: InferenceOptions, progress: bool, batches: Callable[..., Iterable] = image_batches) -> None:
     """Embed the chunks `store` does not hold yet, saving each as soon as all its images are done."""
     todo = [k for k in range(plan.count) if k not in store.done]
     done_images = sum(len(plan.images(k)) for k in store.done)
     with progress_bar(progress, "embedding", len(files), completed=done_images) as bar, torch.inference_mode():
         pending: dict[int, _Chunk] = {}
-        for batch in image_batches(files, runner.preprocess, num_workers=opts.num_workers, fast=opts.fast,
-                                   max_pixels=opts.max_pixels, index_batches=plan.batches(todo),
-                                   pin_memory=opts.torch_device.type == "cuda"):
+        for batch in batches(files, runner.preprocess, num_workers=opts.num_workers, fast=opts.fast,
+                             max_pixels=opts.max_pixels, index_batches=plan.batches(todo),
+                             pin_memory=opts.torch_device.type == "cuda"):
             k = min(batch.indices + [i for i, _ in batch.failures]) // plan.size
             chunk = pending.setdefault(k, _Chunk())
             if batch.images is not None:
@@ -232,13 +249,22 @@ class Encoder:
             self.dim = net.feature_info[index].num_chs
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim == 6:  # (videos, clips, C, T, H, W): a video's vector is the mean of its clips'
+            n, k = x.shape[:2]
+            return self._normalized(self._vectors(x.flatten(0, 1)).view(n, k, -1).mean(dim=1))
+        return self._normalized(self._vectors(x))
+
+    def _normalized(self, v: torch.Tensor) -> torch.Tensor:
+        return F.normalize(v, dim=1) if self.normalize else v
+
+    def _vectors(self, x: torch.Tensor) -> torch.Tensor:
         if self.extractor is None:
             v = self.runner.embeddings(x)
         else:
             with torch.inference_mode():
-                v = self.extractor(self.torch_runner.prepare(x))[0].mean(dim=(2, 3))
-        v = v.flatten(1).float()
-        return F.normalize(v, dim=1) if self.normalize else v
+                stage = self.extractor(self.torch_runner.prepare(x))[0]
+                v = stage.mean(dim=tuple(range(2, stage.ndim)))  # over H, W (and T for a clip)
+        return v.flatten(1).float()
 
 
 def model_fingerprint(runner: Runner) -> dict:

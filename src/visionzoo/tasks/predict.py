@@ -18,22 +18,17 @@ import torch
 
 from ..data.inputs import Failure, expand_inputs
 from ..data.loader import image_batches, prepare_image
+from ..enums import Task
 from ..errors import InputError
 from ..models.base import ZooModel
 from ..registry import DEFAULT_MODEL
 from ..runtime.backends import Runner
 from ..runtime.options import InferenceOptions
+from .labels import Label
 
 # fast path: an image decoded at a reduced scale whose two leading classes are closer than
 # this (in probability) is decoded again at full size, so its top-1 is the exact path's
 NEAR_TIE = 0.05
-
-
-@dataclass(frozen=True)
-class Label:
-    index: int
-    label: str
-    probability: float
 
 
 @dataclass(frozen=True)
@@ -52,9 +47,10 @@ class Prediction:
 
 
 def iter_predict(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | ZooModel | Runner = DEFAULT_MODEL,
-                 topk: int = 5, *, options: InferenceOptions | None = None,
+                 topk: int = 5, *, clips: int | None = None, options: InferenceOptions | None = None,
                  **settings: Any) -> Iterator[Prediction | Failure]:
-    """Yield a `Prediction` or a `Failure` for every input, files in input order.
+    """Yield a `Prediction` or a `Failure` for every input, files in input order; for a video model a
+    `VideoPrediction` per video (`tasks/video.py`).
 
     Args:
         inputs: files, folders, globs, `@LIST` files, CSV datasets (see `expand_inputs`).
@@ -67,11 +63,22 @@ def iter_predict(inputs: Sequence[str | os.PathLike], model: str | os.PathLike |
             exact path's; False gives torchvision's preprocessing exactly), `max_pixels`,
             `device`, `backend` (`torch`, `onnxruntime`, `openvino` or `auto`), `threads`,
             `precision` (`fp32` or `bf16`).
+        clips: video models: evenly spaced clips per video (default: as many as the weights were
+            evaluated with); `batch_size` then counts clips.
     """
     if topk < 1:
         raise InputError(f"topk must be >= 1, got {topk}")
     opts = InferenceOptions.of(options, **settings)
     runner = opts.open(model)
+    if runner.info.task is Task.VIDEO:
+        from .video import VIDEO_KINDS, iter_predict_videos
+
+        files, failures = expand_inputs(list(inputs), kinds=VIDEO_KINDS)
+        yield from failures
+        yield from iter_predict_videos(files, runner, topk, clips=clips, options=opts)
+        return
+    if clips is not None:
+        raise InputError(f"clips is for video models; {runner.arch} classifies images")
     files, failures = expand_inputs(list(inputs))
     yield from failures
     if not files:
@@ -129,10 +136,10 @@ def near_ties(probs: torch.Tensor) -> torch.Tensor:
 
 
 def predict(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
-            model: str | os.PathLike | ZooModel | Runner = DEFAULT_MODEL, topk: int = 5, *,
+            model: str | os.PathLike | ZooModel | Runner = DEFAULT_MODEL, topk: int = 5, *, clips: int | None = None,
             options: InferenceOptions | None = None, **settings: Any) -> list[Prediction | Failure]:
-    """Classify images. Returns one `Prediction` (or `Failure`, for a bad input) per file; the
+    """Classify images (or videos). Returns one `Prediction` (or `Failure`, for a bad input) per file; the
     arguments are `iter_predict`'s."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    return list(iter_predict(inputs, model, topk, options=options, **settings))
+    return list(iter_predict(inputs, model, topk, clips=clips, options=options, **settings))
