@@ -401,13 +401,13 @@ def video_batches(paths: Sequence[str | os.PathLike], preprocess: Preprocess, *,
     check_at_least("batch_size", batch_size, 1)
     check_at_least("num_workers", num_workers, 0, optional=True)
     if index_batches is None:
-        index_batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
-    index_batches = [list(b) for b in index_batches if len(b)]
-    if not index_batches:
+        index_batches = [range(s, min(s + batch_size, len(paths))) for s in range(0, len(paths), batch_size)]
+    groups = [list(b) for b in index_batches if len(b)]
+    if not groups:
         return
     if num_workers is None:
-        num_workers = default_num_workers(len(index_batches))
-    loader = DataLoader(VideoFiles(paths, preprocess, clips), batch_sampler=index_batches, num_workers=num_workers,
+        num_workers = default_num_workers(len(groups))
+    loader = DataLoader(VideoFiles(paths, preprocess, clips), batch_sampler=groups, num_workers=num_workers,
                         collate_fn=_collate, worker_init_fn=fix_mmap_threshold if num_workers else None,
                         prefetch_factor=1 if num_workers else None)
     yield from loader

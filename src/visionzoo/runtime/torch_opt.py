@@ -108,8 +108,8 @@ class _LeafTracer(fx.Tracer):
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     conv_type = nn.Conv3d if isinstance(bn, nn.BatchNorm3d) else nn.Conv2d
-    return (isinstance(conv, conv_type) and not bn.training and bn.track_running_stats
-            and bn.running_mean is not None and conv.out_channels == bn.num_features)
+    return bool(isinstance(conv, conv_type) and not bn.training and bn.track_running_stats
+                and bn.running_mean is not None and conv.out_channels == bn.num_features)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

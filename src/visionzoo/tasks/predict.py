@@ -25,6 +25,7 @@ from ..registry import DEFAULT_MODEL
 from ..runtime.backends import Runner
 from ..runtime.options import InferenceOptions
 from .labels import Label
+from .video import VIDEO_KINDS, VideoPrediction, iter_predict_videos
 
 # fast path: an image decoded at a reduced scale whose two leading classes are closer than
 # this (in probability) is decoded again at full size, so its top-1 is the exact path's
@@ -48,7 +49,7 @@ class Prediction:
 
 def iter_predict(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | ZooModel | Runner = DEFAULT_MODEL,
                  topk: int = 5, *, clips: int | None = None, options: InferenceOptions | None = None,
-                 **settings: Any) -> Iterator[Prediction | Failure]:
+                 **settings: Any) -> Iterator[Prediction | VideoPrediction | Failure]:
     """Yield a `Prediction` or a `Failure` for every input, files in input order; for a video model a
     `VideoPrediction` per video (`tasks/video.py`).
 
@@ -71,8 +72,6 @@ def iter_predict(inputs: Sequence[str | os.PathLike], model: str | os.PathLike |
     opts = InferenceOptions.of(options, **settings)
     runner = opts.open(model)
     if runner.info.task is Task.VIDEO:
-        from .video import VIDEO_KINDS, iter_predict_videos
-
         files, failures = expand_inputs(list(inputs), kinds=VIDEO_KINDS)
         yield from failures
         yield from iter_predict_videos(files, runner, topk, clips=clips, options=opts)
@@ -137,7 +136,7 @@ def near_ties(probs: torch.Tensor) -> torch.Tensor:
 
 def predict(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
             model: str | os.PathLike | ZooModel | Runner = DEFAULT_MODEL, topk: int = 5, *, clips: int | None = None,
-            options: InferenceOptions | None = None, **settings: Any) -> list[Prediction | Failure]:
+            options: InferenceOptions | None = None, **settings: Any) -> list[Prediction | VideoPrediction | Failure]:
     """Classify images (or videos). Returns one `Prediction` (or `Failure`, for a bad input) per file; the
     arguments are `iter_predict`'s."""
     if isinstance(inputs, (str, os.PathLike)):
