@@ -22,42 +22,49 @@ SQUARE = 16  # side of the moving square, pixels
 SQUARE_COLOR = (255, 40, 200)
 
 
-def background(width: int, height: int, photo: str = "coffee.png") -> np.ndarray:
-    """A real photo resized to (height, width, 3) uint8."""
-    return np.asarray(Image.open(sample_image(photo)).convert("RGB").resize((width, height), Image.BILINEAR))
+def background(width: int, height: int, photo: str = "coffee.png",
+               crop: tuple[float, float, float] | None = None) -> np.ndarray:
+    """A real photo (or the part `crop` = (left, top, size) in fractions of it) resized to (height, width, 3)."""
+    img = Image.open(sample_image(photo)).convert("RGB")
+    if crop is not None:
+        w, h = img.size
+        left, top, side = crop
+        img = img.crop((int(left * w), int(top * h), int((left + side) * w), int((top + side) * h)))
+    return np.asarray(img.resize((width, height), Image.BILINEAR))
 
 
 def square_position(t: int, width: int, height: int, velocity: tuple[float, float],
-                    origin: tuple[float, float] | None = None) -> tuple[int, int]:
+                    origin: tuple[float, float] | None = None, square: int = SQUARE) -> tuple[int, int]:
     """Top-left (x, y) of the square in frame `t`: from `origin` (default the centre) at `velocity`
     pixels per frame, bouncing off the edges so it stays inside."""
-    ox, oy = origin if origin is not None else ((width - SQUARE) / 2, (height - SQUARE) / 2)
+    ox, oy = origin if origin is not None else ((width - square) / 2, (height - square) / 2)
 
     def bounce(p: float, span: int) -> int:
         period = 2 * span
         q = p % period if span > 0 else 0
         return int(round(q if q <= span else period - q))
 
-    return bounce(ox + velocity[0] * t, width - SQUARE), bounce(oy + velocity[1] * t, height - SQUARE)
+    return bounce(ox + velocity[0] * t, width - square), bounce(oy + velocity[1] * t, height - square)
 
 
-def frame(t: int, bg: np.ndarray, velocity: tuple[float, float], origin=None) -> np.ndarray:
+def frame(t: int, bg: np.ndarray, velocity: tuple[float, float], origin=None, square: int = SQUARE) -> np.ndarray:
     h, w = bg.shape[:2]
-    x, y = square_position(t, w, h, velocity, origin)
+    x, y = square_position(t, w, h, velocity, origin, square)
     out = bg.copy()
-    out[y:y + SQUARE, x:x + SQUARE] = SQUARE_COLOR
+    out[y:y + square, x:x + square] = SQUARE_COLOR
     return out
 
 
 def write_video(path: Path, frames: int = 48, *, size: tuple[int, int] = (160, 120), fps: int = 30,
                 velocity: tuple[float, float] = (2.0, 1.0), codec: str = "libx264", pix_fmt: str = "yuv420p",
                 photo: str = "coffee.png", origin=None, bit_rate: int | None = None, gop: int | None = None,
-                options: dict | None = None, audio: bool = False) -> Path:
+                options: dict | None = None, audio: bool = False, square: int = SQUARE,
+                crop: tuple[float, float, float] | None = None) -> Path:
     """Write `frames` frames of a square moving at `velocity` (pixels per frame) over a photo."""
     import av
 
     width, height = size
-    bg = background(width, height, photo)
+    bg = background(width, height, photo, crop)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
@@ -70,7 +77,7 @@ def write_video(path: Path, frames: int = 48, *, size: tuple[int, int] = (160, 1
             stream.options = options
         sound = container.add_stream("aac", rate=16000) if audio else None
         for t in range(frames):
-            image = av.VideoFrame.from_ndarray(frame(t, bg, velocity, origin), format="rgb24")
+            image = av.VideoFrame.from_ndarray(frame(t, bg, velocity, origin, square), format="rgb24")
             for packet in stream.encode(image):
                 container.mux(packet)
         for packet in stream.encode():

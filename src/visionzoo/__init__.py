@@ -42,7 +42,7 @@ _LAZY = {
     "embed": "visionzoo.tasks.embed",
     "finetune": "visionzoo.tasks.finetune",
     "evaluate": "visionzoo.tasks.evaluate",
-    "export_model": "visionzoo.runtime.export",
+    "export_model": "visionzoo.runtime.task_export",
     "open_runner": "visionzoo.runtime.backends",
     "InferenceOptions": "visionzoo.runtime.options",
     "quantize": "visionzoo.tasks.quantize",

@@ -45,10 +45,10 @@ def export(
                                 "PyTorch (no file is left when it differs)."),
 ) -> None:
     """Export a model (with its classes and preprocessing) to ONNX, TorchScript or PT2, verified against PyTorch."""
-    from ..runtime.export import describe, export_model
+    from ..runtime.task_export import describe_export, export_model  # every task: video clips, flow pairs too
 
     result = export_model(model, fmt, out_file, input_size=input_size, verify=verify, tolerance=tolerance)
-    say(describe(result))
+    say(describe_export(result))
 
 
 def quantize(

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..enums import parse_enum
+from ..enums import Task, parse_enum
 from ..errors import ExportError, InputError
 from ..fileutil import atomic_path
 from ..models.base import ZooModel
@@ -97,6 +97,9 @@ def export_model(model, fmt: ExportFormat | str, out: str | os.PathLike, *, inpu
 
     fmt = parse_enum(ExportFormat, fmt, "export format")
     net = resolve_model(model).eval()
+    if net.task in (Task.VIDEO, Task.OPTICAL_FLOW):
+        raise InputError(f"{net.arch} is a {net.task.value} model: its graph takes clips or frame pairs; export it "
+                         f"with visionzoo.export_model (runtime/task_export.py) or `visionzoo export`")
     info = _info_for(net, input_size)
     out = Path(out).expanduser()
     writer = {ExportFormat.ONNX: _write_onnx, ExportFormat.TORCHSCRIPT: _write_torchscript,

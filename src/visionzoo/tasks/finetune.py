@@ -11,6 +11,9 @@ in eval mode (BatchNorm statistics kept); `full` trains everything, each earlier
 a `lr_decay` times smaller learning rate, after a warm-up, with cosine decay; `auto`
 chooses (`train/probe.py`) and says why.
 
+A folder of class sub-folders of video files fine-tunes a video classifier the same way
+(`train/video.py`: clips as samples, a random clip per video and step as augmentation).
+
 Under `torchrun --nproc-per-node N` the same call trains with DistributedDataParallel:
 every process takes a 1/N share of each epoch (and of feature extraction and validation),
 `batch_size` stays the global batch, and only rank 0 writes. In `linear` mode each process
@@ -36,7 +39,7 @@ from torch.nn import functional as F
 from ..bundle import BUNDLE_JSON, RUN_SUBDIR, is_bundle, save_bundle
 from ..data.datasets import ImageDataset, open_dataset
 from ..data.preprocess import Preprocess
-from ..enums import Precision
+from ..enums import Precision, Task
 from ..errors import InputError, TrainingError
 from ..factory import create_model
 from ..fileutil import atomic_path
@@ -62,6 +65,15 @@ from ..train.data import (
 from ..train.loop import Job, autocast, fit, lr_schedule
 from ..train.probe import choose_strategy
 from ..train.stages import freeze, map_stages, param_groups, set_train_mode
+from ..train.video import (
+    ClipAugment,
+    KeyedClips,
+    check_videos,
+    choose_video_strategy,
+    is_video_dataset,
+    video_samples,
+    video_training_preprocess,
+)
 
 log = logging.getLogger("visionzoo")
 # options that may change when a run is resumed (they do not change what is computed)
@@ -137,17 +149,29 @@ class _Context(_Data):
     pp: Preprocess  # the training preprocessing (crop size and recipe)
     amp: torch.dtype | None  # bfloat16 autocast, or None
     workers: int
+    video: bool = False  # video files and a video model: clips instead of images (train/video.py)
+
+    def dataset(self, samples: Sequence[tuple], augment) -> KeyedImages | KeyedClips:
+        return (KeyedClips if self.video else KeyedImages)(samples, self.pp, augment)
+
+    def augment(self) -> Augment | ClipAugment | None:
+        if not self.cfg.augment:
+            return None
+        return (ClipAugment if self.video else Augment)(self.pp, self.cfg.crop_scale, hflip=self.cfg.hflip)
 
 
 def _run(data, run_dir: Path, train, val, cfg: FinetuneConfig, resume: bool, dist: D.Dist, progress: bool,
          echo: Callable[[str], None]) -> FinetuneResult:
-    found = _data(data, train, val, cfg, dist)
+    video = is_video_dataset(data if data is not None else train)
+    found = _data(data, train, val, cfg, dist, video)
     payload = _existing_run(run_dir, resume, cfg, found.fingerprint)
-    net, builder_kwargs, base_weights = _starting_model(cfg, found.classes, dist)
-    pp = training_preprocess(net.card_required.preprocess, cfg.image_size)
+    net, builder_kwargs, base_weights = _starting_model(cfg, found.classes, dist, video)
+    pp = (video_training_preprocess(net.card_required.preprocess, cfg) if video
+          else training_preprocess(net.card_required.preprocess, cfg.image_size))
     ctx = _Context(**vars(found), run_dir=run_dir, cfg=cfg, dist=dist,
                    say=echo if dist.is_main else (lambda message: None), net=net, pp=pp,
-                   amp=_amp_dtype(cfg.precision, dist.device, pp.crop), workers=default_workers(cfg.num_workers))
+                   amp=_amp_dtype(cfg.precision, dist.device, pp.crop), workers=default_workers(cfg.num_workers),
+                   video=video)
     strategy, reason = _strategy(ctx, payload)
     ctx.cfg = cfg = cfg.resolved(strategy)
     ctx.say(f"strategy: {strategy.value} ({reason})")
@@ -184,9 +208,17 @@ def _run(data, run_dir: Path, train, val, cfg: FinetuneConfig, resume: bool, dis
                           config=cfg)
 
 
-def _data(data, train, val, cfg: FinetuneConfig, dist: D.Dist) -> _Data:
+def _data(data, train, val, cfg: FinetuneConfig, dist: D.Dist, video: bool = False) -> _Data:
     """The run's data, checked against the number of processes."""
-    train_samples, val_samples, classes, sources = training_samples(data, train, val, cfg)
+    if video:
+        train_samples, val_samples, classes, sources = video_samples(data, train, val, cfg)
+        bad = check_videos(train_samples + val_samples)
+        if bad:
+            raise InputError(f"{len(bad)} unreadable video{'s' if len(bad) > 1 else ''}: "
+                             + "; ".join(f"{path}: {reason}" for path, reason in bad[:3])
+                             + "; remove or replace them")
+    else:
+        train_samples, val_samples, classes, sources = training_samples(data, train, val, cfg)
     for what, samples in (("training", train_samples), ("validation", val_samples)):
         if 0 < len(samples) < dist.world or (what == "training" and not samples):
             raise InputError(f"{len(samples)} {what} images cannot be shared among {dist.world} processes; "
@@ -197,7 +229,7 @@ def _data(data, train, val, cfg: FinetuneConfig, dist: D.Dist) -> _Data:
     return _Data(train_samples, val_samples, classes, sources, _fingerprint(train_samples, val_samples, classes))
 
 
-def _starting_model(cfg: FinetuneConfig, classes: list[str], dist: D.Dist
+def _starting_model(cfg: FinetuneConfig, classes: list[str], dist: D.Dist, video: bool = False
                     ) -> tuple[ZooModel, dict[str, Any], str | None]:
     """The model to fine-tune (with a head for the run's classes) on the run's device, the builder
     arguments its weights imply, and the name of those weights."""
@@ -207,11 +239,29 @@ def _starting_model(cfg: FinetuneConfig, classes: list[str], dist: D.Dist
     net = create_model(cfg.model, weights=None if named_weights else "DEFAULT", num_classes=len(classes))
     if not isinstance(net, ZooModel):
         raise InputError(f"{cfg.model} is a {net.task.value} model; this fine-tunes classifiers")
+    if video != (net.task is Task.VIDEO):
+        raise InputError(f"{cfg.model} is {'a video' if net.task is Task.VIDEO else 'an image'} classifier and the "
+                         f"data are {'videos' if video else 'images'}; choose a "
+                         f"{'video' if video else 'image'} model (visionzoo models --task "
+                         f"{'video' if video else 'classification'})")
     card = net.card_required
     if card.bundle is not None and list(card.bundle.classes) != list(classes):
         net.reset_classifier(len(classes))  # a bundle for other classes: keep its backbone, not its head
     builder_kwargs = dict(card.builder_kwargs)
+    _own_weights(net)
     return net.to(dist.device), builder_kwargs, card.weights.name if card.weights else card.source
+
+
+def _own_weights(net: nn.Module) -> None:
+    """Give every parameter and buffer memory of its own. A model loaded from a file holds views of the
+    file's memory map (several dtypes over one storage), which training would write through and which
+    `torch.save` refuses to checkpoint."""
+    with torch.no_grad():
+        for module in net.modules():
+            for p in module.parameters(recurse=False):
+                p.data = p.data.clone()
+            for name, b in module.named_buffers(recurse=False):
+                setattr(module, name, b.clone())
 
 
 def _strategy(ctx: _Context, payload: dict | None) -> tuple[Strategy, str]:
@@ -221,6 +271,8 @@ def _strategy(ctx: _Context, payload: dict | None) -> tuple[Strategy, str]:
         return Strategy(payload["meta"]["strategy"]), payload["meta"]["reason"]
     if ctx.cfg.strategy is not Strategy.AUTO:
         return ctx.cfg.strategy, "chosen with --strategy"
+    if ctx.video:
+        return choose_video_strategy(ctx.train_samples, len(ctx.classes), ctx.cfg.unfreeze)
     choice = None
     if ctx.dist.is_main:
         ctx.say("choosing a strategy: probing the pre-trained features ...")
@@ -358,7 +410,7 @@ def _ddp(module: nn.Module, dist: D.Dist) -> nn.Module:
 def _network_job(ctx: _Context) -> dict:
     net, train_samples, val_samples, pp = ctx.net, ctx.train_samples, ctx.val_samples, ctx.pp
     cfg, dist, amp, workers = ctx.cfg, ctx.dist, ctx.amp, ctx.workers
-    stages = map_stages(net, pp.crop)
+    stages = map_stages(net, pp.crop, frames=pp.clip_len if ctx.video else None)
     n = stages.num_stages
     if cfg.strategy is Strategy.FULL:
         main = set(range(n + 1))
@@ -368,8 +420,8 @@ def _network_job(ctx: _Context) -> dict:
         log.info("%d parameters never run in a forward pass stay frozen (%s, ...)", len(stages.unused),
                  stages.unused[0])
     groups = param_groups(net, stages, cfg.lr, cfg.lr_decay, cfg.weight_decay, main)
-    augment = Augment(pp, cfg.crop_scale, hflip=cfg.hflip) if cfg.augment else None
-    train_set = KeyedImages(train_samples, pp, augment)
+    augment = ctx.augment()
+    train_set = ctx.dataset(train_samples, augment)
     sampler = EpochSampler(len(train_samples), dist, cfg.seed, augment=augment is not None)
     per_rank = cfg.batch_size // dist.world
     train_loader = loader(train_set, sampler, per_rank, workers, dist.device)
@@ -392,8 +444,8 @@ def _network_job(ctx: _Context) -> dict:
 
     val_loader = None
     if val_samples:
-        val_loader = loader(KeyedImages(val_samples, pp, None), ShardKeys(len(val_samples), dist, None), 64,
-                            workers, dist.device)
+        val_loader = loader(ctx.dataset(val_samples, None), ShardKeys(len(val_samples), dist, None),
+                            cfg.batch_size if ctx.video else 64, workers, dist.device)
 
     def validate():
         if val_loader is None:
@@ -444,13 +496,13 @@ def _classifier_on_pre_logits(net: ZooModel, maps: torch.Tensor) -> bool:
         return False
 
 
-def extract_features(net: ZooModel, samples: Sequence[tuple], pp: Preprocess, augment: Augment | None,
+def extract_features(net: ZooModel, samples: Sequence[tuple], pp: Preprocess, augment: Augment | ClipAugment | None,
                      seed_parts: tuple[int, ...] | None, dist: D.Dist, amp, workers: int,
-                     batch_size: int = 64) -> tuple[torch.Tensor, bool]:
+                     batch_size: int = 64, video: bool = False) -> tuple[torch.Tensor, bool]:
     """Run the frozen backbone once over `samples` (this process's `rank::world` share; all
     shares gathered): returns (features, on_pre_logits). Features are the pooled pre-logits
     when the classifier is a layer on them, else the feature maps `forward_head` takes."""
-    dataset = KeyedImages(samples, pp, augment)
+    dataset = KeyedClips(samples, pp, augment) if video else KeyedImages(samples, pp, augment)
     rows, mode = [], None
     net.eval()
     with torch.inference_mode():
@@ -520,7 +572,7 @@ def _feature_cache(ctx: _Context) -> dict:
     path = run_dir / ckpt.FEATURES
     key = {"fingerprint": ctx.fingerprint, "model": cfg.model, "crop": pp.crop, "aug_passes": cfg.aug_passes,
            "augment": [cfg.augment, list(cfg.crop_scale), cfg.hflip], "seed": cfg.seed,
-           "precision": "bf16" if amp else "fp32"}
+           "precision": "bf16" if amp else "fp32", **({"clip_len": pp.clip_len} if ctx.video else {})}
     if path.is_file():
         try:
             cache = torch.load(path, map_location="cpu", weights_only=True)
@@ -529,7 +581,8 @@ def _feature_cache(ctx: _Context) -> dict:
                 return cache
         except Exception:  # noqa: BLE001 - an unreadable cache is recomputed
             pass
-    augment = Augment(pp, cfg.crop_scale, hflip=cfg.hflip) if cfg.augment else None
+    augment = ctx.augment()
+    batch = cfg.batch_size if ctx.video else 64
     passes = [(None, None)] + [(augment, (cfg.seed, 7, p)) for p in range(1, cfg.aug_passes + 1)] \
         if augment is not None else [(None, None)]
     if cfg.aug_passes and augment is None:
@@ -539,12 +592,12 @@ def _feature_cache(ctx: _Context) -> dict:
     for i, (aug, seed_parts) in enumerate(passes):
         say(f"features: pass {i + 1}/{len(passes)} over {len(train_samples)} training images"
             + (" (augmented)" if aug is not None else ""))
-        rows, mode = extract_features(net, train_samples, pp, aug, seed_parts, dist, amp, workers)
+        rows, mode = extract_features(net, train_samples, pp, aug, seed_parts, dist, amp, workers, batch, ctx.video)
         train_rows.append(rows)
         on_pre_logits &= mode
     val_rows = torch.empty(0)
     if val_samples:
-        val_rows, mode = extract_features(net, val_samples, pp, None, None, dist, amp, workers)
+        val_rows, mode = extract_features(net, val_samples, pp, None, None, dist, amp, workers, batch, ctx.video)
         on_pre_logits &= mode
     cache = {"key": json.dumps(key), "train": torch.cat(train_rows), "train_labels": labels.repeat(len(passes)),
              "val": val_rows, "val_labels": torch.tensor([y for _, y in val_samples], dtype=torch.long),

@@ -48,6 +48,7 @@ class FinetuneConfig:
     head_epochs: int = option(0, "partial/full: train the new head alone first for this many epochs.")
     label_smoothing: float = option(0.1, "Label smoothing of the cross-entropy.")
     image_size: int | None = option(None, "Crop size (default: the weights' own preprocessing).")
+    clip_len: int | None = option(None, "Video models: frames per clip (default: the weights' own preprocessing).")
     augment: bool = option(True, "Random resized crops during training.", "--augment/--no-augment")
     crop_scale: tuple[float, float] = option((0.7, 1.0), "Area fraction (low high) of the random crops: light, most "
                                              "of the image.")
@@ -81,6 +82,7 @@ class FinetuneConfig:
             (self.head_epochs >= 0, "head_epochs must be >= 0"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.image_size is None or self.image_size >= 8, "image_size must be >= 8"),
+            (self.clip_len is None or self.clip_len >= 1, "clip_len must be >= 1"),
             (len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
              "crop_scale must be (low, high) with 0 < low <= high <= 1"),
             (self.aug_passes >= 0, "aug_passes must be >= 0"),

@@ -34,8 +34,9 @@ class StageMap:
         return {name: k for k, names in enumerate(self.params) for name in names}
 
 
-def map_stages(model: ZooModel, image_size: int) -> StageMap:
-    """Split `model`'s parameters and modules into its `feature_info` stages plus the head."""
+def map_stages(model: ZooModel, image_size: int, frames: int | None = None) -> StageMap:
+    """Split `model`'s parameters and modules into its `feature_info` stages plus the head (traced on an
+    image of `image_size`, or a clip of `frames` such frames for a video model)."""
     boundary = {info.module: k for k, info in enumerate(model.feature_info)}
     n_stages = len(model.feature_info)
     done = 0  # stages finished so far, i.e. the stage now running
@@ -63,7 +64,8 @@ def map_stages(model: ZooModel, image_size: int) -> StageMap:
     try:
         in_chans = _input_channels(model)
         p = next(model.parameters())
-        x = torch.zeros(1, in_chans, image_size, image_size, device=p.device, dtype=p.dtype)
+        time = () if frames is None else (frames,)
+        x = torch.zeros(1, in_chans, *time, image_size, image_size, device=p.device, dtype=p.dtype)
         model.eval()
         with torch.no_grad():
             model(x)
