@@ -95,20 +95,24 @@ finetune.__name__ = "finetune"
 
 def evaluate(
     model: str = typer.Argument(..., help="Bundle folder (or finetune run folder)."),
-    data: Path = typer.Argument(..., help="ImageFolder tree or path,label CSV with the model's class names."),
+    data: Path = typer.Argument(..., help="ImageFolder tree or path,label CSV with the model's class names (for a "
+                                "video model: class sub-folders of videos)."),
     report: Optional[Path] = typer.Option(None, "--out", "-o", help="Write metrics.json and PNG plots here."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table or json."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
     device: str = typer.Option("cpu", "--device"),
+    clips: Optional[int] = typer.Option(None, "--clips", min=1, help="Video models: clips per video (default: the "
+                                        "recipe's); the mean of their probabilities scores the video."),
 ) -> None:
-    """Accuracy, top-5, per-class precision/recall/F1 and the confusion matrix of a model on labelled images."""
+    """Accuracy, top-5, per-class precision/recall/F1 and the confusion matrix of a model on labelled images
+    (or videos)."""
     from ..errors import InputError
     from ..tasks.evaluate import evaluate as run
 
     if fmt not in (OutputFormat.table, OutputFormat.json):
         raise InputError(f"--format must be table or json, got {fmt.value!r}")
-    ev = run(model, data, out=report, batch_size=batch_size, num_workers=workers, device=device)
+    ev = run(model, data, out=report, batch_size=batch_size, num_workers=workers, device=device, clips=clips)
     for f in ev.failures:
         report_failure(f)
     for text in ev.notes:

@@ -4,9 +4,11 @@
     ev.accuracy, ev.top5, ev.per_class[0].f1, ev.confusion
 
 Images are preprocessed exactly as in validation during training (the bundle's recipe,
-no fast decoding path). With `out`, writes `metrics.json`, `confusion_matrix.png` and,
-when the bundle has a training history, `training_curves.png` (plots need matplotlib:
-`pip install "visionzoo[plots]"`; without it they are skipped with a note).
+no fast decoding path). A video model is scored on a folder of class sub-folders of videos,
+each video by the mean of its evenly spaced clips' probabilities (`clips`, default the recipe's).
+With `out`, writes `metrics.json`, `confusion_matrix.png` and, when the bundle has a training
+history, `training_curves.png` (plots need matplotlib: `pip install "visionzoo[plots]"`; without
+it they are skipped with a note).
 """
 from __future__ import annotations
 
@@ -24,11 +26,14 @@ from ..bundle import is_bundle
 from ..data.datasets import open_dataset
 from ..data.inputs import Failure
 from ..data.loader import image_batches
+from ..data.video import video_batches
+from ..enums import Task
 from ..errors import InputError
 from ..factory import resolve_model
 from ..fileutil import atomic_path
 from ..metrics import ClassMetrics, confusion_matrix, per_class, topk_hits
 from ..models.base import ZooModel
+from ..train.video import labelled_videos
 
 log = logging.getLogger("visionzoo")
 
@@ -59,9 +64,10 @@ class Evaluation:
 
 def evaluate(model: str | os.PathLike | ZooModel, data: str | os.PathLike, *, out: str | os.PathLike | None = None,
              batch_size: int = 64, num_workers: int | None = None, device: str | torch.device = "cpu",
-             plots: bool = True) -> Evaluation:
+             plots: bool = True, clips: int | None = None) -> Evaluation:
     """Score `model` (a bundle folder, a run folder, a model name or instance) on `data`
-    (an ImageFolder tree or a `path,label` CSV whose class names the model knows)."""
+    (an ImageFolder tree or a `path,label` CSV whose class names the model knows; for a video model, a
+    folder of class sub-folders of videos, `clips` per video, `batch_size` counting clips)."""
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if not isinstance(model, ZooModel) and Path(model).exists() and not is_bundle(model):
@@ -74,20 +80,33 @@ def evaluate(model: str | os.PathLike | ZooModel, data: str | os.PathLike, *, ou
         raise InputError(f"{model} has no class names or preprocessing to evaluate against; give a bundle "
                          f"written by `visionzoo finetune`")
     classes = tuple(card.classes)
-    dataset = open_dataset(data, classes=classes)  # refuses folders naming classes the model lacks
-    paths, labels = [p for p, _ in dataset.samples], np.array(dataset.targets, dtype=np.int64)
+    video = net.task is Task.VIDEO
+    if video:
+        clips = clips or card.preprocess.clips or 1
+        paths, targets = labelled_videos(data, classes)
+        batches = video_batches(paths, card.preprocess, clips=clips, batch_size=max(1, batch_size // clips),
+                                num_workers=num_workers)
+    else:
+        dataset = open_dataset(data, classes=classes)  # refuses folders naming classes the model lacks
+        paths, targets = [p for p, _ in dataset.samples], dataset.targets
+        batches = image_batches(paths, card.preprocess, batch_size=batch_size, num_workers=num_workers, fast=False,
+                                pin_memory=torch.device(device).type == "cuda")
+    labels = np.array(targets, dtype=np.int64)
     device = torch.device(device)
     net = net.to(device).eval()
     preds = np.full(len(paths), -1, dtype=np.int64)
     top5_hit = np.zeros(len(paths), dtype=bool)
     failures: list[Failure] = []
     with torch.inference_mode():
-        for batch in image_batches(paths, card.preprocess, batch_size=batch_size, num_workers=num_workers,
-                                   fast=False, pin_memory=device.type == "cuda"):
+        for batch in batches:
             failures += [Failure(str(paths[i]), reason) for i, reason in batch.failures]
             if batch.images is None:
                 continue
-            logits = net(batch.images.to(device)).float().cpu()
+            x = batch.images.to(device)
+            if video:  # (videos, clips, C, T, H, W): the mean of the clips' probabilities ranks the classes
+                logits = torch.softmax(net(x.flatten(0, 1)).float(), dim=1).view(*x.shape[:2], -1).mean(1).cpu()
+            else:
+                logits = net(x).float().cpu()
             idx = np.asarray(batch.indices)
             preds[idx] = logits.argmax(1).numpy()
             top5_hit[idx] = topk_hits(logits, torch.as_tensor(labels[idx]), 5).numpy()

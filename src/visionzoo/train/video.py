@@ -82,6 +82,19 @@ def video_samples(data, train, val, cfg: FinetuneConfig) -> tuple[list, list, li
     return train_samples, val_samples, classes, sources
 
 
+def labelled_videos(data: str | os.PathLike, classes: Sequence[str]) -> tuple[list[Path], list[int]]:
+    """(paths, class indices) of a folder of class sub-folders of videos, for a model knowing `classes`."""
+    found = video_class_folders(data)
+    if found is None:
+        raise InputError(f"{data}: no class sub-folder holds a video file ({', '.join(sorted(VIDEO_EXTENSIONS))})")
+    unknown = sorted(name for name, files in found.items() if files and name not in classes)
+    if unknown:
+        raise InputError(f"{data}: classes {', '.join(unknown[:5])} are not the model's ({', '.join(classes[:5])}, "
+                         f"...); rename the folders or evaluate another model")
+    pairs = [(path, list(classes).index(name)) for name in sorted(found) for path in found[name]]
+    return [p for p, _ in pairs], [y for _, y in pairs]
+
+
 def video_training_preprocess(base: Preprocess, cfg: FinetuneConfig) -> Preprocess:
     """The weights' video recipe at the run's crop size (`image_size`, same resize/crop ratio) and clip
     length (`clip_len`): what the bundle records and its clips are evaluated with."""
