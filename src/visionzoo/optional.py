@@ -17,6 +17,10 @@ _EXTRAS = {
     "pyarrow": ("reading and writing .parquet files", "parquet"),
     "pyarrow.parquet": ("reading and writing .parquet files", "parquet"),
     "matplotlib": ("plots", "plots"),
+    "starlette": ("the HTTP server", "serve"),
+    "uvicorn": ("the HTTP server", "serve"),
+    "prometheus_client": ("the server's metrics", "serve"),
+    "python_multipart": ("the server's form uploads (python-multipart)", "serve"),
 }
 
 
