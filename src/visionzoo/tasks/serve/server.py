@@ -121,7 +121,8 @@ class ServerThread:
         self.sock = _bind(host, port)
         self.server = _server_class()(_config(app, host, port, settings))
         self._ready = threading.Event()
-        self.server.on_ready = lambda _: self._ready.set()
+        self.url = ""  # the http:// address, once started
+        self.server.on_ready = self._on_ready
         self.thread = threading.Thread(target=self._run, name="visionzoo-server", daemon=True)
         self.error: BaseException | None = None
 
@@ -137,9 +138,9 @@ class ServerThread:
     def service(self):
         return self.app.state.service
 
-    @property
-    def url(self) -> str:
-        return server_url(self.server)
+    def _on_ready(self, server) -> None:
+        self.url = server_url(server)
+        self._ready.set()
 
     def start(self, timeout: float = 120) -> ServerThread:
         self.thread.start()
