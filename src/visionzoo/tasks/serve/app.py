@@ -445,6 +445,7 @@ def _header_safe(text: str) -> str:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     route = request.url.path
+    route = route if len(route) <= 80 else route[:80] + "..."
     if exc.status_code == 404:
         message = (f"no such endpoint {route!r}; use GET / (the page), /health, /ready, /info, /metrics, "
                    f"/openapi.json, or POST /predict, /explain")

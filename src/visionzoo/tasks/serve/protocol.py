@@ -44,6 +44,8 @@ class GuardedH11Protocol(H11Protocol):
         self._head_timer: Any = None
         self._waiting_cycle: Any = None
         self._head_bytes = 0  # bytes received since the deadline was armed
+        self._head_seen = b""  # the start of a request head not yet complete (for its size limit)
+        self._head_done = False
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -56,7 +58,21 @@ class GuardedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         if self._head_timer is not None:
             self._head_bytes += len(data)
+            if not self._head_done and not self._head_fits(data):
+                self._refuse(431, f"the request line and headers are over {MAX_HEAD_BYTES:,} bytes")
+                return
         super().data_received(data)
+
+    def _head_fits(self, data: bytes) -> bool:
+        """Whether the request head being received stays within `MAX_HEAD_BYTES` (h11 checks only
+        heads that arrive in pieces: a long one in a single read would pass)."""
+        window = self._head_seen + data
+        end = window.find(b"\r\n\r\n")
+        if end >= 0:
+            self._head_done, self._head_seen = True, b""
+            return end <= MAX_HEAD_BYTES
+        self._head_seen = window[-(MAX_HEAD_BYTES + 4):]
+        return len(window) <= MAX_HEAD_BYTES
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -76,15 +92,19 @@ class GuardedH11Protocol(H11Protocol):
         reason = str(exc) if exc is not None and str(exc) else msg
         if status == 431:
             reason = f"the request line and headers are over {MAX_HEAD_BYTES:,} bytes"
+        self._refuse(status, reason if status == 431 else f"malformed HTTP request: {reason}")
+
+    def _refuse(self, status: int, message: str) -> None:
         self._disarm_head_deadline()
         if not self.transport.is_closing():
-            self.transport.write(error_bytes(status, f"malformed HTTP request: {reason}"))
+            self.transport.write(error_bytes(status, message))
             self.transport.close()
 
     def _arm_head_deadline(self) -> None:
         self._disarm_head_deadline()
         self._waiting_cycle = self.cycle
         self._head_bytes = 0
+        self._head_seen, self._head_done = b"", False
         self._head_timer = self.loop.call_later(self.header_timeout, self._head_deadline_passed)
 
     def _disarm_head_deadline(self) -> None:
