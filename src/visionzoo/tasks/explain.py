@@ -153,17 +153,15 @@ def _to_image_frame(heat: np.ndarray, size: tuple[int, int], resize: int, crop: 
     scale_x, scale_y = w / rw, h / rh
     # the crop in resized coordinates (as center_crop computes it; a small image is padded instead)
     left, top = round((rw - crop) / 2.0), round((rh - crop) / 2.0)
-    box = (left * scale_x, top * scale_y, (left + crop) * scale_x, (top + crop) * scale_y)
-    x0, y0 = max(0, int(round(box[0]))), max(0, int(round(box[1])))
-    x1, y1 = min(w, int(round(box[2]))), min(h, int(round(box[3])))
+    bx0, by0 = int(round(left * scale_x)), int(round(top * scale_y))
+    bx1, by1 = int(round((left + crop) * scale_x)), int(round((top + crop) * scale_y))
     full = np.zeros((h, w), dtype=np.float32)
+    x0, y0, x1, y1 = max(0, bx0), max(0, by0), min(w, bx1), min(h, by1)
     if x1 <= x0 or y1 <= y0:
         return full
-    cw, ch = int(round(box[2] - box[0])), int(round(box[3] - box[1]))
-    up = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((max(cw, 1), max(ch, 1)),
+    up = np.asarray(Image.fromarray(heat.astype(np.float32), mode="F").resize((bx1 - bx0, by1 - by0),
                                                                               Image.Resampling.BILINEAR))
-    ox, oy = x0 - int(round(box[0])), y0 - int(round(box[1]))
-    full[y0:y1, x0:x1] = up[oy:oy + (y1 - y0), ox:ox + (x1 - x0)]
+    full[y0:y1, x0:x1] = up[y0 - by0:y1 - by0, x0 - bx0:x1 - bx0]
     return np.clip(full, 0.0, 1.0)
 
 
