@@ -29,7 +29,8 @@ async function loadCard() {
   field("task", info.task);
   field("weights", info.weights);
   if (info.accuracy && info.accuracy.acc1 != null) {
-    field("accuracy", `top-1 ${info.accuracy.acc1}%, top-5 ${info.accuracy.acc5}% (${info.accuracy.dataset})`);
+    const top5 = info.accuracy.acc5 != null ? `, top-5 ${info.accuracy.acc5}%` : "";
+    field("accuracy", `top-1 ${info.accuracy.acc1}%${top5} (${info.accuracy.dataset})`);
   }
   field("classes", info.num_classes);
   field("preprocessing", `resize ${p.resize_size}, crop ${p.crop_size}, ${p.interpolation}`);
