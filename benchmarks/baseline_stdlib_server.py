@@ -50,8 +50,8 @@ import torch
 from visionzoo.data.images import DEFAULT_MAX_PIXELS, draft_info, load_image
 from visionzoo.errors import ImageError, InputError
 from visionzoo.runtime.backends import open_runner
-from visionzoo.version import __version__
 from visionzoo.tasks.predict import near_ties
+from visionzoo.version import __version__
 
 log = logging.getLogger("visionzoo")
 DEFAULT_PORT = 8000

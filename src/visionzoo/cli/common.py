@@ -93,8 +93,12 @@ def set_torch_threads(threads: int | None) -> None:
 
 
 class Failed(Protocol):
-    path: str
-    reason: str
+    # read-only members, so that frozen dataclasses (data.inputs.Failure) match
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
 
 
 def report_failure(failure: Failed) -> None:

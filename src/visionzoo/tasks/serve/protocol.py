@@ -47,7 +47,7 @@ class GuardedH11Protocol(H11Protocol):
         self._head_seen = b""  # the start of a request head not yet complete (for its size limit)
         self._head_done = False
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         super().connection_made(transport)
         self._arm_head_deadline()
 
