@@ -1,8 +1,8 @@
 """Load test of `visionzoo serve` against the first, standard-library server, both started by this
 script on loopback, one after the other, in the same run (issue 19's acceptance figures).
 
-    python benchmarks/serve_load.py                  # the full run: about 8 minutes
-    python benchmarks/serve_load.py --quick          # shorter phases and fewer requests: about 2 minutes
+    python benchmarks/serve_load.py                  # the full run: about 8 minutes on an idle machine
+    python benchmarks/serve_load.py --quick          # shorter phases and fewer requests: about 5 minutes
 
 Phases (every loop is bounded in time and count; traffic goes to 127.0.0.1 only):
   1. throughput: 32 keep-alive clients for 60 s on each server: requests/s, p50, p99, errors
@@ -89,6 +89,12 @@ class ServerProcess:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
         return 0
+
+    @property
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the server has used so far (all its threads)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     @property
     def threads(self) -> int:
@@ -291,12 +297,15 @@ def main() -> None:
     parser.add_argument("--baseline-backend", default="auto", help="the old server's (default: as it ran: torch)")
     parser.add_argument("--quick", action="store_true", help="short phases: about 2 minutes in all")
     parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--memory-requests", type=int, default=None, help="requests of the memory phase "
+                        "(default 20,000; --quick 2,000)")
     parser.add_argument("--json", dest="json_file", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     quick = args.quick
     duration = 15.0 if quick else 60.0
     fresh_seconds = 5.0 if quick else 15.0
-    memory_requests = 3000 if quick else 20_000
+    memory_requests = args.memory_requests or (2000 if quick else 20_000)
+    memory_seconds = 120.0 if quick else 1800.0  # bounded in time too: a busy machine serves far fewer
     backend = args.backend or best_backend()
     data = payload()
     figures: dict = {"model": args.model, "backend": backend, "payload_bytes": len(data), "quick": quick,
@@ -321,13 +330,21 @@ def main() -> None:
         rss_steady_start = new.rss_mib
         rounds = 2 if quick else 4
         tallies: dict = {"old": (Tally(), 0.0), "new": (Tally(), 0.0)}
+        cpu = {"old": 0.0, "new": 0.0}
         for _ in range(rounds):
             for name, server in (("old", old), ("new", new)):
+                used = server.cpu_seconds
                 tally, elapsed = asyncio.run(closed_loop(server.port, args.clients, duration / rounds, data, 10**6))
+                cpu[name] += server.cpu_seconds - used
                 merged, total = tallies[name]
                 tallies[name] = (merge(merged, tally), total + elapsed)
         figures["old_throughput"] = summary(*tallies["old"])
         figures["new_throughput"] = summary(*tallies["new"])
+        for name in ("old", "new"):
+            # what a request costs, whatever share of the machine the server got: the figure that
+            # carries over from a busy machine to an idle one
+            figures[f"{name}_throughput"]["cpu_seconds"] = cpu[name]
+            figures[f"{name}_throughput"]["req_per_cpu_s"] = figures[f"{name}_throughput"]["requests_ok"] / cpu[name]
         figures["old_backend"] = args.baseline_backend
         figures["new_rss_mib_steady"] = new.rss_mib
         print(f"old: {json.dumps(figures['old_throughput'])}", flush=True)
@@ -359,7 +376,7 @@ def main() -> None:
             "rss_mib_max": max(overload_rss, default=new.rss_mib), "rss_mib_steady": figures["new_rss_mib_steady"]}
         time.sleep(2)
         rss_before = new.rss_mib
-        tally, elapsed = asyncio.run(closed_loop(new.port, args.clients, 3600, data, memory_requests))
+        tally, elapsed = asyncio.run(closed_loop(new.port, args.clients, memory_seconds, data, memory_requests))
         figures["new_memory"] = {"requests": tally.ok + tally.errors, "errors": tally.errors,
                                  "rss_mib_before": rss_before,
                                  "rss_mib_after": new.rss_mib, "rss_mib_at_warmup": rss_steady_start}
@@ -383,12 +400,14 @@ def report(f: dict) -> None:
     idle, over, mem = f["new_idle_300"], f["new_overload_4x"], f["new_memory"]
     mem_change = (mem["rss_mib_after"] - mem["rss_mib_before"]) / mem["rss_mib_before"]
     over_mem = (over["rss_mib_max"] - over["rss_mib_steady"]) / over["rss_mib_steady"]
+    cost = (f"per CPU-second: old {o['req_per_cpu_s']:.1f} req, new {n['req_per_cpu_s']:.1f} req "
+            f"({n['req_per_cpu_s'] / o['req_per_cpu_s']:.2f}x)")
     lines = [
         f"throughput, {f['clients']} clients: old {o['req_per_s']:.1f} req/s (p50 {o['p50_ms']:.0f} ms, "
         f"p99 {o['p99_ms']:.0f} ms, "
         f"{o['errors']} errors, on {f['old_backend']}); new {n['req_per_s']:.1f} req/s (p50 {n['p50_ms']:.0f} ms, "
         f"p99 {n['p99_ms']:.0f} ms, {n['errors']} errors, on {f['backend']}, mean batch "
-        f"{f['new_mean_batch'] or 0:.1f}): {ratio:.2f}x  [want >= 2x, p99 <= 3x p50, 0 errors]",
+        f"{f['new_mean_batch'] or 0:.1f}): {ratio:.2f}x  [want >= 2x, p99 <= 3x p50, 0 errors]; {cost}",
         f"64 clients, fresh connections: old {f['old_fresh_64']['resets']} resets, new {f['new_fresh_64']['resets']} "
         f"resets ({f['new_fresh_64']['requests_ok']} answered)  [want 0 on new]",
         f"300 idle connections: threads {idle['threads_before']} -> {idle['threads_with_idle']}; /health p50 "

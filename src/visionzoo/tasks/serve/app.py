@@ -385,7 +385,7 @@ def build_app(service: PredictService) -> Starlette:
     async def explain(request: Request) -> Response:
         if not s.settings.explain:
             raise RequestError(404, "explanations are turned off on this server (--no-explain)")
-        explainer = s.explainer()
+        explainer = await s.batcher.call(s.explainer)  # the first call may build the model: off the event loop
         if explainer is None:
             raise RequestError(501, "explanations need the model's PyTorch weights; serve a model name or bundle, "
                                "not an exported file")
