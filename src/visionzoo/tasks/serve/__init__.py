@@ -18,6 +18,9 @@ any backend; the model card's task picks the handler (`handlers.py`). Endpoints:
     POST /predict        the image as the raw body or a multipart file; `?topk=N`
     POST /explain        the same body; `?target=CLASS`; a PNG with the Grad-CAM heat map
 
+Threads: the event loop (every connection, idle or not), `decode_workers` decode threads, one
+inference thread, and the runtime's own compute threads; none per connection.
+
 Errors are `{"error": "<one line>"}`: 400 a bad image, query or request; 404, 405; 408 a head
 or body that did not arrive in time; 411 no length; 413 a body over `max_bytes`; 431 headers
 too long; 501 no explanations for an exported file; 503 queue full (`Retry-After`).
