@@ -214,9 +214,17 @@ async def open_loop(port: int, rate: float, seconds: float, data: bytes, connect
         conn = await pool.get()
         started = time.perf_counter()
         try:
+            if conn is not None:
+                try:
+                    status, _ = await send(*conn, "POST", "/predict?topk=1", data)
+                except Reset:
+                    # the server closed this keep-alive connection while it sat idle in the pool
+                    # (--keepalive-timeout): reconnect and send again, as HTTP clients do
+                    conn[1].close()
+                    conn = None
             if conn is None:
                 conn = await asyncio.open_connection(HOST, port)
-            status, _ = await send(*conn, "POST", "/predict?topk=1", data)
+                status, _ = await send(*conn, "POST", "/predict?topk=1", data)
             tally.add(status, time.perf_counter() - started)
         except (Reset, OSError):
             tally.resets += 1

@@ -6,7 +6,6 @@ VISIONZOO_SCREENSHOT=PATH the page is saved there (the README's screenshot)."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -86,8 +85,3 @@ def test_camera_button_only_where_the_browser_offers_a_camera(browser, server):
     assert page.is_visible("#camera-button") == has_camera
     page.close()
 
-
-def test_screenshot_tool_is_debian_chromium():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Chromium is not installed")
-    assert shutil.which("chromium") == CHROMIUM

@@ -150,9 +150,11 @@ class PredictService:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     async def _warm_up(self) -> None:
-        """One model call per batch shape the server will use (all compiled before `/ready` says so)."""
+        """Model calls before `/ready` says so: every padded batch shape (OpenVINO compiles each), else
+        one image and a full batch (ONNX Runtime creates its per-core sessions and grows its memory
+        arenas to the largest batch now, not on the first busy moment)."""
         size = self.runner.info.input_size
-        for n in self.pad_sizes or (1,):
+        for n in self.pad_sizes or sorted({1, self.settings.max_batch}):
             await self.batcher.call(self.handler.run, torch.zeros(n, 3, size, size))
         self.ready = True
         log.info("warmed up: %s", self.runner.describe())
