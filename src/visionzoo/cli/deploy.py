@@ -167,8 +167,9 @@ def serve(
     max_batch: int = typer.Option(32, "--max-batch", min=1, help="Images per model call at most."),
     max_delay_ms: float = typer.Option(5.0, "--max-delay-ms", min=0.0, help="How long the first image of a "
                                        "batch waits for others (milliseconds)."),
-    max_queue: int = typer.Option(64, "--max-queue", min=1, help="Requests in the server at once; more are "
-                                  "answered 503 with Retry-After at once."),
+    max_queue: int = typer.Option(32, "--max-queue", min=1, help="Requests in the server at once (decoding, "
+                                  "queued, running); more are answered 503 with Retry-After at once. About one "
+                                  "batch: a request then waits at most for the batch running and its own."),
     decode_workers: Optional[int] = typer.Option(None, "--decode-workers", min=1, help="Images decoded at once "
                                                  "(default: one per core, at most 4)."),
     header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.01, help="Seconds for a request's "

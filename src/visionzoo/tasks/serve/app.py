@@ -57,7 +57,7 @@ class ServeSettings:
     fast: bool = True  # predict's fast JPEG path (reduced-scale decode, near-ties redone in full)
     max_batch: int = 32  # images per model call at most
     max_delay_ms: float = 5.0  # how long the first image of a batch waits for others
-    max_queue: int = 64  # requests in the server at once; more get 503 + Retry-After
+    max_queue: int = 32  # requests in the server at once; more get 503 + Retry-After (bounds the latency)
     decode_workers: int | None = None  # images decoded at once (None: one per core, at most 4)
     header_timeout: float = 10.0  # seconds for a request head to arrive (per request)
     body_timeout: float = 30.0  # seconds for a whole request body to arrive
