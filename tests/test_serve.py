@@ -209,9 +209,14 @@ def test_concurrent_requests_are_batched_and_counted(runner):
     slow = SlowRunner(runner, 0.3)
     data = COFFEE.read_bytes()
     with start_server(slow, settings=ServeSettings(max_batch=8, max_delay_ms=50, explain=False)) as srv:
+        deadline = time.time() + 60
+        while not srv.service.ready and time.time() < deadline:
+            time.sleep(0.1)
+        warm_up = len(slow.batches)  # one image and a full batch
+        assert slow.batches == [1, 8]
         results = _concurrently(lambda i: call(srv.url + "/predict?topk=1", "POST", data), 12)
         assert all(status == 200 and body["predictions"][0]["label"] == "espresso" for status, body, _ in results)
-        served = slow.batches[1:]  # the first call is the warm-up
+        served = slow.batches[warm_up:]
         assert sum(served) == 12 and max(served) > 1 and max(served) <= 8, served
         text = urllib.request.urlopen(srv.url + "/metrics", timeout=30).read().decode()
     assert 'visionzoo_requests_total{code="200",endpoint="/predict"} 12.0' in text
