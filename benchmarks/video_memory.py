@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -74,8 +75,9 @@ def write_long_video(path: Path, minutes: float, width: int, height: int) -> Pat
 
 
 def measure(video: Path, model: str, clips: int) -> tuple[float, float, int]:
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-c", _RUN, str(video), model, str(clips)], capture_output=True, text=True,
-                          timeout=3600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
+                          timeout=3600, env={**os.environ, "PYTHONPATH": path})
     if proc.returncode:
         raise SystemExit(f"classifying {video} failed:\n{proc.stderr[-2000:]}")
     peak, seconds, n = proc.stdout.split()
