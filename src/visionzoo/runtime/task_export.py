@@ -25,6 +25,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -159,7 +160,8 @@ def export_task_onnx(net: VisionModel, out: str | os.PathLike, *, flow_size: tup
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the tracer's notes on sizes read from tensors: fixed here, checked below
-            torch.onnx.export(graph, _random_inputs(spec.input_shapes(TRACE_BATCH), seed=0), buf, dynamo=False,
+            torch.onnx.export(graph, _random_inputs(spec.input_shapes(TRACE_BATCH), seed=0), buf,  # type: ignore[arg-type]
+                              dynamo=False,
                               opset_version=OPSET, input_names=names, output_names=list(spec.outputs),
                               dynamic_axes=axes, do_constant_folding=True)
     except Exception as e:  # noqa: BLE001  (any exporter failure is reported as one)
@@ -167,7 +169,7 @@ def export_task_onnx(net: VisionModel, out: str | os.PathLike, *, flow_size: tup
         raise ExportError(f"{info.arch} cannot be exported to ONNX: {first}") from None
     proto = onnx.load_from_string(buf.getvalue())
     set_onnx_metadata(proto, info)
-    extra = {"inputs": {k: list(v) for k, v in spec.inputs().items()}, "outputs": list(spec.outputs)}
+    extra: dict[str, Any] = {"inputs": {k: list(v) for k, v in spec.inputs().items()}, "outputs": list(spec.outputs)}
     if isinstance(spec, FlowGraph):
         extra["flow_updates"] = spec.updates
     entry = proto.metadata_props.add()

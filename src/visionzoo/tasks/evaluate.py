@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from ..bundle import is_bundle
 from ..data.datasets import open_dataset
 from ..data.inputs import Failure
-from ..data.loader import image_batches
+from ..data.loader import ImageBatch, image_batches
 from ..data.video import video_batches
 from ..enums import Task
 from ..errors import InputError
@@ -81,6 +82,7 @@ def evaluate(model: str | os.PathLike | ZooModel, data: str | os.PathLike, *, ou
                          f"written by `visionzoo finetune`")
     classes = tuple(card.classes)
     video = net.task is Task.VIDEO
+    batches: Iterator[ImageBatch]  # a VideoBatch is one, with (videos, clips, C, T, H, W) images
     if video:
         clips = clips or card.preprocess.clips or 1
         paths, targets = labelled_videos(data, classes)

@@ -502,7 +502,11 @@ def extract_features(net: ZooModel, samples: Sequence[tuple], pp: Preprocess, au
     """Run the frozen backbone once over `samples` (this process's `rank::world` share; all
     shares gathered): returns (features, on_pre_logits). Features are the pooled pre-logits
     when the classifier is a layer on them, else the feature maps `forward_head` takes."""
-    dataset = KeyedClips(samples, pp, augment) if video else KeyedImages(samples, pp, augment)
+    dataset: KeyedClips | KeyedImages
+    if video:
+        dataset = KeyedClips(samples, pp, augment if isinstance(augment, ClipAugment) else None)
+    else:
+        dataset = KeyedImages(samples, pp, augment if isinstance(augment, Augment) else None)
     rows, mode = [], None
     net.eval()
     with torch.inference_mode():

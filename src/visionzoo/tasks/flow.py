@@ -23,6 +23,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ def load_flow_model(model: str | os.PathLike | VisionModel = DEFAULT_FLOW_MODEL,
     else:
         from ..factory import create_model
 
-        net = create_model(model, weights=weights or "DEFAULT")
+        net = cast(VisionModel, create_model(model, weights=weights or "DEFAULT"))  # not features_only: a model
     if net.task is not Task.OPTICAL_FLOW or not isinstance(net, RAFT):
         raise InputError(f"{net.arch or type(net).__name__} is a {net.task.value} model; flow needs an optical "
                          f"flow model (raft_large, raft_small)")
@@ -115,7 +116,7 @@ def estimate_flow(model: str | os.PathLike | VisionModel, frame1: Frame, frame2:
     (p1, p2), pads = pad_to_multiple([x1, x2], 8, min_size=net.min_size)
     with torch.inference_mode():
         flow = net(p1, p2, num_flow_updates=updates, all_estimates=False)[-1]
-    flow = crop_padding(flow, pads)
+    flow = torch.as_tensor(crop_padding(flow, pads))
     if (h, w) != (height, width):
         flow = F.interpolate(flow, size=(height, width), mode="bilinear", align_corners=False)
         flow = flow * torch.tensor([width / w, height / h], device=flow.device).view(1, 2, 1, 1)

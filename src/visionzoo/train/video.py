@@ -53,13 +53,14 @@ def is_video_dataset(data: str | os.PathLike | None) -> bool:
     return data is not None and video_class_folders(data) is not None
 
 
-def video_samples(data, train, val, cfg: FinetuneConfig) -> tuple[list, list, list[str], dict]:
+def video_samples(data, train, val, cfg: FinetuneConfig) -> tuple[list, list, list[str], dict[str, str | None]]:
     """(train samples, val samples, class names, sources) of video class folders: (path, label) pairs."""
     if data is None and train is None:
         raise InputError("no training data: give a folder of class sub-folders of videos as DATA, or --train")
     if data is not None and train is not None:
         raise InputError("give the data either as DATA or as --train (with an optional --val), not both")
     source = data if data is not None else train
+    sources: dict[str, str | None]
     found = video_class_folders(source)
     if found is None:
         raise InputError(f"{source}: no class sub-folder holds a video file ({', '.join(sorted(VIDEO_EXTENSIONS))})")
