@@ -48,7 +48,12 @@ INPUTS_HELP = ("Image files, folders (searched recursively), globs ('photos/**/*
 WORKERS_HELP = "Decoding processes (default: one per spare CPU core; 0 decodes in the main process)."
 EXACT_HELP = ("Decode every image at full size: torchvision's preprocessing exactly. By default large "
               "JPEGs are decoded at a reduced scale first (much faster, nearly identical inputs).")
-MAX_PIXELS_HELP = "Refuse images with more pixels than this (decompression bombs); 0 for no limit."
+MAX_PIXELS_HELP = "Refuse images with more pixels than this (decompression bombs); 0 for no limit. Same as " \
+    "--decode-limits pixels=N."
+DECODE_LIMITS_HELP = ("The budget of each image decode, checked from the header before decoding: pixels (as stored, "
+                      "default 178956970), resized (pixels once resized to the model's input, default 16777216), "
+                      "bytes (memory of the decoded image and its RGB copy, default 512MiB), frames (that an "
+                      "animation declares, default 10000). E.g. 'pixels=300M,bytes=2GiB'; none lifts a limit.")
 MODEL_HELP = "NAME or NAME.TAG (default weights unless a tag is given), or a bundle folder."
 RUN_MODEL_HELP = ("NAME or NAME.TAG (default weights unless a tag is given), a bundle folder, or an .onnx file "
                   "from `visionzoo export` / `visionzoo quantize`.")
@@ -67,7 +72,9 @@ WeightsFile = Annotated[Optional[str], typer.Option("--weights", "-w", help="A l
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1)]
 Workers = Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help=WORKERS_HELP)]
 Exact = Annotated[bool, typer.Option("--exact", help=EXACT_HELP)]
-MaxPixels = Annotated[int, typer.Option("--max-pixels", min=0, help=MAX_PIXELS_HELP)]
+MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", min=0, help=MAX_PIXELS_HELP)]
+DecodeLimitsText = Annotated[Optional[str], typer.Option("--decode-limits", metavar="KEY=VALUE,...",
+                                                         help=DECODE_LIMITS_HELP)]
 Device = Annotated[str, typer.Option("--device", help="Torch device to run the model on (cpu, cuda, cuda:1, mps).")]
 BackendChoice = Annotated[Backend, typer.Option("--backend", help=BACKEND_HELP)]
 Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help=THREADS_HELP)]
@@ -93,8 +100,11 @@ def set_torch_threads(threads: int | None) -> None:
 
 
 class Failed(Protocol):
-    path: str
-    reason: str
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
 
 
 def report_failure(failure: Failed) -> None:
@@ -111,14 +121,24 @@ def exit_for_failures(done: int, failures: Sequence[Failed], verb: str) -> None:
     raise typer.Exit(EXIT_NOTHING if done == 0 else EXIT_PARTIAL)
 
 
-def inference_options(*, batch_size: int, workers: int | None, exact: bool, max_pixels: int, device: str,
-                      backend: Backend, threads: int | None, precision: RunPrecision):
+def decode_limits(text: str | None, max_pixels: int | None = None):
+    """--decode-limits (applied to the defaults), then --max-pixels (0: no pixel limit) over it."""
+    from ..data.images import DEFAULT_LIMITS, DecodeLimits
+
+    limits = DecodeLimits.parse(text) if text else DEFAULT_LIMITS
+    if max_pixels is not None:
+        limits = DecodeLimits.parse(f"pixels={max_pixels}", limits)
+    return limits
+
+
+def inference_options(*, batch_size: int, workers: int | None, exact: bool, max_pixels: int | None, device: str,
+                      backend: Backend, threads: int | None, precision: RunPrecision, limits: str | None = None):
     """The shared options as an `InferenceOptions`; sets torch's own thread count for --threads."""
     from ..runtime.options import InferenceOptions
 
     set_torch_threads(threads)
     return InferenceOptions(batch_size=batch_size, num_workers=workers, fast=not exact,
-                            max_pixels=max_pixels or None, device=device, backend=backend, threads=threads,
+                            limits=decode_limits(limits, max_pixels), device=device, backend=backend, threads=threads,
                             precision=precision.value)
 
 

@@ -19,10 +19,13 @@ from .common import (
     MODEL_HELP,
     RUN_MODEL_HELP,
     BackendChoice,
+    DecodeLimitsText,
+    MaxPixels,
     PrecisionChoice,
     RunPrecision,
     Runtime,
     Threads,
+    decode_limits,
     err,
     out,
     report_failure,
@@ -69,12 +72,14 @@ def quantize(
                                "calibration images."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration sample."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0, help="Image decoding processes."),
+    limits: DecodeLimitsText = None,
+    max_pixels: MaxPixels = None,
 ) -> None:
     """Quantize a model to int8 (ONNX, QDQ) on your own images; run it with --backend onnxruntime or openvino."""
     from ..tasks.quantize import quantize as run
 
     result = run(model, calibration, out_file, backend=backend.value, mode=mode.value, num_images=num_images,
-                 seed=seed, check=check, num_workers=workers)
+                 seed=seed, check=check, num_workers=workers, limits=decode_limits(limits, max_pixels))
     for f in result.failures[:10]:
         report_failure(f)
     if len(result.failures) > 10:

@@ -5,13 +5,13 @@ from typing import Optional
 
 import typer
 
-from ..data.images import DEFAULT_MAX_PIXELS
 from ..registry import DEFAULT_MODEL
 from ..runtime.backends import Backend
 from .common import (
     INPUTS_HELP,
     BackendChoice,
     BatchSize,
+    DecodeLimitsText,
     Device,
     Exact,
     MaxPixels,
@@ -41,7 +41,8 @@ def predict(
     batch_size: BatchSize = 32,
     workers: Workers = None,
     exact: Exact = False,
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    max_pixels: MaxPixels = None,
+    limits: DecodeLimitsText = None,
     device: Device = "cpu",
     backend: BackendChoice = Backend.AUTO,
     threads: Threads = None,
@@ -51,7 +52,7 @@ def predict(
     from ..tasks.predict import Prediction, iter_predict
 
     options = inference_options(batch_size=batch_size, workers=workers, exact=exact, max_pixels=max_pixels,
-                                device=device, backend=backend, threads=threads, precision=precision)
+                                device=device, backend=backend, threads=threads, precision=precision, limits=limits)
     failures, done = [], 0
     writer = PredictionWriter(fmt)
     for result in iter_predict(paths, model_arg(model, weights), topk=topk, options=options):
@@ -84,7 +85,8 @@ def embed(
     batch_size: BatchSize = 32,
     workers: Workers = None,
     exact: Exact = False,
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    max_pixels: MaxPixels = None,
+    limits: DecodeLimitsText = None,
     device: Device = "cpu",
     backend: BackendChoice = Backend.AUTO,
     threads: Threads = None,
@@ -96,7 +98,7 @@ def embed(
     from .common import err
 
     options = inference_options(batch_size=batch_size, workers=workers, exact=exact, max_pixels=max_pixels,
-                                device=device, backend=backend, threads=threads, precision=precision)
+                                device=device, backend=backend, threads=threads, precision=precision, limits=limits)
     result = run_embed(paths, model_arg(model, weights), out=out_file, layer=layer, normalize=normalize,
                        chunk_size=chunk_size, resume=not restart,
                        progress=err.is_terminal if progress is None else progress, options=options)

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ImageError, InputError
-from .images import DEFAULT_MAX_PIXELS, draft_info, load_image
+from .images import DEFAULT_LIMITS, DEFAULT_MAX_PIXELS, DecodeLimits, draft_info, load_image
 
 MAX_AUTO_WORKERS = 8
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -40,22 +40,25 @@ class ImageFiles(Dataset):
     """Position i -> (i, preprocessed tensor, None, reduced), or (i, None, reason, False) for a bad file;
     `reduced`: the image was decoded at a reduced scale (the fast path)."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], transform, *,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_to: int | None = None):
+    def __init__(self, paths: Sequence[str | os.PathLike], transform, *, limits: DecodeLimits = DEFAULT_LIMITS,
+                 reduce_to: int | None = None, resize_to: int | None = None):
         self.paths = list(paths)
         self.transform = transform
-        self.max_pixels = max_pixels
+        self.limits = limits
         self.reduce_to = reduce_to
+        self.resize_to = resize_to
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            img = load_image(self.paths[i], max_pixels=self.max_pixels, reduce_to=self.reduce_to)
+            img = load_image(self.paths[i], limits=self.limits, reduce_to=self.reduce_to, resize_to=self.resize_to)
             return i, self.transform(img), None, draft_info(img) is not None
         except ImageError as e:
             return i, None, e.reason, False
+        except MemoryError:  # the budget should have refused it; one image must never end the run
+            return i, None, "not enough memory to preprocess it; lower the decode limits (--decode-limits)", False
 
 
 def _collate(items) -> ImageBatch:
@@ -100,7 +103,7 @@ def default_num_workers(num_batches: int) -> int:
 
 def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size: int = 32,
                   num_workers: int | None = None, fast: bool = True,
-                  max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS, limits: DecodeLimits | None = None,
                   index_batches: Sequence[Sequence[int]] | None = None,
                   pin_memory: bool = False) -> Iterator[ImageBatch]:
     """Yield the files of `paths` decoded and preprocessed with `preprocess` (a `Preprocess`).
@@ -110,7 +113,9 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
         num_workers: decoding processes; None picks `default_num_workers`; 0 decodes in
             the calling process.
         fast: decode large JPEGs at a reduced scale (see `load_image(reduce_to=)`).
-        max_pixels: refuse images with more pixels (decompression bombs); None: no limit.
+        limits: the decode budget of each image (`DecodeLimits`); a file over it is a failure.
+        max_pixels: without `limits`, refuse images with more pixels (decompression bombs);
+            None: no limit.
         index_batches: the positions of each batch, when the caller needs a given grouping
             (embed aligns batches with its resumable chunks).
         pin_memory: page-lock batches for a faster copy to a GPU.
@@ -119,8 +124,10 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if num_workers is not None and num_workers < 0:
         raise InputError(f"num_workers must be >= 0, got {num_workers}")
-    if max_pixels is not None and max_pixels < 1:
-        raise InputError(f"max_pixels must be >= 1 (or None for no limit), got {max_pixels}")
+    if limits is None:
+        if max_pixels is not None and max_pixels < 1:
+            raise InputError(f"max_pixels must be >= 1 (or None for no limit), got {max_pixels}")
+        limits = DEFAULT_LIMITS if max_pixels == DEFAULT_MAX_PIXELS else DecodeLimits(max_pixels=max_pixels)
     if index_batches is None:
         index_batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
     index_batches = [list(b) for b in index_batches if len(b)]
@@ -128,8 +135,8 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
         return
     if num_workers is None:
         num_workers = default_num_workers(len(index_batches))
-    dataset = ImageFiles(paths, preprocess.transforms(), max_pixels=max_pixels,
-                         reduce_to=preprocess.resize_size if fast else None)
+    dataset = ImageFiles(paths, preprocess.transforms(), limits=limits,
+                         reduce_to=preprocess.resize_size if fast else None, resize_to=preprocess.resize_size)
     loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=pin_memory,
                         worker_init_fn=fix_mmap_threshold if num_workers else None)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..data.images import DEFAULT_MAX_PIXELS
+from ..data.images import DEFAULT_LIMITS, DecodeLimits
 from ..enums import Precision, parse_enum
 from ..errors import InputError
 from .backends import Backend, Runner, open_runner
@@ -25,7 +25,7 @@ class InferenceOptions:
     batch_size: int = 32
     num_workers: int | None = None  # decoding processes; None: one per spare core; 0: in the main process
     fast: bool = True  # decode large JPEGs at a reduced scale (False: torchvision's preprocessing exactly)
-    max_pixels: int | None = DEFAULT_MAX_PIXELS  # refuse larger images (decompression bombs); None: no limit
+    limits: DecodeLimits = DEFAULT_LIMITS  # the budget of each image decode (`max_pixels=` sets its pixel limit)
     device: str = "cpu"  # torch device of the torch backend
     backend: Backend = Backend.AUTO  # torch, onnxruntime, openvino, or auto
     threads: int | None = None  # compute threads of the runtimes (None: one per core)
@@ -41,18 +41,36 @@ class InferenceOptions:
             raise InputError(f"num_workers must be >= 0 (0 decodes in the main process), got {self.num_workers}")
         if self.threads is not None and self.threads < 1:
             raise InputError(f"threads must be >= 1, got {self.threads}")
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise InputError(f"max_pixels must be >= 1 (None: no limit), got {self.max_pixels}")
+        if isinstance(self.limits, str):
+            object.__setattr__(self, "limits", DecodeLimits.parse(self.limits))
+        if not isinstance(self.limits, DecodeLimits):
+            raise InputError(f"limits must be a DecodeLimits (or text such as 'pixels=200M,bytes=1G'), "
+                             f"got {type(self.limits).__name__}")
+
+    @property
+    def max_pixels(self) -> int | None:
+        """The pixel limit of the decode budget (refuse larger images; None: no limit)."""
+        return self.limits.max_pixels
 
     @classmethod
     def of(cls, options: InferenceOptions | None = None, **settings: Any) -> InferenceOptions:
-        """`options` (or the defaults) with the keyword `settings` applied; unknown names are refused."""
-        known = {f.name for f in fields(cls)}
+        """`options` (or the defaults) with the keyword `settings` applied; unknown names are refused.
+        `max_pixels=N` sets the pixel limit of `limits`."""
+        known = {f.name for f in fields(cls)} | {"max_pixels"}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise InputError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                              f"the inference options are {', '.join(sorted(known))}")
-        return dataclasses.replace(options or cls(), **settings)
+        base = options or cls()
+        if "max_pixels" in settings:
+            max_pixels = settings.pop("max_pixels")
+            if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
+                                           or max_pixels < 1):
+                raise InputError(f"max_pixels must be an integer >= 1 (None: no limit), got {max_pixels!r}")
+            limits = settings.get("limits", base.limits)
+            limits = DecodeLimits.parse(limits) if isinstance(limits, str) else limits
+            settings["limits"] = dataclasses.replace(limits, max_pixels=max_pixels)
+        return dataclasses.replace(base, **settings)
 
     @property
     def torch_device(self) -> torch.device:

@@ -183,7 +183,7 @@ def _run_key(files: list[Path], runner: Runner, encoder: _Encoder, opts: Inferen
     """Everything that changes a bit of the result: saved chunks are reused only under the same key."""
     return {"version": _KEY_VERSION, "inputs": _inputs_fingerprint(files), "count": len(files),
             "model": _model_fingerprint(runner), "layer": encoder.layer, "normalize": encoder.normalize,
-            "preprocess": runner.preprocess.to_dict(), "fast": opts.fast, "max_pixels": opts.max_pixels,
+            "preprocess": runner.preprocess.to_dict(), "fast": opts.fast, "limits": opts.limits.describe(),
             "batch_size": opts.batch_size, "chunk_size": chunk_size, "device": opts.torch_device.type,
             "torch": torch.__version__}
 
@@ -196,7 +196,7 @@ def _embed_chunks(files: list[Path], runner: Runner, encoder: _Encoder, store: _
     with progress_bar(progress, "embedding", len(files), completed=done_images) as bar, torch.inference_mode():
         pending: dict[int, _Chunk] = {}
         for batch in image_batches(files, runner.preprocess, num_workers=opts.num_workers, fast=opts.fast,
-                                   max_pixels=opts.max_pixels, index_batches=plan.batches(todo),
+                                   limits=opts.limits, index_batches=plan.batches(todo),
                                    pin_memory=opts.torch_device.type == "cuda"):
             k = min(batch.indices + [i for i, _ in batch.failures]) // plan.size
             chunk = pending.setdefault(k, _Chunk())

@@ -22,6 +22,7 @@ import torch
 
 from ..bundle import is_bundle
 from ..data.datasets import open_dataset
+from ..data.images import DEFAULT_LIMITS, DecodeLimits
 from ..data.inputs import Failure
 from ..data.loader import image_batches
 from ..errors import InputError
@@ -59,9 +60,12 @@ class Evaluation:
 
 def evaluate(model: str | os.PathLike | ZooModel, data: str | os.PathLike, *, out: str | os.PathLike | None = None,
              batch_size: int = 64, num_workers: int | None = None, device: str | torch.device = "cpu",
-             plots: bool = True) -> Evaluation:
+             plots: bool = True, limits: DecodeLimits | str | None = None) -> Evaluation:
     """Score `model` (a bundle folder, a run folder, a model name or instance) on `data`
-    (an ImageFolder tree or a `path,label` CSV whose class names the model knows)."""
+    (an ImageFolder tree or a `path,label` CSV whose class names the model knows). Images that
+    cannot be read or break the decode `limits` (a `DecodeLimits`, or text such as
+    "pixels=200M,bytes=1G") are left out and listed in `failures`."""
+    limits = DecodeLimits.parse(limits) if isinstance(limits, str) else limits or DEFAULT_LIMITS
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if not isinstance(model, ZooModel) and Path(model).exists() and not is_bundle(model):
@@ -83,7 +87,7 @@ def evaluate(model: str | os.PathLike | ZooModel, data: str | os.PathLike, *, ou
     failures: list[Failure] = []
     with torch.inference_mode():
         for batch in image_batches(paths, card.preprocess, batch_size=batch_size, num_workers=num_workers,
-                                   fast=False, pin_memory=device.type == "cuda"):
+                                   fast=False, limits=limits, pin_memory=device.type == "cuda"):
             failures += [Failure(str(paths[i]), reason) for i, reason in batch.failures]
             if batch.images is None:
                 continue

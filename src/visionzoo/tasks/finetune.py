@@ -35,9 +35,11 @@ from torch.nn import functional as F
 
 from ..bundle import BUNDLE_JSON, RUN_SUBDIR, is_bundle, save_bundle
 from ..data.datasets import ImageDataset, open_dataset
+from ..data.images import DEFAULT_LIMITS, DecodeLimits, probe_image
+from ..data.inputs import Failure
 from ..data.preprocess import Preprocess
 from ..enums import Precision
-from ..errors import InputError, TrainingError
+from ..errors import ImageError, InputError, TrainingError
 from ..factory import create_model
 from ..fileutil import atomic_path
 from ..metrics import topk_hits
@@ -81,12 +83,14 @@ class FinetuneResult:
     epochs_run: int
     stopped_early: bool
     config: FinetuneConfig  # with the strategy's defaults filled in
+    failures: tuple[Failure, ...] = ()  # images left out: unreadable, or over the decode limits
 
 
 def finetune(data: str | os.PathLike | None = None, out: str | os.PathLike = "runs/finetune", *,
              train: str | os.PathLike | None = None, val: str | os.PathLike | None = None,
              config: FinetuneConfig | None = None, resume: bool = False, device: str | torch.device | None = None,
-             progress: bool = True, echo: Callable[[str], None] | None = None, **options: Any) -> FinetuneResult:
+             progress: bool = True, echo: Callable[[str], None] | None = None,
+             limits: DecodeLimits | str | None = None, **options: Any) -> FinetuneResult:
     """Fine-tune `config.model` on labelled images and write a bundle to `out/bundle`.
 
     Args:
@@ -101,15 +105,19 @@ def finetune(data: str | os.PathLike | None = None, out: str | os.PathLike = "ru
         device: "cpu", "cuda", "cuda:1" or None/"auto" (the GPU when there is one).
         progress: show progress bars and per-epoch lines (rank 0 only).
         echo: where messages go (default: stderr).
+        limits: the decode budget of each image (`DecodeLimits`, or text such as
+            "pixels=200M,bytes=1G"). Every image is checked from its header first; the ones
+            that cannot be read or break the budget are left out and listed in `failures`.
     """
     try:
         cfg = replace(config or FinetuneConfig(), **options)
     except TypeError as e:
         raise InputError(f"unknown fine-tuning option ({e}); see visionzoo.train.config.FinetuneConfig") from None
+    limits = DecodeLimits.parse(limits) if isinstance(limits, str) else limits or DEFAULT_LIMITS
     dist = D.setup(device)
     try:
         return _run(data, Path(out).expanduser(), train, val, cfg, resume, dist, progress,
-                    echo or stderr_echo(progress and dist.is_main))
+                    echo or stderr_echo(progress and dist.is_main), limits)
     finally:
         D.teardown(dist)
 
@@ -123,6 +131,8 @@ class _Data:
     classes: list[str]
     sources: dict[str, Any]
     fingerprint: str
+    limits: DecodeLimits
+    failures: list[Failure]
 
 
 @dataclass
@@ -140,14 +150,17 @@ class _Context(_Data):
 
 
 def _run(data, run_dir: Path, train, val, cfg: FinetuneConfig, resume: bool, dist: D.Dist, progress: bool,
-         echo: Callable[[str], None]) -> FinetuneResult:
-    found = _data(data, train, val, cfg, dist)
+         echo: Callable[[str], None], limits: DecodeLimits) -> FinetuneResult:
+    found = _data(data, train, val, cfg, dist, limits)
     payload = _existing_run(run_dir, resume, cfg, found.fingerprint)
     net, builder_kwargs, base_weights = _starting_model(cfg, found.classes, dist)
     pp = training_preprocess(net.card_required.preprocess, cfg.image_size)
     ctx = _Context(**vars(found), run_dir=run_dir, cfg=cfg, dist=dist,
                    say=echo if dist.is_main else (lambda message: None), net=net, pp=pp,
                    amp=_amp_dtype(cfg.precision, dist.device, pp.crop_size), workers=default_workers(cfg.num_workers))
+    if ctx.failures:
+        ctx.say(f"left out {len(ctx.failures)} image{'s' if len(ctx.failures) > 1 else ''} that cannot be read or "
+                f"break the decode limits (listed at the end)")
     strategy, reason = _strategy(ctx, payload)
     ctx.cfg = cfg = cfg.resolved(strategy)
     ctx.say(f"strategy: {strategy.value} ({reason})")
@@ -181,12 +194,16 @@ def _run(data, run_dir: Path, train, val, cfg: FinetuneConfig, resume: bool, dis
     return FinetuneResult(bundle=bundle_dir, run_dir=run_dir, strategy=strategy, reason=reason,
                           classes=tuple(ctx.classes), metrics=metrics, history=list(state.history),
                           best_epoch=state.best_epoch, epochs_run=state.epoch, stopped_early=state.stopped_early,
-                          config=cfg)
+                          config=cfg, failures=tuple(ctx.failures))
 
 
-def _data(data, train, val, cfg: FinetuneConfig, dist: D.Dist) -> _Data:
-    """The run's data, checked against the number of processes."""
+def _data(data, train, val, cfg: FinetuneConfig, dist: D.Dist, limits: DecodeLimits) -> _Data:
+    """The run's data (without the images that cannot be used), checked against the number of processes."""
     train_samples, val_samples, classes, sources = training_samples(data, train, val, cfg)
+    train_samples, failures = usable_samples(train_samples, limits)
+    val_samples, val_failures = usable_samples(val_samples, limits)
+    failures += val_failures
+    check_classes([y for _, y in train_samples], len(classes), classes)
     for what, samples in (("training", train_samples), ("validation", val_samples)):
         if 0 < len(samples) < dist.world or (what == "training" and not samples):
             raise InputError(f"{len(samples)} {what} images cannot be shared among {dist.world} processes; "
@@ -194,7 +211,8 @@ def _data(data, train, val, cfg: FinetuneConfig, dist: D.Dist) -> _Data:
     if cfg.batch_size % dist.world:
         raise InputError(f"batch_size {cfg.batch_size} is the global batch: make it a multiple of the "
                          f"{dist.world} processes")
-    return _Data(train_samples, val_samples, classes, sources, _fingerprint(train_samples, val_samples, classes))
+    return _Data(train_samples, val_samples, classes, sources, _fingerprint(train_samples, val_samples, classes),
+                 limits, failures)
 
 
 def _starting_model(cfg: FinetuneConfig, classes: list[str], dist: D.Dist
@@ -226,7 +244,8 @@ def _strategy(ctx: _Context, payload: dict | None) -> tuple[Strategy, str]:
     if ctx.dist.is_main:
         ctx.say("choosing a strategy: probing the pre-trained features ...")
         choice = choose_strategy(ctx.net, ctx.train_samples, len(ctx.classes), ctx.pp, seed=ctx.cfg.seed,
-                                 unfreeze=ctx.cfg.unfreeze, device=ctx.dist.device, num_workers=ctx.workers)
+                                 unfreeze=ctx.cfg.unfreeze, device=ctx.dist.device, num_workers=ctx.workers,
+                                 limits=ctx.limits)
     choice = D.broadcast_object(ctx.dist, choice)
     return choice.strategy, choice.reason
 
@@ -285,6 +304,23 @@ def training_samples(data, train, val, cfg: FinetuneConfig):
         sources = {"train": str(data or train), "val": None}
     check_classes([y for _, y in train_samples], len(classes), classes)
     return train_samples, val_samples, list(classes), sources
+
+
+def usable_samples(samples: list, limits: DecodeLimits) -> tuple[list, list[Failure]]:
+    """The samples whose image passes `probe_image` (readable header, within `limits`), and a
+    `Failure` for each of the others: one bad file is left out instead of stopping the run.
+
+    `max_resized_pixels` does not apply: training resizes only the area of each crop (a
+    random crop, or the centre crop's area, see `transforms.resize_and_crop`), whatever the
+    image's aspect ratio."""
+    kept, failures = [], []
+    for sample in samples:
+        try:
+            probe_image(sample[0], limits=limits)
+            kept.append(sample)
+        except ImageError as e:
+            failures.append(Failure(str(sample[0]), e.reason))
+    return kept, failures
 
 
 def _fingerprint(train_samples, val_samples, classes) -> str:
@@ -370,7 +406,7 @@ def _network_job(ctx: _Context) -> dict:
                  stages.unused[0])
     groups = param_groups(net, stages, cfg.lr, cfg.lr_decay, cfg.weight_decay, main)
     augment = Augment(pp, cfg.crop_scale, hflip=cfg.hflip) if cfg.augment else None
-    train_set = KeyedImages(train_samples, pp, augment)
+    train_set = KeyedImages(train_samples, pp, augment, ctx.limits)
     sampler = EpochSampler(len(train_samples), dist, cfg.seed, augment=augment is not None)
     per_rank = cfg.batch_size // dist.world
     train_loader = loader(train_set, sampler, per_rank, workers, dist.device)
@@ -393,7 +429,7 @@ def _network_job(ctx: _Context) -> dict:
 
     val_loader = None
     if val_samples:
-        val_loader = loader(KeyedImages(val_samples, pp, None), ShardKeys(len(val_samples), dist, None), 64,
+        val_loader = loader(KeyedImages(val_samples, pp, None, ctx.limits), ShardKeys(len(val_samples), dist, None), 64,
                             workers, dist.device)
 
     def validate():
@@ -447,11 +483,11 @@ def _classifier_on_pre_logits(net: ZooModel, maps: torch.Tensor) -> bool:
 
 def extract_features(net: ZooModel, samples: Sequence[tuple], pp: Preprocess, augment: Augment | None,
                      seed_parts: tuple[int, ...] | None, dist: D.Dist, amp, workers: int,
-                     batch_size: int = 64) -> tuple[torch.Tensor, bool]:
+                     batch_size: int = 64, limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[torch.Tensor, bool]:
     """Run the frozen backbone once over `samples` (this process's `rank::world` share; all
     shares gathered): returns (features, on_pre_logits). Features are the pooled pre-logits
     when the classifier is a layer on them, else the feature maps `forward_head` takes."""
-    dataset = KeyedImages(samples, pp, augment)
+    dataset = KeyedImages(samples, pp, augment, limits)
     rows, mode = [], None
     net.eval()
     with torch.inference_mode():
@@ -540,12 +576,13 @@ def _feature_cache(ctx: _Context) -> dict:
     for i, (aug, seed_parts) in enumerate(passes):
         say(f"features: pass {i + 1}/{len(passes)} over {len(train_samples)} training images"
             + (" (augmented)" if aug is not None else ""))
-        rows, mode = extract_features(net, train_samples, pp, aug, seed_parts, dist, amp, workers)
+        rows, mode = extract_features(net, train_samples, pp, aug, seed_parts, dist, amp, workers,
+                                      limits=ctx.limits)
         train_rows.append(rows)
         on_pre_logits &= mode
     val_rows = torch.empty(0)
     if val_samples:
-        val_rows, mode = extract_features(net, val_samples, pp, None, None, dist, amp, workers)
+        val_rows, mode = extract_features(net, val_samples, pp, None, None, dist, amp, workers, limits=ctx.limits)
         on_pre_logits &= mode
     cache = {"key": json.dumps(key), "train": torch.cat(train_rows), "train_labels": labels.repeat(len(passes)),
              "val": val_rows, "val_labels": torch.tensor([y for _, y in val_samples], dtype=torch.long),

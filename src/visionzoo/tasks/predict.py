@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..data.images import load_image
+from ..data.images import DecodeLimits, load_image
 from ..data.inputs import Failure, expand_inputs
 from ..data.loader import image_batches
 from ..errors import ImageError, InputError
@@ -65,7 +65,8 @@ def iter_predict(inputs: Sequence[str | os.PathLike], model: str | os.PathLike |
             given as keywords: `batch_size`, `num_workers` (None: one per spare core; 0:
             in-process), `fast` (decode large JPEGs at a reduced scale first; images whose two
             leading classes are near-tied are decoded again at full size, so the top-1 is the
-            exact path's; False gives torchvision's preprocessing exactly), `max_pixels`,
+            exact path's; False gives torchvision's preprocessing exactly), `limits` (the
+            decode budget of each image, a `DecodeLimits`), `max_pixels` (its pixel limit),
             `device`, `backend` (`torch`, `onnxruntime`, `openvino` or `auto`), `threads`,
             `precision` (`fp32` or `bf16`).
     """
@@ -80,14 +81,14 @@ def iter_predict(inputs: Sequence[str | os.PathLike], model: str | os.PathLike |
     categories = runner.categories
     k = min(topk, runner.num_classes)
     batches = image_batches(files, runner.preprocess, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                            fast=opts.fast, max_pixels=opts.max_pixels, pin_memory=opts.torch_device.type == "cuda")
+                            fast=opts.fast, limits=opts.limits, pin_memory=opts.torch_device.type == "cuda")
     with torch.inference_mode():
         for batch in batches:
             results: dict[int, Prediction | Failure] = {i: Failure(str(files[i]), err) for i, err in batch.failures}
             if batch.images is not None:
                 probs = torch.softmax(runner.logits(batch.images), dim=1)
                 if batch.reduced:
-                    _recheck_near_ties(probs, batch, files, runner, opts.max_pixels)
+                    _recheck_near_ties(probs, batch, files, runner, opts.limits)
                 values, classes = probs.topk(k, dim=1)
                 for i, v_row, c_row in zip(batch.indices, values.tolist(), classes.tolist(), strict=True):
                     top = (Label(c, categories[c] if categories else f"class_{c}", v)
@@ -103,7 +104,7 @@ def near_ties(probs: torch.Tensor) -> torch.Tensor:
     return (top2[:, 0] - top2[:, -1]) < NEAR_TIE
 
 
-def _recheck_near_ties(probs: torch.Tensor, batch, files, runner: Runner, max_pixels: int | None) -> None:
+def _recheck_near_ties(probs: torch.Tensor, batch, files, runner: Runner, limits: DecodeLimits) -> None:
     """Redo, from a full-size decode, the images of `batch` decoded at a reduced scale whose two
     most probable classes are within `NEAR_TIE` of each other (in place in `probs`).
 
@@ -120,7 +121,7 @@ def _recheck_near_ties(probs: torch.Tensor, batch, files, runner: Runner, max_pi
     exact = []
     for row in redo:
         try:
-            exact.append(transform(load_image(files[batch.indices[row]], max_pixels=max_pixels)))
+            exact.append(transform(load_image(files[batch.indices[row]], limits=limits)))
         except ImageError:  # it decoded a moment ago; keep the fast result if it no longer does
             exact.append(batch.images[row])
     probs[redo] = torch.softmax(runner.logits(torch.stack(exact)), dim=1)

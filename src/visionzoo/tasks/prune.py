@@ -179,7 +179,7 @@ def prune(bundle: str | os.PathLike, ratio: float = 0.3, *, out: str | os.PathLi
     pruned_accuracy = accuracy(TorchRunner(pruned_net).logits, images, labels) if len(images) else None
 
     if finetune_epochs:
-        options = {"strategy": "full", "epochs": finetune_epochs, "batch_size": batch_size,
+        options: dict[str, Any] = {"strategy": "full", "epochs": finetune_epochs, "batch_size": batch_size,
                    "image_size": size, "num_workers": num_workers}
         if lr is not None:
             options["lr"] = lr

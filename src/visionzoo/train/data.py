@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..data.images import load_image
+from ..data.images import DEFAULT_LIMITS, DecodeLimits, load_image
 from ..data.loader import available_cpus, fix_mmap_threshold
 from ..data.transforms import Interpolation, to_normalized_tensor
 from ..errors import InputError
@@ -96,12 +96,14 @@ class Augment:
 
 class KeyedImages(Dataset):
     """`(index, seed)` -> (image tensor, label): the augmented view for that seed, or the
-    evaluation view when the seed is None."""
+    evaluation view when the seed is None. Images are decoded within `limits`."""
 
-    def __init__(self, samples: Sequence[tuple], preprocess: Preprocess, augment: Augment | None):
+    def __init__(self, samples: Sequence[tuple], preprocess: Preprocess, augment: Augment | None,
+                 limits: DecodeLimits = DEFAULT_LIMITS):
         self.samples = list(samples)
         self.eval_transform = preprocess.transforms()
         self.augment = augment
+        self.limits = limits  # its max_resized_pixels does not apply: only the crop's area is ever resized
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -109,7 +111,7 @@ class KeyedImages(Dataset):
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, int]:
         index, seed = key
         path, label = self.samples[index]
-        img = load_image(path)
+        img = load_image(path, limits=self.limits)
         if seed is None or self.augment is None:
             return self.eval_transform(img), label
         return self.augment(img, torch.Generator().manual_seed(seed)), label
