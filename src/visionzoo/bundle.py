@@ -33,7 +33,7 @@ import torch
 
 from .data.preprocess import Preprocess
 from .errors import CheckpointError, InputError
-from .fileutil import sha256_file
+from .fileutil import apply_umask, sha256_file
 from .models.base import VisionModel
 from .version import __version__
 from .weights.io import save_state_dict
@@ -120,6 +120,7 @@ def save_bundle(model: torch.nn.Module, out: str | os.PathLike, *, classes: Sequ
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
     try:
+        apply_umask(tmp)  # mkdtemp makes it private (0700); a bundle folder is like any other folder
         weights = save_state_dict(model.state_dict(), tmp / WEIGHTS_FILE,
                                   metadata={"format": "pt", "architecture": arch})
         meta = {

@@ -50,6 +50,11 @@ def main() -> None:
 
     Usage errors (exit 2) and `typer.Exit` codes are handled by typer itself.
     """
+    # file names that are not valid UTF-8 are printed as the bytes they are, not refused
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="surrogateescape")
     try:
         app()
     except VisionZooError as e:

@@ -73,6 +73,9 @@ BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1)]
 Workers = Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help=WORKERS_HELP)]
 Exact = Annotated[bool, typer.Option("--exact", help=EXACT_HELP)]
 MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", min=0, help=MAX_PIXELS_HELP)]
+WAIT_HELP = "When another run is writing the same output, wait for it to finish instead of stopping with an " \
+    "error that names it."
+Wait = Annotated[bool, typer.Option("--wait", help=WAIT_HELP)]
 DecodeLimitsText = Annotated[Optional[str], typer.Option("--decode-limits", metavar="KEY=VALUE,...",
                                                          help=DECODE_LIMITS_HELP)]
 Device = Annotated[str, typer.Option("--device", help="Torch device to run the model on (cpu, cuda, cuda:1, mps).")]

@@ -25,6 +25,7 @@ from .common import (
     RunPrecision,
     Runtime,
     Threads,
+    Wait,
     decode_limits,
     err,
     out,
@@ -46,11 +47,12 @@ def export(
                                     "PyTorch, relative to each output's range."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Run the written file and compare it with "
                                 "PyTorch (no file is left when it differs)."),
+    wait: Wait = False,
 ) -> None:
     """Export a model (with its classes and preprocessing) to ONNX, TorchScript or PT2, verified against PyTorch."""
     from ..runtime.export import describe, export_model
 
-    result = export_model(model, fmt, out_file, input_size=input_size, verify=verify, tolerance=tolerance)
+    result = export_model(model, fmt, out_file, input_size=input_size, verify=verify, tolerance=tolerance, wait=wait)
     say(describe(result))
 
 
@@ -74,12 +76,13 @@ def quantize(
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0, help="Image decoding processes."),
     limits: DecodeLimitsText = None,
     max_pixels: MaxPixels = None,
+    wait: Wait = False,
 ) -> None:
     """Quantize a model to int8 (ONNX, QDQ) on your own images; run it with --backend onnxruntime or openvino."""
     from ..tasks.quantize import quantize as run
 
     result = run(model, calibration, out_file, backend=backend.value, mode=mode.value, num_images=num_images,
-                 seed=seed, check=check, num_workers=workers, limits=decode_limits(limits, max_pixels))
+                 seed=seed, check=check, num_workers=workers, limits=decode_limits(limits, max_pixels), wait=wait)
     for f in result.failures[:10]:
         report_failure(f)
     if len(result.failures) > 10:

@@ -21,6 +21,7 @@ from .common import (
     PredictionWriter,
     RunPrecision,
     Threads,
+    Wait,
     WeightsFile,
     Workers,
     exit_for_failures,
@@ -68,8 +69,8 @@ def predict(
 
 def embed(
     paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
-    out_file: str = typer.Option(..., "--out", "-o", help="Output file: .npy (with a <stem>.paths.txt list of "
-                                 "paths) or .parquet (path and embedding columns)."),
+    out_file: str = typer.Option(..., "--out", "-o", help="Output file: .npy (with <stem>.paths.jsonl, its paths "
+                                 "as one JSON string per line) or .parquet (path and embedding columns)."),
     model: ModelArg = DEFAULT_MODEL,
     weights: WeightsFile = None,
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Embed an intermediate stage instead (its "
@@ -82,6 +83,7 @@ def embed(
                                  "instead of resuming it."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar "
                                             "(default: when stderr is a terminal)."),
+    wait: Wait = False,
     batch_size: BatchSize = 32,
     workers: Workers = None,
     exact: Exact = False,
@@ -100,7 +102,7 @@ def embed(
     options = inference_options(batch_size=batch_size, workers=workers, exact=exact, max_pixels=max_pixels,
                                 device=device, backend=backend, threads=threads, precision=precision, limits=limits)
     result = run_embed(paths, model_arg(model, weights), out=out_file, layer=layer, normalize=normalize,
-                       chunk_size=chunk_size, resume=not restart,
+                       chunk_size=chunk_size, resume=not restart, wait=wait,
                        progress=err.is_terminal if progress is None else progress, options=options)
     for failure in result.failures:
         report_failure(failure)

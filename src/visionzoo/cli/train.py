@@ -20,6 +20,7 @@ from .common import (
     DECODE_LIMITS_HELP,
     EXIT_PARTIAL,
     MAX_PIXELS_HELP,
+    WAIT_HELP,
     DecodeLimitsText,
     MaxPixels,
     OutputFormat,
@@ -69,6 +70,7 @@ def _finetune(data: Optional[Path] = typer.Argument(None, help="ImageFolder tree
               limits: Optional[str] = typer.Option(None, "--decode-limits", metavar="KEY=VALUE,...",
                                                    help=DECODE_LIMITS_HELP),
               max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=0, help=MAX_PIXELS_HELP),
+              wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
               **config: Any) -> None:
     """Fine-tune a pre-trained model on labelled images; writes a bundle (OUT/bundle).
 
@@ -77,7 +79,7 @@ def _finetune(data: Optional[Path] = typer.Argument(None, help="ImageFolder tree
     from ..tasks.finetune import finetune as run
 
     result = run(data, out_dir, train=train, val=val, config=FinetuneConfig(**config), resume=resume,
-                 device=device, progress=not quiet, limits=decode_limits(limits, max_pixels))
+                 device=device, progress=not quiet, limits=decode_limits(limits, max_pixels), wait=wait)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return
     for failure in result.failures:

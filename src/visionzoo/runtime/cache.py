@@ -5,8 +5,9 @@ architecture, a digest of every weight and buffer (so a fine-tuned or edited mod
 reuses another's graph), the input size, the exporter settings and the torch and
 visionzoo versions. Bundles keep their exports in `<bundle>/exports/`; every other model
 in `$TORCH_HOME/hub/checkpoints/visionzoo-exports/`, beside the published weights files.
-Each file is written under a temporary name and renamed once verified (`export.py`), so
-concurrent processes at worst export twice, and a crash leaves no partial graph.
+Each file is written under a temporary name and renamed once verified (`export.py`), by one
+process at a time: a concurrent process waits for it and uses its file, and a crash leaves no
+partial graph (its temporary file is removed by the next export).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..fileutil import json_digest, weights_fingerprint
+from ..fileutil import exclusive, json_digest, weights_fingerprint
 from ..models.base import ZooModel
 from ..version import __version__
 from .export import OPSET, ExportFormat, export_model
@@ -55,6 +56,9 @@ def exported_onnx(net: ZooModel, input_size: int | None = None) -> Path:
     if path.is_file():
         log.info("%s: using the cached export %s", net.arch, path)
         return path
-    log.warning("%s: exporting to ONNX once (cached in %s)", net.arch, path.parent)
-    export_model(net, ExportFormat.ONNX, path, input_size=size)
+    with exclusive(path, wait=True):  # a concurrent process exporting the same graph: wait for its file
+        if path.is_file():
+            return path
+        log.warning("%s: exporting to ONNX once (cached in %s)", net.arch, path.parent)
+        export_model(net, ExportFormat.ONNX, path, input_size=size)
     return path

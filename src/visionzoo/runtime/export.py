@@ -11,7 +11,8 @@ and returns `logits` (N, classes) and `embedding` (N, D), the pooled pre-logits 
 batch of another size than the one it was traced with, and compared with PyTorch: the
 largest difference relative to the output's range must stay within `tolerance` (1e-4 in
 float32), else `ExportError` and no file. The file is written under a temporary name and
-renamed only once verified.
+renamed only once verified, by one run at a time (`fileutil.exclusive`; the temporary files of
+a killed run are removed by the next).
 
 ONNX goes through torch's TorchScript-based exporter, which handles every family of the
 zoo (the dynamo exporter of torch 2.13 fails on Swin and MaxViT) in a fraction of the
@@ -35,7 +36,7 @@ from torch import nn
 
 from ..enums import parse_enum
 from ..errors import ExportError, InputError
-from ..fileutil import atomic_path
+from ..fileutil import atomic_path, exclusive
 from ..models.base import ZooModel
 from ..optional import require
 from .metadata import EXTRA_FILE, INPUT_NAME, OUTPUTS, ModelInfo, model_info
@@ -80,7 +81,7 @@ class ExportGraph(nn.Module):
 
 
 def export_model(model, fmt: ExportFormat | str, out: str | os.PathLike, *, input_size: int | None = None,
-                 verify: bool = True, tolerance: float = TOLERANCE) -> ExportResult:
+                 verify: bool = True, tolerance: float = TOLERANCE, wait: bool = False) -> ExportResult:
     """Export `model` (a name, bundle folder or visionzoo model) to `out` in format `fmt`.
 
     Args:
@@ -88,6 +89,8 @@ def export_model(model, fmt: ExportFormat | str, out: str | os.PathLike, *, inpu
             was built for). The recipe in the file is scaled to it.
         verify: load the written file back and compare its outputs with PyTorch's.
         tolerance: the largest accepted relative difference.
+        wait: when another run is writing `out`, wait for it to finish (default: refuse with an
+            `OutputBusyError` naming it).
 
     Raises `ExportError` when the exporter fails or the check exceeds `tolerance` (no file is
     left at `out` then), `MissingDependencyError` when the format needs a package that is not
@@ -103,7 +106,7 @@ def export_model(model, fmt: ExportFormat | str, out: str | os.PathLike, *, inpu
               ExportFormat.PT2: _write_pt2}[fmt]
     graph = ExportGraph(net).eval()
     sample = _images(TRACE_BATCH, info.input_size, seed=0)
-    with atomic_path(out) as tmp:
+    with exclusive(out, wait=wait), atomic_path(out) as tmp:
         exporter = writer(graph, sample, tmp, info)
         diffs = check_export(graph, tmp, fmt, info, tolerance) if verify else {}
     log.info("exported %s to %s (%s, %s)", info.arch, out, fmt.value, exporter)

@@ -4,9 +4,16 @@ The vector is the model's pooled pre-logit embedding,
 `forward_head(forward_features(x), pre_logits=True)`, or with `layer` the global
 average of an intermediate stage's NCHW map; optionally L2-normalised.
 
-Output: `.npy` (float32, one row per embedded image) with a sidecar `<stem>.paths.txt`
-(one path per line, row order), or `.parquet` (a `path` column and an `embedding`
-fixed-size-list column). Failed images are left out and reported.
+Output: `.npy` (float32, one row per embedded image) with a sidecar `<stem>.paths.jsonl`
+(row order: one JSON string per line, ASCII only, so that no file name, whatever characters
+it holds, can split or merge lines; a name that is not valid UTF-8 is kept losslessly as
+Python's surrogate escapes, `os.fsencode(path)` gives its bytes back), or `.parquet` (a
+`path` column and an `embedding` fixed-size-list column; Parquet's text is UTF-8, so a file
+whose name is not is a failure there). Failed images are left out and reported. Sidecars
+of the former `<stem>.paths.txt` format (one path per line) are still read.
+
+A run owns its output and work folder (`fileutil.exclusive`): a second run on the same
+output is refused with the first one's pid and command line, or waits (`wait=True`).
 
 Resumable: with an output file, results are saved in chunks of `chunk_size` images to a
 work folder next to it (`.<name>.embed-work/`), tagged with a key of the inputs (paths,
@@ -18,6 +25,7 @@ written atomically) is the same, byte for byte.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -36,7 +44,7 @@ import torch.nn.functional as F
 from ..data.inputs import Failure, expand_inputs
 from ..data.loader import image_batches
 from ..errors import InputError
-from ..fileutil import atomic_path, json_digest, sha256_file, weights_fingerprint
+from ..fileutil import atomic_path, exclusive, json_digest, remove_leftovers, sha256_file, weights_fingerprint
 from ..models.base import ZooModel
 from ..models.features import FeatureExtractor, resolve_stage
 from ..optional import require
@@ -78,9 +86,33 @@ class Embeddings:
 
 
 def sidecar_path(out: str | os.PathLike) -> Path:
-    """`emb.npy` -> `emb.paths.txt`: the row order of a `.npy` output."""
+    """`emb.npy` -> `emb.paths.jsonl`: the row order of a `.npy` output."""
+    out = Path(out)
+    return out.with_name(out.stem + ".paths.jsonl")
+
+
+def legacy_sidecar_path(out: str | os.PathLike) -> Path:
+    """`emb.npy` -> `emb.paths.txt`: the sidecar of earlier versions (one path per line)."""
     out = Path(out)
     return out.with_name(out.stem + ".paths.txt")
+
+
+def write_paths(path: Path, paths: Iterable[str]) -> None:
+    """One JSON string per line, ASCII only (`\\n`, U+2028 and surrogate escapes stay escaped)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(p, ensure_ascii=True) + "\n" for p in paths), encoding="ascii")
+
+
+def read_paths(path: Path) -> list[str]:
+    """The paths `write_paths` wrote, exactly (non-UTF-8 names come back as surrogate escapes)."""
+    text = path.read_text(encoding="ascii")
+    try:
+        paths = [json.loads(line) for line in text.split("\n") if line]
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not a paths file written by embed ({e})") from None
+    if not all(isinstance(p, str) for p in paths):
+        raise InputError(f"{path}: not a paths file written by embed (a line is not a JSON string)")
+    return paths
 
 
 def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
@@ -88,7 +120,13 @@ def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     path = Path(path)
     if _output_format(path) == "npy":
         vectors = np.load(path)
-        paths = sidecar_path(path).read_text(encoding="utf-8").splitlines()
+        if sidecar_path(path).is_file():
+            paths = read_paths(sidecar_path(path))
+        else:  # written by an earlier version: one path per line, broken by names holding a newline
+            paths = legacy_sidecar_path(path).read_text(encoding="utf-8").split("\n")[:len(vectors)]
+        if len(paths) != len(vectors):
+            raise InputError(f"{path}: {len(vectors)} vectors but {len(paths)} paths in its sidecar; the two files "
+                             f"do not belong together")
         return paths, vectors
     pq = require("pyarrow.parquet")
     table = pq.read_table(path)
@@ -100,7 +138,7 @@ def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
 def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
           model: str | os.PathLike | ZooModel | Runner = DEFAULT_MODEL, *, out: str | os.PathLike | None = None,
           layer: int | str | None = None, normalize: bool = False, chunk_size: int | None = None,
-          resume: bool = True, progress: bool = False, options: InferenceOptions | None = None,
+          resume: bool = True, progress: bool = False, wait: bool = False, options: InferenceOptions | None = None,
           **settings: Any) -> Embeddings:
     """Embed images: files, folders, globs, `@LIST` files or CSV datasets.
 
@@ -116,6 +154,8 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
         chunk_size: images per saved chunk (a multiple of the batch size; default 8 batches).
         resume: reuse the chunks of an interrupted run with the same key; False starts over.
         progress: show a progress bar on stderr.
+        wait: when another run is writing `out`, wait for it to finish (default: refuse with an
+            `OutputBusyError` naming it). A run owns its output and work folder while it runs.
         options: how to decode, batch and run (`InferenceOptions`; its fields may also be
             given as keywords, as for `predict`).
 
@@ -131,9 +171,18 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     fmt = _output_format(out) if out is not None else None
     if fmt == "parquet":
         require("pyarrow.parquet")
+    with exclusive(out, wait=wait) if out is not None else contextlib.nullcontext():
+        return _embed(inputs, model, out, fmt, layer, normalize, chunk_size, resume, progress, opts)
+
+
+def _embed(inputs, model, out: Path | None, fmt: str | None, layer, normalize: bool, chunk_size: int, resume: bool,
+           progress: bool, opts: InferenceOptions) -> Embeddings:
     runner = opts.open(model)
     encoder = _Encoder(runner, layer, normalize)
     files, failures = expand_inputs(inputs)
+    if fmt == "parquet":
+        files, unnamed = _utf8_named(files)
+        failures += unnamed
     key = _run_key(files, runner, encoder, opts, chunk_size) if out is not None else None
     store = _ChunkStore(_work_dir(out) if out is not None else None, key, resume)
     plan = _ChunkPlan(len(files), chunk_size, opts.batch_size)
@@ -157,6 +206,19 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
         _write_parquet(out, chunks, paths, encoder.dim, meta)
     store.remove()
     return result
+
+
+def _utf8_named(files: list[Path]) -> tuple[list[Path], list[Failure]]:
+    """The files whose names are valid UTF-8 (Parquet's text is), and a failure for each other."""
+    kept, failures = [], []
+    for p in files:
+        try:
+            str(p).encode("utf-8")
+            kept.append(p)
+        except UnicodeEncodeError:
+            failures.append(Failure(str(p), "file name is not valid UTF-8, which a Parquet file cannot hold; "
+                                            "write a .npy output to keep it"))
+    return kept, failures
 
 
 @dataclass(frozen=True)
@@ -325,9 +387,9 @@ def _inputs_fingerprint(files: Iterable[Path]) -> str:
     for p in files:
         try:
             st = p.stat()
-            h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            h.update(os.fsencode(p) + f"\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(f"{p}\t-\n".encode())
+            h.update(os.fsencode(p) + b"\t-\n")
     return h.hexdigest()
 
 
@@ -340,8 +402,9 @@ def _output_format(out: Path) -> str:
 
 def _write_npy(out: Path, chunks: list[_Chunk], kept: list[str], dim: int) -> None:
     # the sidecar first: a finished .npy always has its paths next to it
-    with atomic_path(sidecar_path(out)) as tmp:
-        tmp.write_text("".join(p + "\n" for p in kept), encoding="utf-8")
+    remove_leftovers(sidecar_path(out))
+    write_paths(sidecar_path(out), kept)
+    legacy_sidecar_path(out).unlink(missing_ok=True)  # an earlier run's, which would describe another file
     with atomic_path(out) as tmp, open(tmp, "wb") as f:
         # streamed chunk by chunk: the whole array is never in memory
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f4")), "fortran_order": False,

@@ -19,12 +19,13 @@ cache; the classifier then trains with DDP on shards of it like any other module
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,9 +40,9 @@ from ..data.images import DEFAULT_LIMITS, DecodeLimits, probe_image
 from ..data.inputs import Failure
 from ..data.preprocess import Preprocess
 from ..enums import Precision
-from ..errors import ImageError, InputError, TrainingError
+from ..errors import ImageError, InputError, OutputBusyError, TrainingError
 from ..factory import create_model
-from ..fileutil import atomic_path
+from ..fileutil import atomic_path, exclusive, remove_leftovers
 from ..metrics import topk_hits
 from ..models.base import ZooModel
 from ..progress import stderr_echo
@@ -90,7 +91,7 @@ def finetune(data: str | os.PathLike | None = None, out: str | os.PathLike = "ru
              train: str | os.PathLike | None = None, val: str | os.PathLike | None = None,
              config: FinetuneConfig | None = None, resume: bool = False, device: str | torch.device | None = None,
              progress: bool = True, echo: Callable[[str], None] | None = None,
-             limits: DecodeLimits | str | None = None, **options: Any) -> FinetuneResult:
+             limits: DecodeLimits | str | None = None, wait: bool = False, **options: Any) -> FinetuneResult:
     """Fine-tune `config.model` on labelled images and write a bundle to `out/bundle`.
 
     Args:
@@ -108,18 +109,42 @@ def finetune(data: str | os.PathLike | None = None, out: str | os.PathLike = "ru
         limits: the decode budget of each image (`DecodeLimits`, or text such as
             "pixels=200M,bytes=1G"). Every image is checked from its header first; the ones
             that cannot be read or break the budget are left out and listed in `failures`.
+        wait: when another run is using `out`, wait for it to finish (default: refuse with an
+            `OutputBusyError` naming it). A run owns its folder while it runs.
     """
     try:
         cfg = replace(config or FinetuneConfig(), **options)
     except TypeError as e:
         raise InputError(f"unknown fine-tuning option ({e}); see visionzoo.train.config.FinetuneConfig") from None
     limits = DecodeLimits.parse(limits) if isinstance(limits, str) else limits or DEFAULT_LIMITS
+    run_dir = Path(out).expanduser()
     dist = D.setup(device)
     try:
-        return _run(data, Path(out).expanduser(), train, val, cfg, resume, dist, progress,
-                    echo or stderr_echo(progress and dist.is_main), limits)
+        with _owned(run_dir, dist, wait):
+            return _run(data, run_dir, train, val, cfg, resume, dist, progress,
+                        echo or stderr_echo(progress and dist.is_main), limits)
     finally:
         D.teardown(dist)
+
+
+@contextlib.contextmanager
+def _owned(run_dir: Path, dist: D.Dist, wait: bool) -> Iterator[None]:
+    """The run folder, owned by this run (its main process holds the lock; every process learns
+    whether it got it), with the temporary files of a killed run removed."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if dist.is_main:
+            try:
+                stack.enter_context(exclusive(run_dir, wait=wait))
+            except OutputBusyError as e:
+                refused = str(e)
+        refused = D.broadcast_object(dist, refused)
+        if refused is not None:
+            raise OutputBusyError(refused)
+        if dist.is_main:
+            for name in (ckpt.CHECKPOINT, ckpt.FEATURES, ckpt.HISTORY, RUN_SUBDIR):
+                remove_leftovers(run_dir / name)
+        yield
 
 
 @dataclass

@@ -40,7 +40,7 @@ from ..data.inputs import Failure, expand_inputs
 from ..data.loader import image_batches
 from ..enums import parse_enum
 from ..errors import InputError
-from ..fileutil import atomic_path
+from ..fileutil import atomic_path, exclusive
 from ..metrics import agreement
 from ..models.base import ZooModel
 from ..optional import available, require
@@ -88,7 +88,8 @@ class QuantizeResult:
 def quantize(model, calibration: str | os.PathLike | Sequence[str | os.PathLike] | None, out: str | os.PathLike,
              *, backend: Backend | str = Backend.AUTO, mode: QuantMode | str = QuantMode.AUTO,
              num_images: int = DEFAULT_IMAGES, seed: int = 0, check: bool = True,
-             num_workers: int | None = None, limits: DecodeLimits | str | None = None) -> QuantizeResult:
+             num_workers: int | None = None, limits: DecodeLimits | str | None = None,
+             wait: bool = False) -> QuantizeResult:
     """Quantize `model` (a name, bundle or visionzoo model) to an int8 ONNX file at `out`.
 
     Args:
@@ -101,10 +102,9 @@ def quantize(model, calibration: str | os.PathLike | Sequence[str | os.PathLike]
         check: compare the int8 model's top-1 with the float32 model's on up to 64 calibration images.
         limits: the decode budget of each calibration image (`DecodeLimits`, or text such as
             "pixels=200M,bytes=1G"); images that break it are left out and listed in `failures`.
+        wait: when another run is writing `out`, wait for it to finish (default: refuse with an
+            `OutputBusyError` naming it).
     """
-    from ..factory import resolve_model
-    from ..runtime.cache import exported_onnx
-
     limits = DecodeLimits.parse(limits) if isinstance(limits, str) else limits or DEFAULT_LIMITS
     ort_quant = require("onnxruntime.quantization")
     require("onnx")
@@ -120,6 +120,16 @@ def quantize(model, calibration: str | os.PathLike | Sequence[str | os.PathLike]
     if out.suffix.lower() != ".onnx":
         raise InputError(f"{out}: the quantized model is an ONNX file; name it .onnx")
 
+    with exclusive(out, wait=wait):
+        return _quantize(model, calibration, out, backend, mode, num_images, seed, check, num_workers, limits,
+                         ort_quant)
+
+
+def _quantize(model, calibration, out: Path, backend: Backend, mode: QuantMode, num_images: int, seed: int,
+              check: bool, num_workers: int | None, limits: DecodeLimits, ort_quant) -> QuantizeResult:
+    from ..factory import resolve_model
+    from ..runtime.cache import exported_onnx
+
     net = resolve_model(model).eval()
     info = model_info(net)
     mode, reason = _choose_mode(net, info, mode)
@@ -132,7 +142,9 @@ def quantize(model, calibration: str | os.PathLike | Sequence[str | os.PathLike]
         else:
             files, failures = _calibration_files(calibration, num_images, seed)
     fp32 = exported_onnx(net)
-    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=out.parent if out.parent.exists() else None) as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # named as a leftover of `out`: if this run is killed, the next one on `out` removes it
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.quantize-", suffix=".part", dir=out.parent) as tmp:
         source = _preprocessed(fp32, Path(tmp) / "prepared.onnx", ort_quant)
         raw = Path(tmp) / "int8.onnx"
         if mode is QuantMode.STATIC:

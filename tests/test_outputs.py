@@ -1,0 +1,113 @@
+"""Outputs a run owns (issue 13): one run per output (a lock naming its owner; waiting; stale locks of
+dead processes taken over), temporary files of killed runs cleaned, the user's umask respected."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from visionzoo.errors import OutputBusyError
+from visionzoo.fileutil import atomic_path, exclusive, leftovers, lock_path
+
+from .hostile import SRC
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from visionzoo.fileutil import exclusive
+    with exclusive(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(float(sys.argv[2]))
+""")
+
+
+def _holder(target: Path, seconds: float) -> subprocess.Popen:
+    """Another process that owns `target` for `seconds` (once it has printed 'locked')."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(target), str(seconds)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_a_second_run_is_refused_naming_the_first(tmp_path):
+    target = tmp_path / "out.npy"
+    holder = _holder(target, 60)
+    try:
+        with pytest.raises(OutputBusyError) as e:
+            with exclusive(target):
+                pass
+        message = str(e.value)
+        assert f"pid {holder.pid}" in message and str(target) in message and "--wait" in message
+        assert "-c" in message and "\n" not in message  # the command line of the running one
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_wait_blocks_until_the_first_run_ends(tmp_path):
+    target = tmp_path / "run"
+    holder = _holder(target, 1.5)
+    started = time.monotonic()
+    with exclusive(target, wait=True):
+        waited = time.monotonic() - started
+    holder.wait()
+    assert waited > 1.0  # the holder keeps it 1.5 s after saying so
+    assert not lock_path(target).exists()  # removed when released
+
+
+def test_a_dead_runs_lock_and_temporary_files_are_taken_over(tmp_path, caplog):
+    target = tmp_path / "model.onnx"
+    holder = _holder(target, 60)
+    (tmp_path / ".model.onnx.abc123.part").write_bytes(b"half a graph")  # what the killed run was writing
+    (tmp_path / ".model.onnx.old-xyz").mkdir()
+    (tmp_path / ".other.onnx.abc.part").write_bytes(b"not ours")
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert lock_path(target).exists()  # the record stays; the kernel has released the lock
+    with caplog.at_level(logging.WARNING, logger="visionzoo"), exclusive(target):
+        assert f"pid {holder.pid}" in caplog.text and "no longer running" in caplog.text
+        assert leftovers(target) == []
+    assert (tmp_path / ".other.onnx.abc.part").exists()
+
+
+def test_threads_take_turns_and_a_thread_may_nest(tmp_path):
+    target = tmp_path / "x"
+    with exclusive(target):
+        with exclusive(target):  # the same thread: a task calling another on the same output
+            pass
+        assert lock_path(target).exists()
+        refused = []
+
+        def other():
+            try:
+                with exclusive(target):
+                    pass
+            except OutputBusyError as e:
+                refused.append(str(e))
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert refused and "another thread" in refused[0]
+    assert not lock_path(target).exists()
+
+
+def test_files_follow_the_umask(tmp_path):
+    old = os.umask(0o027)
+    try:
+        with atomic_path(tmp_path / "a.txt") as tmp:
+            tmp.write_text("x")
+        assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o640
+        os.umask(0o002)
+        with atomic_path(tmp_path / "b.txt") as tmp:
+            tmp.write_text("x")
+        assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(old)
