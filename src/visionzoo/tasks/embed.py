@@ -145,7 +145,7 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     Args:
         model: a name (`arch[.TAG]`, default weights), a bundle, a model instance, an ONNX
             file from `export`/`quantize`, or a `Runner`.
-        out: write the result to this `.npy` (+ `<stem>.paths.txt`) or `.parquet` file,
+        out: write the result to this `.npy` (+ `<stem>.paths.jsonl`) or `.parquet` file,
             resumably (see the module docstring). None keeps it in memory only.
         layer: a stage (index into `model.feature_info`, negative from the deepest, or its
             module name) whose feature map is global-average pooled; None for the
