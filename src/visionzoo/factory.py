@@ -11,6 +11,7 @@ classes and preprocessing.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -111,11 +112,18 @@ def load_bundle(path: str | os.PathLike, num_classes: int | None = None, *, expe
                          f"pass the bundle as the model name instead")
     if verify:
         verify_bundle_weights(info)
-    if info.structure:
-        model = _load_restructured(info, kwargs)
-    else:
-        model = _build(REGISTRY.get_architecture(info.architecture), info.weights_path, None,
-                       kwargs={**info.builder_kwargs, **kwargs})
+    arch = REGISTRY.get_architecture(info.architecture)
+    _check_builder_kwargs(arch, info.builder_kwargs, info.path)
+    try:
+        if info.structure:
+            model = _load_restructured(info, kwargs)
+        else:
+            model = _build(arch, info.weights_path, None, kwargs={**info.builder_kwargs, **kwargs})
+    except (TypeError, ValueError, AttributeError, RuntimeError) as e:
+        if isinstance(e, InputError):
+            raise CheckpointError(f"bundle {info.path}: {e}; write the bundle again") from None
+        raise CheckpointError(f"bundle {info.path}: its architecture cannot be built from bundle.json "
+                              f"({_one_line(e)}); write the bundle again") from None
     if model.num_classes != info.num_classes:
         raise CheckpointError(f"bundle {info.path}: the weights have {model.num_classes} outputs but "
                               f"bundle.json names {info.num_classes} classes; write the bundle again")
@@ -245,6 +253,33 @@ def _bundle_arg(name: object, weights: WeightsArg) -> tuple[str | os.PathLike | 
     if isinstance(weights, (str, os.PathLike)) and weights != "DEFAULT" and find_bundle(weights):
         return weights, split_name(os.fspath(name))[0]
     return None, None
+
+
+def _check_builder_kwargs(arch: Architecture, kwargs: Mapping[str, Any], source: Path) -> None:
+    """Refuse `builder_kwargs` (from a bundle) that the architecture's builder does not take, or whose
+    type differs from the default's, with one line naming the argument."""
+    params = inspect.signature(arch.model_class.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    names = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY or
+             (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty)]
+    for key, value in kwargs.items():
+        if key not in names or key == "num_classes":
+            raise CheckpointError(f"{source}: builder_kwargs names {key!r}, which {arch.name} does not take "
+                                  f"(it takes {', '.join(n for n in names if n != 'num_classes')}); write the "
+                                  f"bundle again")
+        default = params[key].default
+        expected = (bool if isinstance(default, bool) else int if isinstance(default, int)
+                    else (int, float) if isinstance(default, float) else str if isinstance(default, str) else None)
+        if expected is not None and (not isinstance(value, expected) or (expected is not bool
+                                                                         and isinstance(value, bool))):
+            raise CheckpointError(f"{source}: builder_kwargs {key!r} must be like its default {default!r}, got "
+                                  f"{value!r}; write the bundle again")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[-1] if text else type(e).__name__)[:300]
 
 
 def _looks_like_path(value: str) -> bool:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..enums import Precision, parse_enum
-from ..errors import InputError
+from ..errors import CheckpointError, InputError
 from ..models.base import VisionModel, ZooModel
 from ..optional import available, require
 from .metadata import INPUT_NAME, OUTPUTS, ModelInfo, model_info
@@ -172,7 +172,10 @@ class OnnxRuntimeRunner(Runner):
         options = self._ort.SessionOptions()
         options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
-        return self._ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        try:
+            return self._ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own types for any file it refuses
+            raise CheckpointError(f"{self.path}: ONNX Runtime cannot load it ({_one_line(e)})") from None
 
     def _run_split(self, x: np.ndarray) -> list[np.ndarray]:
         if self._single is None:
@@ -209,7 +212,10 @@ class OpenVINORunner(Runner):
         requested = Precision(precision)
         self.precision = Precision.INT8 if info.precision == Precision.INT8.value else requested
         self.core = ov.Core()
-        self.model = self.core.read_model(str(path))
+        try:
+            self.model = self.core.read_model(str(path))
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises its own types for any file it refuses
+            raise CheckpointError(f"{path}: OpenVINO cannot load it ({_one_line(e)})") from None
         self.config = {"NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "bf16" if requested is Precision.BF16 else "f32"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
@@ -235,6 +241,11 @@ class OpenVINORunner(Runner):
         request, outputs = self._request(x.shape[0])
         result = request.infer({INPUT_NAME: x})
         return tuple(torch.from_numpy(np.array(result[o], dtype=np.float32)) for o in outputs)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def is_model_file(model: object) -> bool:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..enums import parse_enum
-from ..errors import ExportError, InputError
+from ..errors import CheckpointError, ExportError, InputError
 from ..fileutil import atomic_path, exclusive
 from ..models.base import ZooModel
 from ..optional import require
@@ -192,13 +192,61 @@ def set_onnx_metadata(proto, info: ModelInfo) -> None:
 
 
 def read_onnx_info(path: str | os.PathLike) -> ModelInfo | None:
-    """The visionzoo record in an ONNX file's metadata, or None if it has none."""
+    """The visionzoo record in an ONNX file's metadata, or None if it has none. The file must
+    parse, and every tensor stored outside it must lie in a file of its own folder (`check_external_data`)."""
     onnx = require("onnx")
-    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf's decode errors and OSErrors alike mean "not this file"
+        raise CheckpointError(f"{path} is not a readable ONNX file ({_first_line(e)}); export it again") from None
+    check_external_data(proto, Path(path))
     for p in proto.metadata_props:
         if p.key == "visionzoo":
             return ModelInfo.from_json(p.value, str(path))
     return None
+
+
+def check_external_data(proto, path: Path) -> None:
+    """Refuse an ONNX model whose tensors point outside its folder (`../../etc/shadow`, an absolute
+    path, a link out) or at data its files do not hold, with one line naming the tensor."""
+    onnx = require("onnx")
+    folder = Path(os.path.realpath(path.parent))
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        target = Path(os.path.realpath(folder / location)) if location else folder
+        if not location or os.path.isabs(location) or (target != folder and folder not in target.parents):
+            raise CheckpointError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, outside the "
+                                  f"model's folder; refused (re-export the model with its data beside it)")
+        if not target.is_file():
+            raise CheckpointError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, which does not "
+                                  f"exist; copy it next to the model")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+        except ValueError:
+            offset = length = -1
+        if offset < 0 or length < 0 or offset + length > target.stat().st_size:
+            raise CheckpointError(f"{path}: tensor {tensor.name!r} points at bytes its data file {location!r} "
+                                  f"does not hold; the model is corrupt")
+
+
+def _tensors(graph):
+    """Every tensor of an ONNX graph: initializers, constants in node attributes, and those of subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
 
 
 # -- TorchScript and PT2 -------------------------------------------------------------------------
