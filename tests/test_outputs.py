@@ -111,3 +111,41 @@ def test_files_follow_the_umask(tmp_path):
         assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o664
     finally:
         os.umask(old)
+
+
+def test_a_killed_exports_leftovers_are_removed_by_the_next(tmp_path):
+    """A killed `export` used to leave `.NAME.*.part` files that no later run removed."""
+    out = tmp_path / "lite0.onnx"
+    cmd = [sys.executable, "-m", "visionzoo", "export", "efficientnet_lite0", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not leftovers(out) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the export ended before it could be killed"
+    proc.kill()
+    proc.wait()
+    assert leftovers(out) and lock_path(out).exists() and not out.exists()
+    old = os.umask(0o022)
+    try:
+        rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        os.umask(old)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert out.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
+    assert leftovers(out) == [] and not lock_path(out).exists()
+
+
+def test_bundle_folders_follow_the_umask(tmp_path):
+    import visionzoo
+    from visionzoo.bundle import save_bundle
+    from visionzoo.data.preprocess import Preprocess
+
+    model = visionzoo.create_model("mobilenet_v3_small", num_classes=2)
+    old = os.umask(0o022)
+    try:
+        bundle = save_bundle(model, tmp_path / "bundle", classes=["a", "b"], preprocess=Preprocess(64, 56))
+    finally:
+        os.umask(old)
+    assert bundle.stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
+    assert (bundle / "model.safetensors").stat().st_mode & 0o777 == 0o644
