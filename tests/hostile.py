@@ -99,3 +99,20 @@ def one_line_errors(stderr: str) -> list[str]:
     """The lines of `stderr`; fails on a traceback, so that every error is known to be one clean line."""
     assert "Traceback" not in stderr, stderr[-3000:]
     return [line for line in stderr.splitlines() if line.strip()]
+
+
+_HOLDER = """
+import sys, time
+from visionzoo.fileutil import exclusive
+with exclusive(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def hold(target: Path, seconds: float) -> subprocess.Popen:
+    """Another process that owns `target` (`fileutil.exclusive`) for `seconds` once this returns."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(target), str(seconds)], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
+    return proc

@@ -7,38 +7,20 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from visionzoo.errors import OutputBusyError
 from visionzoo.fileutil import atomic_path, exclusive, leftovers, lock_path
 
-from .hostile import SRC
-
-HOLDER = textwrap.dedent("""
-    import sys, time
-    from visionzoo.fileutil import exclusive
-    with exclusive(sys.argv[1]):
-        print("locked", flush=True)
-        time.sleep(float(sys.argv[2]))
-""")
-
-
-def _holder(target: Path, seconds: float) -> subprocess.Popen:
-    """Another process that owns `target` for `seconds` (once it has printed 'locked')."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(target), str(seconds)], stdout=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONPATH": str(SRC)})
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "locked"
-    return proc
+from .hostile import SRC, hold
 
 
 def test_a_second_run_is_refused_naming_the_first(tmp_path):
     target = tmp_path / "out.npy"
-    holder = _holder(target, 60)
+    holder = hold(target, 60)
     try:
         with pytest.raises(OutputBusyError) as e:
             with exclusive(target):
@@ -53,7 +35,7 @@ def test_a_second_run_is_refused_naming_the_first(tmp_path):
 
 def test_wait_blocks_until_the_first_run_ends(tmp_path):
     target = tmp_path / "run"
-    holder = _holder(target, 1.5)
+    holder = hold(target, 1.5)
     started = time.monotonic()
     with exclusive(target, wait=True):
         waited = time.monotonic() - started
@@ -64,7 +46,7 @@ def test_wait_blocks_until_the_first_run_ends(tmp_path):
 
 def test_a_dead_runs_lock_and_temporary_files_are_taken_over(tmp_path, caplog):
     target = tmp_path / "model.onnx"
-    holder = _holder(target, 60)
+    holder = hold(target, 60)
     (tmp_path / ".model.onnx.abc123.part").write_bytes(b"half a graph")  # what the killed run was writing
     (tmp_path / ".model.onnx.old-xyz").mkdir()
     (tmp_path / ".other.onnx.abc.part").write_bytes(b"not ours")
