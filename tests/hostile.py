@@ -28,10 +28,11 @@ def png(width: int, height: int, bit_depth: int = 8, color_type: int = GREY, *, 
     """A PNG whose header says `width` x `height`; `rows` rows of pixel data follow (default: all),
     every byte `fill`. Fewer rows than the height make a truncated image."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
-    row = b"\x00" + bytes([fill]) * ((width * CHANNELS[color_type] * bit_depth + 7) // 8)
+    count = height if rows is None else rows
+    row = b"\x00" + bytes([fill]) * ((width * CHANNELS[color_type] * bit_depth + 7) // 8) if count else b""
     z = zlib.compressobj(6)
     data = []
-    for _ in range(height if rows is None else rows):
+    for _ in range(count):
         data.append(z.compress(row))
     data.append(z.flush())
     out = [PNG_SIGNATURE, chunk(b"IHDR", ihdr)]

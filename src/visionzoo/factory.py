@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .bundle import BundleInfo, find_bundle, read_bundle, verify_bundle_weights
 from .card import ModelCard
 from .data.preprocess import Preprocess
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, VisionZooError
 from .models.base import VisionModel
 from .registry import REGISTRY, Architecture, split_name
 from .weights import hub
@@ -68,6 +68,7 @@ def create_model(name: str | os.PathLike, weights: WeightsArg = None, num_classe
     if out_indices is not None and not features_only:
         raise InputError("out_indices selects feature maps; pass features_only=True with it")
     _check_num_classes(num_classes)
+    _check_in_chans(kwargs.get("in_chans"))
     bundle, expect_arch = _bundle_arg(name, weights)
     if bundle is not None:
         model = load_bundle(bundle, num_classes, expect_arch=expect_arch, **kwargs)
@@ -115,18 +116,28 @@ def load_bundle(path: str | os.PathLike, num_classes: int | None = None, *, expe
     arch = REGISTRY.get_architecture(info.architecture)
     _check_builder_kwargs(arch, info.builder_kwargs, info.path)
     try:
+        _check_in_chans({**info.builder_kwargs, **kwargs}.get("in_chans"))
         if info.structure:
             model = _load_restructured(info, kwargs)
         else:
             model = _build(arch, info.weights_path, None, kwargs={**info.builder_kwargs, **kwargs})
-    except (TypeError, ValueError, AttributeError, RuntimeError) as e:
+    except (TypeError, ValueError, AttributeError, RuntimeError, ArithmeticError, LookupError) as e:
+        # a bundle is data: whatever it makes the builder trip over is the bundle's fault, in one line
         if isinstance(e, InputError):
             raise CheckpointError(f"bundle {info.path}: {e}; write the bundle again") from None
+        if isinstance(e, VisionZooError):
+            raise
         raise CheckpointError(f"bundle {info.path}: its architecture cannot be built from bundle.json "
                               f"({_one_line(e)}); write the bundle again") from None
     if model.num_classes != info.num_classes:
         raise CheckpointError(f"bundle {info.path}: the weights have {model.num_classes} outputs but "
                               f"bundle.json names {info.num_classes} classes; write the bundle again")
+    smallest = max(arch.default_weights.min_size) if arch.default_weights is not None else 1
+    if (model.image_size or info.preprocess.crop_size) < smallest:
+        raise CheckpointError(f"bundle {info.path}: its crop of {info.preprocess.crop_size} pixels is smaller than "
+                              f"{arch.name} takes ({smallest}); write the bundle again")
+    if info.structure:
+        _check_runs(model, info)
     model.card = ModelCard(task=model.task, architecture=info.architecture, preprocess=info.preprocess,
                            classes=info.classes, source=str(info.path), bundle=info)
     if num_classes is not None and num_classes != model.num_classes:
@@ -140,6 +151,11 @@ def _check_num_classes(num_classes: object) -> None:
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or num_classes < 0):
         raise InputError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+
+
+def _check_in_chans(in_chans: object) -> None:
+    if in_chans is not None and (isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1):
+        raise InputError(f"in_chans must be an integer >= 1, got {in_chans!r}")
 
 
 def _architecture_and_weights(name: str, weights: WeightsArg, pretrained: bool) -> tuple[Architecture, WeightsArg]:
@@ -305,6 +321,22 @@ def _load_restructured(info: BundleInfo, kwargs: Mapping[str, Any]) -> VisionMod
                               f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); write the "
                               f"bundle again")
     return model
+
+
+def _check_runs(model: VisionModel, info: BundleInfo) -> None:
+    """One forward pass of a pruned network on an input of the bundle's size: recorded channel counts
+    can fit the weights and still contradict each other (groups, a layer's input); such a bundle is
+    refused now, in one line, rather than in the middle of a run."""
+    import torch
+
+    size = model.image_size or info.preprocess.crop_size
+    try:
+        channels = model.get_submodule(model.first_conv).in_channels  # what the network says it takes
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, channels, size, size))
+    except (RuntimeError, ValueError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"bundle {info.path}: its network does not run on {size}x{size} inputs "
+                              f"({_one_line(e)}); write the bundle again") from None
 
 
 __all__ = ["create_model", "load_bundle", "resolve_model"]

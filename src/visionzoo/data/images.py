@@ -472,7 +472,8 @@ def _deep_to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _finite(strip: Image.Image) -> np.ndarray:
-    return np.nan_to_num(np.asarray(strip).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    with np.errstate(invalid="ignore"):  # NaN and infinities become 0 here, on purpose
+        return np.nan_to_num(np.asarray(strip).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _value_range(mode: str, lo: float, hi: float) -> tuple[float, float]:

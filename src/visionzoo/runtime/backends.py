@@ -107,6 +107,10 @@ class TorchRunner(Runner):
             raise InputError("the torch backend runs float models; run an int8 file from `visionzoo quantize` "
                              "with --backend onnxruntime or openvino")
         self.device = torch.device(device)
+        channels = _input_channels(net)
+        if channels not in (None, 3):
+            raise InputError(f"{net.arch} takes {channels}-channel inputs, but images are decoded to RGB; run a "
+                             f"3-channel model (in_chans=3)")
         self.info = model_info(net)
         self.source = net.weights_source or net.arch or type(net).__name__
         self.optimized = optimize
@@ -241,6 +245,15 @@ class OpenVINORunner(Runner):
         request, outputs = self._request(x.shape[0])
         result = request.infer({INPUT_NAME: x})
         return tuple(torch.from_numpy(np.array(result[o], dtype=np.float32)) for o in outputs)
+
+
+def _input_channels(net: ZooModel) -> int | None:
+    """The channels the model's first convolution takes (None when it has none to look at)."""
+    try:
+        conv = net.get_submodule(net.first_conv)
+    except AttributeError:
+        return None
+    return conv.in_channels if isinstance(conv, torch.nn.Conv2d) else None
 
 
 def _one_line(e: BaseException) -> str:

@@ -97,6 +97,8 @@ def read_header(f, size: int) -> tuple[dict[str, Entry], dict[str, str], int]:
         raise SafetensorsError(f"header is not valid JSON ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(header, dict):
         raise SafetensorsError("header is not a JSON object")
+    if not _unicode(header):
+        raise SafetensorsError("header holds an escaped lone surrogate, which is not text (JSON text is Unicode)")
     metadata = header.pop("__metadata__", None)
     if metadata is None:
         metadata = {}
@@ -114,6 +116,18 @@ def read_header(f, size: int) -> tuple[dict[str, Entry], dict[str, str], int]:
     if position != data:
         raise SafetensorsError(f"the tensors cover {position} bytes of data but the file holds {data}")
     return entries, metadata, 8 + n
+
+
+def _unicode(value: object) -> bool:
+    """Whether every string (and key) in a parsed JSON value is Unicode text: `\\udc00` escapes
+    parse in Python but not in the reference reader."""
+    if isinstance(value, str):
+        return not any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, dict):
+        return all(_unicode(k) and _unicode(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_unicode(v) for v in value)
+    return True
 
 
 def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
