@@ -6,7 +6,7 @@ Writes N good images (96x96 JPEG and PNG crops of real photos, a few under names
 newline, U+2028 or bytes that are not UTF-8), then runs `visionzoo predict --format jsonl`
 twice, each in a fresh process under a 2 GB address-space cap: on the good images alone,
 and on the same folder plus the hostile files (tiny PNGs announcing 100000x1, 20000x1,
-13000x13000 16-bit, 65535x65535 and 2^31 animation frames; a symbolic link looping back to
+13000x13000 16-bit, 65535x65535 and 2^31 animation frames; two symbolic links looping back to
 the folder; a truncated, an empty and a non-image file). It prints, per run, the images
 predicted, the failures, the exit code, the wall time and the peak memory (the largest
 resident set of the command and its decoding workers), and checks issue 13's acceptance:
@@ -68,15 +68,18 @@ def write_hostile(folder: Path) -> dict[str, str]:
     expected[str(folder / "hostile" / "frames2.png")] = "frame limit"
     (folder / "hostile" / "frames2.png").write_bytes(png(2, 2, extra=((b"acTL", (10**6).to_bytes(4, "big") +
                                                                         bytes(4)),)))
-    truncated = (folder / "img00001.jpg").read_bytes()
+    truncated = min(folder.glob("img*.jpg")).read_bytes()
     (folder / "hostile" / "truncated.jpg").write_bytes(truncated[: len(truncated) // 2])
     (folder / "hostile" / "empty.jpg").write_bytes(b"")
     (folder / "hostile" / "notes.png").write_text("not a picture\n")
     (folder / "hostile" / "loop").symlink_to("..")
+    (folder / "hostile" / "deeper").mkdir()
+    (folder / "hostile" / "deeper" / "loop").symlink_to("../..")  # two loops used to make the walk endless
     expected.update({str(folder / "hostile" / "truncated.jpg"): "truncated",
                      str(folder / "hostile" / "empty.jpg"): "empty",
                      str(folder / "hostile" / "notes.png"): "not an image",
-                     str(folder / "hostile" / "loop"): "symbolic link loop"})
+                     str(folder / "hostile" / "loop"): "symbolic link loop",
+                     str(folder / "hostile" / "deeper" / "loop"): "symbolic link loop"})
     return expected
 
 
@@ -126,6 +129,8 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=None, help="--workers for predict (default: its own)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
+    if args.images < 10:
+        parser.error("--images must be at least 10 (the odd names and a JPEG to truncate come from them)")
     workdir = Path(tempfile.mkdtemp(prefix="hostile-"))
     try:
         result = measure(args.images, args.workers, workdir)
