@@ -96,8 +96,8 @@ def save_bundle(model: torch.nn.Module, out: str | os.PathLike, *, classes: Sequ
                 history: Sequence[Mapping[str, Any]] = ()) -> Path:
     """Write `model` as a bundle folder at `out` (replacing a bundle already there) and return it.
 
-    `architecture` defaults to the model card's; `builder_kwargs` to the arguments its
-    pre-trained weights imply. The folder is assembled under a temporary name and renamed.
+    `architecture` defaults to the model card's; `builder_kwargs` to the card's (the arguments its
+    weights imply and those it was built with). The folder is assembled under a temporary name and renamed.
     """
     # any torch module may be saved when its architecture is named; a zoo model describes itself
     card = model.card if isinstance(model, VisionModel) else None
@@ -111,8 +111,7 @@ def save_bundle(model: torch.nn.Module, out: str | os.PathLike, *, classes: Sequ
         raise InputError(f"the model has {num_classes} outputs but {len(classes)} class names were given; "
                          f"pass one name per output")
     if builder_kwargs is None:
-        record = card.weights if card is not None else None
-        builder_kwargs = dict(record.builder_kwargs) if record is not None else {}
+        builder_kwargs = dict(card.builder_kwargs) if card is not None else {}
     structure = _structure(model, arch, builder_kwargs, len(classes))
     final = Path(out).expanduser()
     if final.exists() and not (final / BUNDLE_JSON).is_file():
@@ -151,6 +150,8 @@ def _structure(model: torch.nn.Module, arch: str, builder_kwargs: Mapping[str, A
     try:
         architecture = REGISTRY.get_architecture(arch)
     except LookupError:
+        return {}
+    if architecture.composed:  # a head on a backbone: pruning (the only source of structure) is for classifiers
         return {}
     # built on the meta device: shapes and attributes only, no memory, no initialisation
     with torch.device("meta"):

@@ -6,7 +6,9 @@ never loose attributes. `model.card` on a network, `runner.card` on a runtime ba
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .data.preprocess import Preprocess
@@ -28,6 +30,9 @@ class ModelCard:
     weights: Weights | None = None  # the published weights record, when the weights are one
     source: str | None = None  # where the weights were read from (a file, a bundle); None: random init
     bundle: BundleInfo | None = None  # the bundle it was loaded from
+    # the architecture arguments that rebuild this network (JSON types: what a bundle records), e.g.
+    # `image_size` of a ViT or `backbone` of a composed head
+    builder_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def weights_name(self) -> str | None:

@@ -14,15 +14,16 @@ import dataclasses
 import inspect
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .bundle import BundleInfo, find_bundle, read_bundle, verify_bundle_weights
 from .card import ModelCard
 from .data.preprocess import Preprocess
+from .enums import Task
 from .errors import CheckpointError, InputError, VisionZooError
-from .models.base import VisionModel
+from .models.base import VisionModel, ZooModel
 from .registry import REGISTRY, Architecture, split_name
 from .weights import hub
 from .weights.adapt import LoadReport, plan_load, realize
@@ -115,12 +116,13 @@ def load_bundle(path: str | os.PathLike, num_classes: int | None = None, *, expe
         verify_bundle_weights(info)
     arch = REGISTRY.get_architecture(info.architecture)
     _check_builder_kwargs(arch, info.builder_kwargs, info.path)
+    build_kwargs = {**info.builder_kwargs, **kwargs}
     try:
-        _check_in_chans({**info.builder_kwargs, **kwargs}.get("in_chans"))
+        _check_in_chans(build_kwargs.get("in_chans"))
         if info.structure:
-            model = _load_restructured(info, kwargs)
+            model = _load_restructured(info, build_kwargs)
         else:
-            model = _build(arch, info.weights_path, None, kwargs={**info.builder_kwargs, **kwargs})
+            model = _build(arch, info.weights_path, None, kwargs=build_kwargs)
     except (TypeError, ValueError, AttributeError, RuntimeError, ArithmeticError, LookupError) as e:
         # a bundle is data: whatever it makes the builder trip over is the bundle's fault, in one line
         if isinstance(e, InputError):
@@ -133,13 +135,18 @@ def load_bundle(path: str | os.PathLike, num_classes: int | None = None, *, expe
         raise CheckpointError(f"bundle {info.path}: the weights have {model.num_classes} outputs but "
                               f"bundle.json names {info.num_classes} classes; write the bundle again")
     smallest = max(arch.default_weights.min_size) if arch.default_weights is not None else 1
-    if (model.image_size or info.preprocess.crop_size) < smallest:
+    size = (model.image_size if isinstance(model, ZooModel) else None) or info.preprocess.crop_size
+    if size is None and isinstance(model, ZooModel):
+        raise CheckpointError(f"bundle {info.path}: its preprocessing has no crop_size, but {arch.name} takes "
+                              f"images of one size; write the bundle again")
+    if size is not None and size < smallest:
         raise CheckpointError(f"bundle {info.path}: its crop of {info.preprocess.crop_size} pixels is smaller than "
                               f"{arch.name} takes ({smallest}); write the bundle again")
     if info.structure:
         _check_runs(model, info)
     model.card = ModelCard(task=model.task, architecture=info.architecture, preprocess=info.preprocess,
-                           classes=info.classes, source=str(info.path), bundle=info)
+                           classes=info.classes, source=str(info.path), bundle=info,
+                           builder_kwargs=_recordable(build_kwargs))
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
     return model.eval()
@@ -178,19 +185,23 @@ def _build(arch: Architecture, weights: WeightsArg, num_classes: int | None, *, 
     and a new head when `num_classes` differs from the weights'."""
     record, ckpt, source = _resolve_weights(arch, weights, progress)
     build_kwargs = {**(record.builder_kwargs if record else {}), **kwargs}
+    preprocess = record.preprocess if record else arch.default_preprocess
+    build, recorded = arch.build, build_kwargs
+    if arch.composed:
+        build, build_kwargs, recorded, preprocess = _composition(arch, build_kwargs, with_checkpoint=ckpt is not None)
     classes = record.categories if record else None
     report = None
     if ckpt is None:
-        head = {"num_classes": record.num_classes} if record else _head_kwargs(num_classes)
-        model = arch.build(**head, **build_kwargs)
+        head = _head_kwargs(record.num_classes if record and record.num_classes else num_classes)
+        model = build(**head, **build_kwargs)
     else:
-        model, report = _load_checkpoint(arch, record, ckpt, source, build_kwargs, num_classes, strict)
+        model, report = _load_checkpoint(arch, build, record, ckpt, source, build_kwargs, num_classes, strict)
         default = arch.default_weights
         if record is None and default is not None and model.num_classes == default.num_classes:
             classes = default.categories  # a local file with the published head size: assume its classes
-    preprocess = _fit_preprocess(arch.name, model, record.preprocess if record else arch.default_preprocess)
-    model.card = ModelCard(task=arch.task, architecture=arch.name, preprocess=preprocess, classes=classes,
-                           weights=record, source=source)
+    model.card = ModelCard(task=arch.task, architecture=arch.name, preprocess=_fit_preprocess(arch.name, model,
+                           preprocess), classes=classes, weights=record, source=source,
+                           builder_kwargs=_recordable(recorded))
     model.load_report = report
     if num_classes is not None and num_classes != model.num_classes:
         _new_head(model, num_classes, report)
@@ -204,38 +215,95 @@ def _head_kwargs(num_classes: int | None) -> dict[str, int]:
     return {} if num_classes is None else {"num_classes": num_classes}
 
 
-def _load_checkpoint(arch: Architecture, record: Weights | None, ckpt: Checkpoint, source: str | None,
-                     build_kwargs: Mapping[str, Any], num_classes: int | None,
+def _load_checkpoint(arch: Architecture, build: Callable[..., VisionModel], record: Weights | None,
+                     ckpt: Checkpoint, source: str | None, build_kwargs: Mapping[str, Any], num_classes: int | None,
                      strict: bool) -> tuple[VisionModel, LoadReport]:
     """Build the architecture for `ckpt` without a random init and load it (a published record's head
     size is the record's; a local file's own head size and input channels are the truth)."""
     report = LoadReport(source=source, format=ckpt.format,
                         remapped=[f"unwrapped the '{k}' entry" for k in ckpt.wrapper])
-    head = {"num_classes": record.num_classes} if record else _head_kwargs(num_classes)
-    plan = plan_load(arch.build, ckpt.state_dict, kwargs={**head, **build_kwargs},
+    head = _head_kwargs(record.num_classes if record and record.num_classes else num_classes)
+    plan = plan_load(build, ckpt.state_dict, kwargs={**head, **build_kwargs},
                      layout=record.layout if record else None, size_from_checkpoint=record is None, report=report)
     return realize(plan, strict=strict, what=arch.name), report
+
+
+def _composition(arch: Architecture, kwargs: dict[str, Any], *, with_checkpoint: bool
+                 ) -> tuple[Callable[..., VisionModel], dict[str, Any], dict[str, Any], Preprocess]:
+    """For a head on any backbone (`create_model("lraspp", backbone="efficientnet_lite0",
+    pretrained_backbone=True)`): the builder that puts the head on the named classifier, its other
+    arguments, the arguments that rebuild it (the backbone by name), and the head's preprocessing with the
+    backbone weights' normalisation. A checkpoint of the whole network makes the backbone's own
+    pre-trained weights moot: the backbone is then built without them."""
+    kwargs = dict(kwargs)
+    backbone = kwargs.pop("backbone", None)
+    pretrained = bool(kwargs.pop("pretrained_backbone", False))
+    if backbone is None:
+        raise InputError(f"{arch.name} is a {arch.task.value} head for any classifier of the zoo: name one, e.g. "
+                         f"backbone='efficientnet_lite0' (with pretrained_backbone=True for its weights)")
+    if isinstance(backbone, ZooModel):  # a classifier the caller built: used as is (taken over)
+        given = backbone
+        name = given.card_required.architecture
+        pp = given.card_required.preprocess
+        return (lambda **kw: arch.build(backbone=given, **kw)), kwargs, {"backbone": name, **kwargs}, \
+            _head_preprocess(arch, pp)
+    if not isinstance(backbone, str):
+        raise InputError(f"backbone must be a classifier's name or a visionzoo classifier, got "
+                         f"{type(backbone).__name__}")
+    backbone_arch = REGISTRY.get_architecture(backbone)
+    if backbone_arch.task is not Task.CLASSIFICATION or backbone_arch.composed:
+        raise InputError(f"backbone {backbone!r} is a {backbone_arch.task.value} model; give an image classifier "
+                         f"of the zoo (`visionzoo models --task classification`)")
+    weights = "DEFAULT" if pretrained and not with_checkpoint else None
+    if weights is not None and not backbone_arch.weights:
+        raise InputError(f"{backbone} has no published weights for pretrained_backbone=True")
+    record = REGISTRY.get_weights(backbone) if backbone_arch.weights else None
+    pp = record.preprocess if record else backbone_arch.default_preprocess
+
+    def build(**kw: Any) -> VisionModel:
+        net = create_model(backbone, weights=weights)
+        if not isinstance(net, ZooModel):
+            raise InputError(f"backbone {backbone!r} is not a classifier")
+        return arch.build(backbone=net, **kw)
+
+    return build, kwargs, {"backbone": backbone, **kwargs}, _head_preprocess(arch, pp)
+
+
+def _head_preprocess(arch: Architecture, backbone: Preprocess) -> Preprocess:
+    """A composed head's recipe with its backbone weights' normalisation (and interpolation)."""
+    return dataclasses.replace(arch.default_preprocess, mean=backbone.mean, std=backbone.std,
+                               interpolation=backbone.interpolation)
+
+
+def _recordable(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The builder arguments a bundle can record: those with JSON values (not modules or callables)."""
+    def plain(v: Any) -> bool:
+        if isinstance(v, (list, tuple)):
+            return all(plain(x) for x in v)
+        if isinstance(v, Mapping):
+            return all(isinstance(k, str) and plain(x) for k, x in v.items())
+        return v is None or isinstance(v, (str, int, float, bool))
+    return {k: v for k, v in kwargs.items() if plain(v)}
 
 
 def _new_head(model: VisionModel, num_classes: int, report: LoadReport | None) -> None:
     old = model.num_classes
     model.reset_classifier(num_classes)
-    name = getattr(model, "classifier_name", "classifier")
     if report is not None:
-        report.adapted.append(f"replaced the {old}-class classifier ({name}) with a new {num_classes}-class one")
-        get_classifier = getattr(model, "get_classifier", None)
-        if get_classifier is not None:
-            report.new = [f"{name}.{n}" for n, _ in get_classifier().named_parameters()]
+        layers = model.class_layers
+        report.adapted.append(f"replaced the {old}-class classifier ({', '.join(layers)}) with a new "
+                              f"{num_classes}-class one")
+        report.new = [f"{layer}.{n}" for layer in layers for n, _ in model.get_submodule(layer).named_parameters()]
 
 
 def _fit_preprocess(arch: str, model: VisionModel, preprocess: Preprocess) -> Preprocess:
     """The recipe scaled to a model built for one fixed input size other than its crop
     (a ViT at another `image_size`), so that predict feeds it what it accepts."""
-    size = getattr(model, "image_size", None)
-    if size is None or size == preprocess.crop_size:
+    size = model.image_size if isinstance(model, ZooModel) else None
+    if size is None or preprocess.crop_size is None or size == preprocess.crop_size:
         return preprocess
     fitted = dataclasses.replace(preprocess, crop_size=size,
-                                 resize_size=round(preprocess.resize_size * size / preprocess.crop_size))
+                                 resize_size=round((preprocess.resize_size or size) * size / preprocess.crop_size))
     log.info("%s: preprocessing scaled to the model's image size: %s", arch, fitted.describe())
     return fitted
 
@@ -274,7 +342,7 @@ def _bundle_arg(name: object, weights: WeightsArg) -> tuple[str | os.PathLike | 
 def _check_builder_kwargs(arch: Architecture, kwargs: Mapping[str, Any], source: Path) -> None:
     """Refuse `builder_kwargs` (from a bundle) that the architecture's builder does not take, or whose
     type differs from the default's, with one line naming the argument."""
-    params = inspect.signature(arch.model_class.__init__).parameters
+    params = inspect.signature(arch.model_class).parameters  # the constructor's, without self
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     names = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY or
@@ -329,9 +397,11 @@ def _check_runs(model: VisionModel, info: BundleInfo) -> None:
     refused now, in one line, rather than in the middle of a run."""
     import torch
 
-    size = model.image_size or info.preprocess.crop_size
+    if not isinstance(model, ZooModel):  # bundles hold classifiers; nothing else records a structure
+        return
+    size = model.image_size or info.preprocess.crop
     try:
-        channels = model.get_submodule(model.first_conv).in_channels  # what the network says it takes
+        channels = cast(int, model.get_submodule(model.first_conv).in_channels)  # what the network says it takes
         with torch.inference_mode():
             model.eval()(torch.zeros(1, channels, size, size))
     except (RuntimeError, ValueError, IndexError, AttributeError) as e:

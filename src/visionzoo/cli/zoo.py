@@ -10,6 +10,7 @@ from rich.table import Column, Table
 
 from ..enums import Task
 from ..errors import VisionZooError
+from ..weights.records import Weights
 from .common import EXIT_ERROR, EXIT_NOTHING, EXIT_PARTIAL, OutputFormat, err, fmt_number, out, say
 
 
@@ -40,9 +41,9 @@ def models(
         out.print(table)
 
 
-def _headline(w) -> str:
+def _headline(w: Weights) -> str:
     """The weights' main reported metric, named (acc@1 for classifiers)."""
-    name, value = next(iter(w.metrics.items()), (None, None))
+    name, value = w.headline or ("", None)
     return "-" if value is None else f"{name} {value:g}"
 
 

@@ -1,4 +1,4 @@
-"""Decoding image files into upright RGB PIL images, with a clear error for every bad file.
+"""Decoding image files (or their bytes) into upright RGB PIL images, with a clear error for every bad file.
 
 Handles EXIF orientation; modes 1, L, LA, P (with or without transparency), RGBA and
 other alpha modes (composited on white), CMYK, 16-bit (I;16), 32-bit integer (I) and
@@ -24,6 +24,7 @@ decode would (a reduced image's last row and column cover a partial block).
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
@@ -169,7 +170,44 @@ def load_image(path: str | os.PathLike, *, limits: DecodeLimits | None = None,
     """
     path, limits = _checked_file(path, limits, max_pixels)
     resize_to = resize_to if resize_to is not None else reduce_to
-    return _guarded(path, limits, lambda: _decode_checked(path, limits, reduce_to, resize_to))
+    return _guarded(path, path, limits, lambda source: _decode_checked(source, path, limits, reduce_to, resize_to))
+
+
+def decode_image(data: bytes, name: str | os.PathLike = "<bytes>", *, limits: DecodeLimits | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_to: int | None = None,
+                 resize_to: int | None = None) -> Image.Image:
+    """`load_image` for an encoded image already in memory (read by Ray's readers, uploaded, ...):
+    the same decoding, decode budget, fast path and errors, with `name` standing for the file in them."""
+    limits = _limits(limits, max_pixels)
+    if not data:
+        raise ImageError(name, "empty file (0 bytes)")
+    resize_to = resize_to if resize_to is not None else reduce_to
+    return _guarded(io.BytesIO(data), name, limits,
+                    lambda source: _decode_checked(source, name, limits, reduce_to, resize_to))
+
+
+def image_from_array(array: np.ndarray, name: str | os.PathLike = "<array>", *,
+                     limits: DecodeLimits | None = None, resize_to: int | None = None) -> Image.Image:
+    """An RGB image from decoded pixels, as `ray.data.read_images` gives them: H x W grey (uint8, or
+    16-bit, integer and float grey scaled as files of those modes are), H x W x 3 RGB or H x W x 4
+    RGBA (uint8; transparency composited on white, as for files). The pixels already exist, so of
+    the decode budget only the size once resized (`resize_to`) is checked."""
+    arr = np.asarray(array)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.size == 0 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
+        raise ImageError(name, f"not an image array (shape {tuple(arr.shape)}; expected H x W, H x W x 3 "
+                         f"or H x W x 4)")
+    _check_resized(name, (arr.shape[1], arr.shape[0]), limits or DEFAULT_LIMITS, resize_to)
+    if arr.ndim == 2 and arr.dtype != np.uint8:
+        if arr.dtype == np.uint16:
+            return _gray_rgb(_SIXTEEN_TO_EIGHT[arr])
+        values = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = _value_range("F" if arr.dtype.kind == "f" else "I", float(values.min()), float(values.max()))
+        return _gray_rgb(np.clip((values - low) / (high - low) * 255.0 + 0.5, 0, 255))
+    if arr.dtype != np.uint8:
+        raise ImageError(name, f"colour pixels must be uint8, got {arr.dtype}")
+    return to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
 
 
 def probe_image(path: str | os.PathLike, *, limits: DecodeLimits | None = None,
@@ -178,16 +216,21 @@ def probe_image(path: str | os.PathLike, *, limits: DecodeLimits | None = None,
     `ImageError` that `load_image` would raise for a missing, empty, non-image or over-budget
     file (not for a truncated one: that shows only when decoding). Returns the stored size."""
     path, limits = _checked_file(path, limits, DEFAULT_MAX_PIXELS)
-    return _guarded(path, limits, lambda: _probe_checked(path, limits, resize_to))
+    return _guarded(path, path, limits, lambda source: _probe_checked(source, path, limits, resize_to))
+
+
+def _limits(limits: DecodeLimits | None, max_pixels: int | None) -> DecodeLimits:
+    if max_pixels is not None and max_pixels < 1:
+        raise InputError(f"max_pixels must be >= 1 (or None for no limit), got {max_pixels}")
+    if limits is None:
+        limits = DEFAULT_LIMITS if max_pixels == DEFAULT_MAX_PIXELS else DecodeLimits(max_pixels=max_pixels)
+    return limits
 
 
 def _checked_file(path: str | os.PathLike, limits: DecodeLimits | None,
                   max_pixels: int | None) -> tuple[Path, DecodeLimits]:
     path = Path(path)
-    if max_pixels is not None and max_pixels < 1:
-        raise InputError(f"max_pixels must be >= 1 (or None for no limit), got {max_pixels}")
-    if limits is None:
-        limits = DEFAULT_LIMITS if max_pixels == DEFAULT_MAX_PIXELS else DecodeLimits(max_pixels=max_pixels)
+    limits = _limits(limits, max_pixels)
     if not path.is_file():
         raise ImageError(path, "no such file" if not path.exists() else "not a file")
     if path.stat().st_size == 0:
@@ -195,33 +238,36 @@ def _checked_file(path: str | os.PathLike, limits: DecodeLimits | None,
     return path, limits
 
 
-def _guarded(path: Path, limits: DecodeLimits, work: Callable[[], T]) -> T:
-    """`work()` with every failure turned into an `ImageError` naming `path` and the reason."""
+def _guarded(source: Path | io.BytesIO, name: str | os.PathLike, limits: DecodeLimits,
+             work: Callable[[Path | io.BytesIO], T]) -> T:
+    """`work(source)` with every failure turned into an `ImageError` naming `name` and the reason."""
     try:
         try:
-            return _quiet(work)
+            return _quiet(lambda: work(source))
         except Image.DecompressionBombError:
             # Pillow's own module-wide limit refused the file before ours could decide. When the
             # caller allows more, decode with Pillow's limit lifted to the caller's.
             if limits.max_pixels is not None and limits.max_pixels <= 2 * (Image.MAX_IMAGE_PIXELS or 0):
                 raise
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
             with _pillow_limit(limits.max_pixels):
-                return _quiet(work)
+                return _quiet(lambda: work(source))
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(path, "not an image (unrecognised format)") from None
+        raise ImageError(name, "not an image (unrecognised format)") from None
     except Image.DecompressionBombError:
-        raise ImageError(path, _too_large(None, limits.max_pixels)) from None
+        raise ImageError(name, _too_large(None, limits.max_pixels)) from None
     except MemoryError:
-        raise ImageError(path, "not enough memory to decode it; lower the decode limits (--decode-limits "
+        raise ImageError(name, "not enough memory to decode it; lower the decode limits (--decode-limits "
                                "bytes=...) so that such files are refused before decoding") from None
     except Exception as e:  # noqa: BLE001
         # Pillow's plugins signal corrupt data with many exception types (OSError, SyntaxError,
         # ValueError, EOFError, struct.error, IndexError, ...); every one means "this file is bad",
         # and one bad file must never stop a run over thousands.
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ImageError(path, f"truncated or corrupt image ({reason})") from None
+        raise ImageError(name, f"truncated or corrupt image ({reason})") from None
 
 
 def _quiet(work: Callable[[], T]) -> T:
@@ -231,28 +277,30 @@ def _quiet(work: Callable[[], T]) -> T:
         return work()
 
 
-def _probe_checked(path: Path, limits: DecodeLimits, resize_to: int | None) -> tuple[int, int]:
-    with Image.open(path) as img:
-        check_header(path, img, limits, resize_to)
-        orientation = _orientation(img, path, decoded=False)
-        _check_bytes(path, img, limits, orientation or 1)
+def _probe_checked(source: Path | io.BytesIO, name: str | os.PathLike, limits: DecodeLimits,
+                   resize_to: int | None) -> tuple[int, int]:
+    with Image.open(source) as img:
+        check_header(name, img, limits, resize_to)
+        orientation = _orientation(img, name, decoded=False)
+        _check_bytes(name, img, limits, orientation or 1)
         return img.size
 
 
-def _decode_checked(path: Path, limits: DecodeLimits, reduce_to: int | None, resize_to: int | None) -> Image.Image:
-    with Image.open(path) as img:
+def _decode_checked(source: Path | io.BytesIO, name: str | os.PathLike, limits: DecodeLimits,
+                    reduce_to: int | None, resize_to: int | None) -> Image.Image:
+    with Image.open(source) as img:
         width, height = img.size
-        check_header(path, img, limits, resize_to)
+        check_header(name, img, limits, resize_to)
         region = None
         if reduce_to is not None and img.format in _DRAFT_FORMATS:
             region = _draft(img, reduce_to)
-        orientation = _orientation(img, path, decoded=False)
-        _check_bytes(path, img, limits, orientation or 1)
+        orientation = _orientation(img, name, decoded=False)
+        _check_bytes(name, img, limits, orientation or 1)
         img.load()  # the first frame of an animation or the first page of a TIFF
         if orientation is None:  # its EXIF block follows the pixels: known only now
-            orientation = _orientation(img, path, decoded=True) or 1
-            _check_bytes(path, img, limits, orientation)
-        orientation = _transpose(img, path, orientation)
+            orientation = _orientation(img, name, decoded=True) or 1
+            _check_bytes(name, img, limits, orientation)
+        orientation = _transpose(img, name, orientation)
         rgb = to_rgb(img)
         if region is not None:
             reduced = img.size if orientation in (1, 2, 3, 4) else img.size[::-1]  # as stored
@@ -269,16 +317,23 @@ def check_header(path: str | os.PathLike, img: Image.Image, limits: DecodeLimits
         raise ImageError(path, f"the header announces an empty image ({width}x{height})")
     if limits.max_pixels is not None and width * height > limits.max_pixels:
         raise ImageError(path, _too_large((width, height), limits.max_pixels))
-    if resize_to is not None and limits.max_resized_pixels is not None:
-        new_w, new_h = resized_size(width, height, resize_to)
-        if new_w * new_h > limits.max_resized_pixels:
-            raise ImageError(path, f"over the resize limit ({width}x{height} would become {new_w}x{new_h} = "
-                                   f"{new_w * new_h:,} pixels once resized to the model's input; the limit is "
-                                   f"{limits.max_resized_pixels:,}: --decode-limits resized=N)")
+    _check_resized(path, (width, height), limits, resize_to)
     frames = declared_frames(img)
     if limits.max_frames is not None and frames > limits.max_frames:
         raise ImageError(path, f"over the frame limit (it declares {frames:,} frames; the limit is "
                                f"{limits.max_frames:,}: --decode-limits frames=N)")
+
+
+def _check_resized(name: str | os.PathLike, size: tuple[int, int], limits: DecodeLimits,
+                   resize_to: int | None) -> None:
+    if resize_to is None or limits.max_resized_pixels is None:
+        return
+    width, height = size
+    new_w, new_h = resized_size(width, height, resize_to)
+    if new_w * new_h > limits.max_resized_pixels:
+        raise ImageError(name, f"over the resize limit ({width}x{height} would become {new_w}x{new_h} = "
+                               f"{new_w * new_h:,} pixels once resized to the model's input; the limit is "
+                               f"{limits.max_resized_pixels:,}: --decode-limits resized=N)")
 
 
 def declared_frames(img: Image.Image) -> int:
@@ -307,7 +362,7 @@ def decode_bytes(mode: str, size: tuple[int, int], orientation: int = 1) -> int:
     return size[0] * size[1] * per_pixel
 
 
-def _check_bytes(path: Path, img: Image.Image, limits: DecodeLimits, orientation: int) -> None:
+def _check_bytes(path: str | os.PathLike, img: Image.Image, limits: DecodeLimits, orientation: int) -> None:
     if limits.max_bytes is None:
         return
     need = decode_bytes(img.mode, img.size, orientation)
@@ -368,7 +423,7 @@ _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_18
                 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
-def _orientation(img: Image.Image, path: Path, decoded: bool) -> int | None:
+def _orientation(img: Image.Image, name: str | os.PathLike, decoded: bool) -> int | None:
     """The EXIF orientation to apply (1: none), or None for a PNG not `decoded` yet whose EXIF block
     may follow the pixels (Pillow would decode the image to find it)."""
     if not decoded and img.format == "PNG" and "exif" not in img.info:
@@ -377,19 +432,19 @@ def _orientation(img: Image.Image, path: Path, decoded: bool) -> int | None:
         orientation = img.getexif().get(0x0112, 1)
     except Exception as e:  # noqa: BLE001
         # a malformed EXIF block does not make the pixels unusable: keep them as stored
-        log.info("%s: ignoring unreadable EXIF orientation (%s)", path, e)
+        log.info("%s: ignoring unreadable EXIF orientation (%s)", name, e)
         return 1
     return orientation if orientation in _ORIENTATION else 1
 
 
-def _transpose(img: Image.Image, path: Path, orientation: int) -> int:
+def _transpose(img: Image.Image, name: str | os.PathLike, orientation: int) -> int:
     """Make `img` upright in place; returns the orientation applied (1: none)."""
     if orientation not in _ORIENTATION:
         return 1
     try:
         ImageOps.exif_transpose(img, in_place=True)
     except Exception as e:  # noqa: BLE001
-        log.info("%s: ignoring unreadable EXIF orientation (%s)", path, e)
+        log.info("%s: ignoring unreadable EXIF orientation (%s)", name, e)
         return 1
     return orientation
 

@@ -132,15 +132,15 @@ def _walk(top: Path, loops: list[Failure] | None) -> Iterator[os.DirEntry]:
             continue
         below = []
         for entry in entries:
-            sub = _entry_folder_key(entry)
-            if sub is None:
+            inner = _entry_folder_key(entry)
+            if inner is None:
                 yield entry
             elif entry.is_symlink():
-                links.append((entry, sub, ancestors))
-            elif sub not in seen:
-                seen.add(sub)
+                links.append((entry, inner, ancestors))
+            elif inner not in seen:
+                seen.add(inner)
                 yield entry
-                below.append((Path(entry.path), {**ancestors, sub: Path(entry.path)}))
+                below.append((Path(entry.path), {**ancestors, inner: Path(entry.path)}))
         folders.extend(reversed(below))
 
 

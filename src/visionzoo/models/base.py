@@ -78,6 +78,11 @@ class VisionModel(nn.Module):
     def weights_source(self) -> str | None:
         return self.card.source if self.card is not None else None
 
+    @property
+    def class_layers(self) -> tuple[str, ...]:
+        """Dotted names of the layers that map to the classes (the ones `reset_classifier` replaces)."""
+        return ()
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the class head(s) with new ones of `num_classes` outputs."""
         raise NotImplementedError
@@ -138,6 +143,10 @@ class ZooModel(VisionModel):
     def head_hidden_size(self) -> int:
         return self.num_features
 
+    @property
+    def class_layers(self) -> tuple[str, ...]:
+        return (self.classifier_name,)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -191,14 +200,14 @@ class LinearInit(Enum):
 
 
 def init_weights_torchvision(model: nn.Module, linear: LinearInit = LinearInit.NORMAL) -> None:
-    """The initialisation torchvision gives its CNNs: He-normal (fan-out) convolutions, unit
-    normalisation layers, zero biases, and the family's choice for Linear layers."""
+    """The initialisation torchvision gives its CNNs (image and video): He-normal (fan-out)
+    convolutions, unit normalisation layers, zero biases, and the family's choice for Linear layers."""
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.preprocess import Preprocess
 from ..enums import Task, parse_enum
 from ..errors import InputError
 from . import mobilenetv3, resnet
@@ -102,11 +103,6 @@ class SegmentationModel(VisionModel):
     """
 
     task: ClassVar[Task] = Task.SEGMENTATION
-    # set by `create_model` like on classifiers: registry name, weights record, preprocessing, classes
-    arch: str | None = None
-    pretrained_weights = None
-    preprocess = None
-    categories: tuple[str, ...] | None = None
 
     def __init__(self, backbone: nn.Module, channels: Sequence[int], head: HeadKind | str, num_classes: int = 21,
                  aux_loss: bool = False):
@@ -201,6 +197,19 @@ def _dilated_backbone(name: str) -> tuple[list[tuple[str, nn.Module]], dict[str,
 
 
 # -- the heads on any classifier of the zoo ----------------------------------------------------------
+# registered as architectures of their own: `create_model("lraspp", backbone="efficientnet_lite0", ...)`
+COMPOSED: dict[str, HeadKind] = {"fcn": HeadKind.FCN, "deeplabv3": HeadKind.DEEPLABV3, "lraspp": HeadKind.LRASPP}
+COMPOSED_CLASS = SegmentationModel
+# the published models' recipe; the factory takes the normalisation of the backbone's own weights
+COMPOSED_PREPROCESS = Preprocess(520, None, kind="SemanticSegmentation")
+
+
+def compose(head: HeadKind, backbone: ZooModel, num_classes: int = 21, aux_loss: bool = False,
+            dilate: bool = True) -> SegmentationModel:
+    """The registry's builder of a `COMPOSED` entry: `segmentation_model` with the entry's head."""
+    return segmentation_model(backbone, head, num_classes=num_classes, aux_loss=aux_loss, dilate=dilate)
+
+
 def segmentation_model(backbone: ZooModel, head: HeadKind | str, num_classes: int = 21, aux_loss: bool = False,
                        dilate: bool = True) -> SegmentationModel:
     """An FCN, DeepLabV3 or LR-ASPP head on `backbone`, a classifier of the zoo (pre-trained or not).

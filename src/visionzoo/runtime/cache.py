@@ -51,7 +51,7 @@ def export_key(net: ZooModel, input_size: int) -> str:
 
 def exported_onnx(net: ZooModel, input_size: int | None = None) -> Path:
     """The verified ONNX export of `net`, from the cache or exported (and cached) now."""
-    size = input_size or net.image_size or net.preprocess.crop_size
+    size = input_size or net.image_size or net.card_required.preprocess.crop
     path = export_dir(net) / f"{net.arch}-{size}-{export_key(net, size)}.onnx"
     if path.is_file():
         log.info("%s: using the cached export %s", net.arch, path)

@@ -124,7 +124,7 @@ def _info_for(net: ZooModel, input_size: int | None) -> ModelInfo:
         raise InputError(f"input_size must be >= 8, got {input_size}")
     p = info.preprocess
     scaled = dataclasses.replace(p, crop_size=input_size,
-                                 resize_size=max(input_size, round(p.resize_size * input_size / p.crop_size)))
+                                 resize_size=max(input_size, round((p.resize_size or p.crop) * input_size / p.crop)))
     return dataclasses.replace(info, preprocess=scaled, input_size=input_size)
 
 

@@ -88,7 +88,7 @@ def model_info(net: ZooModel) -> ModelInfo:
     if card is None:
         raise InputError("the model has no description (preprocessing, classes); build it with "
                          "visionzoo.create_model")
-    size = net.image_size or card.preprocess.crop_size
+    size = net.image_size or card.preprocess.crop
     return ModelInfo(arch=card.architecture, preprocess=card.preprocess, input_size=size,
                      num_classes=net.num_classes, embedding_dim=net.head_hidden_size,
                      classes=card.classes, weights=card.weights_name, visionzoo_version=__version__,

@@ -182,7 +182,7 @@ def _run(data, run_dir: Path, train, val, cfg: FinetuneConfig, resume: bool, dis
     pp = training_preprocess(net.card_required.preprocess, cfg.image_size)
     ctx = _Context(**vars(found), run_dir=run_dir, cfg=cfg, dist=dist,
                    say=echo if dist.is_main else (lambda message: None), net=net, pp=pp,
-                   amp=_amp_dtype(cfg.precision, dist.device, pp.crop_size), workers=default_workers(cfg.num_workers))
+                   amp=_amp_dtype(cfg.precision, dist.device, pp.crop), workers=default_workers(cfg.num_workers))
     if ctx.failures:
         ctx.say(f"left out {len(ctx.failures)} image{'s' if len(ctx.failures) > 1 else ''} that cannot be read or "
                 f"break the decode limits (listed at the end)")
@@ -190,7 +190,7 @@ def _run(data, run_dir: Path, train, val, cfg: FinetuneConfig, resume: bool, dis
     ctx.cfg = cfg = cfg.resolved(strategy)
     ctx.say(f"strategy: {strategy.value} ({reason})")
     ctx.say(f"{len(ctx.train_samples)} training and {len(ctx.val_samples)} validation images, {len(ctx.classes)} "
-            f"classes; {ctx.net.arch} at {ctx.pp.crop_size}x{ctx.pp.crop_size}, {cfg.epochs} "
+            f"classes; {ctx.net.arch} at {ctx.pp.crop}x{ctx.pp.crop}, {cfg.epochs} "
             f"epoch{'s' if cfg.epochs > 1 else ''}" + (f", {dist.world} processes" if dist.enabled else ""))
     meta = {"config": cfg.to_dict(), "strategy": strategy.value, "reason": reason, "classes": list(ctx.classes),
             "fingerprint": ctx.fingerprint}
@@ -253,8 +253,7 @@ def _starting_model(cfg: FinetuneConfig, classes: list[str], dist: D.Dist
     card = net.card_required
     if card.bundle is not None and list(card.bundle.classes) != list(classes):
         net.reset_classifier(len(classes))  # a bundle for other classes: keep its backbone, not its head
-    builder_kwargs = dict(card.bundle.builder_kwargs if card.bundle is not None
-                          else (card.weights.builder_kwargs if card.weights else {}))
+    builder_kwargs = dict(card.builder_kwargs)
     return net.to(dist.device), builder_kwargs, card.weights.name if card.weights else card.source
 
 
@@ -420,7 +419,7 @@ def _ddp(module: nn.Module, dist: D.Dist) -> nn.Module:
 def _network_job(ctx: _Context) -> dict:
     net, train_samples, val_samples, pp = ctx.net, ctx.train_samples, ctx.val_samples, ctx.pp
     cfg, dist, amp, workers = ctx.cfg, ctx.dist, ctx.amp, ctx.workers
-    stages = map_stages(net, pp.crop_size)
+    stages = map_stages(net, pp.crop)
     n = stages.num_stages
     if cfg.strategy is Strategy.FULL:
         main = set(range(n + 1))
@@ -580,7 +579,7 @@ def _feature_cache(ctx: _Context) -> dict:
     net, train_samples, val_samples, pp = ctx.net, ctx.train_samples, ctx.val_samples, ctx.pp
     cfg, dist, amp, workers, run_dir, say = ctx.cfg, ctx.dist, ctx.amp, ctx.workers, ctx.run_dir, ctx.say
     path = run_dir / ckpt.FEATURES
-    key = {"fingerprint": ctx.fingerprint, "model": cfg.model, "crop": pp.crop_size, "aug_passes": cfg.aug_passes,
+    key = {"fingerprint": ctx.fingerprint, "model": cfg.model, "crop": pp.crop, "aug_passes": cfg.aug_passes,
            "augment": [cfg.augment, list(cfg.crop_scale), cfg.hflip], "seed": cfg.seed,
            "precision": "bf16" if amp else "fp32"}
     if path.is_file():

@@ -168,7 +168,7 @@ def prune(bundle: str | os.PathLike, ratio: float = 0.3, *, out: str | os.PathLi
     train_data, val_data, cfg = _training_data(info, data, val)
     _, val_samples, classes = bundle_split(info, data, val)
 
-    size = info.preprocess.crop_size
+    size = info.preprocess.crop
     original = create_model(bundle)
     images, labels = load_labelled(val_samples, info.preprocess, num_workers=num_workers)
     pruned_net = prune_model(create_model(bundle), ratio, size, round_to=round_to)
