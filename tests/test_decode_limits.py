@@ -22,7 +22,17 @@ from visionzoo.data.preprocess import Preprocess
 from visionzoo.errors import ImageError, InputError
 from visionzoo.runtime.options import InferenceOptions
 
-from .hostile import GREY, GREY_ALPHA, SRC, issue_files, one_line_errors, png, run_limited, write_issue_files
+from .hostile import (
+    GREY,
+    GREY_ALPHA,
+    MEMORY_LIMIT,
+    SRC,
+    issue_files,
+    one_line_errors,
+    png,
+    run_limited,
+    write_issue_files,
+)
 from .photos import sample_image
 
 
@@ -211,3 +221,48 @@ def test_the_deep_png_decodes_under_2gb_when_its_limit_is_raised(hostile_folder)
                       "--decode-limits", "bytes=1200MiB")
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout)["predictions"][0]["probability"] > 0
+
+
+# -- the same budget for bytes in memory and for the server's decode ---------------------------------
+
+@pytest.mark.parametrize("name", sorted(issue_files()))
+def test_encoded_bytes_are_held_to_the_same_budget(name):
+    """`decode_image` (uploads, Ray's readers) refuses the issue's files from their headers too."""
+    from visionzoo.data.images import decode_image
+
+    data, words = issue_files()[name]
+    with pytest.raises(ImageError, match=words) as e:
+        decode_image(data, f"upload/{name}", resize_to=256)
+    assert e.value.path == f"upload/{name}" and "\n" not in str(e.value)
+
+
+def test_the_servers_decode_of_the_issue_files_stays_under_2gb(tmp_path):
+    """The server's classification handler decodes an upload with `load_image(path, max_pixels=...,
+    reduce_to=...)` (None for an exact request) and then its model's transform: every file of the
+    issue is refused or costs little, in a process capped at 2 GB (it took serve to 5.5 GB)."""
+    expected = write_issue_files(tmp_path)
+    script = textwrap.dedent(f"""
+        import json, resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, ({MEMORY_LIMIT}, {MEMORY_LIMIT}))
+        from visionzoo.data.images import DEFAULT_MAX_PIXELS, load_image
+        from visionzoo.data.preprocess import Preprocess
+        from visionzoo.errors import ImageError
+        transform = Preprocess(256, 224).transforms()
+        out = {{}}
+        for path in {sorted(expected)!r}:
+            for reduce_to in (256, None):
+                try:
+                    out[path + str(reduce_to)] = list(transform(load_image(path, max_pixels=DEFAULT_MAX_PIXELS,
+                                                                           reduce_to=reduce_to)).shape)
+                except ImageError as e:
+                    out[path + str(reduce_to)] = e.reason
+        print(json.dumps(out))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads(run.stdout)
+    for path, words in expected.items():
+        assert words in results[path + "256"], (path, results[path + "256"])
+        exact = results[path + "None"]  # no resize limit without a target: refused by another, or cheap
+        assert exact == [3, 224, 224] or isinstance(exact, str), (path, exact)
