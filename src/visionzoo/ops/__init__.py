@@ -4,3 +4,19 @@ non-maximum suppression, RoIAlign and its multi-scale pooler, mask pasting.
 Each function takes and returns tensors only, vectorised over boxes, and reproduces the results of
 torchvision's compiled operators (the same kept boxes in the same order, the same pooled values).
 """
+from .boxes import (
+    BoxCoder,
+    BoxFormat,
+    BoxLinearCoder,
+    box_area,
+    box_convert,
+    box_inter_union,
+    box_iou,
+    clip_boxes_to_image,
+    generalized_box_iou,
+    remove_small_boxes,
+)
+from .nms import batched_nms, nms
+
+__all__ = ["BoxCoder", "BoxFormat", "BoxLinearCoder", "batched_nms", "box_area", "box_convert", "box_inter_union",
+           "box_iou", "clip_boxes_to_image", "generalized_box_iou", "nms", "remove_small_boxes"]
