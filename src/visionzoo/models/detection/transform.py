@@ -166,5 +166,6 @@ class DetectionTransform(nn.Module):
         return detections
 
     def extra_repr(self) -> str:
-        size = f"fixed_size={self.fixed_size}" if self.fixed_size else f"min_size={self.min_size}, max_size={self.max_size}"
+        size = (f"fixed_size={self.fixed_size}" if self.fixed_size
+                else f"min_size={self.min_size}, max_size={self.max_size}")
         return f"{size}, mean={self.image_mean}, std={self.image_std}, size_divisible={self.size_divisible}"
