@@ -65,3 +65,23 @@ def freeze_resnet_layers(body: ResNet, trainable_layers: int) -> None:
     for name, parameter in body.named_parameters():
         if not any(name.startswith(prefix) for prefix in trained):
             parameter.requires_grad_(False)
+
+
+def freeze_batch_norm(module: nn.Module) -> nn.Module:
+    """`module` with every BatchNorm2d replaced by a FrozenBatchNorm2d holding the same statistics,
+    affine terms and eps (detection batches are too small to train batch statistics)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            like = child.running_mean if child.track_running_stats else child.weight
+            frozen = FrozenBatchNorm2d(child.num_features, child.eps).to(device=like.device, dtype=like.dtype)
+            with torch.no_grad():
+                if child.affine:
+                    frozen.weight.copy_(child.weight)
+                    frozen.bias.copy_(child.bias)
+                if child.track_running_stats:
+                    frozen.running_mean.copy_(child.running_mean)
+                    frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batch_norm(child)
+    return module
