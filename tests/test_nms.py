@@ -123,17 +123,26 @@ def test_both_strategies_agree_on_overlapping_boxes():
     order = scores.sort(descending=True, stable=True).indices
     cols = nms_module._columns(boxes[order])
     threshold = nms_module._threshold_below(0.5, boxes.dtype)
-    assert nms_module._suppression_edges(cols, threshold, None) is None  # too crowded for the sweep
-    dense = order[nms_module._greedy_dense(cols, threshold)]
-    budget = nms_module._SWEEP_PAIRS
+    assert nms_module._suppression_edges(cols, threshold, [3000]) is None  # too crowded for the sweep
+    dense = order[nms_module._greedy_dense(cols, threshold, [3000])]
+    share = nms_module._SPARSE_SHARE
     try:
-        nms_module._SWEEP_PAIRS = 1 << 40
-        sparse = order[nms_module._resolve_edges(3000, *nms_module._suppression_edges(cols, threshold, None))]
+        nms_module._SPARSE_SHARE = 1.0
+        sparse = order[nms_module._resolve_edges(3000, *nms_module._suppression_edges(cols, threshold, [3000]))]
     finally:
-        nms_module._SWEEP_PAIRS = budget
+        nms_module._SPARSE_SHARE = share
     assert np.array_equal(dense.numpy(), expected)
     assert np.array_equal(sparse.numpy(), expected)
     assert np.array_equal(nms(boxes, scores, 0.5).numpy(), expected)
+
+
+def test_dense_path_with_many_classes():
+    """Many crowded classes (an SSD's per-class candidates) go through the dense path lane by lane."""
+    boxes, scores = random_boxes(6000, 10, torch.float32, 80.0, ties=True)
+    idxs = torch.randint(0, 40, (6000,), generator=torch.Generator().manual_seed(10))
+    idxs[:500] = 7  # one long class
+    expected = reference_batched_nms(boxes, scores, idxs, 0.45)
+    assert np.array_equal(batched_nms(boxes, scores, idxs, 0.45).numpy(), expected)
 
 
 def test_threshold_compared_in_double():

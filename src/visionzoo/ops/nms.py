@@ -34,14 +34,20 @@ that, NMS per class, which here is one sweep over all classes at once (pairs onl
 from __future__ import annotations
 
 import bisect
+import math
 
+import numpy as np
 import torch
 
 from ..errors import InputError
 
-_BLOCK = 128  # dense path: boxes resolved per step
-_CHUNK_PAIRS = 16384  # dense path: overlaps computed at once (under torch's threshold for splitting an op)
-_SWEEP_PAIRS = 32000  # sparse path: candidate pairs evaluated at once (also under the splitting threshold)
+# Pairs evaluated by one operation: small enough that every operation (some take two coordinates at
+# once) stays under torch's 32768-element threshold for splitting it across threads. Split, the many
+# small operations of NMS run several times slower with 2 threads than with 1 on a busy machine.
+_OP_PAIRS = 16000
+_BLOCK = 128  # dense path: most boxes per lane resolved per step
+_SPARSE_SHARE = 0.15  # sparse path when the x-overlapping pairs are at most this share of all pairs
+_SWEEP_PAIRS = _OP_PAIRS  # sparse path: candidate pairs evaluated at once
 _MAX_EDGES = 1 << 23  # sparse path: more "would suppress" pairs than this go to the dense path
 
 
@@ -83,61 +89,72 @@ def _iou_above(a: torch.Tensor, b: torch.Tensor, threshold: float) -> torch.Tens
     return inter.div_((a[4] + b[4]).sub_(inter)) > threshold
 
 
-def _greedy(boxes: torch.Tensor, threshold: float, groups: torch.Tensor | None = None) -> torch.Tensor:
+def _greedy(boxes: torch.Tensor, threshold: float, counts: list[int] | None = None) -> torch.Tensor:
     """Positions (ascending) kept by greedy NMS of `boxes` (N, 4) visited in their given order; with
-    `groups` (N,), non-decreasing, boxes only suppress boxes of their own group."""
+    `counts`, the boxes are consecutive runs (classes) of those lengths and only suppress within a run."""
+    n = boxes.shape[0]
+    counts = [n] if counts is None else counts
     cols = _columns(boxes)
     if threshold >= 0:  # (NaN is not: nothing is above it, the dense path gets that right)
-        edges = _suppression_edges(cols, threshold, groups)
+        edges = _suppression_edges(cols, threshold, counts)
         if edges is not None:
-            return _resolve_edges(boxes.shape[0], *edges)
-    if groups is None:
-        return _greedy_dense(cols, threshold)
-    counts = torch.unique_consecutive(groups, return_counts=True)[1].tolist()
-    kept, start = [], 0
-    for count in counts:
-        kept.append(start + _greedy_dense(cols[:, start:start + count], threshold))
-        start += count
-    return torch.cat(kept)
+            return _resolve_edges(n, *edges)
+    return _greedy_dense(cols, threshold, counts)
 
 
-def _count_below(sorted_values: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-    """For each query, how many of `sorted_values` are strictly below it (`searchsorted`, which runs
-    several times slower than this merge on a busy machine: it splits even small inputs across threads)."""
-    n = queries.numel()
-    order = torch.cat((queries, sorted_values)).sort(stable=True).indices  # a query precedes equal values
-    is_value = order >= n
-    values_before = torch.cumsum(is_value, 0).sub_(is_value.long())
-    at = torch.where(~is_value)[0]
-    counts = torch.empty(n, dtype=torch.int64, device=queries.device)
-    return counts.index_copy_(0, order.index_select(0, at), values_before.index_select(0, at))
+def _sweep_order(cols: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The boxes sorted by run, then x1 (`by_x`), and for each the number of later boxes in that order
+    whose x1 is below its x2 (its sweep partners).
+
+    On CPU this runs in NumPy: its sorts and binary searches are single-threaded, while torch's split
+    inputs this size across threads, which on a busy machine makes them many times slower.
+    """
+    n = cols.shape[1]
+    if cols.device.type == "cpu":
+        x1, x2 = ((c if c.dtype in (torch.float32, torch.float64) else c.float()).numpy()  # exact for half types
+                  for c in (cols[0], cols[2]))
+        if len(counts) == 1:
+            by_x = np.argsort(x1, kind="stable")
+            starts, ends = x1[by_x], x2[by_x]
+        else:  # one sorted key for (run, coordinate): exact ranks of all x1 and x2 values, offset by run
+            values, rank = np.unique(np.concatenate((x1, x2)), return_inverse=True)
+            run = np.repeat(np.arange(len(counts), dtype=np.int64) * (len(values) + 1), counts)
+            key_start, key_end = run + rank[:n], run + rank[n:]
+            by_x = np.argsort(key_start, kind="stable")
+            starts, ends = key_start[by_x], key_end[by_x]
+        partners = np.maximum(np.searchsorted(starts, ends, side="left") - np.arange(1, n + 1), 0)
+        return torch.from_numpy(by_x.astype(np.int64)), torch.from_numpy(partners.astype(np.int64))
+    device = cols.device
+    if len(counts) == 1:
+        by_x = cols[0].sort(stable=True).indices
+        starts, ends = cols[0].index_select(0, by_x), cols[2].index_select(0, by_x)
+    else:
+        run_starts = torch.tensor(counts[:-1], device=device).cumsum(0)
+        run = torch.zeros(n, dtype=torch.int64, device=device).index_fill_(0, run_starts, 1).cumsum(0)
+        values, rank = torch.unique(torch.cat((cols[0], cols[2])), sorted=True, return_inverse=True)
+        key_start, key_end = run * (values.numel() + 1) + rank[:n], run * (values.numel() + 1) + rank[n:]
+        by_x = key_start.sort(stable=True).indices
+        starts, ends = key_start.index_select(0, by_x), key_end.index_select(0, by_x)
+    partners = torch.searchsorted(starts, ends).sub_(torch.arange(1, n + 1, device=device)).clamp_(min=0)
+    return by_x, partners
 
 
-def _suppression_edges(cols: torch.Tensor, threshold: float, groups: torch.Tensor | None
+def _suppression_edges(cols: torch.Tensor, threshold: float, counts: list[int]
                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(higher, lower) rank pairs whose IoU is above the threshold, from a sweep over x; None when
-    the sweep would cost more than the dense path (or keep too many pairs).
+    """(higher, lower) rank pairs whose IoU is above the threshold, from a sweep over x within each run
+    of `counts` boxes; None when the boxes overlap so much that the dense path costs less (the sweep
+    evaluates every pair whose x ranges overlap, the dense path only kept boxes against survivors).
 
     (`index_select` throughout: several times faster than indexing with a tensor.)"""
     n = cols.shape[1]
     device = cols.device
-    if groups is None:
-        by_x = cols[0].sort(stable=True).indices
-        starts, ends = cols[0].index_select(0, by_x), cols[2].index_select(0, by_x)
-    else:
-        # one sorted key for (group, coordinate): exact ranks of all x1 and x2 values, offset by group
-        values, rank = torch.unique(torch.cat((cols[0], cols[2])), sorted=True, return_inverse=True)
-        key_start = groups * (values.numel() + 1) + rank[:n]
-        key_end = groups * (values.numel() + 1) + rank[n:]
-        by_x = key_start.sort(stable=True).indices
-        starts, ends = key_start.index_select(0, by_x), key_end.index_select(0, by_x)
-    # partners of the box at sorted position p: later positions q < first start >= its end
-    counts = _count_below(starts, ends).sub_(torch.arange(1, n + 1, device=device)).clamp_(min=0)
-    cum = counts.cumsum(0)
+    by_x, partners = _sweep_order(cols, counts)
+    # the partners of the box at sorted position p are the positions p + 1 ... p + partners[p]
+    cum = partners.cumsum(0)
     cum_list = cum.tolist()
-    if not n or cum_list[-1] > max(_SWEEP_PAIRS, n * n // 8):
+    if not n or cum_list[-1] > max(_SWEEP_PAIRS, _SPARSE_SHARE * sum(c * (c - 1) // 2 for c in counts)):
         return None
-    row_starts = cum - counts  # number of the first pair of each row
+    row_starts = cum - partners  # number of the first pair of each row
     sweep = cols.index_select(1, by_x)  # the columns in sweep order
     ys = sweep[1::2].contiguous()  # y1, y2, area
     higher, lower = [], []
@@ -149,7 +166,7 @@ def _suppression_edges(cols: torch.Tensor, threshold: float, groups: torch.Tenso
         if pairs:
             # the row of each pair: count the non-empty rows started up to it; then q runs over
             # p + 1, p + 2, ... within its row
-            rows = torch.where(counts[first:last] > 0)[0]
+            rows = torch.where(partners[first:last] > 0)[0]
             marks = torch.zeros(pairs, dtype=torch.int64, device=device)
             marks.index_fill_(0, row_starts[first:last].index_select(0, rows[1:]) - done, 1)
             p = rows.index_select(0, torch.cumsum(marks, 0)).add_(first)
@@ -175,7 +192,11 @@ def _resolve_edges(n: int, higher: torch.Tensor, lower: torch.Tensor) -> torch.T
     """Positions kept by greedy NMS of n boxes whose "would suppress" pairs are (higher -> lower)."""
     if higher.numel() == 0:
         return torch.arange(n, device=higher.device)
-    nodes, local = torch.unique(torch.cat((higher, lower)), return_inverse=True)
+    if higher.device.type == "cpu":  # (NumPy: see _sweep_order)
+        nodes, local = (torch.from_numpy(a) for a in np.unique(torch.cat((higher, lower)).numpy(),
+                                                               return_inverse=True))
+    else:
+        nodes, local = torch.unique(torch.cat((higher, lower)), return_inverse=True)
     src, dst = local[:higher.numel()], local[higher.numel():]
     keep = torch.ones(nodes.numel(), dtype=torch.bool, device=nodes.device)
     while True:
@@ -188,36 +209,79 @@ def _resolve_edges(n: int, higher: torch.Tensor, lower: torch.Tensor) -> torch.T
     return torch.where(kept)[0]
 
 
-def _resolve_block(suppressed_by: torch.Tensor) -> torch.Tensor:
-    """Greedy decisions (b,) within a block: keep[i] iff no kept k < i has suppressed_by[i, k]."""
-    suppressed_by = suppressed_by.tril(-1)
-    keep = torch.ones(suppressed_by.shape[0], dtype=torch.bool, device=suppressed_by.device)
+def _resolve_block(suppressed_by: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+    """Greedy decisions (..., b) within blocks: keep[i] iff candidate[i] and no kept k < i has
+    suppressed_by[..., i, k] (`suppressed_by` is (..., b, b), used below its diagonal only)."""
+    b = suppressed_by.shape[-1]
+    index = torch.arange(b, device=suppressed_by.device)
+    suppressed_by = suppressed_by & (index[:, None] > index[None, :])  # (not tril: it splits across threads)
+    keep = candidate
     while True:
-        new = ~(suppressed_by & keep).any(-1)
+        new = ~(suppressed_by & keep.unsqueeze(-2)).any(-1) & candidate
         if torch.equal(new, keep):
             return keep
         keep = new
 
 
-def _greedy_dense(cols: torch.Tensor, threshold: float) -> torch.Tensor:
-    """`_greedy` by blocks of rank, for boxes given as columns (5, N)."""
-    alive = torch.arange(cols.shape[1], device=cols.device)
+def _greedy_dense(cols: torch.Tensor, threshold: float, counts: list[int]) -> torch.Tensor:
+    """`_greedy` by blocks of rank, for boxes given as columns (5, N).
+
+    Each run is a lane of a (lanes, length) grid of box positions, resolved a block of columns at a
+    time in all lanes together; after each block the survivors of every lane are moved to its front
+    (suppressed boxes leave the comparisons) and emptied lanes are dropped.
+    """
+    device = cols.device
+    lengths = torch.tensor(counts, device=device)
+    starts = torch.cumsum(lengths, 0) - lengths
+    columns = torch.arange(max(counts), device=device)
+    alive = columns < lengths[:, None]  # live entries first in every lane
+    grid = torch.where(alive, starts[:, None] + columns, 0)  # padding points at box 0, never live
     kept: list[torch.Tensor] = []
-    while alive.numel():
-        block, alive = alive[:_BLOCK], alive[_BLOCK:]
-        in_block = cols.index_select(1, block)
-        keep = _resolve_block(_iou_above(in_block[:, :, None], in_block[:, None, :], threshold))
-        kept.append(block[keep])
-        if alive.numel() and bool(keep.any()):
-            suppressors = in_block[:, None, keep]
-            # in chunks small enough for the temporaries to stay in cache (and for torch not to
-            # split each operation across threads, a loss at this size)
-            chunk = max(1, _CHUNK_PAIRS // suppressors.shape[2])
-            removed = torch.cat([_iou_above(cols.index_select(1, alive[i:i + chunk])[:, :, None], suppressors,
-                                            threshold).any(-1)
-                                 for i in range(0, alive.numel(), chunk)])
-            alive = alive[~removed]
-    return torch.cat(kept)
+    while grid.shape[1]:
+        lanes = grid.shape[0]
+        width = max(8, min(_BLOCK, math.isqrt(_OP_PAIRS // lanes)))
+        block, live = grid[:, :width], alive[:, :width]
+        block_cols = cols.index_select(1, block.reshape(-1)).view(5, lanes, -1)
+        keep = _resolve_block(_iou_above(block_cols[:, :, :, None], block_cols[:, :, None, :], threshold), live)
+        kept.append(block.reshape(-1).index_select(0, torch.where(keep.reshape(-1))[0]))
+        grid, alive = grid[:, width:], alive[:, width:]
+        if not grid.shape[1]:
+            break
+        if bool(keep.any()):
+            # only the block's kept boxes suppress: moved to the front of their lanes, the rest cut off
+            kept_grid, kept_live = _compact(block, keep, drop_empty=False)
+            suppressors = cols.index_select(1, kept_grid.reshape(-1)).view(5, lanes, 1, -1)
+            chunk = max(1, _OP_PAIRS // kept_grid.numel())
+            removed = torch.cat([
+                (_iou_above(cols.index_select(1, grid[:, i:i + chunk].reshape(-1)).view(5, lanes, -1, 1),
+                            suppressors, threshold) & kept_live[:, None, :]).any(-1)
+                for i in range(0, grid.shape[1], chunk)], dim=1)
+            alive = alive & ~removed
+        grid, alive = _compact(grid, alive)
+    return torch.cat(kept).sort().values
+
+
+def _compact(grid: torch.Tensor, alive: torch.Tensor, drop_empty: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The live entries of each lane moved to its front (in order), without empty columns, and
+    without empty lanes unless `drop_empty` is False."""
+    lanes, length = grid.shape
+    live = torch.where(alive.reshape(-1))[0]  # lane-major, so each lane's survivors stay in order
+    lane = torch.div(live, length, rounding_mode="floor")
+    per_lane = torch.zeros(lanes, dtype=torch.int64, device=grid.device).index_add_(
+        0, lane, torch.ones_like(lane))
+    new_length = int(per_lane.max()) if lanes else 0
+    if drop_empty:
+        new_lane = torch.cumsum(per_lane > 0, 0) - 1  # lanes with survivors, renumbered
+        new_lanes = int((per_lane > 0).sum())
+    else:
+        new_lane, new_lanes = torch.arange(lanes, device=grid.device), lanes
+    column = torch.arange(live.numel(), device=grid.device) - (torch.cumsum(per_lane, 0) - per_lane).index_select(
+        0, lane)
+    slot = new_lane.index_select(0, lane) * new_length + column
+    new_grid = torch.zeros(new_lanes * new_length, dtype=grid.dtype, device=grid.device)
+    new_grid.index_copy_(0, slot, grid.reshape(-1).index_select(0, live))
+    new_alive = torch.zeros(new_lanes * new_length, dtype=torch.bool, device=grid.device).index_fill_(0, slot, True)
+    return new_grid.view(new_lanes, new_length), new_alive.view(new_lanes, new_length)
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -254,8 +318,9 @@ def _batched_nms_per_class(boxes: torch.Tensor, scores: torch.Tensor, idxs: torc
     # grouped by class, each class in the order NMS of that class alone visits it (score, then index)
     by_score = scores.sort(descending=True, stable=True).indices
     order = by_score.index_select(0, idxs.index_select(0, by_score).sort(stable=True).indices)
-    groups = torch.unique_consecutive(idxs.index_select(0, order), return_inverse=True)[1]
-    kept = _greedy(boxes.index_select(0, order), _threshold_below(iou_threshold, boxes.dtype), groups)
+    counts = torch.unique_consecutive(idxs.index_select(0, order), return_counts=True)[1].tolist()
+    kept = _greedy(boxes.index_select(0, order), _threshold_below(iou_threshold, boxes.dtype), counts)
     keep_mask = torch.zeros_like(scores, dtype=torch.bool).index_fill_(0, order.index_select(0, kept), True)
     keep = torch.where(keep_mask)[0]
-    return keep[scores[keep].sort(descending=True)[1]]  # torchvision's final (unstable) order
+    # torchvision's final order: this (unstable) sort of the kept scores
+    return keep.index_select(0, scores.index_select(0, keep).sort(descending=True)[1])

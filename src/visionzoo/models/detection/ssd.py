@@ -251,22 +251,23 @@ class SSD(DetectionModel):
     def postprocess_detections(self, outputs: dict[str, torch.Tensor], anchors: list[torch.Tensor],
                                batch: ImageBatch, features: list[torch.Tensor]) -> list[Target]:
         all_scores = F.softmax(outputs["cls_logits"], dim=-1)
-        num_classes = all_scores.shape[-1]
         detections = []
         for regression, scores, image_anchors, image_size in zip(
                 outputs["bbox_regression"], all_scores, anchors, batch.image_sizes, strict=True):
             boxes = clip_boxes_to_image(self.box_coder.decode(regression, image_anchors), image_size)
-            image_boxes, image_scores, image_labels = [], [], []
-            for label in range(1, num_classes):
-                score = scores[:, label]
-                keep = score > self.score_thresh
-                score, box = score[keep], boxes[keep]
-                score, order = score.topk(min(self.topk_candidates, score.numel()))
-                image_boxes.append(box[order])
+            per_class = scores.t()[1:].contiguous()  # (classes - 1, anchors), background dropped
+            candidates = per_class > self.score_thresh
+            selected, image_scores, image_labels = [], [], []
+            for label, (score, keep) in enumerate(zip(per_class, candidates, strict=True), start=1):
+                # the scores above the threshold, then the best of them (index_select: cheaper than
+                # masking, same values in the same order, so topk breaks ties the same way)
+                anchor_idx = torch.where(keep)[0]
+                score, order = score.index_select(0, anchor_idx).topk(min(self.topk_candidates, anchor_idx.numel()))
+                selected.append(anchor_idx.index_select(0, order))
                 image_scores.append(score)
                 image_labels.append(torch.full_like(score, label, dtype=torch.int64))
-            image_boxes, image_scores = torch.cat(image_boxes), torch.cat(image_scores)
-            image_labels = torch.cat(image_labels)
+            image_boxes = boxes.index_select(0, torch.cat(selected))
+            image_scores, image_labels = torch.cat(image_scores), torch.cat(image_labels)
             keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_thresh)[:self.detections_per_img]
             detections.append({"boxes": image_boxes[keep], "scores": image_scores[keep],
                                "labels": image_labels[keep]})
