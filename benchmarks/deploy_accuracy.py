@@ -30,10 +30,10 @@ import visionzoo  # noqa: E402
 from tests.digits import write_digits  # noqa: E402
 from tests.photos import write_augmented  # noqa: E402
 from visionzoo.bundle import read_bundle  # noqa: E402
-from visionzoo.deploy.backends import installed_backends, open_runner  # noqa: E402
-from visionzoo.deploy.measure import accuracy, describe_machine, load_labelled  # noqa: E402
-from visionzoo.deploy.prune import bundle_split, prune  # noqa: E402
-from visionzoo.deploy.quantize import predictions, quantize  # noqa: E402
+from visionzoo.runtime.backends import installed_backends, open_runner  # noqa: E402
+from visionzoo.runtime.measure import accuracy, describe_machine, load_labelled  # noqa: E402
+from visionzoo.tasks.prune import bundle_split, prune  # noqa: E402
+from visionzoo.tasks.quantize import predictions, quantize  # noqa: E402
 
 
 def verdict(passed: bool) -> str:

@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import visionzoo  # noqa: E402
 from tests.photos import write_augmented  # noqa: E402
 from visionzoo.data.loader import available_cpus  # noqa: E402
-from visionzoo.deploy.backends import open_runner  # noqa: E402
-from visionzoo.deploy.measure import describe_machine, interleaved_times  # noqa: E402
-from visionzoo.deploy.quantize import quantize  # noqa: E402
+from visionzoo.runtime.backends import open_runner  # noqa: E402
+from visionzoo.runtime.measure import describe_machine, interleaved_times  # noqa: E402
+from visionzoo.tasks.quantize import quantize  # noqa: E402
 
 MODELS = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_lite0")
 INT8 = ("resnet50", "efficientnet_lite0")

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import visionzoo  # noqa: E402
 from tests.photos import write_camera_jpegs  # noqa: E402
-from visionzoo.deploy.backends import installed_backends  # noqa: E402
-from visionzoo.deploy.measure import describe_machine  # noqa: E402
+from visionzoo.runtime.backends import installed_backends  # noqa: E402
+from visionzoo.runtime.measure import describe_machine  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 

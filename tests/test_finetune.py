@@ -9,6 +9,7 @@ Sizes are chosen for CPU time: 48x48 crops for the linear probe (its features ne
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from safetensors.torch import load_file
 
 import visionzoo
 from visionzoo.errors import InputError, TrainingError
+from visionzoo.tasks.prune import bundle_split
 from visionzoo.train.config import Strategy
 
 from .cli_runner import run_cli as run
@@ -84,18 +86,32 @@ def test_the_bundle_describes_itself(linear_run):
     assert model.categories == tuple(str(d) for d in range(10)) and model.preprocess.crop_size == 48
 
 
-def test_evaluate_writes_metrics_and_plots(linear_run, digits_small, tmp_path, capsys):
+def held_out_csv(bundle, path):
+    """The bundle's validation images (never trained on) as a path,label CSV."""
+    _, val_samples, classes = bundle_split(bundle)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows((str(p), classes[y]) for p, y in val_samples)
+    return path, len(val_samples)
+
+
+def test_evaluate_scores_held_out_images_and_writes_metrics_and_plots(linear_run, tmp_path, capsys):
     result, _ = linear_run
-    ev = visionzoo.evaluate(result.bundle, digits_small, out=tmp_path / "eval")
-    assert ev.num_images == 200 and ev.accuracy >= 0.9 and ev.top5 >= ev.accuracy
-    assert sum(map(sum, ev.confusion)) == 200
-    assert ev.accuracy == pytest.approx(sum(ev.confusion[i][i] for i in range(10)) / 200)
+    data, n = held_out_csv(result.bundle, tmp_path / "val.csv")
+    ev = visionzoo.evaluate(result.bundle, data, out=tmp_path / "eval")
+    assert ev.num_images == n and n >= 400  # a quarter of the 1797 digits
+    # the validation accuracy recorded in training, measured again by evaluate on the same images
+    assert ev.accuracy == pytest.approx(result.metrics["val_acc"], abs=0.005)
+    assert ev.accuracy >= 0.9 and ev.top5 >= ev.accuracy
+    assert sum(map(sum, ev.confusion)) == n
+    assert ev.accuracy == pytest.approx(sum(ev.confusion[i][i] for i in range(10)) / n)
     assert [c.support for c in ev.per_class] == [sum(row) for row in ev.confusion]
     saved = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert saved["accuracy"] == ev.accuracy and len(saved["per_class"]) == 10
     for name in ("confusion_matrix.png", "training_curves.png"):
         assert (tmp_path / "eval" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    code, out, err = run(capsys, "evaluate", result.run_dir, digits_small, "--format", "json")
+    code, out, err = run(capsys, "evaluate", result.run_dir, data, "--format", "json")
     assert code == 0, err
     assert json.loads(out)["accuracy"] == ev.accuracy
 
@@ -103,12 +119,12 @@ def test_evaluate_writes_metrics_and_plots(linear_run, digits_small, tmp_path, c
 def test_per_class_metrics_match_scikit_learn():
     from sklearn.metrics import precision_recall_fscore_support
 
-    from visionzoo.tasks.evaluate import _per_class
+    from visionzoo.metrics import per_class
 
     y = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3]
     p = [0, 1, 0, 1, 2, 2, 2, 0, 2, 1]
     confusion = [[sum(1 for a, b in zip(y, p, strict=True) if (a, b) == (i, j)) for j in range(4)] for i in range(4)]
-    ours = _per_class(torch.tensor(confusion).numpy(), "abcd")
+    ours = per_class(torch.tensor(confusion).numpy(), "abcd")
     ref = precision_recall_fscore_support(y, p, labels=range(4), zero_division=0)
     for i, m in enumerate(ours):
         assert (m.precision, m.recall, m.f1, m.support) == pytest.approx([r[i] for r in ref])
@@ -131,6 +147,33 @@ def test_auto_explains_its_choice(digits_small, tmp_path):
     assert "linear probe" in result.reason and "raw pixels" in result.reason
     assert any(m.startswith("strategy: full (a linear probe scores") for m in messages), messages
     assert json.loads((result.bundle / "bundle.json").read_text())["training"]["strategy_reason"] == result.reason
+
+
+@pytest.mark.parametrize(("f_acc", "p_acc", "per_class", "expected"), [
+    (0.98, 0.50, 100, Strategy.LINEAR),   # the features already separate the classes
+    (0.80, 0.40, 10, Strategy.LINEAR),    # too few images to tune the backbone
+    (0.60, 0.58, 100, Strategy.FULL),     # the features do not transfer
+    (0.80, 0.40, 800, Strategy.FULL),     # plenty of data
+    (0.80, 0.40, 100, Strategy.PARTIAL),  # features transfer, a moderate amount of data
+])
+def test_auto_rules_cover_every_strategy(f_acc, p_acc, per_class, expected):
+    from visionzoo.train.probe import decide
+
+    choice = decide(f_acc, p_acc, per_class, held_out=60, unfreeze=2)
+    assert choice.strategy is expected
+    assert f"{f_acc:.1%}" in choice.reason and choice.feature_acc == f_acc
+
+
+def test_auto_chooses_linear_for_a_handful_of_images_per_class(digits_small, tmp_path):
+    few = tmp_path / "few"
+    for folder in sorted(p for p in digits_small.iterdir() if p.is_dir()):
+        (few / folder.name).mkdir(parents=True)
+        for image in sorted(folder.glob("*.png"))[:8]:
+            (few / folder.name / image.name).write_bytes(image.read_bytes())
+    result = visionzoo.finetune(few, tmp_path / "auto_linear", strategy="auto", epochs=2, image_size=32,
+                                progress=False, num_workers=0)
+    assert result.strategy is Strategy.LINEAR and "images per class" in result.reason
+    assert visionzoo.create_model(result.bundle).num_classes == 10
 
 
 def test_partial_trains_only_the_last_stages(digits_small, tmp_path):

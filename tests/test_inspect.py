@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import visionzoo
+from visionzoo.tasks.inspect import inspect_checkpoint
 from visionzoo.weights.hub import packaged_file
-from visionzoo.weights.inspect import inspect_checkpoint
 from visionzoo.weights.io import save_state_dict
 from visionzoo.weights.remap import LAYOUTS, detect_layout, remap, strip_prefixes
 

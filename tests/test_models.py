@@ -10,7 +10,7 @@ from visionzoo.models import ZooModel
 from visionzoo.models.layers import StochasticDepth
 from visionzoo.registry import REGISTRY
 
-ARCHS = visionzoo.list_models()
+ARCHS = visionzoo.list_models(task="classification")
 
 
 # checked at their native size: an unpadded stem makes small inputs' deepest maps (3x3 at 160

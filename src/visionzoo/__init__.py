@@ -1,14 +1,22 @@
-"""visionzoo: pre-trained image models made practical.
+"""visionzoo: pre-trained vision models made practical.
 
     import visionzoo
     visionzoo.list_models("resnet*")
     model = visionzoo.create_model("efficientnet_lite0", pretrained=True)
     preds = visionzoo.predict(["photo.jpg"])
     emb = visionzoo.embed(["photos/"], out="photos.npy")
+
+The workflows (`predict`, `embed`, `finetune`, ...) are imported on first use, so that
+`import visionzoo` stays light.
 """
 from __future__ import annotations
 
-from .bundle import load_bundle, read_bundle, save_bundle
+import importlib
+from typing import Any
+
+from .bundle import read_bundle, save_bundle
+from .card import ModelCard
+from .enums import Task
 from .errors import (
     CheckpointError,
     ImageError,
@@ -18,53 +26,50 @@ from .errors import (
     VisionZooError,
     WeightsUnavailableError,
 )
-from .factory import create_model
-from .registry import REGISTRY
+from .factory import create_model, load_bundle, resolve_model
+from .registry import DEFAULT_MODEL, REGISTRY
+from .version import __version__
 from .weights.adapt import LoadReport, load_weights
-from .weights.inspect import CheckpointReport, inspect_checkpoint
 from .weights.records import Preprocess, Weights
-
-__version__ = "0.1.0"
-DEFAULT_MODEL = "efficientnet_lite0"
 
 list_models = REGISTRY.list_models
 list_weights = REGISTRY.list_weights
 get_weights = REGISTRY.get_weights
 
-
-def predict(*args, **kwargs):
-    """Classify images; see `visionzoo.tasks.predict.predict`."""
-    from .tasks.predict import predict as _predict
-
-    return _predict(*args, **kwargs)
-
-
-def embed(*args, **kwargs):
-    """Embed images (pooled pre-logits or a pooled stage), resumably to a file; see
-    `visionzoo.tasks.embed.embed`."""
-    from .tasks.embed import embed as _embed
-
-    return _embed(*args, **kwargs)
-
-
-def finetune(*args, **kwargs):
-    """Fine-tune a model on labelled images and write a bundle; see `visionzoo.tasks.finetune.finetune`."""
-    from .tasks.finetune import finetune as _finetune
-
-    return _finetune(*args, **kwargs)
+# name -> module that defines it, imported on first access
+_LAZY = {
+    "predict": "visionzoo.tasks.predict",
+    "embed": "visionzoo.tasks.embed",
+    "finetune": "visionzoo.tasks.finetune",
+    "evaluate": "visionzoo.tasks.evaluate",
+    "export_model": "visionzoo.runtime.export",
+    "open_runner": "visionzoo.runtime.backends",
+    "InferenceOptions": "visionzoo.runtime.options",
+    "quantize": "visionzoo.tasks.quantize",
+    "prune": "visionzoo.tasks.prune",
+    "benchmark": "visionzoo.tasks.benchmark",
+    "inspect_checkpoint": "visionzoo.tasks.inspect",
+    "CheckpointReport": "visionzoo.tasks.inspect",
+}
 
 
-def evaluate(*args, **kwargs):
-    """Score a bundle on labelled images; see `visionzoo.tasks.evaluate.evaluate`."""
-    from .tasks.evaluate import evaluate as _evaluate
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'visionzoo' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-    return _evaluate(*args, **kwargs)
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = [
-    "DEFAULT_MODEL", "REGISTRY", "CheckpointError", "ImageError", "InputError", "Preprocess",
-    "UnknownModelError", "UnknownWeightsError", "VisionZooError", "Weights", "WeightsUnavailableError",
-    "CheckpointReport", "LoadReport", "create_model", "embed", "evaluate", "finetune", "get_weights",
-    "inspect_checkpoint", "list_models", "list_weights", "load_bundle", "load_weights", "predict", "read_bundle",
-    "save_bundle",
+    "DEFAULT_MODEL", "REGISTRY", "CheckpointError", "CheckpointReport", "ImageError", "InferenceOptions", "InputError",
+    "LoadReport", "ModelCard", "Preprocess", "Task", "UnknownModelError", "UnknownWeightsError", "VisionZooError",
+    "Weights", "WeightsUnavailableError", "__version__", "benchmark", "create_model", "embed", "evaluate",
+    "export_model", "finetune", "get_weights", "inspect_checkpoint", "list_models", "list_weights", "load_bundle",
+    "load_weights", "open_runner", "predict", "prune", "quantize", "read_bundle", "resolve_model", "save_bundle",
 ]

@@ -9,15 +9,15 @@
                             (`structure`, see `models/structure.py`)
         exports/            graphs exported for the runtime backends (a cache, see deploy/)
 
-`create_model("runs/digits/bundle")` (or the run folder above it) rebuilds the network
-with `.categories` and `.preprocess` from the bundle, so predict, embed and evaluate take
-a bundle wherever they take a model name. A bundle is written to a temporary folder and
-renamed into place: a crash leaves the previous bundle or none, never half of one.
+This module is the format: find, read (`BundleInfo`), verify and write a bundle. Loading one
+is the factory's (`create_model("runs/digits/bundle")` or the run folder above it rebuilds
+the network with the bundle's classes and preprocessing on its card), so predict, embed and
+evaluate take a bundle wherever they take a model name. A bundle is written to a temporary
+folder and renamed into place: a crash leaves the previous bundle or none, never half of one.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -31,9 +31,12 @@ from typing import Any
 
 import torch
 
+from .data.preprocess import Preprocess
 from .errors import CheckpointError, InputError
+from .fileutil import sha256_file
+from .models.base import VisionModel
+from .version import __version__
 from .weights.io import save_state_dict
-from .weights.records import Preprocess
 
 BUNDLE_JSON = "bundle.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -92,23 +95,22 @@ def save_bundle(model: torch.nn.Module, out: str | os.PathLike, *, classes: Sequ
                 history: Sequence[Mapping[str, Any]] = ()) -> Path:
     """Write `model` as a bundle folder at `out` (replacing a bundle already there) and return it.
 
-    `architecture` defaults to `model.arch`; `builder_kwargs` to the arguments its
-    pre-trained weights imply. The folder is assembled under a temporary name and renamed.
+    `architecture` defaults to the model card's; `builder_kwargs` to the card's (the arguments its
+    weights imply and those it was built with). The folder is assembled under a temporary name and renamed.
     """
-    from . import __version__
-
-    arch = architecture or getattr(model, "arch", None)
+    # any torch module may be saved when its architecture is named; a zoo model describes itself
+    card = model.card if isinstance(model, VisionModel) else None
+    arch = architecture or (card.architecture if card is not None else None)
     if not arch:
         raise InputError("save_bundle needs the architecture name: pass architecture= or a model "
                          "built with visionzoo.create_model")
     classes = [str(c) for c in classes]
-    num_classes = getattr(model, "num_classes", None)
+    num_classes = model.num_classes if isinstance(model, VisionModel) else None
     if num_classes is not None and num_classes != len(classes):
         raise InputError(f"the model has {num_classes} outputs but {len(classes)} class names were given; "
                          f"pass one name per output")
     if builder_kwargs is None:
-        record = getattr(model, "pretrained_weights", None)
-        builder_kwargs = dict(record.builder_kwargs) if record is not None else {}
+        builder_kwargs = dict(card.builder_kwargs) if card is not None else {}
     structure = _structure(model, arch, builder_kwargs, len(classes))
     final = Path(out).expanduser()
     if final.exists() and not (final / BUNDLE_JSON).is_file():
@@ -124,7 +126,7 @@ def save_bundle(model: torch.nn.Module, out: str | os.PathLike, *, classes: Sequ
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "architecture": arch, "builder_kwargs": _jsonable(dict(builder_kwargs)),
             "num_classes": len(classes), "classes": classes, "preprocess": preprocess.to_dict(),
-            "base_weights": base_weights, "weights_file": WEIGHTS_FILE, "weights_sha256": _sha256(weights),
+            "base_weights": base_weights, "weights_file": WEIGHTS_FILE, "weights_sha256": sha256_file(weights),
             "training": _jsonable(dict(training or {})), "metrics": _jsonable(dict(metrics or {})),
             "history": _jsonable([dict(h) for h in history]),
         }
@@ -146,6 +148,8 @@ def _structure(model: torch.nn.Module, arch: str, builder_kwargs: Mapping[str, A
     try:
         architecture = REGISTRY.get_architecture(arch)
     except LookupError:
+        return {}
+    if architecture.composed:  # a head on a backbone: pruning (the only source of structure) is for classifiers
         return {}
     # built on the meta device: shapes and attributes only, no memory, no initialisation
     with torch.device("meta"):
@@ -196,75 +200,13 @@ def read_bundle(path: str | os.PathLike) -> BundleInfo:
             from None
 
 
-def load_bundle(path: str | os.PathLike, num_classes: int | None = None, *, expect_arch: str | None = None,
-                verify: bool = True, **kwargs: Any):
-    """Rebuild the model of the bundle at `path`, in eval mode, with `.categories`,
-    `.preprocess` and `.bundle` (its `BundleInfo`) set.
-
-    Args:
-        num_classes: a different head size (a new, untrained classifier; categories dropped).
-        expect_arch: refuse a bundle of another architecture (`create_model(name, weights=bundle)`).
-        verify: check the weights file against the SHA-256 recorded in `bundle.json`.
-        **kwargs: further `create_model` arguments.
-    """
-    from .factory import create_model
-
-    info = read_bundle(path)
-    if expect_arch is not None and expect_arch != info.architecture:
-        raise InputError(f"bundle {info.path} holds a {info.architecture}, not a {expect_arch}; "
-                         f"pass the bundle as the model name instead")
+def verify_bundle_weights(info: BundleInfo) -> None:
+    """Check that the bundle's weights file is there and matches the SHA-256 its `bundle.json` records."""
     if not info.weights_path.is_file():
         raise CheckpointError(f"bundle {info.path} has no {WEIGHTS_FILE}; write the bundle again")
-    if verify and info.weights_sha256 and _sha256(info.weights_path) != info.weights_sha256:
+    if info.weights_sha256 and sha256_file(info.weights_path) != info.weights_sha256:
         raise CheckpointError(f"{info.weights_path} does not match the SHA-256 in {BUNDLE_JSON} (changed or "
                               f"corrupted); write the bundle again with visionzoo.save_bundle")
-    if info.structure:
-        model = _load_restructured(info, kwargs)
-    else:
-        model = create_model(info.architecture, weights=info.weights_path, **{**info.builder_kwargs, **kwargs})
-    categories: tuple[str, ...] | None = info.classes
-    if model.num_classes != info.num_classes:
-        raise CheckpointError(f"bundle {info.path}: the weights have {model.num_classes} outputs but "
-                              f"{BUNDLE_JSON} names {info.num_classes} classes; write the bundle again")
-    if num_classes is not None and num_classes != model.num_classes:
-        model.reset_classifier(num_classes)
-        categories = None
-    model.preprocess = info.preprocess
-    model.categories = categories
-    model.weights_source = str(info.path)
-    model.bundle = info
-    return model.eval()
-
-
-def _load_restructured(info: BundleInfo, kwargs: Mapping[str, Any]):
-    """A pruned bundle: the registry architecture given the recorded channel counts, then its weights
-    loaded strictly (all from data: JSON and safetensors, nothing unpickled)."""
-    from .factory import create_model
-    from .models.structure import apply_structure
-    from .weights.io import load_state_dict
-
-    state_dict = load_state_dict(info.weights_path)
-    model = create_model(info.architecture, num_classes=info.num_classes, **{**info.builder_kwargs, **kwargs})
-    apply_structure(model, info.structure, state_dict)
-    try:
-        result = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as e:  # shapes that do not match even after the structure was applied
-        raise CheckpointError(f"bundle {info.path}: the weights do not fit the recorded structure "
-                              f"({str(e).splitlines()[-1].strip()}); write the bundle again") from None
-    if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"bundle {info.path}: the weights do not fit the recorded structure (missing "
-                              f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); write the "
-                              f"bundle again")
-    model.weights_source = str(info.weights_path)
-    return model
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _jsonable(value: Any) -> Any:

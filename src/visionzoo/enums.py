@@ -19,6 +19,15 @@ class Task(str, Enum):
     OPTICAL_FLOW = "optical_flow"  # two frames -> motion per pixel
 
 
+class Precision(str, Enum):
+    """Numeric precision: of inference (runtime backends) and of training (autocast)."""
+
+    AUTO = "auto"  # chosen for the machine: see where it is used
+    FP32 = "fp32"
+    BF16 = "bf16"  # bfloat16 compute; weights (and training's optimizer state) stay float32
+    INT8 = "int8"  # a quantized model file (inference only)
+
+
 def parse_enum(kind: type[E], value: Any, what: str) -> E:
     """`value` (a member, or its value or name in any case) as a member of `kind`; otherwise an
     `InputError` naming `what` and the accepted values."""

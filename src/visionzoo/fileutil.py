@@ -1,8 +1,9 @@
-"""Writing files so that a crash never leaves a partial file under the final name; content fingerprints."""
+"""Writing files so that a crash never leaves a partial file under the final name; content digests."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -27,6 +28,21 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The SHA-256 (hex) of a file's bytes, read in chunks (any size, little memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def json_digest(value: object, length: int | None = None) -> str:
+    """SHA-256 (hex, optionally truncated) of `value` as canonical JSON: keys of caches and runs."""
+    digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+    return digest[:length] if length else digest
 
 
 def weights_fingerprint(net: torch.nn.Module) -> str:

@@ -1,9 +1,10 @@
 """The one registry of architectures and published weights.
 
-An architecture is a row of a family's `VARIANTS` table (`visionzoo.models.<family>`);
-weights are rows of `weights/data/catalog.json`. Nothing is registered as an import
-side effect: the registry reads the family modules listed in `FAMILIES` and the
-catalog the first time it is asked something.
+An architecture is a row of a family's `VARIANTS` table (`visionzoo.models.<family>`), or
+of its `COMPOSED` table: a head (segmentation, detection) that the factory puts on any
+classifier of the zoo named by `backbone=`; weights are rows of `weights/data/catalog.json`.
+Nothing is registered as an import side effect: the registry reads the family modules listed
+in `FAMILIES` and the catalog the first time it is asked something.
 
 Names are `arch` or `arch.TAG` (`resnet50`, `resnet50.IMAGENET1K_V1`); torchvision's
 enum spelling (`ResNet50_Weights.IMAGENET1K_V1`) is accepted too.
@@ -14,6 +15,7 @@ import difflib
 import fnmatch
 import importlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,11 +26,13 @@ from .enums import Task, parse_enum
 from .errors import UnknownModelError, UnknownWeightsError
 from .weights.records import DEFAULT_PREPROCESS, Preprocess, Weights
 
-# Model families built so far: modules of `visionzoo.models` with `VARIANTS` and `MODEL_CLASS`.
+# Model families built so far: modules of `visionzoo.models` with `VARIANTS` and `MODEL_CLASS` (and,
+# for heads that go on any backbone, `COMPOSED` and `compose`).
 FAMILIES = ("alexnet", "convnext", "densenet", "efficientnet", "googlenet", "inception", "maxvit", "mnasnet",
             "mobilenetv2", "mobilenetv3", "regnet", "resnet", "shufflenetv2", "squeezenet", "swin_transformer", "vgg",
-            "vision_transformer")
+            "vision_transformer", "segmentation", "raft", "video_resnet", "s3d", "mvit", "swin3d")
 CATALOG = Path(__file__).parent / "weights" / "data" / "catalog.json"
+DEFAULT_MODEL = "efficientnet_lite0"  # the model every workflow uses unless told otherwise: offline, packaged
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Architecture:
     config: Any
     weights: tuple[Weights, ...]  # published weights, default first
     default_preprocess: Preprocess  # for use without weights (from the default weights if any)
+    compose: Callable[..., Any] | None = None  # a head on any backbone: compose(config, backbone, **kwargs)
 
     @property
     def task(self) -> Task:
@@ -50,7 +55,16 @@ class Architecture:
     def default_weights(self) -> Weights | None:
         return next((w for w in self.weights if w.is_default), None)
 
+    @property
+    def composed(self) -> bool:
+        """A head that goes on a classifier of the zoo (`backbone=`), rather than a fixed network."""
+        return self.compose is not None
+
     def build(self, **kwargs):
+        """The network with fresh weights. A composed head needs `backbone=`, a built classifier
+        (`create_model` resolves a backbone's name and its weights)."""
+        if self.compose is not None:
+            return self.compose(self.config, **kwargs)
         return self.model_class(self.config, **kwargs)
 
 
@@ -93,7 +107,9 @@ class Registry:
                 package=row.get("package"), package_file=row.get("package_file"),
                 is_default=bool(row.get("default")),
                 categories=categories[row["categories"]] if row.get("categories") else None,
-                acc1=row.get("acc@1"), acc5=row.get("acc@5"), gflops=row.get("gflops"),
+                dataset=row.get("dataset"), metrics=MappingProxyType(dict(row.get("metrics") or {})),
+                gflops=row.get("gflops"),
+                keypoint_names=tuple(row["keypoint_names"]) if row.get("keypoint_names") else None,
                 file_size_mb=row.get("file_size_mb"), min_size=tuple(row.get("min_size", (1, 1))),
                 recipe=row.get("recipe"), license=row.get("license"), layout=row.get("layout", "native"),
                 builder_kwargs=MappingProxyType(dict(row.get("builder_kwargs", {}))),
@@ -117,6 +133,9 @@ class Registry:
                 else:
                     preprocess = DEFAULT_PREPROCESS
                 archs[name] = Architecture(name, family, module.MODEL_CLASS, config, weights, preprocess)
+            for name, config in getattr(module, "COMPOSED", {}).items():
+                archs[name] = Architecture(name, family, module.COMPOSED_CLASS, config, (), module.COMPOSED_PREPROCESS,
+                                           compose=module.compose)
         return dict(sorted(archs.items()))
 
     # -- queries ---------------------------------------------------------------------------

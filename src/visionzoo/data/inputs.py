@@ -12,6 +12,7 @@ An input is one of:
 """
 from __future__ import annotations
 
+import csv
 import glob
 import os
 from collections.abc import Iterable
@@ -108,8 +109,6 @@ def _expand_list(list_file: Path, expand, failures: list[Failure]) -> None:
 
 
 def _expand_csv(csv_file: Path, add, failures: list[Failure]) -> None:
-    from .datasets import read_csv_samples
-
     try:
         rows = read_csv_samples(csv_file, require_label=False)
     except InputError as e:
@@ -120,3 +119,36 @@ def _expand_csv(csv_file: Path, add, failures: list[Failure]) -> None:
             add(path)
         else:
             failures.append(Failure(str(path), f"no such file (listed in {csv_file.name}); check the path"))
+
+
+def read_csv_samples(csv_file: str | os.PathLike, *, root: str | os.PathLike | None = None,
+                     require_label: bool = True) -> list[tuple[Path, str | None]]:
+    """The `(path, label)` rows of a CSV with a header naming `path` (and `label`) columns."""
+    csv_file = Path(csv_file).expanduser()
+    base = Path(root).expanduser() if root is not None else csv_file.parent
+    try:
+        with open(csv_file, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports add a BOM
+            reader = csv.DictReader(f)
+            columns = {(name or "").strip().lower(): name for name in (reader.fieldnames or [])}
+            wanted = ("path", "label") if require_label else ("path",)
+            missing = [c for c in wanted if c not in columns]
+            if missing:
+                raise InputError(f"{csv_file}: no {' or '.join(repr(c) for c in missing)} column; the first row "
+                                 f"must be a header such as 'path,label'")
+            rows = []
+            for line, row in enumerate(reader, start=2):
+                path = (row.get(columns["path"]) or "").strip()
+                label = (row.get(columns["label"]) or "").strip() if "label" in columns else None
+                if not path:
+                    raise InputError(f"{csv_file}, line {line}: empty path")
+                if require_label and not label:
+                    raise InputError(f"{csv_file}, line {line}: empty label for {path}")
+                p = Path(path).expanduser()
+                rows.append((p if p.is_absolute() else base / p, label))
+    except FileNotFoundError:
+        raise InputError(f"{csv_file}: no such file; check the path") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{csv_file}: cannot read the CSV ({e})") from None
+    if not rows:
+        raise InputError(f"{csv_file}: no rows below the header")
+    return rows

@@ -1,8 +1,9 @@
 """Evaluation preprocessing without torchvision.
 
-Reproduces torchvision's `ImageClassification` preset on PIL images exactly: resize
-the shorter side with Pillow's (antialiased) filter, centre crop (zero-padding an
-image smaller than the crop), scale to [0, 1], normalise.
+Reproduces torchvision's presets on PIL images exactly: `ImageClassification` (resize the
+shorter side with Pillow's antialiased filter, centre crop, zero-padding an image smaller than
+the crop, scale to [0, 1], normalise) and, without the crop, `SemanticSegmentation`,
+`ObjectDetection` and `OpticalFlow` (see `preprocess.py`).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from PIL import Image
 from .images import draft_info
 
 if TYPE_CHECKING:
-    from ..weights.records import Preprocess
+    from .preprocess import Preprocess
 
 
 class Interpolation(str, Enum):
@@ -35,13 +36,6 @@ def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     short, long = (width, height) if width <= height else (height, width)
     new_short, new_long = shorter, int(shorter * long / short)
     return (new_short, new_long) if width <= height else (new_long, new_short)
-
-
-def resize_shorter(img: Image.Image, shorter: int, interpolation: Interpolation) -> Image.Image:
-    size = resized_size(img.width, img.height, shorter)
-    if size == img.size:
-        return img
-    return img.resize(size, interpolation.pil)
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -67,8 +61,10 @@ def to_normalized_tensor(img: Image.Image, mean, std) -> torch.Tensor:
     return x.sub_(mean_t).div_(std_t)
 
 
-class ClassificationTransform:
-    """Callable PIL image -> normalised CHW float32 tensor for one preprocessing recipe."""
+class ImageTransform:
+    """Callable PIL image -> normalised CHW float32 tensor for one recipe: resize (the shorter side, or to
+    height x width), centre crop where the recipe has one, scale to [0, 1], normalise. Every preset of
+    `preprocess.py` is such a recipe (a video's frames too)."""
 
     def __init__(self, preprocess: Preprocess):
         self.preprocess = preprocess
@@ -79,17 +75,31 @@ class ClassificationTransform:
         draft = draft_info(img)
         if img.mode != "RGB":
             img = img.convert("RGB")
-        if draft is not None:
-            # a reduced-scale decode (the fast path): resize the area that covers the full image
-            # to the size the full image would get, so the geometry is the exact path's
-            size = resized_size(*draft.full_size, p.resize_size)
-            img = img.resize(size, self.interpolation.pil, box=draft.region)
-        else:
-            img = resize_shorter(img, p.resize_size, self.interpolation)
-        img = center_crop(img, p.crop_size)
+        img = self._resized(img, draft)
+        if p.crop_size is not None:
+            img = center_crop(img, p.crop_size)
         return to_normalized_tensor(img, p.mean, p.std)
+
+    def _resized(self, img: Image.Image, draft) -> Image.Image:
+        """The image at the recipe's size. A reduced-scale decode (the fast path) resizes the area that
+        covers the full image to the size the full image would get, so the geometry is the exact path's."""
+        p = self.preprocess
+        full = draft.full_size if draft is not None else img.size
+        if p.resize_hw is not None:
+            size = (p.resize_hw[1], p.resize_hw[0])
+        elif p.resize_size is not None:
+            size = resized_size(*full, p.resize_size)
+        else:
+            size = full  # no resize: a reduced decode goes back to the full image's size
+        if draft is None and size == img.size:
+            return img
+        return img.resize(size, self.interpolation.pil, box=draft.region if draft is not None else None)
 
     def __repr__(self) -> str:
         p = self.preprocess
-        return (f"ClassificationTransform(resize={p.resize_size}, crop={p.crop_size}, "
+        resize = list(p.resize_hw) if p.resize_hw is not None else p.resize_size
+        return (f"{type(self).__name__}(resize={resize}, crop={p.crop_size}, "
                 f"interpolation={p.interpolation}, mean={p.mean}, std={p.std})")
+
+
+ClassificationTransform = ImageTransform  # the name it had when classification was the only task

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._base import FeatureInfo, ZooModel
+from .base import FeatureInfo, ZooModel
 
 
 def __getattr__(name: str):

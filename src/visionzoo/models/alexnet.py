@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._base import FeatureInfo, ZooModel
+from .base import FeatureInfo, ZooModel
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import FeatureInfo, ZooModel
+from .base import FeatureInfo, ZooModel
 from .layers import StochasticDepth
 
 

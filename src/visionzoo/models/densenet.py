@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
 
-from ._base import FeatureInfo, ZooModel
+from .base import FeatureInfo, ZooModel
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ._base import FeatureInfo, LinearInit, ZooModel, init_weights_torchvision
+from .base import FeatureInfo, LinearInit, ZooModel, init_weights_torchvision
 from .layers import ConvNormAct, SqueezeExcitation, StochasticDepth, make_divisible
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ._base import FeatureInfo, ZooModel
+from .base import FeatureInfo, ZooModel
 
 
 class _StagesCaptured(Exception):
@@ -37,10 +37,15 @@ class FeatureExtractor(nn.Module):
         self.model = model
         self.out_indices = resolve_out_indices(model, out_indices)
         self.feature_info: list[FeatureInfo] = [model.feature_info[i] for i in self.out_indices]
-        # what create_model attaches to models, so tasks can use an extractor the same way
-        self.arch = model.arch
-        self.pretrained_weights = model.pretrained_weights
-        self.preprocess = model.preprocess
+
+    @property
+    def card(self):
+        """The wrapped model's description (task, weights, classes, preprocessing)."""
+        return self.model.card
+
+    @property
+    def preprocess(self):
+        return self.model.preprocess
 
     @property
     def channels(self) -> list[int]:

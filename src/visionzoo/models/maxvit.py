@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ._base import FeatureInfo, ZooModel
+from .base import FeatureInfo, ZooModel
 from .layers import ConvNormAct, SqueezeExcitation, StochasticDepth, attention, relative_position_index
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._base import FeatureInfo, ZooModel
+from .base import FeatureInfo, ZooModel
 from .layers import make_divisible
 
 # Keras' default BatchNorm momentum (0.9997 decay) under PyTorch's convention

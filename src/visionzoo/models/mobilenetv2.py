@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._base import FeatureInfo, ZooModel, init_weights_torchvision
+from .base import FeatureInfo, ZooModel, init_weights_torchvision
 from .layers import ConvNormAct, make_divisible
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._base import FeatureInfo, ZooModel, init_weights_torchvision
+from .base import FeatureInfo, ZooModel, init_weights_torchvision
 from .layers import ConvNormAct, SqueezeExcitation, make_divisible
 
 RE, HS = nn.ReLU, nn.Hardswish

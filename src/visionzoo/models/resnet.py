@@ -14,7 +14,7 @@ from enum import Enum
 import torch
 from torch import nn
 
-from ._base import FeatureInfo, LinearInit, ZooModel, init_weights_torchvision
+from .base import FeatureInfo, LinearInit, ZooModel, init_weights_torchvision
 
 
 class BlockType(Enum):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._base import FeatureInfo, ZooModel
+from .base import FeatureInfo, ZooModel
 
 P = None  # a max-pool in the layer list
 

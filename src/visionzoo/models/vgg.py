@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._base import FeatureInfo, ZooModel, init_weights_torchvision
+from .base import FeatureInfo, ZooModel, init_weights_torchvision
 
 M = 0  # a max-pool in the layer list
 _LAYERS = {

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, InputError
-from ._base import FeatureInfo, ZooModel
+from .base import FeatureInfo, ZooModel
 from .layers import Mlp, MultiheadSelfAttention, resample_pos_embed
 
 log = logging.getLogger("visionzoo")

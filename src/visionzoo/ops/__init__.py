@@ -16,7 +16,11 @@ from .boxes import (
     generalized_box_iou,
     remove_small_boxes,
 )
+from .masks import heatmaps_to_keypoints, paste_masks_in_image
 from .nms import batched_nms, nms
+from .poolers import MultiScaleRoIAlign
+from .roi_align import roi_align
 
-__all__ = ["BoxCoder", "BoxFormat", "BoxLinearCoder", "batched_nms", "box_area", "box_convert", "box_inter_union",
-           "box_iou", "clip_boxes_to_image", "generalized_box_iou", "nms", "remove_small_boxes"]
+__all__ = ["BoxCoder", "BoxFormat", "BoxLinearCoder", "MultiScaleRoIAlign", "batched_nms", "box_area", "box_convert",
+           "box_inter_union", "box_iou", "clip_boxes_to_image", "generalized_box_iou", "heatmaps_to_keypoints", "nms",
+           "paste_masks_in_image", "remove_small_boxes", "roi_align"]

@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError, MissingDependencyError
-from ..models._base import ZooModel
+from ..enums import Precision, parse_enum
+from ..errors import InputError, MissingDependencyError, check_at_least
+from ..models.base import ZooModel
 
 
 @dataclass(frozen=True)
@@ -164,29 +165,25 @@ def benchmark(model, *, batches: str | Sequence[int] = (1, 32), backends: str | 
         num_workers: decoding processes for `data`.
         max_seconds: stop repeating (after at least 3 runs) once a batch size took this long.
     """
-    from ..deploy.backends import Backend, Precision, _enum, installed_backends, is_model_file
-    from ..deploy.measure import describe_machine, machine_description
+    from ..runtime.backends import Backend, installed_backends, is_model_file
+    from ..runtime.measure import describe_machine, machine_description
 
     sizes = parse_batches(batches)
-    if repeats < 1:
-        raise InputError(f"repeats must be >= 1, got {repeats}")
-    if warmup < 0:
-        raise InputError(f"warmup must be >= 0, got {warmup}")
-    if threads is not None and threads < 1:
-        raise InputError(f"threads must be >= 1, got {threads}")
-    if limit is not None and limit < 1:
-        raise InputError(f"limit must be >= 1, got {limit}")
+    check_at_least("repeats", repeats, 1)
+    check_at_least("warmup", warmup, 0)
+    check_at_least("threads", threads, 1, optional=True)
+    check_at_least("limit", limit, 1, optional=True)
     is_file = is_model_file(model)
     default = [b for b in installed_backends() if not (is_file and b is Backend.TORCH)]
-    wanted = [_enum(Backend, b, "backend") for b in (_split(backends) or default)]
+    wanted = [parse_enum(Backend, b, "backend") for b in (_split(backends) or default)]
     if Backend.AUTO in wanted:
         raise InputError("name the backends to benchmark (torch, onnxruntime, openvino), not auto")
     wanted = list(dict.fromkeys(wanted))
-    precs = list(dict.fromkeys(_enum(Precision, p, "precision") for p in (_split(precisions) or ["fp32"])))
+    precs = list(dict.fromkeys(parse_enum(Precision, p, "precision") for p in (_split(precisions) or ["fp32"])))
     if not is_file and isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() == ".onnx":
         raise InputError(f"{model}: no such file")
     if is_file:
-        from ..deploy.export import read_onnx_info
+        from ..runtime.export import read_onnx_info
 
         path = Path(model).expanduser()
         info = read_onnx_info(path)
@@ -199,8 +196,8 @@ def benchmark(model, *, batches: str | Sequence[int] = (1, 32), backends: str | 
         if Precision.INT8 in precs:
             raise InputError("int8 needs a quantized model file: run `visionzoo quantize MODEL --calibration DIR "
                              "--out MODEL.int8.onnx` first and benchmark that .onnx file")
-        from ..deploy.metadata import model_info
-        from .predict import resolve_model
+        from ..factory import resolve_model
+        from ..runtime.metadata import model_info
 
         if not isinstance(model, (str, os.PathLike, ZooModel)):
             raise InputError(f"model must be a name, a bundle, an ONNX file or a visionzoo model, got "
@@ -235,7 +232,7 @@ def benchmark(model, *, batches: str | Sequence[int] = (1, 32), backends: str | 
 
 def _plan(backends, precisions, is_file: bool, info) -> tuple[list[tuple[Any, Any]], list[Skipped]]:
     """The (backend, precision) pairs that can run, and why the others cannot."""
-    from ..deploy.backends import Backend, Precision
+    from ..runtime.backends import Backend
 
     plan, skipped = [], []
     file_int8 = is_file and info.precision == Precision.INT8.value
@@ -262,7 +259,7 @@ def _plan(backends, precisions, is_file: bool, info) -> tuple[list[tuple[Any, An
 
 def _labelled(data, info, limit: int | None, num_workers: int | None):
     from ..data.datasets import open_dataset
-    from ..deploy.measure import load_labelled
+    from ..runtime.measure import load_labelled
 
     if not info.classes:
         raise InputError(f"{info.arch} has no class names to score --data against; give a bundle written by "
@@ -276,8 +273,8 @@ def _labelled(data, info, limit: int | None, num_workers: int | None):
 
 def _run_one(source, label: str, backend, precision, sizes: list[int], *, threads, repeats, warmup, max_seconds,
              images, labels) -> list[BenchmarkRow]:
-    from ..deploy.backends import Backend, open_runner
-    from ..deploy.measure import accuracy, peak_mib, random_batch, reset_peak, rss_mib, time_calls
+    from ..runtime.backends import Backend, open_runner
+    from ..runtime.measure import accuracy, peak_mib, random_batch, reset_peak, rss_mib, time_calls
 
     saved_threads = torch.get_num_threads()
     if threads and backend is Backend.TORCH:

@@ -27,23 +27,23 @@ import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.images import DEFAULT_MAX_PIXELS
 from ..data.inputs import Failure, expand_inputs
 from ..data.loader import image_batches
 from ..errors import InputError
-from ..fileutil import atomic_path, weights_fingerprint
-from ..models._base import ZooModel
+from ..fileutil import atomic_path, json_digest, sha256_file, weights_fingerprint
+from ..models.base import ZooModel
 from ..models.features import FeatureExtractor, resolve_stage
-from .predict import resolve_runner
-
-if TYPE_CHECKING:
-    from ..deploy.backends import Runner
+from ..optional import require
+from ..progress import progress_bar
+from ..registry import DEFAULT_MODEL
+from ..runtime.backends import Runner, TorchRunner
+from ..runtime.options import InferenceOptions
 
 log = logging.getLogger("visionzoo")
 FORMATS = {".npy": "npy", ".parquet": "parquet", ".pq": "parquet"}
@@ -90,96 +90,59 @@ def read_embeddings(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
         vectors = np.load(path)
         paths = sidecar_path(path).read_text(encoding="utf-8").splitlines()
         return paths, vectors
-    pq = _require_pyarrow()[1]
+    pq = require("pyarrow.parquet")
     table = pq.read_table(path)
     dim = table.schema.field("embedding").type.list_size
     flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     return table.column("path").to_pylist(), np.asarray(flat, np.float32).reshape(-1, dim)
 
 
-def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike, model: str | ZooModel = "efficientnet_lite0",
-          *, out: str | os.PathLike | None = None, layer: int | str | None = None, normalize: bool = False,
-          batch_size: int = 32, num_workers: int | None = None, fast: bool = True,
-          max_pixels: int | None = DEFAULT_MAX_PIXELS, device: str | torch.device = "cpu",
-          chunk_size: int | None = None, resume: bool = True, progress: bool = False, backend: str = "auto",
-          threads: int | None = None, precision: str = "fp32") -> Embeddings:
+def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+          model: str | os.PathLike | ZooModel | Runner = DEFAULT_MODEL, *, out: str | os.PathLike | None = None,
+          layer: int | str | None = None, normalize: bool = False, chunk_size: int | None = None,
+          resume: bool = True, progress: bool = False, options: InferenceOptions | None = None,
+          **settings: Any) -> Embeddings:
     """Embed images: files, folders, globs, `@LIST` files or CSV datasets.
 
     Args:
-        model: a name (`arch[.TAG]`, default weights) or a model instance.
+        model: a name (`arch[.TAG]`, default weights), a bundle, a model instance, an ONNX
+            file from `export`/`quantize`, or a `Runner`.
         out: write the result to this `.npy` (+ `<stem>.paths.txt`) or `.parquet` file,
             resumably (see the module docstring). None keeps it in memory only.
         layer: a stage (index into `model.feature_info`, negative from the deepest, or its
             module name) whose feature map is global-average pooled; None for the
-            pre-logit embedding.
+            pre-logit embedding. Needs the torch backend.
         normalize: L2-normalise each vector.
-        num_workers: decoding processes (None: one per spare core; 0: in-process).
-        fast: decode large JPEGs at a reduced scale (False: torchvision-exact preprocessing).
-        max_pixels: refuse larger images as possible decompression bombs; None: no limit.
-        chunk_size: images per saved chunk (a multiple of `batch_size`; default 8 batches).
+        chunk_size: images per saved chunk (a multiple of the batch size; default 8 batches).
         resume: reuse the chunks of an interrupted run with the same key; False starts over.
         progress: show a progress bar on stderr.
-        backend: `torch`, `onnxruntime`, `openvino` or `auto` (see `predict`); `layer` needs torch.
-        threads: compute threads of the onnxruntime/openvino backends.
-        precision: `fp32` or `bf16` (torch and openvino).
+        options: how to decode, batch and run (`InferenceOptions`; its fields may also be
+            given as keywords, as for `predict`).
 
     Returns `Embeddings` (paths, vectors, failures). With `out`, the vectors are read back
     from the file when first accessed.
     """
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    chunk_size = CHUNK_BATCHES * batch_size if chunk_size is None else chunk_size
-    if chunk_size < 1 or chunk_size % batch_size:
-        raise InputError(f"chunk_size must be a positive multiple of batch_size ({batch_size}), got {chunk_size}")
+    opts = InferenceOptions.of(options, **settings)
+    chunk_size = CHUNK_BATCHES * opts.batch_size if chunk_size is None else chunk_size
+    if chunk_size < 1 or chunk_size % opts.batch_size:
+        raise InputError(f"chunk_size must be a positive multiple of batch_size ({opts.batch_size}), "
+                         f"got {chunk_size}")
     out = Path(out).expanduser() if out is not None else None
     fmt = _output_format(out) if out is not None else None
     if fmt == "parquet":
-        _require_pyarrow()
-    device = torch.device(device)
-    runner = resolve_runner(model, backend, device=device, threads=threads, precision=precision)
-    encoder = _Encoder(runner, layer, normalize)
+        require("pyarrow.parquet")
+    runner = opts.open(model)
+    encoder = Encoder(runner, layer, normalize)
     files, failures = expand_inputs(inputs)
-    paths = [str(p) for p in files]
-
-    n, n_chunks = len(files), math.ceil(len(files) / chunk_size)
-    key = None
-    if out is not None:
-        key = {"version": _KEY_VERSION, "inputs": _inputs_fingerprint(files), "count": n,
-               "model": _model_fingerprint(runner), "layer": encoder.layer, "normalize": normalize,
-               "preprocess": runner.preprocess.to_dict(),
-               "fast": fast, "max_pixels": max_pixels, "batch_size": batch_size, "chunk_size": chunk_size,
-               "device": device.type, "torch": torch.__version__}
+    key = _run_key(files, runner, encoder, opts, chunk_size) if out is not None else None
     store = _ChunkStore(_work_dir(out) if out is not None else None, key, resume)
-    todo = [k for k in range(n_chunks) if k not in store.done]
+    plan = _ChunkPlan(len(files), chunk_size, opts.batch_size)
     if store.done:
-        log.warning("resuming: %d of %d chunks already embedded (in %s)", len(store.done), n_chunks, store.folder)
+        log.warning("resuming: %d of %d chunks already embedded (in %s)", len(store.done), plan.count, store.folder)
+    _embed_chunks(files, runner, encoder, store, plan, opts, progress)
 
-    def chunk_range(k: int) -> range:
-        return range(k * chunk_size, min((k + 1) * chunk_size, n))
-
-    index_batches = [list(chunk_range(k))[s:s + batch_size] for k in todo for s in range(0, chunk_size, batch_size)]
-    done_images = sum(len(chunk_range(k)) for k in store.done)
-    with _ProgressBar(progress, n, done_images) as advance, torch.inference_mode():
-        pending: dict[int, _Chunk] = {}
-        for batch in image_batches(files, runner.preprocess, num_workers=num_workers, fast=fast,
-                                   max_pixels=max_pixels, index_batches=index_batches,
-                                   pin_memory=device.type == "cuda"):
-            first = min(batch.indices + [i for i, _ in batch.failures])
-            k = first // chunk_size
-            chunk = pending.setdefault(k, _Chunk())
-            if batch.images is not None:
-                chunk.indices += batch.indices
-                chunk.vectors.append(encoder(batch.images).cpu().numpy())
-            chunk.failures += batch.failures
-            chunk.seen += len(batch.indices) + len(batch.failures)
-            advance(len(batch.indices) + len(batch.failures))
-            if chunk.seen == len(chunk_range(k)):
-                store.save(k, pending.pop(k), encoder.dim)
-    missing = [k for k in range(n_chunks) if k not in store.done]
-    if missing:  # the loader yields every position once; anything else is a bug, not a user error
-        raise RuntimeError(f"embedding chunks {missing[:5]} were not completed")
-
-    chunks = [store.load(k) for k in range(n_chunks)]
+    chunks = [store.load(k) for k in range(plan.count)]
+    paths = [str(p) for p in files]
     kept = [paths[i] for c in chunks for i in c.indices]
     failures += [Failure(paths[i], reason) for c in chunks for i, reason in c.failures]
     result = Embeddings(kept, encoder.dim, failures, out, runner.arch, encoder.layer)
@@ -187,16 +150,70 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike, model: str | 
         result._vectors = (np.concatenate([v for c in chunks for v in c.vectors])
                            if kept else np.zeros((0, encoder.dim), np.float32))
         return result
-    meta = {"model": runner.arch, "layer": encoder.layer, "normalize": normalize, "dim": encoder.dim}
     if fmt == "npy":
         _write_npy(out, chunks, kept, encoder.dim)
     else:
+        meta = {"model": runner.arch, "layer": encoder.layer, "normalize": normalize, "dim": encoder.dim}
         _write_parquet(out, chunks, paths, encoder.dim, meta)
     store.remove()
     return result
 
 
-class _Encoder:
+@dataclass(frozen=True)
+class _ChunkPlan:
+    """`count` chunks of `size` images over `n` images; batches never straddle a chunk."""
+
+    n: int
+    size: int
+    batch_size: int
+
+    @property
+    def count(self) -> int:
+        return math.ceil(self.n / self.size)
+
+    def images(self, k: int) -> range:
+        return range(k * self.size, min((k + 1) * self.size, self.n))
+
+    def batches(self, chunks: Iterable[int]) -> list[list[int]]:
+        return [list(self.images(k))[s:s + self.batch_size] for k in chunks for s in range(0, self.size,
+                                                                                            self.batch_size)]
+
+
+def _run_key(files: list[Path], runner: Runner, encoder: Encoder, opts: InferenceOptions, chunk_size: int) -> dict:
+    """Everything that changes a bit of the result: saved chunks are reused only under the same key."""
+    return {"version": _KEY_VERSION, "inputs": _inputs_fingerprint(files), "count": len(files),
+            "model": model_fingerprint(runner), "layer": encoder.layer, "normalize": encoder.normalize,
+            "preprocess": runner.preprocess.to_dict(), "fast": opts.fast, "max_pixels": opts.max_pixels,
+            "batch_size": opts.batch_size, "chunk_size": chunk_size, "device": opts.torch_device.type,
+            "torch": torch.__version__}
+
+
+def _embed_chunks(files: list[Path], runner: Runner, encoder: Encoder, store: _ChunkStore, plan: _ChunkPlan,
+                  opts: InferenceOptions, progress: bool) -> None:
+    """Embed the chunks `store` does not hold yet, saving each as soon as all its images are done."""
+    todo = [k for k in range(plan.count) if k not in store.done]
+    done_images = sum(len(plan.images(k)) for k in store.done)
+    with progress_bar(progress, "embedding", len(files), completed=done_images) as bar, torch.inference_mode():
+        pending: dict[int, _Chunk] = {}
+        for batch in image_batches(files, runner.preprocess, num_workers=opts.num_workers, fast=opts.fast,
+                                   max_pixels=opts.max_pixels, index_batches=plan.batches(todo),
+                                   pin_memory=opts.torch_device.type == "cuda"):
+            k = min(batch.indices + [i for i, _ in batch.failures]) // plan.size
+            chunk = pending.setdefault(k, _Chunk())
+            if batch.images is not None:
+                chunk.indices += batch.indices
+                chunk.vectors.append(encoder(batch.images).cpu().numpy())
+            chunk.failures += batch.failures
+            chunk.seen += len(batch.indices) + len(batch.failures)
+            bar.advance(len(batch.indices) + len(batch.failures))
+            if chunk.seen == len(plan.images(k)):
+                store.save(k, pending.pop(k), encoder.dim)
+    missing = [k for k in range(plan.count) if k not in store.done]
+    if missing:  # the loader yields every position once; anything else is a bug, not a user error
+        raise RuntimeError(f"embedding chunks {missing[:5]} were not completed")
+
+
+class Encoder:
     """Batch -> (N, dim) vectors: pooled pre-logits, or a pooled stage; optionally L2-normalised."""
 
     def __init__(self, runner: Runner, layer: int | str | None, normalize: bool):
@@ -204,10 +221,11 @@ class _Encoder:
         if layer is None:
             self.extractor, self.layer, self.dim = None, None, runner.info.embedding_dim
         else:
-            net = getattr(runner, "net", None)
-            if not isinstance(net, ZooModel):
+            if not isinstance(runner, TorchRunner):
                 raise InputError(f"embedding a stage (layer={layer!r}) needs the torch backend; the "
                                  f"{runner.backend.value} backend gives the pooled pre-logits only")
+            self.torch_runner = runner
+            net = runner.net
             index = resolve_stage(net, layer)
             self.extractor = FeatureExtractor(net, (index,))
             self.layer = net.feature_info[index].module
@@ -218,23 +236,18 @@ class _Encoder:
             v = self.runner.embeddings(x)
         else:
             with torch.inference_mode():
-                v = self.extractor(self.runner.prepare(x))[0].mean(dim=(2, 3))
+                v = self.extractor(self.torch_runner.prepare(x))[0].mean(dim=(2, 3))
         v = v.flatten(1).float()
         return F.normalize(v, dim=1) if self.normalize else v
 
 
-def _model_fingerprint(runner: Runner) -> dict:
+def model_fingerprint(runner: Runner) -> dict:
     """What the resumable key records of the model: its weights (or file) and how it runs."""
-    net = getattr(runner, "net", None)
-    if isinstance(net, ZooModel):
-        weights = weights_fingerprint(net)
-        kind = type(net).__name__
+    if isinstance(runner, TorchRunner):
+        weights = weights_fingerprint(runner.net)
+        kind = type(runner.net).__name__
     else:
-        h = hashlib.sha256()
-        with open(runner.path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        weights, kind = h.hexdigest(), runner.path.suffix
+        weights, kind = sha256_file(runner.path), runner.path.suffix
     return {"arch": runner.arch, "class": kind, "weights": weights, "backend": runner.backend.value,
             "precision": runner.precision.value}
 
@@ -256,7 +269,7 @@ class _ChunkStore:
         self.done: set[int] = set()
         if folder is None:
             return
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        digest = json_digest(key)
         key_file = folder / "key.json"
         if folder.is_dir():
             try:
@@ -325,16 +338,6 @@ def _output_format(out: Path) -> str:
     return fmt
 
 
-def _require_pyarrow():
-    try:
-        import pyarrow
-        import pyarrow.parquet
-    except ImportError:
-        raise InputError("writing or reading .parquet needs pyarrow: pip install 'visionzoo[parquet]' "
-                         "(or write .npy)") from None
-    return pyarrow, pyarrow.parquet
-
-
 def _write_npy(out: Path, chunks: list[_Chunk], kept: list[str], dim: int) -> None:
     # the sidecar first: a finished .npy always has its paths next to it
     with atomic_path(sidecar_path(out)) as tmp:
@@ -350,7 +353,7 @@ def _write_npy(out: Path, chunks: list[_Chunk], kept: list[str], dim: int) -> No
 
 
 def _write_parquet(out: Path, chunks: list[_Chunk], paths: list[str], dim: int, meta: dict) -> None:
-    pa, pq = _require_pyarrow()
+    pa, pq = require("pyarrow"), require("pyarrow.parquet")
     schema = pa.schema([("path", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
                        metadata={"visionzoo": json.dumps(meta)})
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
@@ -365,26 +368,3 @@ def _write_parquet(out: Path, chunks: list[_Chunk], paths: list[str], dim: int, 
             empty = False
         if empty:
             writer.write_table(schema.empty_table())
-
-
-class _ProgressBar:
-    """`with _ProgressBar(show, total, done) as advance:` a rich bar on stderr, or a no-op."""
-
-    def __init__(self, show: bool, total: int, done: int):
-        self.show, self.total, self.done = show, total, done
-
-    def __enter__(self):
-        if not self.show:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.bar = Progress(TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            console=Console(stderr=True), transient=True)
-        self.bar.start()
-        task = self.bar.add_task("embedding", total=self.total, completed=self.done)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc) -> None:
-        if self.show:
-            self.bar.stop()

@@ -25,19 +25,12 @@ from ..data.datasets import open_dataset
 from ..data.inputs import Failure
 from ..data.loader import image_batches
 from ..errors import InputError
+from ..factory import resolve_model
 from ..fileutil import atomic_path
-from ..models._base import ZooModel
+from ..metrics import ClassMetrics, confusion_matrix, per_class, topk_hits
+from ..models.base import ZooModel
 
 log = logging.getLogger("visionzoo")
-
-
-@dataclass(frozen=True)
-class ClassMetrics:
-    name: str
-    precision: float  # of the images predicted as this class, the fraction that are
-    recall: float  # of the images of this class, the fraction predicted as it
-    f1: float
-    support: int  # images of this class in the data
 
 
 @dataclass(frozen=True)
@@ -69,17 +62,18 @@ def evaluate(model: str | os.PathLike | ZooModel, data: str | os.PathLike, *, ou
              plots: bool = True) -> Evaluation:
     """Score `model` (a bundle folder, a run folder, a model name or instance) on `data`
     (an ImageFolder tree or a `path,label` CSV whose class names the model knows)."""
-    from ..factory import create_model
-
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if not isinstance(model, ZooModel) and Path(model).exists() and not is_bundle(model):
         raise InputError(f"{model} is not a bundle (no bundle.json); give a folder written by `visionzoo finetune`")
-    net = model if isinstance(model, ZooModel) else create_model(os.fspath(model), weights="DEFAULT")
-    if net.categories is None or net.preprocess is None:
+    net = resolve_model(model)
+    if not isinstance(net, ZooModel):
+        raise InputError(f"{model} is a {net.task.value} model; evaluate scores classifiers")
+    card = net.card
+    if card is None or card.classes is None:
         raise InputError(f"{model} has no class names or preprocessing to evaluate against; give a bundle "
                          f"written by `visionzoo finetune`")
-    classes = tuple(net.categories)
+    classes = tuple(card.classes)
     dataset = open_dataset(data, classes=classes)  # refuses folders naming classes the model lacks
     paths, labels = [p for p, _ in dataset.samples], np.array(dataset.targets, dtype=np.int64)
     device = torch.device(device)
@@ -87,9 +81,8 @@ def evaluate(model: str | os.PathLike | ZooModel, data: str | os.PathLike, *, ou
     preds = np.full(len(paths), -1, dtype=np.int64)
     top5_hit = np.zeros(len(paths), dtype=bool)
     failures: list[Failure] = []
-    k = min(5, len(classes))
     with torch.inference_mode():
-        for batch in image_batches(paths, net.preprocess, batch_size=batch_size, num_workers=num_workers,
+        for batch in image_batches(paths, card.preprocess, batch_size=batch_size, num_workers=num_workers,
                                    fast=False, pin_memory=device.type == "cuda"):
             failures += [Failure(str(paths[i]), reason) for i, reason in batch.failures]
             if batch.images is None:
@@ -97,35 +90,25 @@ def evaluate(model: str | os.PathLike | ZooModel, data: str | os.PathLike, *, ou
             logits = net(batch.images.to(device)).float().cpu()
             idx = np.asarray(batch.indices)
             preds[idx] = logits.argmax(1).numpy()
-            top5_hit[idx] = (logits.topk(k, 1).indices == torch.as_tensor(labels[idx])[:, None]).any(1).numpy()
+            top5_hit[idx] = topk_hits(logits, torch.as_tensor(labels[idx]), 5).numpy()
     ok = preds >= 0
     if not ok.any():
         raise InputError(f"no image of {data} could be read ({failures[0].path}: {failures[0].reason}, ...)")
     y, p = labels[ok], preds[ok]
-    confusion = np.bincount(y * len(classes) + p, minlength=len(classes) ** 2).reshape(len(classes), -1)
-    per_class = _per_class(confusion, classes)
-    present = [m for m in per_class if m.support > 0]
+    confusion = confusion_matrix(y, p, len(classes))
+    scores = per_class(confusion, classes)
+    present = [m for m in scores if m.support > 0]
     ev = Evaluation(
-        model=str(getattr(getattr(net, "bundle", None), "path", None) or (model if not isinstance(model, ZooModel)
-                                                                           else net.arch)),
+        model=str(card.bundle.path if card.bundle is not None else model if not isinstance(model, ZooModel)
+                  else card.architecture),
         data=str(data), num_images=int(ok.sum()), accuracy=float((y == p).mean()), top5=float(top5_hit[ok].mean()),
         macro_precision=float(np.mean([m.precision for m in present])),
         macro_recall=float(np.mean([m.recall for m in present])),
-        macro_f1=float(np.mean([m.f1 for m in present])), classes=classes, per_class=tuple(per_class),
+        macro_f1=float(np.mean([m.f1 for m in present])), classes=classes, per_class=tuple(scores),
         confusion=tuple(tuple(int(v) for v in row) for row in confusion), failures=tuple(failures))
     if out is not None:
-        ev = _write(ev, Path(out).expanduser(), getattr(getattr(net, "bundle", None), "history", ()), plots)
+        ev = _write(ev, Path(out).expanduser(), card.bundle.history if card.bundle is not None else (), plots)
     return ev
-
-
-def _per_class(confusion: np.ndarray, classes) -> list[ClassMetrics]:
-    tp = np.diag(confusion).astype(float)
-    predicted, actual = confusion.sum(0), confusion.sum(1)
-    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp), where=precision + recall > 0)
-    return [ClassMetrics(c, float(precision[i]), float(recall[i]), float(f1[i]), int(actual[i]))
-            for i, c in enumerate(classes)]
 
 
 def _write(ev: Evaluation, out: Path, history, plots: bool) -> Evaluation:

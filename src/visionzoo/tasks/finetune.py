@@ -35,12 +35,18 @@ from torch.nn import functional as F
 
 from ..bundle import BUNDLE_JSON, RUN_SUBDIR, is_bundle, save_bundle
 from ..data.datasets import ImageDataset, open_dataset
+from ..data.preprocess import Preprocess
+from ..enums import Precision
 from ..errors import InputError, TrainingError
+from ..factory import create_model
 from ..fileutil import atomic_path
-from ..models._base import ZooModel
+from ..metrics import topk_hits
+from ..models.base import ZooModel
+from ..progress import stderr_echo
+from ..registry import split_name
 from ..train import checkpoint as ckpt
 from ..train import distributed as D
-from ..train.config import FinetuneConfig, Precision, Strategy
+from ..train.config import FinetuneConfig, Strategy
 from ..train.data import (
     Augment,
     EpochSampler,
@@ -56,7 +62,6 @@ from ..train.data import (
 from ..train.loop import Job, autocast, fit, lr_schedule
 from ..train.probe import choose_strategy
 from ..train.stages import freeze, map_stages, param_groups, set_train_mode
-from ..weights.records import Preprocess
 
 log = logging.getLogger("visionzoo")
 # options that may change when a run is resumed (they do not change what is computed)
@@ -104,24 +109,84 @@ def finetune(data: str | os.PathLike | None = None, out: str | os.PathLike = "ru
     dist = D.setup(device)
     try:
         return _run(data, Path(out).expanduser(), train, val, cfg, resume, dist, progress,
-                    echo or _stderr_echo(progress and dist.is_main))
+                    echo or stderr_echo(progress and dist.is_main))
     finally:
         D.teardown(dist)
 
 
-def _stderr_echo(enabled: bool) -> Callable[[str], None]:
-    if not enabled:
-        return lambda message: None
-    from rich.console import Console
+@dataclass
+class _Data:
+    """A run's images: the training and validation samples, the class names, where they came from."""
 
-    console = Console(stderr=True)
-    return lambda message: console.print(message, highlight=False, soft_wrap=True)
+    train_samples: list
+    val_samples: list
+    classes: list[str]
+    sources: dict[str, Any]
+    fingerprint: str
+
+
+@dataclass
+class _Context(_Data):
+    """What every part of one fine-tuning run needs: the data, the model, and how it trains."""
+
+    run_dir: Path
+    cfg: FinetuneConfig
+    dist: D.Dist
+    say: Callable[[str], None]
+    net: ZooModel
+    pp: Preprocess  # the training preprocessing (crop size and recipe)
+    amp: torch.dtype | None  # bfloat16 autocast, or None
+    workers: int
 
 
 def _run(data, run_dir: Path, train, val, cfg: FinetuneConfig, resume: bool, dist: D.Dist, progress: bool,
          echo: Callable[[str], None]) -> FinetuneResult:
-    say = echo if dist.is_main else (lambda message: None)
-    train_samples, val_samples, classes, sources = _datasets(data, train, val, cfg)
+    found = _data(data, train, val, cfg, dist)
+    payload = _existing_run(run_dir, resume, cfg, found.fingerprint)
+    net, builder_kwargs, base_weights = _starting_model(cfg, found.classes, dist)
+    pp = training_preprocess(net.card_required.preprocess, cfg.image_size)
+    ctx = _Context(**vars(found), run_dir=run_dir, cfg=cfg, dist=dist,
+                   say=echo if dist.is_main else (lambda message: None), net=net, pp=pp,
+                   amp=_amp_dtype(cfg.precision, dist.device, pp.crop), workers=default_workers(cfg.num_workers))
+    strategy, reason = _strategy(ctx, payload)
+    ctx.cfg = cfg = cfg.resolved(strategy)
+    ctx.say(f"strategy: {strategy.value} ({reason})")
+    ctx.say(f"{len(ctx.train_samples)} training and {len(ctx.val_samples)} validation images, {len(ctx.classes)} "
+            f"classes; {ctx.net.arch} at {ctx.pp.crop}x{ctx.pp.crop}, {cfg.epochs} "
+            f"epoch{'s' if cfg.epochs > 1 else ''}" + (f", {dist.world} processes" if dist.enabled else ""))
+    meta = {"config": cfg.to_dict(), "strategy": strategy.value, "reason": reason, "classes": list(ctx.classes),
+            "fingerprint": ctx.fingerprint}
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    parts = _linear_job(ctx) if strategy is Strategy.LINEAR else _network_job(ctx)
+    state = _train(ctx, parts, payload, meta, progress)
+
+    net = ctx.net
+    net.eval()
+    record = state.history[state.best_epoch - 1] if state.best_epoch else {}
+    metrics = {k: v for k, v in record.items() if k.startswith(("val_", "train_"))}
+    metrics["epoch"] = state.best_epoch
+    bundle_dir = run_dir / RUN_SUBDIR
+    if dist.is_main:
+        training = {**cfg.to_dict(), "strategy": strategy.value, "strategy_reason": reason,
+                    "precision_used": "bf16" if ctx.amp is torch.bfloat16 else "fp32", "processes": dist.world,
+                    "epochs_run": state.epoch, "best_epoch": state.best_epoch, "stopped_early": state.stopped_early,
+                    "train_images": len(ctx.train_samples), "val_images": len(ctx.val_samples), "data": ctx.sources}
+        save_bundle(net, bundle_dir, classes=ctx.classes, preprocess=ctx.pp, architecture=net.arch,
+                    builder_kwargs=builder_kwargs, base_weights=base_weights, training=training, metrics=metrics,
+                    history=state.history)
+        ctx.say(f"bundle: {bundle_dir} (best epoch {state.best_epoch}"
+                + (f", val acc {metrics['val_acc']:.2%})" if "val_acc" in metrics else ")"))
+    D.barrier(dist)
+    return FinetuneResult(bundle=bundle_dir, run_dir=run_dir, strategy=strategy, reason=reason,
+                          classes=tuple(ctx.classes), metrics=metrics, history=list(state.history),
+                          best_epoch=state.best_epoch, epochs_run=state.epoch, stopped_early=state.stopped_early,
+                          config=cfg)
+
+
+def _data(data, train, val, cfg: FinetuneConfig, dist: D.Dist) -> _Data:
+    """The run's data, checked against the number of processes."""
+    train_samples, val_samples, classes, sources = training_samples(data, train, val, cfg)
     for what, samples in (("training", train_samples), ("validation", val_samples)):
         if 0 < len(samples) < dist.world or (what == "training" and not samples):
             raise InputError(f"{len(samples)} {what} images cannot be shared among {dist.world} processes; "
@@ -129,68 +194,56 @@ def _run(data, run_dir: Path, train, val, cfg: FinetuneConfig, resume: bool, dis
     if cfg.batch_size % dist.world:
         raise InputError(f"batch_size {cfg.batch_size} is the global batch: make it a multiple of the "
                          f"{dist.world} processes")
-    fingerprint = _fingerprint(train_samples, val_samples, classes)
-    payload = _existing_run(run_dir, resume, cfg, fingerprint)
+    return _Data(train_samples, val_samples, classes, sources, _fingerprint(train_samples, val_samples, classes))
 
-    from ..factory import create_model
-    from ..registry import split_name
 
+def _starting_model(cfg: FinetuneConfig, classes: list[str], dist: D.Dist
+                    ) -> tuple[ZooModel, dict[str, Any], str | None]:
+    """The model to fine-tune (with a head for the run's classes) on the run's device, the builder
+    arguments its weights imply, and the name of those weights."""
     # NAME: its default weights; NAME.TAG: those weights; a bundle: its weights (fine-tune further)
     named_weights = is_bundle(cfg.model) or split_name(cfg.model)[1] is not None
     torch.manual_seed(sample_seed(cfg.seed, 0))  # the new classifier's initial weights come from the seed
     net = create_model(cfg.model, weights=None if named_weights else "DEFAULT", num_classes=len(classes))
-    bundle = getattr(net, "bundle", None)
-    if bundle is not None and list(bundle.classes) != list(classes):
+    if not isinstance(net, ZooModel):
+        raise InputError(f"{cfg.model} is a {net.task.value} model; this fine-tunes classifiers")
+    card = net.card_required
+    if card.bundle is not None and list(card.bundle.classes) != list(classes):
         net.reset_classifier(len(classes))  # a bundle for other classes: keep its backbone, not its head
-    net.to(dist.device)
-    base_weights = net.pretrained_weights.name if net.pretrained_weights else net.weights_source
-    builder_kwargs = dict(bundle.builder_kwargs if bundle is not None
-                          else (net.pretrained_weights.builder_kwargs if net.pretrained_weights else {}))
-    pp = training_preprocess(net.preprocess, cfg.image_size)
-    amp = _amp_dtype(cfg.precision, dist.device, pp.crop_size)
-    workers = default_workers(cfg.num_workers)
+    builder_kwargs = dict(card.builder_kwargs)
+    return net.to(dist.device), builder_kwargs, card.weights.name if card.weights else card.source
 
+
+def _strategy(ctx: _Context, payload: dict | None) -> tuple[Strategy, str]:
+    """The strategy and why: the checkpoint's when resuming, the probe's for `auto`, else the option."""
     if payload is not None:
-        strategy, reason = Strategy(payload["meta"]["strategy"]), payload["meta"]["reason"]
-        say(f"resuming {run_dir} after epoch {payload['epoch']}")
-    elif cfg.strategy is Strategy.AUTO:
-        choice = None
-        if dist.is_main:
-            say("choosing a strategy: probing the pre-trained features ...")
-            choice = choose_strategy(net, train_samples, len(classes), pp, seed=cfg.seed, unfreeze=cfg.unfreeze,
-                                     device=dist.device, num_workers=workers)
-        choice = D.broadcast_object(dist, choice)
-        strategy, reason = choice.strategy, choice.reason
-    else:
-        strategy, reason = cfg.strategy, "chosen with --strategy"
-    cfg = cfg.resolved(strategy)
-    say(f"strategy: {strategy.value} ({reason})")
-    say(f"{len(train_samples)} training and {len(val_samples)} validation images, {len(classes)} classes; "
-        f"{net.arch} at {pp.crop_size}x{pp.crop_size}, {cfg.epochs} epoch{'s' if cfg.epochs > 1 else ''}"
-        + (f", {dist.world} processes" if dist.enabled else ""))
+        ctx.say(f"resuming {ctx.run_dir} after epoch {payload['epoch']}")
+        return Strategy(payload["meta"]["strategy"]), payload["meta"]["reason"]
+    if ctx.cfg.strategy is not Strategy.AUTO:
+        return ctx.cfg.strategy, "chosen with --strategy"
+    choice = None
+    if ctx.dist.is_main:
+        ctx.say("choosing a strategy: probing the pre-trained features ...")
+        choice = choose_strategy(ctx.net, ctx.train_samples, len(ctx.classes), ctx.pp, seed=ctx.cfg.seed,
+                                 unfreeze=ctx.cfg.unfreeze, device=ctx.dist.device, num_workers=ctx.workers)
+    choice = D.broadcast_object(ctx.dist, choice)
+    return choice.strategy, choice.reason
 
-    meta = {"config": cfg.to_dict(), "strategy": strategy.value, "reason": reason, "classes": list(classes),
-            "fingerprint": fingerprint}
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    if strategy is Strategy.LINEAR:
-        parts = _linear_job(net, train_samples, val_samples, pp, cfg, dist, amp, workers, run_dir, fingerprint,
-                            say)
-    else:
-        parts = _network_job(net, train_samples, val_samples, pp, cfg, dist, amp, workers)
+
+def _train(ctx: _Context, parts: dict, payload: dict | None, meta: dict, progress: bool) -> ckpt.RunState:
+    """Run the epochs (checkpointing each), then put the best epoch's weights in place."""
     optimizer, scheduler = parts["optimizer"], parts["scheduler"]
     trained: nn.Module = parts["trained"]  # what changes: the network, or only its classifier (linear)
-
     best: dict[str, dict[str, torch.Tensor] | None] = {"weights": None}
 
     def on_best() -> None:
         best["weights"] = {k: v.detach().to("cpu", copy=True) for k, v in trained.state_dict().items()}
 
     def on_epoch_end(state: ckpt.RunState) -> None:
-        if dist.is_main:
-            ckpt.save_checkpoint(run_dir, model=trained, optimizer=optimizer, scheduler=scheduler, state=state,
+        if ctx.dist.is_main:
+            ckpt.save_checkpoint(ctx.run_dir, model=trained, optimizer=optimizer, scheduler=scheduler, state=state,
                                  best_model=best["weights"], meta=meta)
-        D.barrier(dist)
+        D.barrier(ctx.dist)
 
     state = ckpt.RunState()
     if payload is not None:
@@ -199,37 +252,18 @@ def _run(data, run_dir: Path, train, val, cfg: FinetuneConfig, resume: bool, dis
     job = Job(prepare=parts["prepare"], batches=parts["batches"], steps_per_epoch=parts["steps"],
               validate=parts["validate"], optimizer=optimizer, scheduler=scheduler, on_best=on_best,
               on_epoch_end=on_epoch_end, num_threads=parts.get("num_threads"))
+    cfg = ctx.cfg
     state = fit(job, state, epochs=cfg.epochs, seed=cfg.seed, accumulate=cfg.accumulate,
-                label_smoothing=cfg.label_smoothing, patience=cfg.patience, amp_dtype=amp, dist=dist,
-                progress=progress, echo=say)
-
+                label_smoothing=cfg.label_smoothing, patience=cfg.patience, amp_dtype=ctx.amp, dist=ctx.dist,
+                progress=progress, echo=ctx.say)
     if best["weights"] is not None:
         trained.load_state_dict(best["weights"])
-    net.eval()
-    record = state.history[state.best_epoch - 1] if state.best_epoch else {}
-    metrics = {k: v for k, v in record.items() if k.startswith(("val_", "train_"))}
-    metrics["epoch"] = state.best_epoch
-    bundle_dir = run_dir / RUN_SUBDIR
-    if dist.is_main:
-        training = {**cfg.to_dict(), "strategy": strategy.value, "strategy_reason": reason,
-                    "precision_used": "bf16" if amp is torch.bfloat16 else "fp32", "processes": dist.world,
-                    "epochs_run": state.epoch, "best_epoch": state.best_epoch, "stopped_early": state.stopped_early,
-                    "train_images": len(train_samples), "val_images": len(val_samples), "data": sources}
-        save_bundle(net, bundle_dir, classes=classes, preprocess=pp, architecture=net.arch,
-                    builder_kwargs=builder_kwargs, base_weights=base_weights, training=training, metrics=metrics,
-                    history=state.history)
-        say(f"bundle: {bundle_dir} (best epoch {state.best_epoch}"
-            + (f", val acc {metrics['val_acc']:.2%})" if "val_acc" in metrics else ")"))
-    D.barrier(dist)
-    return FinetuneResult(bundle=bundle_dir, run_dir=run_dir, strategy=strategy, reason=reason,
-                          classes=tuple(classes), metrics=metrics, history=list(state.history),
-                          best_epoch=state.best_epoch, epochs_run=state.epoch, stopped_early=state.stopped_early,
-                          config=cfg)
+    return state
 
 
 # -- data ------------------------------------------------------------------------------------
 
-def _datasets(data, train, val, cfg: FinetuneConfig):
+def training_samples(data, train, val, cfg: FinetuneConfig):
     """(train samples, val samples, class names, description of the sources)."""
     if data is None and train is None:
         raise InputError("no training data: give a folder (one sub-folder per class) or CSV as DATA, or --train")
@@ -321,9 +355,10 @@ def _ddp(module: nn.Module, dist: D.Dist) -> nn.Module:
 
 # -- partial and full: the network trains on images ------------------------------------------
 
-def _network_job(net: ZooModel, train_samples, val_samples, pp: Preprocess, cfg: FinetuneConfig, dist: D.Dist,
-                 amp, workers: int) -> dict:
-    stages = map_stages(net, pp.crop_size)
+def _network_job(ctx: _Context) -> dict:
+    net, train_samples, val_samples, pp = ctx.net, ctx.train_samples, ctx.val_samples, ctx.pp
+    cfg, dist, amp, workers = ctx.cfg, ctx.dist, ctx.amp, ctx.workers
+    stages = map_stages(net, pp.crop)
     n = stages.num_stages
     if cfg.strategy is Strategy.FULL:
         main = set(range(n + 1))
@@ -377,9 +412,8 @@ def _evaluate_batches(outputs, dist: D.Dist, amp) -> dict[str, float]:
         for logits, y in outputs:
             logits, y = logits.float(), y.to(logits.device)
             loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += float((logits.argmax(1) == y).sum())
-            k = min(5, logits.shape[1])
-            top5 += float((logits.topk(k, 1).indices == y[:, None]).any(1).sum())
+            correct += float(topk_hits(logits, y, 1).sum())
+            top5 += float(topk_hits(logits, y, 5).sum())
             seen += len(y)
     loss_sum, correct, top5, seen = D.all_reduce_sum(dist, [loss_sum, correct, top5, seen])
     return {"loss": loss_sum / max(seen, 1), "acc": correct / max(seen, 1), "top5": top5 / max(seen, 1)}
@@ -431,10 +465,9 @@ def extract_features(net: ZooModel, samples: Sequence[tuple], pp: Preprocess, au
     return D.gather_rows(dist, local, len(samples)), mode
 
 
-def _linear_job(net: ZooModel, train_samples, val_samples, pp: Preprocess, cfg: FinetuneConfig, dist: D.Dist,
-                amp, workers: int, run_dir: Path, fingerprint: str, say) -> dict:
-    cache = _feature_cache(net, train_samples, val_samples, pp, cfg, dist, amp, workers, run_dir, fingerprint,
-                           say)
+def _linear_job(ctx: _Context) -> dict:
+    net, cfg, dist = ctx.net, ctx.cfg, ctx.dist
+    cache = _feature_cache(ctx)
     train_x, train_y = cache["train"].to(dist.device), cache["train_labels"].to(dist.device)
     val_x, val_y = cache["val"].to(dist.device), cache["val_labels"].to(dist.device)
     # the rest of the network stays in eval mode and frozen; only the final layer learns
@@ -479,12 +512,13 @@ def _linear_job(net: ZooModel, train_samples, val_samples, pp: Preprocess, cfg: 
             "num_threads": 1 if small else None}
 
 
-def _feature_cache(net, train_samples, val_samples, pp, cfg: FinetuneConfig, dist: D.Dist, amp, workers, run_dir,
-                   fingerprint, say) -> dict:
+def _feature_cache(ctx: _Context) -> dict:
     """Features of the training images (clean, then `aug_passes` augmented passes) and of the
     validation images: loaded from `run_dir/features.pt` when a resumed run made them."""
+    net, train_samples, val_samples, pp = ctx.net, ctx.train_samples, ctx.val_samples, ctx.pp
+    cfg, dist, amp, workers, run_dir, say = ctx.cfg, ctx.dist, ctx.amp, ctx.workers, ctx.run_dir, ctx.say
     path = run_dir / ckpt.FEATURES
-    key = {"fingerprint": fingerprint, "model": cfg.model, "crop": pp.crop_size, "aug_passes": cfg.aug_passes,
+    key = {"fingerprint": ctx.fingerprint, "model": cfg.model, "crop": pp.crop, "aug_passes": cfg.aug_passes,
            "augment": [cfg.augment, list(cfg.crop_scale), cfg.hflip], "seed": cfg.seed,
            "precision": "bf16" if amp else "fp32"}
     if path.is_file():

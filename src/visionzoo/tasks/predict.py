@@ -4,26 +4,25 @@
 caller can write results as they come and memory stays bounded over any number of
 files; `predict` collects them. Decoding runs in parallel worker processes
 (`data/loader.py`), with the fast JPEG path unless `fast=False`. The model runs on the
-chosen backend (`deploy/backends.py`: torch, onnxruntime, openvino), every backend fed by
+chosen backend (`runtime/backends.py`: torch, onnxruntime, openvino), every backend fed by
 the same preprocessing.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
-from ..data.images import DEFAULT_MAX_PIXELS, load_image
 from ..data.inputs import Failure, expand_inputs
-from ..data.loader import image_batches
-from ..errors import ImageError, InputError
-from ..models._base import ZooModel
-
-if TYPE_CHECKING:
-    from ..deploy.backends import Runner
+from ..data.loader import image_batches, prepare_image
+from ..errors import InputError
+from ..models.base import ZooModel
+from ..registry import DEFAULT_MODEL
+from ..runtime.backends import Runner
+from ..runtime.options import InferenceOptions
 
 # fast path: an image decoded at a reduced scale whose two leading classes are closer than
 # this (in probability) is decoded again at full size, so its top-1 is the exact path's
@@ -52,84 +51,75 @@ class Prediction:
             for r, t in enumerate(self.top)]}
 
 
-def resolve_model(model: str | os.PathLike | ZooModel) -> ZooModel:
-    """A model instance from a name (`arch[.TAG]`, with default weights), a bundle folder or an instance."""
-    if isinstance(model, ZooModel):
-        return model
-    if isinstance(model, os.PathLike):
-        model = os.fspath(model)
-    if isinstance(model, str):
-        from ..factory import create_model
-        from ..registry import split_name
-
-        _, tag = split_name(model)
-        return create_model(model, weights=None if tag else "DEFAULT")
-    raise InputError(f"model must be a name or a visionzoo model, got {type(model).__name__}")
-
-
-def resolve_runner(model, backend: str = "auto", *, device: str | torch.device = "cpu", threads: int | None = None,
-                   precision: str = "fp32") -> Runner:
-    """A `Runner` (see `deploy/backends.py`) for a name, bundle, model instance, exported ONNX file,
-    or a runner (returned as is)."""
-    from ..deploy.backends import Runner, open_runner
-
-    if isinstance(model, Runner):
-        return model
-    if not isinstance(model, (str, os.PathLike, ZooModel)):
-        raise InputError(f"model must be a name, a bundle, a model file or a visionzoo model, got "
-                         f"{type(model).__name__}")
-    return open_runner(model, backend, threads=threads, device=device, precision=precision)
-
-
-def iter_predict(inputs: Sequence[str | os.PathLike], model: str | ZooModel | Runner = "efficientnet_lite0",
-                 topk: int = 5, batch_size: int = 32, num_workers: int | None = None,
-                 device: str | torch.device = "cpu", *, fast: bool = True,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, backend: str = "auto", threads: int | None = None,
-                 precision: str = "fp32") -> Iterator[Prediction | Failure]:
+def iter_predict(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | ZooModel | Runner = DEFAULT_MODEL,
+                 topk: int = 5, *, options: InferenceOptions | None = None,
+                 **settings: Any) -> Iterator[Prediction | Failure]:
     """Yield a `Prediction` or a `Failure` for every input, files in input order.
 
     Args:
         inputs: files, folders, globs, `@LIST` files, CSV datasets (see `expand_inputs`).
         model: a name (`arch[.TAG]`, default weights), a bundle folder, a model instance, an
             ONNX file from `export`/`quantize`, or a `Runner`.
-        num_workers: decoding processes (None: one per spare core; 0: in-process).
-        fast: decode large JPEGs at a reduced scale first (images whose two leading classes
-            are near-tied are decoded again at full size, so the top-1 is the exact path's);
-            False gives torchvision's preprocessing of the full-size decode exactly.
-        max_pixels: refuse larger images as possible decompression bombs; None: no limit.
-        backend: `torch`, `onnxruntime`, `openvino` or `auto` (torch for a model, the fastest
-            installed runtime for an ONNX file).
-        threads: compute threads of the onnxruntime/openvino backends (default: one per core).
-        precision: `fp32` or `bf16` (torch and openvino).
+        options: how to decode, batch and run (`InferenceOptions`); its fields may also be
+            given as keywords: `batch_size`, `num_workers` (None: one per spare core; 0:
+            in-process), `fast` (decode large JPEGs at a reduced scale first; images whose two
+            leading classes are near-tied are decoded again at full size, so the top-1 is the
+            exact path's; False gives torchvision's preprocessing exactly), `max_pixels`,
+            `device`, `backend` (`torch`, `onnxruntime`, `openvino` or `auto`), `threads`,
+            `precision` (`fp32` or `bf16`).
     """
     if topk < 1:
         raise InputError(f"topk must be >= 1, got {topk}")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    device = torch.device(device)
-    runner = resolve_runner(model, backend, device=device, threads=threads, precision=precision)
+    opts = InferenceOptions.of(options, **settings)
+    runner = opts.open(model)
     files, failures = expand_inputs(list(inputs))
     yield from failures
     if not files:
         return
-    categories = runner.categories
-    k = min(topk, runner.num_classes)
-    batches = image_batches(files, runner.preprocess, batch_size=batch_size, num_workers=num_workers, fast=fast,
-                            max_pixels=max_pixels, pin_memory=device.type == "cuda")
+    transform = runner.preprocess.transforms()
+    batches = image_batches(files, runner.preprocess, batch_size=opts.batch_size, num_workers=opts.num_workers,
+                            fast=opts.fast, max_pixels=opts.max_pixels, pin_memory=opts.torch_device.type == "cuda")
     with torch.inference_mode():
         for batch in batches:
             results: dict[int, Prediction | Failure] = {i: Failure(str(files[i]), err) for i, err in batch.failures}
             if batch.images is not None:
-                probs = torch.softmax(runner.logits(batch.images), dim=1)
-                if batch.reduced:
-                    _recheck_near_ties(probs, batch, files, runner, max_pixels)
-                values, classes = probs.topk(k, dim=1)
-                for i, v_row, c_row in zip(batch.indices, values.tolist(), classes.tolist(), strict=True):
-                    top = (Label(c, categories[c] if categories else f"class_{c}", v)
-                           for v, c in zip(v_row, c_row, strict=True))
-                    results[i] = Prediction(str(files[i]), tuple(top))
+                reduced = set(batch.reduced)
+                rows = [row for row, i in enumerate(batch.indices) if i in reduced]
+
+                def exact(row: int, indices: list[int] = batch.indices) -> torch.Tensor | None:
+                    return prepare_image(files[indices[row]], transform, max_pixels=opts.max_pixels)[0]
+
+                tops = classify_batch(runner, batch.images, topk, reduced=rows, exact=exact)
+                for i, top in zip(batch.indices, tops, strict=True):
+                    results[i] = Prediction(str(files[i]), top)
             for i in sorted(results):
                 yield results[i]
+
+
+def classify_batch(runner: Runner, images: torch.Tensor, topk: int, *, reduced: Sequence[int] = (),
+                   exact: Callable[[int], torch.Tensor | None] | None = None) -> list[tuple[Label, ...]]:
+    """The `topk` most probable classes of each image of a preprocessed batch, most probable first:
+    the one classification step of `predict` and of the distributed predictor (`distributed.py`).
+
+    `reduced`: the rows decoded at a reduced scale (the fast path). Those whose two leading
+    classes are within `NEAR_TIE` are classified again on `exact(row)`, the row's full-size
+    decode, preprocessed (None keeps the fast result: the file no longer decodes). The
+    reduced-scale decode moves the probabilities a little (by at most 0.02 between the two
+    leading classes over 300 camera photos here); where the two are that close, the top-1 could
+    differ from the exact path's, so those images take the exact path. Clear answers, most of
+    them, keep the fast path's result."""
+    with torch.inference_mode():
+        probs = torch.softmax(runner.logits(images), dim=1)
+        if reduced and exact is not None:
+            tied = near_ties(probs)
+            redo = [(row, x) for row in reduced if tied[row] and (x := exact(row)) is not None]
+            if redo:
+                exact_probs = torch.softmax(runner.logits(torch.stack([x for _, x in redo])), dim=1)
+                probs[[row for row, _ in redo]] = exact_probs
+        values, classes = probs.topk(min(topk, probs.shape[1]), dim=1)
+    categories = runner.categories
+    return [tuple(Label(c, categories[c] if categories else f"class_{c}", v) for v, c in zip(v_row, c_row, strict=True))
+            for v_row, c_row in zip(values.tolist(), classes.tolist(), strict=True)]
 
 
 def near_ties(probs: torch.Tensor) -> torch.Tensor:
@@ -138,32 +128,11 @@ def near_ties(probs: torch.Tensor) -> torch.Tensor:
     return (top2[:, 0] - top2[:, -1]) < NEAR_TIE
 
 
-def _recheck_near_ties(probs: torch.Tensor, batch, files, runner: Runner, max_pixels: int | None) -> None:
-    """Redo, from a full-size decode, the images of `batch` decoded at a reduced scale whose two
-    most probable classes are within `NEAR_TIE` of each other (in place in `probs`).
-
-    The reduced-scale decode moves the probabilities a little (by at most 0.02 between the two
-    leading classes over 300 camera photos here); where the two are that close, the top-1 could
-    differ from the exact path's, so those images take the exact path. Clear answers, most of
-    them, keep the fast path's result."""
-    tied = near_ties(probs)
-    reduced = set(batch.reduced)
-    redo = [row for row, i in enumerate(batch.indices) if i in reduced and tied[row]]
-    if not redo:
-        return
-    transform = runner.preprocess.transforms()
-    exact = []
-    for row in redo:
-        try:
-            exact.append(transform(load_image(files[batch.indices[row]], max_pixels=max_pixels)))
-        except ImageError:  # it decoded a moment ago; keep the fast result if it no longer does
-            exact.append(batch.images[row])
-    probs[redo] = torch.softmax(runner.logits(torch.stack(exact)), dim=1)
-
-
-def predict(inputs: Sequence[str | os.PathLike] | str | os.PathLike, model: str | ZooModel = "efficientnet_lite0",
-            topk: int = 5, batch_size: int = 32, **kwargs) -> list[Prediction | Failure]:
-    """Classify images. Returns one `Prediction` (or `Failure`, for a bad input) per file."""
+def predict(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+            model: str | os.PathLike | ZooModel | Runner = DEFAULT_MODEL, topk: int = 5, *,
+            options: InferenceOptions | None = None, **settings: Any) -> list[Prediction | Failure]:
+    """Classify images. Returns one `Prediction` (or `Failure`, for a bad input) per file; the
+    arguments are `iter_predict`'s."""
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    return list(iter_predict(inputs, model, topk, batch_size, **kwargs))
+    return list(iter_predict(inputs, model, topk, options=options, **settings))

@@ -1,11 +1,13 @@
 """The fine-tuning configuration: one typed record, validated once, stored in checkpoints and bundles."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
 
+from ..enums import Precision, parse_enum
 from ..errors import InputError
+from ..registry import DEFAULT_MODEL
 
 
 class Strategy(str, Enum):
@@ -15,48 +17,58 @@ class Strategy(str, Enum):
     AUTO = "auto"  # chosen from the data (see `train/probe.py`)
 
 
-class Precision(str, Enum):
-    AUTO = "auto"  # bf16 on GPUs that support it and on CPUs with native bf16 for crops >= 128 px
-    FP32 = "fp32"
-    BF16 = "bf16"  # bfloat16 autocast; weights, optimizer state and loss stay float32
-
-
 # per-strategy defaults for the options left as None
 DEFAULT_EPOCHS = {Strategy.LINEAR: 30, Strategy.PARTIAL: 10, Strategy.FULL: 10}
 DEFAULT_LR = {Strategy.LINEAR: 3e-3, Strategy.PARTIAL: 1e-3, Strategy.FULL: 1e-3}
 DEFAULT_WARMUP = {Strategy.LINEAR: 0.0, Strategy.PARTIAL: 1.0, Strategy.FULL: 1.0}
 
 
+def option(default: Any, help: str, *flags: str) -> Any:
+    """A configuration field with the help text (and command-line flags, default `--field-name`)
+    that the `finetune` command shows for it: the CLI is generated from these fields."""
+    return field(default=default, metadata={"help": help, "flags": flags})
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Every choice that shapes a training run (and so must match when a run is resumed)."""
 
-    model: str = "efficientnet_lite0"  # NAME[.TAG]: the architecture and the weights to start from
-    strategy: Strategy = Strategy.AUTO
-    epochs: int | None = None  # None: 30 for linear, 10 otherwise
-    batch_size: int = 32  # per optimizer micro-step, over all processes together
-    lr: float | None = None  # the head's learning rate; None: 3e-3 for linear, 1e-3 otherwise
-    weight_decay: float = 0.01  # AdamW; not applied to biases and normalisation weights
-    lr_decay: float = 0.7  # each stage's learning rate is this times the next (deeper) stage's
-    unfreeze: int = 2  # partial: how many of the last stages train
-    warmup_epochs: float | None = None  # linear warm-up of the learning rate; None: 1 (0 for linear)
-    head_epochs: int = 0  # full/partial: first train the head alone for this many epochs
-    label_smoothing: float = 0.1
-    image_size: int | None = None  # crop size; None: the weights' own preprocessing
-    augment: bool = True  # random resized crops (scale `crop_scale`) during training
-    crop_scale: tuple[float, float] = (0.7, 1.0)  # area fraction of the random crops: light, most of the image
-    hflip: bool = False  # random horizontal flips: only for classes that survive mirroring
-    aug_passes: int = 0  # linear: extra augmented copies of the training features (each computed once)
-    val_fraction: float = 0.25  # held out (stratified) when no validation set is given
-    seed: int = 0
-    precision: Precision = Precision.AUTO
-    accumulate: int = 1  # gradient accumulation: micro-batches per optimizer step
-    patience: int | None = None  # early stopping: epochs without a better validation accuracy
-    num_workers: int | None = None  # image decoding processes; None: one per spare core
+    model: str = option(DEFAULT_MODEL, "NAME[.TAG] to start from (its weights), or a bundle.", "--model", "-m")
+    strategy: Strategy = option(Strategy.AUTO, "linear: train the classifier on cached features; partial: also the "
+                                "last --unfreeze stages; full: everything; auto: chosen from the data.",
+                                "--strategy", "-s")
+    epochs: int | None = option(None, "Default: 30 linear, 10 otherwise.", "--epochs", "-e")
+    batch_size: int = option(32, "Global batch (all processes together), per optimizer micro-step.",
+                             "--batch-size", "-b")
+    lr: float | None = option(None, "Head learning rate. Default: 3e-3 linear, 1e-3 otherwise.")
+    weight_decay: float = option(0.01, "AdamW weight decay (not on biases and normalisation weights).")
+    lr_decay: float = option(0.7, "Learning-rate factor per earlier stage (each stage gets this times the next's).")
+    unfreeze: int = option(2, "partial: how many of the last stages train.")
+    warmup_epochs: float | None = option(None, "Linear learning-rate warm-up (default 1; 0 for linear).")
+    head_epochs: int = option(0, "partial/full: train the new head alone first for this many epochs.")
+    label_smoothing: float = option(0.1, "Label smoothing of the cross-entropy.")
+    image_size: int | None = option(None, "Crop size (default: the weights' own preprocessing).")
+    augment: bool = option(True, "Random resized crops during training.", "--augment/--no-augment")
+    crop_scale: tuple[float, float] = option((0.7, 1.0), "Area fraction (low high) of the random crops: light, most "
+                                             "of the image.")
+    hflip: bool = option(False, "Random horizontal flips (only if mirrored images keep their class).",
+                         "--hflip/--no-hflip")
+    aug_passes: int = option(0, "linear: extra augmented feature passes on top of the clean one (each once).")
+    val_fraction: float = option(0.25, "Held out (stratified) when there is no --val.")
+    seed: int = option(0, "Seed of the split, the data order, the augmentations and the new head.")
+    precision: Precision = option(Precision.AUTO, "auto: bf16 on GPUs that support it and on CPUs with native "
+                                  "bf16 (AVX512-BF16/AMX) for crops >= 128 px; else fp32.")
+    accumulate: int = option(1, "Micro-batches per optimizer step (gradient accumulation).")
+    patience: int | None = option(None, "Early stopping after this many epochs without a better validation "
+                                  "accuracy.")
+    num_workers: int | None = option(None, "Image decoding processes (default: one per spare core).", "--workers")
 
     def __post_init__(self):
-        object.__setattr__(self, "strategy", _enum(Strategy, self.strategy, "strategy"))
-        object.__setattr__(self, "precision", _enum(Precision, self.precision, "precision"))
+        object.__setattr__(self, "strategy", parse_enum(Strategy, self.strategy, "strategy"))
+        object.__setattr__(self, "precision", parse_enum(Precision, self.precision, "precision"))
+        if self.precision is Precision.INT8:
+            raise InputError("training runs in fp32 or bf16 (precision auto, fp32 or bf16); int8 is for "
+                             "`visionzoo quantize`")
         object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
         checks = [
             (self.epochs is None or self.epochs >= 1, "epochs must be >= 1"),
@@ -101,11 +113,3 @@ class FinetuneConfig:
     def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def _enum(kind: type[Enum], value: Any, what: str):
-    try:
-        return kind(value.value if isinstance(value, Enum) else value)
-    except ValueError:
-        choices = ", ".join(v.value for v in kind)
-        raise InputError(f"{what} must be one of {choices}, got {value!r}") from None

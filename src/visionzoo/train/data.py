@@ -52,9 +52,9 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> 
 
 def training_preprocess(base: Preprocess, image_size: int | None) -> Preprocess:
     """The weights' evaluation recipe, scaled to another crop size (same resize/crop ratio)."""
-    if image_size is None or image_size == base.crop_size:
+    if image_size is None or image_size == base.crop:
         return base
-    resize = int(round(image_size * base.resize_size / base.crop_size))
+    resize = int(round(image_size * (base.resize_size or base.crop) / base.crop))
     return Preprocess(resize, image_size, base.interpolation, base.mean, base.std)
 
 
@@ -71,7 +71,7 @@ class Augment:
         p = self.preprocess
         w, h = img.size
         box = self._box(w, h, g)
-        size = p.crop_size
+        size = p.crop
         img = img.resize((size, size), Interpolation(p.interpolation).pil, box=box)
         if self.hflip and torch.rand((), generator=g).item() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

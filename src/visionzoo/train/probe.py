@@ -22,8 +22,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from ..models._base import ZooModel
-from ..weights.records import Preprocess
+from ..data.preprocess import Preprocess
+from ..models.base import ZooModel
 from .config import Strategy
 from .data import KeyedImages, stratified_split
 
@@ -54,8 +54,14 @@ def choose_strategy(model: ZooModel, samples: Sequence[tuple], num_classes: int,
                               f"fine-tune the backbone, so only the classifier is trained", None, None, per_class)
     f_acc = _probe(feats, labels, train, test, num_classes)
     p_acc = _probe(pixels, labels, train, test, num_classes)
+    return decide(f_acc, p_acc, per_class, held_out=len(test), unfreeze=unfreeze)
+
+
+def decide(f_acc: float, p_acc: float, per_class: float, *, held_out: int, unfreeze: int) -> StrategyChoice:
+    """The rules of the module docstring, applied to the two probes' held-out accuracies and the
+    number of training images per class."""
     probes = (f"a linear probe scores {f_acc:.1%} on the pre-trained features and {p_acc:.1%} on raw pixels "
-              f"({len(test)} held-out training images)")
+              f"({held_out} held-out training images)")
     n = f"{per_class:.0f} images per class"
     if f_acc >= LINEAR_IF_FEATURES:
         return StrategyChoice(Strategy.LINEAR, f"{probes}: the pre-trained features already separate the "

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..models._base import ZooModel
+from ..models.base import ZooModel
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from .lean import LeftOnMeta, build_lean, load_assign
 from .remap import LAYOUTS, detect_layout, strip_prefixes
 
 if TYPE_CHECKING:
-    from ..models._base import ZooModel
+    from ..models.base import VisionModel
 
 log = logging.getLogger("visionzoo")
 StateDict = dict[str, torch.Tensor]
@@ -134,7 +134,7 @@ def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return out.to(weight.dtype)
 
 
-def adapt(sd: StateDict, model: ZooModel, report: LoadReport) -> StateDict:
+def adapt(sd: StateDict, model: VisionModel, report: LoadReport) -> StateDict:
     """The family's `adapt_state_dict`, then the first convolution; then compare with the model."""
     before = {k: tuple(v.shape) for k, v in sd.items()}
     hook = getattr(model, "adapt_state_dict", None)  # any nn.Module may be given to load_weights
@@ -177,14 +177,14 @@ class LoadPlan:
     """A model built for a checkpoint (parameters on the meta device when `lean`), the
     checkpoint fitted to it, and the report so far. `realize` loads it."""
 
-    model: ZooModel
+    model: VisionModel
     lean: bool
     state_dict: StateDict
     report: LoadReport
-    build: Callable[[], ZooModel]  # builds the same model normally (random init)
+    build: Callable[[], VisionModel]  # builds the same model normally (random init)
 
 
-def plan_load(build: Callable[..., ZooModel], sd: Mapping[str, torch.Tensor], *, kwargs: Mapping[str, Any],
+def plan_load(build: Callable[..., VisionModel], sd: Mapping[str, torch.Tensor], *, kwargs: Mapping[str, Any],
               layout: str | None = None, size_from_checkpoint: bool = False,
               report: LoadReport | None = None) -> LoadPlan:
     """Build the model for `sd` without random init and fit `sd` to it.
@@ -208,9 +208,9 @@ def plan_load(build: Callable[..., ZooModel], sd: Mapping[str, torch.Tensor], *,
     return LoadPlan(model, lean, sd, report, lambda: build(**kwargs))
 
 
-def _sizes_from_checkpoint(sd: StateDict, model: ZooModel, explicit: Mapping[str, Any]) -> dict[str, int]:
+def _sizes_from_checkpoint(sd: StateDict, model: VisionModel, explicit: Mapping[str, Any]) -> dict[str, int]:
     changes: dict[str, int] = {}
-    head = sd.get(f"{model.classifier_name}.weight")
+    head = sd.get(f"{model.class_layers[0]}.weight") if model.class_layers else None
     if head is not None and head.ndim >= 2 and head.shape[0] != model.num_classes:
         changes["num_classes"] = int(head.shape[0])
     first = sd.get(f"{getattr(model, 'first_conv', '')}.weight")
@@ -221,7 +221,7 @@ def _sizes_from_checkpoint(sd: StateDict, model: ZooModel, explicit: Mapping[str
     return changes
 
 
-def realize(plan: LoadPlan, strict: bool = True, what: str | None = None) -> ZooModel:
+def realize(plan: LoadPlan, strict: bool = True, what: str | None = None) -> VisionModel:
     """Load the planned checkpoint: assigned into the meta-built model when it covers every
     parameter, else copied into a normally built one (`strict=False` partial loads)."""
     report = plan.report

@@ -1,4 +1,4 @@
-"""Typed, immutable records of published weights and their preprocessing."""
+"""Typed, immutable records of published weights (their preprocessing is a `data.preprocess.Preprocess`)."""
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -6,43 +6,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ..data.preprocess import DEFAULT_PREPROCESS, IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
-
-@dataclass(frozen=True)
-class Preprocess:
-    """The evaluation preprocessing a set of weights expects."""
-
-    resize_size: int  # the shorter side is resized to this
-    crop_size: int  # then a centre crop of crop_size x crop_size
-    interpolation: str = "bilinear"  # "nearest" | "bilinear" | "bicubic"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Preprocess:
-        def one(v):
-            return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
-        return cls(one(d["resize_size"]), one(d["crop_size"]), d.get("interpolation", "bilinear"),
-                   tuple(d.get("mean", IMAGENET_MEAN)), tuple(d.get("std", IMAGENET_STD)))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"resize_size": self.resize_size, "crop_size": self.crop_size,
-                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
-
-    def describe(self) -> str:
-        return (f"resize {self.resize_size}, crop {self.crop_size}, {self.interpolation}, "
-                f"mean {self.mean}, std {self.std}")
-
-    def transforms(self):
-        """The callable that turns a PIL image into the model's input tensor."""
-        from ..data.transforms import ClassificationTransform
-
-        return ClassificationTransform(self)
-
-
-DEFAULT_PREPROCESS = Preprocess(256, 224)
+__all__ = ["DEFAULT_PREPROCESS", "IMAGENET_MEAN", "IMAGENET_STD", "Preprocess", "Weights"]
 
 
 @dataclass(frozen=True)
@@ -61,14 +27,14 @@ class Weights:
     is_default: bool = False
     categories: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
     dataset: str | None = "ImageNet-1K"  # what the metrics were measured on
-    acc1: float | None = None
-    acc5: float | None = None
+    metrics: Mapping[str, float | None] = field(default_factory=lambda: MappingProxyType({}))  # acc@1, miou, ...
     gflops: float | None = None  # multiply-adds at the preprocessing's crop size, in billions
     file_size_mb: float | None = None  # MiB
     min_size: tuple[int, int] = (1, 1)  # smallest (height, width) the model accepts
     recipe: str | None = None  # link to the training recipe
     license: str | None = None
     layout: str = "native"  # state-dict layout of the file ("native" or a name in weights.remap)
+    keypoint_names: tuple[str, ...] | None = None  # keypoint detectors: what each keypoint is
     builder_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
@@ -77,11 +43,25 @@ class Weights:
 
     @property
     def num_classes(self) -> int:
-        return len(self.categories) if self.categories is not None else 1000
+        """Outputs of the class head the weights were trained with (0: a task without classes)."""
+        if self.categories is not None:
+            return len(self.categories)
+        # an ImageNet head without names (vgg16's IMAGENET1K_FEATURES), or no classes at all (optical flow)
+        return 1000 if self.preprocess.kind == "ImageClassification" else 0
 
     @property
-    def metrics(self) -> dict[str, float | None]:
-        return {"acc@1": self.acc1, "acc@5": self.acc5}
+    def headline(self) -> tuple[str, float | None] | None:
+        """The first reported metric (acc@1 for classifiers, miou, box_map, epe, ...)."""
+        return next(iter(self.metrics.items()), None)
+
+    @property
+    def acc1(self) -> float | None:
+        """ImageNet (or Kinetics) top-1 accuracy, for classifiers."""
+        return self.metrics.get("acc@1")
+
+    @property
+    def acc5(self) -> float | None:
+        return self.metrics.get("acc@5")
 
     def transforms(self):
         """The evaluation preprocessing that goes with these weights."""

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ...errors import InputError
-from .._base import ZooModel
+from ..base import ZooModel
 from ..features import capture_stages, resolve_out_indices
 from ..layers import FrozenBatchNorm2d
 from ..resnet import VARIANTS as RESNET_VARIANTS

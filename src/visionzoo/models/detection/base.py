@@ -18,7 +18,7 @@ from torch import nn
 from ...enums import Task
 from ...errors import InputError
 from ...ops import batched_nms, clip_boxes_to_image
-from .._base import VisionModel
+from ..base import VisionModel
 from .transform import DetectionTransform, ImageBatch, Target, as_image_list
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

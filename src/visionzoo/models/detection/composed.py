@@ -18,7 +18,7 @@ from torch import nn
 
 from ...enums import parse_enum
 from ...errors import InputError
-from .._base import ZooModel
+from ..base import ZooModel
 from ..features import capture_stages, resolve_out_indices
 from .backbones import BackboneWithFPN, freeze_batch_norm
 from .base import DetectionModel

@@ -20,7 +20,7 @@ from torch import nn
 
 from ...errors import InputError
 from ...ops import BoxCoder, batched_nms, box_iou, clip_boxes_to_image
-from .._base import init_weights_torchvision
+from ..base import init_weights_torchvision
 from ..vgg import VARIANTS as VGG_VARIANTS
 from ..vgg import vgg_features
 from .anchors import DefaultBoxGenerator

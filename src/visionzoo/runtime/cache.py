@@ -10,16 +10,15 @@ concurrent processes at worst export twice, and a crash leaves no partial graph.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from ..fileutil import weights_fingerprint
-from ..models._base import ZooModel
+from ..fileutil import json_digest, weights_fingerprint
+from ..models.base import ZooModel
+from ..version import __version__
 from .export import OPSET, ExportFormat, export_model
 
 log = logging.getLogger("visionzoo")
@@ -30,7 +29,7 @@ _KEY_VERSION = 1
 
 def export_dir(net: ZooModel) -> Path:
     """Where `net`'s exports are cached: its bundle's `exports/` when writable, else the hub cache."""
-    bundle = getattr(net, "bundle", None)
+    bundle = net.card.bundle if net.card is not None else None
     if bundle is not None:
         folder = Path(bundle.path) / BUNDLE_SUBDIR
         if os.access(bundle.path, os.W_OK):
@@ -41,19 +40,17 @@ def export_dir(net: ZooModel) -> Path:
 
 
 def export_key(net: ZooModel, input_size: int) -> str:
-    from .. import __version__
-
     key = {"version": _KEY_VERSION, "arch": net.arch, "class": type(net).__name__,
            "weights": weights_fingerprint(net), "input_size": input_size, "format": "onnx", "opset": OPSET,
            "torch": torch.__version__, "visionzoo": __version__,
            "preprocess": net.preprocess.to_dict() if net.preprocess else None,
            "classes": list(net.categories) if net.categories else None}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return json_digest(key, 20)
 
 
 def exported_onnx(net: ZooModel, input_size: int | None = None) -> Path:
     """The verified ONNX export of `net`, from the cache or exported (and cached) now."""
-    size = input_size or net.image_size or net.preprocess.crop_size
+    size = input_size or net.image_size or net.card_required.preprocess.crop
     path = export_dir(net) / f"{net.arch}-{size}-{export_key(net, size)}.onnx"
     if path.is_file():
         log.info("%s: using the cached export %s", net.arch, path)

@@ -23,6 +23,8 @@ import torch
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..models.base import VisionModel
+
 log = logging.getLogger("visionzoo")
 
 
@@ -37,11 +39,10 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, inpl
     net.eval()
     folded = fold_batchnorms(net)
     if folded:
-        log.info("%s: folded %d BatchNorm layers into convolutions", getattr(net, "arch", type(net).__name__),
-                 folded)
+        name = net.arch if isinstance(net, VisionModel) else None
+        log.info("%s: folded %d BatchNorm layers into convolutions", name or type(net).__name__, folded)
     if channels_last:
         net.to(memory_format=torch.channels_last)
-    net.folded_batchnorms = folded
     return net
 
 

@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
-from .adapt import BATCH_COUNTER, LoadReport, plan_load
-from .io import read_checkpoint
-from .lean import build_meta
-from .remap import LAYOUTS, detect_layout, strip_prefixes
+from ..registry import REGISTRY, split_name
+from ..weights.adapt import BATCH_COUNTER, LoadReport, plan_load
+from ..weights.io import read_checkpoint
+from ..weights.lean import build_meta
+from ..weights.remap import LAYOUTS, detect_layout, strip_prefixes
 
 FAMILY_OVERLAP = 0.5  # share of a checkpoint's key patterns a family must have to be examined
 IDENTIFIED = 0.9  # score from which a candidate counts as identified
@@ -122,8 +123,6 @@ def inspect_checkpoint(path: str | Path, model: str | None = None) -> Checkpoint
 
 def _fit(ckpt, model: str) -> LoadReport:
     """What `create_model(model, weights=<file>)` would do, without loading anything."""
-    from ..registry import REGISTRY, split_name
-
     arch = REGISTRY.get_architecture(model)
     _, tag = split_name(model)
     record = REGISTRY.get_weights(model) if tag else None
@@ -139,8 +138,6 @@ def _fit(ckpt, model: str) -> LoadReport:
 # -- identification ------------------------------------------------------------------------------
 def identify(sd: dict[str, torch.Tensor], layout: str, limit: int = 5) -> list[Candidate]:
     """Registered architectures ranked by how well `sd` (prefixes stripped) matches them."""
-    from ..registry import REGISTRY
-
     families: dict[str, list[str]] = {}
     for name in REGISTRY.list_models():
         families.setdefault(REGISTRY.get_architecture(name).family, []).append(name)
@@ -169,8 +166,6 @@ def identify(sd: dict[str, torch.Tensor], layout: str, limit: int = 5) -> list[C
 @cache
 def _signature(arch: str) -> dict[str, tuple[int, ...]]:
     """{key: shape} of an architecture's state dict (no batch counters), built on meta."""
-    from ..registry import REGISTRY
-
     model = build_meta(REGISTRY.get_architecture(arch).build)
     return {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith(BATCH_COUNTER)}
 

@@ -123,7 +123,7 @@ def load_labelled(samples: Sequence[tuple], preprocess, *, limit: int | None = N
             images.append(batch.images)
             labels += [samples[i][1] for i in batch.indices]
     if not images:
-        return torch.zeros(0, 3, preprocess.crop_size, preprocess.crop_size), torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, 3, preprocess.crop, preprocess.crop), torch.zeros(0, dtype=torch.long)
     return torch.cat(images), torch.tensor(labels, dtype=torch.long)
 
 

@@ -1,4 +1,4 @@
-"""The deployment commands: export, quantize, prune, benchmark, serve (registered on the app in `cli.py`).
+"""Shipping a model: `export`, `quantize`, `prune`, `benchmark`, `serve`.
 
 Errors are visionzoo errors (`InputError`, `ExportError`, `MissingDependencyError`, ...):
 `cli.main` prints them as one line and exits 1, like every other command.
@@ -7,51 +7,31 @@ from __future__ import annotations
 
 import json
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 
-from .deploy.backends import Backend
-from .deploy.export import TOLERANCE, ExportFormat
-from .deploy.quantize import QuantMode
-
-out = Console()
-err = Console(stderr=True)
-
-
-class RuntimeChoice(str, Enum):
-    auto = "auto"
-    onnxruntime = "onnxruntime"
-    openvino = "openvino"
-
-
-class PrecisionChoice(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-
-
-MODEL_HELP = "NAME or NAME.TAG (default weights unless a tag is given), or a bundle folder."
-RUN_MODEL_HELP = ("NAME or NAME.TAG (default weights unless a tag is given), a bundle folder, or an .onnx file "
-                  "from `visionzoo export` / `visionzoo quantize`.")
-BACKEND_HELP = ("torch, onnxruntime or openvino; auto: torch for a model, the fastest installed runtime for an "
-                ".onnx file. The runtimes export the model to ONNX once (cached).")
-THREADS_HELP = "Compute threads of the model, on every backend (default: one per core)."
-PRECISION_HELP = "fp32, or bf16 (torch and openvino backends; fast on CPUs with AVX512-BF16/AMX)."
-
-
-def set_torch_threads(threads: int | None) -> None:
-    """--threads for the torch backend, whose thread count is process-wide (the runtimes get theirs)."""
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def _say(text: str) -> None:
-    out.print(text, highlight=False, soft_wrap=True)
+from ..data.images import DEFAULT_MAX_PIXELS
+from ..runtime.backends import Backend
+from ..runtime.export import TOLERANCE, ExportFormat
+from ..tasks.quantize import QuantMode
+from .common import (
+    MODEL_HELP,
+    RUN_MODEL_HELP,
+    BackendChoice,
+    Exact,
+    MaxPixels,
+    PrecisionChoice,
+    RunPrecision,
+    Runtime,
+    Threads,
+    err,
+    out,
+    report_failure,
+    say,
+    set_torch_threads,
+)
 
 
 def export(
@@ -68,10 +48,10 @@ def export(
                                 "PyTorch (no file is left when it differs)."),
 ) -> None:
     """Export a model (with its classes and preprocessing) to ONNX, TorchScript or PT2, verified against PyTorch."""
-    from .deploy.export import describe, export_model
+    from ..runtime.export import describe, export_model
 
     result = export_model(model, fmt, out_file, input_size=input_size, verify=verify, tolerance=tolerance)
-    _say(describe(result))
+    say(describe(result))
 
 
 def quantize(
@@ -86,7 +66,7 @@ def quantize(
                                               "the multiply-adds are."),
     num_images: int = typer.Option(300, "--num-images", "-n", min=1, help="Calibration images used (a random "
                                    "sample of a larger set)."),
-    backend: RuntimeChoice = typer.Option(RuntimeChoice.auto.value, "--backend",
+    backend: Runtime = typer.Option(Runtime.auto.value, "--backend",
                                           help="The runtime that checks the result (the file runs on both)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare top-1 with float32 on up to 64 of the "
                                "calibration images."),
@@ -94,16 +74,15 @@ def quantize(
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0, help="Image decoding processes."),
 ) -> None:
     """Quantize a model to int8 (ONNX, QDQ) on your own images; run it with --backend onnxruntime or openvino."""
-    from .deploy.quantize import quantize as run
+    from ..tasks.quantize import quantize as run
 
     result = run(model, calibration, out_file, backend=backend.value, mode=mode.value, num_images=num_images,
                  seed=seed, check=check, num_workers=workers)
     for f in result.failures[:10]:
-        path, reason = (f.path, f.reason) if hasattr(f, "reason") else f
-        err.print(f"[red]skipped[/red] {path}: {reason}", highlight=False, soft_wrap=True)
+        report_failure(f)
     if len(result.failures) > 10:
         err.print(f"... and {len(result.failures) - 10} more unreadable calibration images", highlight=False)
-    _say(result.describe())
+    say(result.describe())
 
 
 def prune(
@@ -124,7 +103,7 @@ def prune(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout."),
 ) -> None:
     """Remove channels structurally (torch-pruning), fine-tune to recover; report size, speed and accuracy."""
-    from .deploy.prune import prune as run
+    from ..tasks.prune import prune as run
 
     result = run(bundle, ratio, out=out_dir, finetune_epochs=finetune_epochs, data=data, val=val, lr=lr,
                  batch_size=batch_size, progress=not quiet, num_workers=workers)
@@ -132,8 +111,8 @@ def prune(
         sys.stdout.write(json.dumps(result.to_dict(), indent=2) + "\n")
         return
     for line in result.lines():
-        _say(line)
-    _say(f"bundle: {result.bundle}")
+        say(line)
+    say(f"bundle: {result.bundle}")
 
 
 def benchmark(
@@ -155,7 +134,7 @@ def benchmark(
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0, help="Decoding processes for --data."),
 ) -> None:
     """Throughput, latency (p50/p95), peak memory, model size (and accuracy) per backend, precision and batch."""
-    from .tasks.benchmark import benchmark as run
+    from ..tasks.benchmark import benchmark as run
 
     result = run(model, batches=batch, backends=backends, precisions=precision, data=data, threads=threads,
                  repeats=repeats, warmup=warmup, limit=limit, num_workers=workers)
@@ -163,10 +142,10 @@ def benchmark(
         sys.stdout.write(result.to_json() + "\n")
         return
     if out.is_terminal:
-        _say(f"machine: {result.machine_text}")
+        say(f"machine: {result.machine_text}")
         out.print(result.table())
         for note in result.notes():
-            _say(note)
+            say(note)
     else:
         for line in result.lines():
             sys.stdout.write(line + "\n")
@@ -179,20 +158,52 @@ def serve(
     model: str = typer.Argument(..., help=RUN_MODEL_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port (0: any free one)."),
-    backend: Backend = typer.Option(Backend.AUTO.value, "--backend", help=BACKEND_HELP),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help=THREADS_HELP),
-    precision: PrecisionChoice = typer.Option(PrecisionChoice.fp32.value, "--precision", help=PRECISION_HELP),
+    backend: BackendChoice = Backend.AUTO,
+    threads: Threads = None,
+    precision: PrecisionChoice = RunPrecision.fp32,
     topk: int = typer.Option(5, "--topk", "-k", min=1, max=100, help="Classes returned per image."),
-    max_bytes: int = typer.Option(20 * 2**20, "--max-bytes", min=1, help="Largest accepted image (bytes)."),
+    max_bytes: int = typer.Option(20 * 2**20, "--max-bytes", min=1, help="Largest accepted request body (bytes; "
+                                  "checked while reading)."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Images per model call at most."),
+    max_delay_ms: float = typer.Option(5.0, "--max-delay-ms", min=0.0, help="How long the first image of a "
+                                       "batch waits for others (milliseconds)."),
+    max_queue: int = typer.Option(32, "--max-queue", min=1, help="Requests in the server at once (decoding, "
+                                  "queued, running); more are answered 503 with Retry-After at once. About one "
+                                  "batch: a request then waits at most for the batch running and its own."),
+    decode_workers: Optional[int] = typer.Option(None, "--decode-workers", min=1, help="Images decoded at once "
+                                                 "(default: one per core, at most 4)."),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.01, help="Seconds for a request's "
+                                         "head to arrive (408 or the connection closed after)."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.01, help="Seconds for a request's body "
+                                       "to arrive (408 after)."),
+    keepalive_timeout: float = typer.Option(5.0, "--keepalive-timeout", min=0.01, help="Idle keep-alive "
+                                            "connections are closed after this many seconds."),
+    shutdown_timeout: float = typer.Option(30.0, "--shutdown-timeout", min=0.0, help="On Ctrl-C or SIGTERM, "
+                                           "in-flight requests get this long to finish."),
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    exact: Exact = False,
+    explain: bool = typer.Option(True, "--explain/--no-explain", help="Serve POST /explain (Grad-CAM)."),
 ) -> None:
-    """Serve a model over HTTP: GET /health, GET /info, POST /predict (the image bytes as the body)."""
-    from .deploy.serve import serve as run
+    """Serve a model over HTTP, with a web page at /: POST /predict, POST /explain, /health, /ready, /info,
+    /metrics."""
+    from ..optional import require
+
+    for module in ("starlette", "uvicorn", "prometheus_client", "python_multipart"):
+        require(module)
+    from ..tasks.serve import ServeSettings, server_url
+    from ..tasks.serve import serve as run
+
+    settings = ServeSettings(topk=topk, max_bytes=max_bytes, max_pixels=max_pixels or None, fast=not exact,
+                             max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
+                             decode_workers=decode_workers, header_timeout=header_timeout, body_timeout=body_timeout,
+                             keepalive_timeout=keepalive_timeout, shutdown_timeout=shutdown_timeout, explain=explain)
 
     def ready(server) -> None:
-        err.print(f"serving {server.runner.describe()} on {server.url}  (POST /predict, GET /info, GET /health; "
+        service = server.config.app.state.service  # uvicorn keeps the application it was given
+        err.print(f"serving {service.runner.describe()} on {server_url(server)}  (the page at /; POST /predict; "
                   f"Ctrl-C to stop)", highlight=False, soft_wrap=True)
 
     set_torch_threads(threads)
-    run(model, host, port, backend=backend.value, threads=threads, topk=topk, max_bytes=max_bytes,
-        precision=precision.value, on_ready=ready)
+    run(model, host, port, backend=backend.value, threads=threads, precision=precision.value, settings=settings,
+        on_ready=ready)
     err.print("stopped", highlight=False)

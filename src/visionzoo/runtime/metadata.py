@@ -13,8 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import CheckpointError
-from ..weights.records import Preprocess
+from ..data.preprocess import Preprocess
+from ..enums import Task
+from ..errors import CheckpointError, InputError
+from ..models.base import ZooModel
+from ..version import __version__
 
 KEY = "visionzoo"  # the ONNX metadata entry / extra-file stem holding the JSON record
 EXTRA_FILE = "visionzoo.json"
@@ -37,13 +40,15 @@ class ModelInfo:
     precision: str = "fp32"  # "fp32", or "int8" for a quantized model
     quantization: Mapping[str, Any] = field(default_factory=dict)  # how it was quantized
     visionzoo_version: str = ""
+    task: Task = Task.CLASSIFICATION
 
     def to_dict(self) -> dict[str, Any]:
         return {"format_version": FORMAT_VERSION, "arch": self.arch, "preprocess": self.preprocess.to_dict(),
                 "input_size": self.input_size, "num_classes": self.num_classes,
                 "embedding_dim": self.embedding_dim, "classes": list(self.classes) if self.classes else None,
                 "weights": self.weights, "precision": self.precision, "quantization": dict(self.quantization),
-                "visionzoo_version": self.visionzoo_version, "inputs": INPUT_NAME, "outputs": list(OUTPUTS)}
+                "visionzoo_version": self.visionzoo_version, "task": self.task.value, "inputs": INPUT_NAME,
+                "outputs": list(OUTPUTS)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -70,26 +75,21 @@ class ModelInfo:
                        embedding_dim=int(d["embedding_dim"]),
                        classes=tuple(d["classes"]) if d.get("classes") else None, weights=d.get("weights"),
                        precision=d.get("precision", "fp32"), quantization=d.get("quantization") or {},
-                       visionzoo_version=d.get("visionzoo_version", ""))
+                       visionzoo_version=d.get("visionzoo_version", ""),
+                       task=Task(d.get("task", Task.CLASSIFICATION.value)))
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{source}: its visionzoo metadata is unreadable ({e}); export the model again") \
                 from None
 
 
-def model_info(net) -> ModelInfo:
+def model_info(net: ZooModel) -> ModelInfo:
     """The record for a visionzoo model (built by `create_model` or loaded from a bundle)."""
-    from .. import __version__
-
-    if net.preprocess is None:
-        from ..errors import InputError
-
-        raise InputError("the model has no preprocessing recipe; build it with visionzoo.create_model")
-    record = getattr(net, "pretrained_weights", None)
-    bundle = getattr(net, "bundle", None)
-    weights = (f"bundle {bundle.path}" if bundle is not None else record.name if record is not None
-               else net.weights_source)
-    size = net.image_size or net.preprocess.crop_size
-    return ModelInfo(arch=net.arch or type(net).__name__, preprocess=net.preprocess, input_size=size,
+    card = net.card
+    if card is None:
+        raise InputError("the model has no description (preprocessing, classes); build it with "
+                         "visionzoo.create_model")
+    size = net.image_size or card.preprocess.crop
+    return ModelInfo(arch=card.architecture, preprocess=card.preprocess, input_size=size,
                      num_classes=net.num_classes, embedding_dim=net.head_hidden_size,
-                     classes=tuple(net.categories) if net.categories else None, weights=weights,
-                     visionzoo_version=__version__)
+                     classes=card.classes, weights=card.weights_name, visionzoo_version=__version__,
+                     task=card.task)

@@ -13,13 +13,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
 from ..enums import Task
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..card import ModelCard
+    from ..data.preprocess import Preprocess
+    from ..weights.adapt import LoadReport
+    from ..weights.records import Weights
 
 
 @dataclass(frozen=True)
@@ -32,14 +38,59 @@ class FeatureInfo:
 
 
 class VisionModel(nn.Module):
-    """Root of every architecture: subclasses declare `task` and set `num_classes` in `__init__`."""
+    """Root of every architecture: subclasses declare `task` and set `num_classes` in `__init__`.
+
+    `create_model` sets `card` (what the model is: task, weights, classes, preprocessing) and
+    `load_report` (what loading its weights did). The read-only properties below are views of
+    the card, kept for the familiar spelling (`model.preprocess`, `model.categories`).
+    """
 
     task: ClassVar[Task]
     num_classes: int  # size of the class output (0 when the head was removed)
+    card: ModelCard | None = None
+    load_report: LoadReport | None = None
+
+    @property
+    def card_required(self) -> ModelCard:
+        """The card, for workflows that need one: a model built without `create_model` has none."""
+        if self.card is None:
+            raise InputError(f"this {type(self).__name__} has no description (task, classes, preprocessing); "
+                             f"build it with visionzoo.create_model")
+        return self.card
+
+    @property
+    def arch(self) -> str | None:
+        return self.card.architecture if self.card is not None else None
+
+    @property
+    def preprocess(self) -> Preprocess | None:
+        return self.card.preprocess if self.card is not None else None
+
+    @property
+    def categories(self) -> tuple[str, ...] | None:
+        return self.card.classes if self.card is not None else None
+
+    @property
+    def pretrained_weights(self) -> Weights | None:
+        return self.card.weights if self.card is not None else None
+
+    @property
+    def weights_source(self) -> str | None:
+        return self.card.source if self.card is not None else None
+
+    @property
+    def class_layers(self) -> tuple[str, ...]:
+        """Dotted names of the layers that map to the classes (the ones `reset_classifier` replaces)."""
+        return ()
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the class head(s) with new ones of `num_classes` outputs."""
         raise NotImplementedError
+
+    def _forget_classes_unless(self, num_classes: int) -> None:
+        """After a head change: the card's class names no longer apply unless there are as many."""
+        if self.card is not None and self.card.classes is not None and len(self.card.classes) != num_classes:
+            self.card = self.card.replace(classes=None)
 
     def adapt_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Fit a checkpoint of this architecture to this instance before strict loading.
@@ -87,17 +138,14 @@ class ZooModel(VisionModel):
     # the one (square) input size a model is built for (ViT), or None when any size it
     # can tile works (convolutional families, Swin, MaxViT)
     image_size: int | None = None
-    # set by `create_model`: registry name, weights record (or None), where the weights came
-    # from, the evaluation preprocessing and the class names (None when unknown)
-    arch: str | None = None
-    pretrained_weights = None
-    weights_source: str | None = None
-    preprocess = None
-    categories: tuple[str, ...] | None = None
 
     @property
     def head_hidden_size(self) -> int:
         return self.num_features
+
+    @property
+    def class_layers(self) -> tuple[str, ...]:
+        return (self.classifier_name,)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -132,6 +180,7 @@ class ZooModel(VisionModel):
         parent = self.get_submodule(parent_name) if parent_name else self
         setattr(parent, leaf, new)
         self.num_classes = num_classes
+        self._forget_classes_unless(num_classes)
 
     def format_stage_output(self, index: int, output: torch.Tensor) -> torch.Tensor:
         """Turn the raw output of `feature_info[index].module` into an NCHW feature map.
@@ -151,14 +200,14 @@ class LinearInit(Enum):
 
 
 def init_weights_torchvision(model: nn.Module, linear: LinearInit = LinearInit.NORMAL) -> None:
-    """The initialisation torchvision gives its CNNs: He-normal (fan-out) convolutions, unit
-    normalisation layers, zero biases, and the family's choice for Linear layers."""
+    """The initialisation torchvision gives its CNNs (image and video): He-normal (fan-out)
+    convolutions, unit normalisation layers, zero biases, and the family's choice for Linear layers."""
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):

@@ -1,10 +1,10 @@
-"""Optional packages of the deploy tools, imported on first use with an error naming the extra to install."""
+"""Optional packages, imported on first use with an error that names the extra to install."""
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
 
-from ..errors import MissingDependencyError
+from .errors import MissingDependencyError
 
 # module -> (what it is for the user, the visionzoo extra that installs it)
 _EXTRAS = {
@@ -14,6 +14,15 @@ _EXTRAS = {
     "onnxscript": ("ONNX export with torch's dynamo exporter", "onnx"),
     "openvino": ("the OpenVINO backend", "openvino"),
     "torch_pruning": ("structured pruning (torch-pruning)", "prune"),
+    "pyarrow": ("reading and writing .parquet files", "parquet"),
+    "pyarrow.parquet": ("reading and writing .parquet files", "parquet"),
+    "matplotlib": ("plots", "plots"),
+    "ray": ("running on a Ray cluster (--engine ray)", "ray"),
+    "ray.data": ("running on a Ray cluster (--engine ray)", "ray"),
+    "starlette": ("the HTTP server", "serve"),
+    "uvicorn": ("the HTTP server", "serve"),
+    "prometheus_client": ("the server's metrics", "serve"),
+    "python_multipart": ("the server's form uploads (python-multipart)", "serve"),
 }
 
 

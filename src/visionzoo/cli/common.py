@@ -1,0 +1,201 @@
+"""What every command shares: the consoles, exit codes, options, printing results and failures."""
+from __future__ import annotations
+
+import csv
+import functools
+import inspect
+import json
+import sys
+from collections import Counter
+from collections.abc import Callable, Sequence
+from enum import Enum
+from typing import Annotated, Any, Optional, Protocol
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..data.images import DEFAULT_MAX_PIXELS
+from ..runtime.backends import Backend
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_NOTHING = 0, 1, 2, 3, 4
+
+out = Console()
+err = Console(stderr=True)
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    json = "json"
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+class RunPrecision(str, Enum):
+    """Inference precisions a user can ask for (int8 is a property of a quantized file)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Runtime(str, Enum):
+    """The runtimes that run exported files (and check quantized ones)."""
+
+    auto = "auto"
+    onnxruntime = "onnxruntime"
+    openvino = "openvino"
+
+
+INPUTS_HELP = ("Image files, folders (searched recursively), globs ('photos/**/*.jpg'), @LIST (a text "
+               "file of paths, one per line) or a CSV with a 'path' column.")
+WORKERS_HELP = ("Decoding processes (default: one per spare CPU core; 0 decodes in the main process). With "
+                "--engine ray: model actors (default: as many as the load asks, up to half the CPUs).")
+EXACT_HELP = ("Decode every image at full size: torchvision's preprocessing exactly. By default large "
+              "JPEGs are decoded at a reduced scale first (much faster, nearly identical inputs).")
+MAX_PIXELS_HELP = "Refuse images with more pixels than this (decompression bombs); 0 for no limit."
+MODEL_HELP = "NAME or NAME.TAG (default weights unless a tag is given), or a bundle folder."
+RUN_MODEL_HELP = ("NAME or NAME.TAG (default weights unless a tag is given), a bundle folder, or an .onnx file "
+                  "from `visionzoo export` / `visionzoo quantize`.")
+BACKEND_HELP = ("torch, onnxruntime or openvino; auto: torch for a model, the fastest installed runtime for an "
+                ".onnx file. The runtimes export the model to ONNX once (cached).")
+THREADS_HELP = "Compute threads of the model, on every backend (default: one per core)."
+PRECISION_HELP = "fp32, or bf16 (torch and openvino backends; fast on CPUs with AVX512-BF16/AMX)."
+
+
+# options several commands share, declared once
+ModelArg = Annotated[str, typer.Option("--model", "-m", help="NAME or NAME.TAG (default weights unless a tag is "
+                                       "given), a bundle folder, or an .onnx file from `visionzoo export` / "
+                                       "`visionzoo quantize`.")]
+WeightsFile = Annotated[Optional[str], typer.Option("--weights", "-w", help="A local checkpoint file to load "
+                                                    "instead.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1)]
+Workers = Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help=WORKERS_HELP)]
+Exact = Annotated[bool, typer.Option("--exact", help=EXACT_HELP)]
+MaxPixels = Annotated[int, typer.Option("--max-pixels", min=0, help=MAX_PIXELS_HELP)]
+Device = Annotated[str, typer.Option("--device", help="Torch device to run the model on (cpu, cuda, cuda:1, mps).")]
+BackendChoice = Annotated[Backend, typer.Option("--backend", help=BACKEND_HELP)]
+Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help=THREADS_HELP)]
+PrecisionChoice = Annotated[RunPrecision, typer.Option("--precision", help=PRECISION_HELP)]
+
+
+def say(text: str) -> None:
+    """A line on stdout, printed as is (no markup or wrapping)."""
+    out.print(text, highlight=False, soft_wrap=True)
+
+
+def note(text: str) -> None:
+    """A line on stderr, printed as is."""
+    err.print(text, highlight=False, soft_wrap=True)
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """--threads for the torch backend, whose thread count is process-wide (the runtimes get theirs)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+class Failed(Protocol):
+    # read-only members, so that frozen dataclasses (data.inputs.Failure) match
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
+def report_failure(failure: Failed) -> None:
+    err.print(f"[red]skipped[/red] {failure.path}: {failure.reason}", highlight=False, soft_wrap=True)
+
+
+def exit_for_failures(done: int, failures: Sequence[Failed], verb: str) -> None:
+    """Print a summary of what failed, grouped by reason, and exit 3 (partial) or 4 (nothing done)."""
+    if not failures:
+        return
+    kinds = Counter(f.reason.split(" (")[0].split(";")[0] for f in failures)
+    summary = ", ".join(f"{count} {kind}" for kind, count in kinds.most_common())
+    note(f"{done} {verb}, {len(failures)} failed: {summary}")
+    raise typer.Exit(EXIT_NOTHING if done == 0 else EXIT_PARTIAL)
+
+
+def with_inference_options(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` with the options every inference command shares (--batch-size, --workers, --exact,
+    --max-pixels, --device, --backend, --threads, --precision) added to its signature; it receives
+    them as one `options: InferenceOptions` (and torch's own thread count is set for --threads)."""
+    shared = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, annotation, default in (
+            ("batch_size", BatchSize, 32), ("workers", Workers, None), ("exact", Exact, False),
+            ("max_pixels", MaxPixels, DEFAULT_MAX_PIXELS), ("device", Device, "cpu"),
+            ("backend", BackendChoice, Backend.AUTO), ("threads", Threads, None),
+            ("precision", PrecisionChoice, RunPrecision.fp32))]
+    names = [p.name for p in shared]
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> None:
+        from ..runtime.options import InferenceOptions
+
+        given = {name: kwargs.pop(name) for name in names}
+        set_torch_threads(given["threads"])
+        options = InferenceOptions(batch_size=given["batch_size"], num_workers=given["workers"],
+                                   fast=not given["exact"], max_pixels=given["max_pixels"] or None,
+                                   device=given["device"], backend=given["backend"], threads=given["threads"],
+                                   precision=given["precision"].value)
+        command(options=options, **kwargs)
+
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "options"]
+    run.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
+    run.__annotations__ = {**{p.name: p.annotation for p in own}, **{p.name: p.annotation for p in shared}}
+    return run
+
+
+def model_arg(model: str, weights: str | None):
+    """What predict and embed run: the name, bundle or .onnx file itself (the backend opens it), or
+    the model with a checkpoint loaded from --weights."""
+    if weights is None:
+        return model
+    from ..factory import create_model
+
+    return create_model(model, weights=weights)
+
+
+def fmt_number(v: float | None) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
+# -- writing predictions -----------------------------------------------------------------------
+
+class PredictionWriter:
+    """Prints predictions (objects with `path`, `top` and `to_dict()`) in the chosen format: jsonl and
+    csv stream one result at a time, table and json collect them and print at the end."""
+
+    def __init__(self, fmt: OutputFormat):
+        self.fmt = fmt
+        self.items: list[dict[str, Any]] = []
+        self.table = Table("path", "rank", "label", "probability", "index")
+        self.csv = csv.writer(sys.stdout) if fmt is OutputFormat.csv else None
+        if self.csv is not None:
+            self.csv.writerow(["path", "rank", "index", "label", "probability"])
+
+    def add(self, p: Any) -> None:
+        if self.fmt is OutputFormat.table:
+            for r, t in enumerate(p.top):
+                self.table.add_row(p.path if r == 0 else "", str(r + 1), t.label, f"{t.probability:.4f}",
+                                   str(t.index))
+            self.table.add_section()
+        elif self.fmt is OutputFormat.json:
+            self.items.append(p.to_dict())
+        elif self.fmt is OutputFormat.jsonl:
+            sys.stdout.write(json.dumps(p.to_dict()) + "\n")
+            sys.stdout.flush()
+        elif self.csv is not None:
+            for r, t in enumerate(p.top):
+                self.csv.writerow([p.path, r + 1, t.index, t.label, f"{t.probability:.6f}"])
+
+    def close(self) -> None:
+        if self.fmt is OutputFormat.table and self.table.row_count:
+            out.print(self.table)
+        elif self.fmt is OutputFormat.json:
+            sys.stdout.write(json.dumps(self.items, indent=2) + "\n")
+        sys.stdout.flush()

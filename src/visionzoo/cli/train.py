@@ -1,0 +1,128 @@
+"""`finetune` and `evaluate`. The fine-tuning options are generated from `FinetuneConfig`'s fields (their
+help text and flags live there), so the configuration and the command cannot drift apart."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import os
+import sys
+import typing
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from ..train.config import FinetuneConfig
+from .common import EXIT_PARTIAL, OutputFormat, note, out, report_failure, say
+
+
+def _config_parameters() -> list[inspect.Parameter]:
+    """One keyword-only typer option per `FinetuneConfig` field."""
+    hints = typing.get_type_hints(FinetuneConfig)
+    params = []
+    for f in dataclasses.fields(FinetuneConfig):
+        flags = f.metadata.get("flags") or (f"--{f.name.replace('_', '-')}",)
+        default = f.default.value if isinstance(f.default, Enum) else f.default
+        option = typer.Option(default, *flags, help=f.metadata.get("help"))
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=_cli_type(hints[f.name])))
+    return params
+
+
+def _cli_type(hint: Any) -> Any:
+    """`X | None` as typer reads it (`Optional[X]`)."""
+    args = typing.get_args(hint)
+    if type(None) in args and len(args) == 2:
+        return Optional[next(a for a in args if a is not type(None))]  # noqa: UP045 (typer's spelling)
+    return hint
+
+
+def _finetune(data: Optional[Path] = typer.Argument(None, help="ImageFolder tree (one sub-folder per class) or "
+                                                    "path,label CSV."),
+              *,
+              out_dir: Path = typer.Option(Path("runs/finetune"), "--out", "-o",
+                                           help="Run folder; the bundle goes to OUT/bundle."),
+              train: Optional[Path] = typer.Option(None, "--train", help="Training set (instead of DATA)."),
+              val: Optional[Path] = typer.Option(None, "--val", help="Validation set (default: a split of the "
+                                                 "training set)."),
+              device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+              resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last "
+                                          "checkpoint."),
+              quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
+              as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+              **config: Any) -> None:
+    """Fine-tune a pre-trained model on labelled images; writes a bundle (OUT/bundle).
+
+    Runs unchanged under `torchrun --nproc-per-node N` (DistributedDataParallel).
+    """
+    from ..tasks.finetune import finetune as run
+
+    result = run(data, out_dir, train=train, val=val, config=FinetuneConfig(**config), resume=resume,
+                 device=device, progress=not quiet)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return
+    if as_json:
+        sys.stdout.write(json.dumps({
+            "bundle": str(result.bundle), "strategy": result.strategy.value, "reason": result.reason,
+            "metrics": result.metrics, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+            "stopped_early": result.stopped_early, "classes": list(result.classes)}, indent=2) + "\n")
+        return
+    m = result.metrics
+    line = f"{result.bundle}  strategy {result.strategy.value}, best epoch {result.best_epoch}"
+    if "val_acc" in m:
+        line += f", val acc {m['val_acc']:.2%}, top-5 {m['val_top5']:.2%}"
+    say(line)
+
+
+def _with_config_options(func):
+    """`func` with its `**config` replaced by the generated options (typer reads the signature)."""
+    signature = inspect.signature(func)
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    generated = _config_parameters()
+    # the run's options first, then the configuration's, as `--help` lists them
+    func.__signature__ = signature.replace(parameters=[*own[:1], *generated, *own[1:]])
+    func.__annotations__ = {**typing.get_type_hints(func), **{p.name: p.annotation for p in generated}}
+    func.__annotations__.pop("config", None)
+    return func
+
+
+finetune = _with_config_options(_finetune)
+finetune.__name__ = "finetune"
+
+
+def evaluate(
+    model: str = typer.Argument(..., help="Bundle folder (or finetune run folder)."),
+    data: Path = typer.Argument(..., help="ImageFolder tree or path,label CSV with the model's class names."),
+    report: Optional[Path] = typer.Option(None, "--out", "-o", help="Write metrics.json and PNG plots here."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table or json."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0),
+    device: str = typer.Option("cpu", "--device"),
+) -> None:
+    """Accuracy, top-5, per-class precision/recall/F1 and the confusion matrix of a model on labelled images."""
+    from ..errors import InputError
+    from ..tasks.evaluate import evaluate as run
+
+    if fmt not in (OutputFormat.table, OutputFormat.json):
+        raise InputError(f"--format must be table or json, got {fmt.value!r}")
+    ev = run(model, data, out=report, batch_size=batch_size, num_workers=workers, device=device)
+    for f in ev.failures:
+        report_failure(f)
+    for text in ev.notes:
+        note(f"note: {text}")
+    if fmt is OutputFormat.json:
+        sys.stdout.write(json.dumps(ev.to_dict(), indent=2) + "\n")
+    else:
+        say(f"{ev.model} on {ev.data}: {ev.num_images} images, accuracy {ev.accuracy:.2%}, "
+            f"top-5 {ev.top5:.2%}, macro F1 {ev.macro_f1:.4f}")
+        table = Table("class", "precision", "recall", "F1", "images")
+        for c in ev.per_class:
+            table.add_row(c.name, f"{c.precision:.4f}", f"{c.recall:.4f}", f"{c.f1:.4f}", str(c.support))
+        out.print(table)
+        for name, path in ev.files.items():
+            say(f"{name}: {path}")
+    if ev.failures:
+        raise typer.Exit(EXIT_PARTIAL)

@@ -1,0 +1,105 @@
+"""The evaluation preprocessing a set of weights expects: a recipe (data), built into a transform on demand.
+
+One record for every task, as torchvision's presets (`kind` names the preset it reproduces):
+
+| kind                  | what it does to an image (or to each frame of a clip)                    |
+|-----------------------|---------------------------------------------------------------------------|
+| ImageClassification   | resize the shorter side, centre crop a square, scale to [0, 1], normalise |
+| SemanticSegmentation  | resize the shorter side, scale, normalise (no crop: masks cover it all)   |
+| ObjectDetection       | scale to [0, 1] (the detector normalises and resizes itself)              |
+| VideoClassification   | per frame: resize (shorter side, or to height x width), crop, normalise   |
+| OpticalFlow           | scale to [-1, 1] (mean = std = 0.5)                                       |
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+KINDS = ("ImageClassification", "SemanticSegmentation", "ObjectDetection", "VideoClassification", "OpticalFlow")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The evaluation preprocessing a set of weights expects."""
+
+    resize_size: int | None  # the shorter side is resized to this; None: no resize (or `resize_hw`)
+    crop_size: int | None  # then a centre crop of crop_size x crop_size; None: no crop
+    interpolation: str = "bilinear"  # "nearest" | "bilinear" | "bicubic"
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    kind: str = "ImageClassification"  # the torchvision preset it reproduces (see the module docstring)
+    resize_hw: tuple[int, int] | None = None  # resized to exactly (height, width) instead (R3D's 128x171)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise InputError(f"unknown preprocessing kind {self.kind!r}; one of {', '.join(KINDS)}")
+
+    @property
+    def crop(self) -> int:
+        """The square size the recipe crops to: the input size of a classifier."""
+        if self.crop_size is None:
+            raise InputError(f"the {self.kind} preprocessing has no fixed input size (no crop)")
+        return self.crop_size
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocess:
+        """From the catalog's, a bundle's or an exported file's JSON. Sizes may be lists as torchvision
+        writes them: `[520]` is a shorter side, `[128, 171]` a height and width, `[112, 112]` a square."""
+        resize, resize_hw = _size(d.get("resize_size"))
+        crop, crop_hw = _size(d.get("crop_size"))
+        if crop_hw is not None:
+            if crop_hw[0] != crop_hw[1]:
+                raise InputError(f"crop_size {list(crop_hw)}: only square crops are supported")
+            crop = crop_hw[0]
+        kind = d.get("kind") or d.get("transform") or "ImageClassification"
+        return cls(resize, crop, d.get("interpolation", "bilinear"), tuple(d.get("mean", IMAGENET_MEAN)),
+                   tuple(d.get("std", IMAGENET_STD)), kind, resize_hw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"resize_size": self.resize_size, "crop_size": self.crop_size,
+                             "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std)}
+        if self.kind != "ImageClassification":
+            d["kind"] = self.kind
+        if self.resize_hw is not None:
+            d["resize_size"] = list(self.resize_hw)
+        return d
+
+    def describe(self) -> str:
+        parts = []
+        if self.resize_hw is not None:
+            parts.append(f"resize to {self.resize_hw[0]}x{self.resize_hw[1]}")
+        elif self.resize_size is not None:
+            parts.append(f"resize {self.resize_size}")
+        if self.crop_size is not None:
+            parts.append(f"crop {self.crop_size}")
+        if parts:
+            parts.append(self.interpolation)
+        parts += [f"mean {self.mean}", f"std {self.std}"]
+        return ", ".join(parts) if self.kind == "ImageClassification" else f"{self.kind}: {', '.join(parts)}"
+
+    def transforms(self):
+        """The callable that turns a PIL image into the model's input tensor (a frame's, for video)."""
+        from .transforms import ImageTransform
+
+        return ImageTransform(self)
+
+
+def _size(value: Any) -> tuple[int | None, tuple[int, int] | None]:
+    """(shorter side, None) or (None, (height, width)) from an int, a one- or two-item list, or None."""
+    if value is None:
+        return None, None
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            return int(value[0]), None
+        if len(value) == 2:
+            return None, (int(value[0]), int(value[1]))
+        raise InputError(f"a size is a number or [height, width], got {list(value)}")
+    return int(value), None
+
+
+DEFAULT_PREPROCESS = Preprocess(256, 224)

@@ -1,0 +1,322 @@
+"""Inference backends: one `Runner` interface over PyTorch, ONNX Runtime and OpenVINO.
+
+    runner = open_runner("efficientnet_lite0", "openvino")      # exported once, cached
+    runner = open_runner("lite0.int8.onnx", "onnxruntime")       # an exported or quantized file
+    logits, embedding = runner(images)                           # (N, 3, S, S) float32 tensors
+
+Every runner takes the batches of the one preprocessing pipeline (`data/loader.py`, with
+the recipe in `runner.preprocess`) and returns float32 logits and pooled embeddings.
+
+- `torch`: the model itself with the cheap wins (`torch_opt.py`: BatchNorm folded into
+  convolutions, channels-last), run under `torch.inference_mode`.
+- `onnxruntime`: the model's ONNX export (`cache.py`: exported and verified once, cached
+  next to the weights) in an ONNX Runtime session with all graph optimisations.
+- `openvino`: the same ONNX file compiled by OpenVINO for each batch shape it meets (a
+  static shape lets it choose kernels for that shape),
+  in float32 unless `precision="bf16"` (OpenVINO would otherwise pick bf16 on CPUs with
+  AVX512-BF16 or AMX, which is not the float32 model).
+
+A quantized (int8) ONNX file from `quantize` runs on both runtimes the same way.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..enums import Precision, parse_enum
+from ..errors import InputError
+from ..models.base import VisionModel, ZooModel
+from ..optional import available, require
+from .metadata import INPUT_NAME, OUTPUTS, ModelInfo, model_info
+
+log = logging.getLogger("visionzoo")
+DEPLOYED_SUFFIXES = (".onnx",)  # model files the runtimes read directly
+
+
+class Backend(str, Enum):
+    AUTO = "auto"  # torch for a model, the fastest installed runtime for a model file
+    TORCH = "torch"
+    ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
+
+
+class Runner:
+    """A model ready for inference on one backend. Call it with a (N, 3, S, S) float32 batch."""
+
+    backend: Backend
+    precision: Precision = Precision.FP32
+    info: ModelInfo
+    source: str  # the model or file it runs
+    path: Path | None = None  # the model file, for the runtimes
+
+    @property
+    def preprocess(self):
+        return self.info.preprocess
+
+    @property
+    def categories(self) -> tuple[str, ...] | None:
+        return self.info.classes
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def arch(self) -> str:
+        return self.info.arch
+
+    @property
+    def size_bytes(self) -> int:
+        """The model's size: its file for the runtimes, its parameters and buffers for torch."""
+        return self.path.stat().st_size if self.path is not None else 0
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self(images)[0]
+
+    def embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        return self(images)[1]
+
+    def describe(self) -> str:
+        return f"{self.arch} on {self.backend.value} ({self.precision.value}, {self.source})"
+
+    def _check(self, images: torch.Tensor) -> None:
+        size = self.info.input_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
+            raise InputError(f"{self.describe()} takes (N, 3, {size}, {size}) batches, got {tuple(images.shape)}; "
+                             f"preprocess with runner.preprocess")
+
+
+class TorchRunner(Runner):
+    backend = Backend.TORCH
+
+    def __init__(self, net: ZooModel, *, device: str | torch.device = "cpu", optimize: bool = True,
+                 precision: Precision | str = Precision.FP32, copy: bool = True):
+        from .torch_opt import optimize_for_inference
+
+        self.precision = Precision(precision)
+        if self.precision is Precision.INT8:
+            raise InputError("the torch backend runs float models; run an int8 file from `visionzoo quantize` "
+                             "with --backend onnxruntime or openvino")
+        self.device = torch.device(device)
+        self.info = model_info(net)
+        self.source = net.weights_source or net.arch or type(net).__name__
+        self.optimized = optimize
+        # folding changes weights: the caller's model is copied first, so it stays as it was
+        self.net = (optimize_for_inference(net, inplace=not copy) if optimize else net.eval()).to(self.device)
+        self._size = sum(t.numel() * t.element_size() for t in (*self.net.parameters(), *self.net.buffers()))
+
+    @property
+    def size_bytes(self) -> int:
+        return self._size
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """The batch on the model's device, in the memory format the model runs fastest with."""
+        x = images.to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.optimized and x.ndim == 4 else x
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision is Precision.BF16)
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode(), self._autocast():
+            features = self.net.forward_features(self.prepare(images))
+            embedding = self.net.forward_head(features, pre_logits=True).flatten(1)
+            logits = self.net.forward_head(features)
+        return logits.float().cpu(), embedding.float().cpu()
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), self._autocast():
+            return self.net(self.prepare(images)).float().cpu()
+
+    def embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode(), self._autocast():
+            features = self.net.forward_features(self.prepare(images))
+            return self.net.forward_head(features, pre_logits=True).flatten(1).float().cpu()
+
+
+class OnnxRuntimeRunner(Runner):
+    """ONNX Runtime, in two modes chosen per batch. A small batch runs on one session using
+    every thread. A batch of at least `STREAM_MIN` images per thread is split into one part
+    per thread, each run by a single-threaded session at the same time (data parallelism):
+    small and depthwise convolutions split poorly across threads, whole images split
+    perfectly (benchmarks/deploy_speed.py, batch 32 on 2 cores: 1.01x plain ONNX Runtime on
+    ResNet-50, 1.10x on EfficientNet-B0, 1.12x on MobileNetV3-Large). The second session holds its own copy of the
+    weights; `split_batches=False` saves that memory."""
+
+    backend = Backend.ONNXRUNTIME
+    STREAM_MIN = 4  # images per thread from which a batch is split
+
+    def __init__(self, path: str | os.PathLike, info: ModelInfo, *, threads: int | None = None,
+                 split_batches: bool = True):
+        self._ort = require("onnxruntime")
+        from ..data.loader import available_cpus
+
+        self.path, self.info, self.source = Path(path), info, str(path)
+        self.precision = Precision(info.precision)
+        self.threads = threads or available_cpus()
+        self.split_batches = split_batches and self.threads > 1
+        self.session = self._session(self.threads)
+        self._single = None  # the single-threaded session and its thread pool, made on first use
+        self._pool = None
+
+    def _session(self, threads: int):
+        options = self._ort.SessionOptions()
+        options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        return self._ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+
+    def _run_split(self, x: np.ndarray) -> list[np.ndarray]:
+        if self._single is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._single = self._session(1)
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="visionzoo-ort")
+        parts = np.array_split(x, self.threads)
+        results = list(self._pool.map(lambda part: self._single.run(list(OUTPUTS), {INPUT_NAME: part}), parts))
+        return [np.concatenate([r[i] for r in results]) for i in range(len(OUTPUTS))]
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(images)
+        x = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
+        if self.split_batches and len(x) >= self.STREAM_MIN * self.threads:
+            logits, embedding = self._run_split(x)
+        else:
+            logits, embedding = self.session.run(list(OUTPUTS), {INPUT_NAME: x})
+        return torch.from_numpy(logits), torch.from_numpy(embedding)
+
+    def __del__(self):
+        if getattr(self, "_pool", None) is not None:
+            self._pool.shutdown(wait=False)
+
+
+class OpenVINORunner(Runner):
+    backend = Backend.OPENVINO
+    MAX_SHAPES = 4  # compiled batch shapes kept (the full batch and a last, partial one, mostly)
+
+    def __init__(self, path: str | os.PathLike, info: ModelInfo, *, threads: int | None = None,
+                 precision: Precision | str = Precision.FP32):
+        ov = require("openvino")
+        self.path, self.info, self.source = Path(path), info, str(path)
+        requested = Precision(precision)
+        self.precision = Precision.INT8 if info.precision == Precision.INT8.value else requested
+        self.core = ov.Core()
+        self.model = self.core.read_model(str(path))
+        self.config = {"NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "bf16" if requested is Precision.BF16 else "f32"}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled: OrderedDict[int, tuple] = OrderedDict()
+
+    def _request(self, batch: int):
+        if batch in self.compiled:
+            self.compiled.move_to_end(batch)
+            return self.compiled[batch]
+        model = self.model.clone()
+        size = self.info.input_size
+        model.reshape({INPUT_NAME: [batch, 3, size, size]})
+        compiled = self.core.compile_model(model, "CPU", self.config)
+        entry = (compiled.create_infer_request(), [compiled.output(name) for name in OUTPUTS])
+        self.compiled[batch] = entry
+        if len(self.compiled) > self.MAX_SHAPES:
+            self.compiled.popitem(last=False)
+        return entry
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(images)
+        x = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
+        request, outputs = self._request(x.shape[0])
+        result = request.infer({INPUT_NAME: x})
+        return tuple(torch.from_numpy(np.array(result[o], dtype=np.float32)) for o in outputs)
+
+
+def is_model_file(model: object) -> bool:
+    """Whether `model` names an exported model file (rather than a model name or bundle)."""
+    return (isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() in DEPLOYED_SUFFIXES
+            and Path(model).expanduser().is_file())
+
+
+def open_runner(model, backend: Backend | str = Backend.AUTO, *, threads: int | None = None,
+                device: str | torch.device = "cpu", precision: Precision | str = Precision.FP32,
+                optimize: bool = True) -> Runner:
+    """A runner for `model`: a name (`arch[.TAG]`, default weights), a bundle, a visionzoo model,
+    an ONNX file written by `export`/`quantize` (with its metadata), or a runner (returned as is).
+
+    Args:
+        backend: `torch`, `onnxruntime`, `openvino`, or `auto` (torch for a model; for a file,
+            OpenVINO when installed, else ONNX Runtime).
+        threads: compute threads for the runtimes (default: theirs, one per core). The torch
+            backend uses torch's global setting (`torch.set_num_threads`).
+        device: torch backend only.
+        precision: `fp32`, or `bf16` (torch autocast, OpenVINO inference precision).
+        optimize: torch backend: fold BatchNorms and use channels-last (False: the model as is).
+    """
+    if isinstance(model, Runner):
+        return model
+    if not isinstance(model, (str, os.PathLike, VisionModel)):
+        raise InputError(f"model must be a name, a bundle, a model file or a visionzoo model, got "
+                         f"{type(model).__name__}")
+    backend = parse_enum(Backend, backend, "backend")
+    precision = parse_enum(Precision, precision, "precision")
+    if precision is Precision.AUTO:
+        precision = Precision.FP32
+    if backend is not Backend.TORCH and torch.device(device).type != "cpu":
+        raise InputError(f"the {backend.value} backend runs on the CPU; use --backend torch for device {device}")
+    if (isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() in DEPLOYED_SUFFIXES
+            and not is_model_file(model)):
+        raise InputError(f"{model}: no such model file")
+    if is_model_file(model):
+        path = Path(model).expanduser()
+        if backend is Backend.AUTO:
+            backend = Backend.OPENVINO if available("openvino") else Backend.ONNXRUNTIME
+        if backend is Backend.TORCH:
+            raise InputError(f"{path} is an ONNX file: run it with --backend onnxruntime or openvino "
+                             f"(the torch backend takes a model name or bundle)")
+        from .export import read_onnx_info
+
+        info = read_onnx_info(path)
+        if info is None:
+            raise InputError(f"{path} has no visionzoo metadata (preprocessing, classes); export it with "
+                             f"`visionzoo export` or `visionzoo quantize`")
+        return _file_runner(path, info, backend, threads, precision)
+
+    from ..factory import resolve_model
+
+    net = resolve_model(model)
+    if backend in (Backend.AUTO, Backend.TORCH):
+        # a model built here from a name is ours to optimise in place; the caller's is copied
+        return TorchRunner(net, device=device, optimize=optimize, precision=precision,
+                           copy=isinstance(model, VisionModel))
+    if backend is Backend.OPENVINO:
+        require("openvino")  # fail before exporting
+    else:
+        require("onnxruntime")
+    from .cache import exported_onnx
+
+    path = exported_onnx(net)
+    return _file_runner(path, model_info(net), backend, threads, precision)
+
+
+def _file_runner(path: Path, info: ModelInfo, backend: Backend, threads: int | None, precision: Precision) -> Runner:
+    if backend is Backend.OPENVINO:
+        return OpenVINORunner(path, info, threads=threads, precision=precision)
+    if precision is Precision.BF16:
+        raise InputError("bf16 runs on the torch and openvino backends; ONNX Runtime's CPU kernels are float32")
+    return OnnxRuntimeRunner(path, info, threads=threads)
+
+
+def installed_backends() -> list[Backend]:
+    """The backends that can run here (torch always; the runtimes when their packages are installed)."""
+    found = [Backend.TORCH]
+    if available("onnxruntime") and available("onnx"):
+        found.append(Backend.ONNXRUNTIME)
+    if available("openvino") and available("onnx"):
+        found.append(Backend.OPENVINO)
+    return found

@@ -1,0 +1,290 @@
+"""Export a model to ONNX, TorchScript or a PT2 archive, verified against PyTorch.
+
+    result = export_model("efficientnet_lite0", "onnx", "lite0.onnx")
+    result.max_rel_diff        # {'logits': 3.1e-07, 'embedding': 2.4e-07}
+
+Every exported graph takes `images` (N, 3, S, S) float32, normalised by the model's own
+preprocessing, with a free batch size N and the square size S of the preprocessing's crop,
+and returns `logits` (N, classes) and `embedding` (N, D), the pooled pre-logits that
+`embed` writes. The model's description (architecture, classes, preprocessing: see
+`metadata.py`) is embedded in the file. After writing, the file is loaded back, run on a
+batch of another size than the one it was traced with, and compared with PyTorch: the
+largest difference relative to the output's range must stay within `tolerance` (1e-4 in
+float32), else `ExportError` and no file. The file is written under a temporary name and
+renamed only once verified.
+
+ONNX goes through torch's TorchScript-based exporter, which handles every family of the
+zoo (the dynamo exporter of torch 2.13 fails on Swin and MaxViT) in a fraction of the
+time; the dynamo exporter is the fallback where the other is missing or fails.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..enums import parse_enum
+from ..errors import ExportError, InputError
+from ..fileutil import atomic_path
+from ..models.base import ZooModel
+from ..optional import require
+from .metadata import EXTRA_FILE, INPUT_NAME, OUTPUTS, ModelInfo, model_info
+
+log = logging.getLogger("visionzoo")
+TOLERANCE = 1e-4  # float32 export check: max |exported - torch| / max |torch|, per output
+OPSET = 17
+TRACE_BATCH = 2  # traced with 2 images, checked with 3: a batch size baked into the graph shows
+CHECK_BATCH = 3
+
+
+class ExportFormat(str, Enum):
+    ONNX = "onnx"
+    TORCHSCRIPT = "torchscript"
+    PT2 = "pt2"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    format: ExportFormat
+    info: ModelInfo  # what the file says about itself
+    max_rel_diff: dict[str, float]  # per output: max |exported - torch| / max |torch| (empty if not verified)
+    exporter: str  # which exporter wrote the graph
+
+    @property
+    def worst(self) -> float:
+        return max(self.max_rel_diff.values(), default=0.0)
+
+
+class ExportGraph(nn.Module):
+    """What every export holds: images in, (logits, embedding) out, through the ZooModel interface."""
+
+    def __init__(self, model: ZooModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(images)
+        embedding = self.model.forward_head(features, pre_logits=True).flatten(1)
+        return self.model.forward_head(features), embedding
+
+
+def export_model(model, fmt: ExportFormat | str, out: str | os.PathLike, *, input_size: int | None = None,
+                 verify: bool = True, tolerance: float = TOLERANCE) -> ExportResult:
+    """Export `model` (a name, bundle folder or visionzoo model) to `out` in format `fmt`.
+
+    Args:
+        input_size: the square input size (default: the preprocessing's crop, or the size a ViT
+            was built for). The recipe in the file is scaled to it.
+        verify: load the written file back and compare its outputs with PyTorch's.
+        tolerance: the largest accepted relative difference.
+
+    Raises `ExportError` when the exporter fails or the check exceeds `tolerance` (no file is
+    left at `out` then), `MissingDependencyError` when the format needs a package that is not
+    installed.
+    """
+    from ..factory import resolve_model
+
+    fmt = parse_enum(ExportFormat, fmt, "export format")
+    net = resolve_model(model).eval()
+    info = _info_for(net, input_size)
+    out = Path(out).expanduser()
+    writer = {ExportFormat.ONNX: _write_onnx, ExportFormat.TORCHSCRIPT: _write_torchscript,
+              ExportFormat.PT2: _write_pt2}[fmt]
+    graph = ExportGraph(net).eval()
+    sample = _images(TRACE_BATCH, info.input_size, seed=0)
+    with atomic_path(out) as tmp:
+        exporter = writer(graph, sample, tmp, info)
+        diffs = check_export(graph, tmp, fmt, info, tolerance) if verify else {}
+    log.info("exported %s to %s (%s, %s)", info.arch, out, fmt.value, exporter)
+    return ExportResult(out, fmt, info, diffs, exporter)
+
+
+def _info_for(net: ZooModel, input_size: int | None) -> ModelInfo:
+    info = model_info(net)
+    if input_size is None or input_size == info.input_size:
+        return info
+    if net.image_size is not None and input_size != net.image_size:
+        raise InputError(f"{info.arch} is built for {net.image_size}x{net.image_size} inputs; build it with "
+                         f"image_size={input_size} to export another size")
+    if input_size < 8:
+        raise InputError(f"input_size must be >= 8, got {input_size}")
+    p = info.preprocess
+    scaled = dataclasses.replace(p, crop_size=input_size,
+                                 resize_size=max(input_size, round((p.resize_size or p.crop) * input_size / p.crop)))
+    return dataclasses.replace(info, preprocess=scaled, input_size=input_size)
+
+
+def _images(batch: int, size: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, size, size, generator=g)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+# -- ONNX ----------------------------------------------------------------------------------------
+
+def _write_onnx(graph: ExportGraph, sample: torch.Tensor, path: Path, info: ModelInfo) -> str:
+    onnx = require("onnx")
+    try:
+        proto, exporter = _onnx_torchscript(graph, sample), "torch.onnx (TorchScript)"
+    except Exception as first:  # noqa: BLE001  (any exporter failure: try the other exporter)
+        log.info("%s: the TorchScript-based ONNX exporter failed (%s); trying the dynamo exporter",
+                 info.arch, _first_line(first))
+        try:
+            proto, exporter = _onnx_dynamo(graph, sample), "torch.onnx (dynamo)"
+        except Exception as second:  # noqa: BLE001
+            raise ExportError(f"{info.arch} cannot be exported to ONNX: {_first_line(second)} (TorchScript "
+                              f"exporter: {_first_line(first)}); try --format pt2 or torchscript") from None
+    set_onnx_metadata(proto, info)
+    onnx.save(proto, str(path))
+    return exporter
+
+
+def _onnx_torchscript(graph: nn.Module, sample: torch.Tensor):
+    onnx = require("onnx")
+    buf = io.BytesIO()
+    axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUTS}}
+    with warnings.catch_warnings(), torch.no_grad():
+        # the tracer warns about sizes read from tensors (padding, window partitions): the
+        # spatial size is fixed in the export, only the batch size varies, and that is checked
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (sample,), buf, dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
+                          output_names=list(OUTPUTS), dynamic_axes=axes, do_constant_folding=True)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _onnx_dynamo(graph: nn.Module, sample: torch.Tensor):
+    require("onnxscript")
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(graph, (sample,), dynamo=True, input_names=[INPUT_NAME],
+                                    output_names=list(OUTPUTS), dynamic_shapes=({0: batch},), verbose=False)
+    return program.model_proto
+
+
+def set_onnx_metadata(proto, info: ModelInfo) -> None:
+    """Replace the model's metadata_props with `info` (other producers' entries are kept)."""
+    keep = [p for p in proto.metadata_props if p.key not in info.onnx_props()]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in info.onnx_props().items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "visionzoo"
+
+
+def read_onnx_info(path: str | os.PathLike) -> ModelInfo | None:
+    """The visionzoo record in an ONNX file's metadata, or None if it has none."""
+    onnx = require("onnx")
+    proto = onnx.load(str(path), load_external_data=False)
+    for p in proto.metadata_props:
+        if p.key == "visionzoo":
+            return ModelInfo.from_json(p.value, str(path))
+    return None
+
+
+# -- TorchScript and PT2 -------------------------------------------------------------------------
+
+def _write_torchscript(graph: ExportGraph, sample: torch.Tensor, path: Path, info: ModelInfo) -> str:
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(graph, (sample,), check_trace=False)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"{info.arch} cannot be traced to TorchScript: {_first_line(e)}; try --format onnx "
+                          f"or pt2") from None
+    torch.jit.save(traced, str(path), _extra_files={EXTRA_FILE: info.to_json()})
+    return "torch.jit.trace"
+
+
+def _write_pt2(graph: ExportGraph, sample: torch.Tensor, path: Path, info: ModelInfo) -> str:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(graph, (sample,), dynamic_shapes=({0: batch},), strict=False)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"{info.arch} cannot be exported with torch.export: {_first_line(e)}; try --format "
+                          f"onnx or torchscript") from None
+    # a file object: torch.export wants a `.pt2` name, and the temporary file has another
+    with open(path, "wb") as f:
+        torch.export.save(program, f, extra_files={EXTRA_FILE: info.to_json()})
+    return "torch.export"
+
+
+def load_torch_export(path: str | os.PathLike, fmt: ExportFormat | str) -> tuple[nn.Module, ModelInfo]:
+    """(callable module, record) of a TorchScript or PT2 file written by `export_model`."""
+    fmt = parse_enum(ExportFormat, fmt, "export format")
+    extra = {EXTRA_FILE: ""}
+    if fmt is ExportFormat.TORCHSCRIPT:
+        module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    elif fmt is ExportFormat.PT2:
+        with open(path, "rb") as f:
+            module = torch.export.load(f, extra_files=extra).module()
+    else:
+        raise InputError(f"load_torch_export reads torchscript or pt2 files, not {fmt.value}")
+    if not extra[EXTRA_FILE]:
+        raise ExportError(f"{path} has no visionzoo metadata ({EXTRA_FILE}); export it with visionzoo")
+    return module, ModelInfo.from_json(extra[EXTRA_FILE], str(path))
+
+
+# -- verification --------------------------------------------------------------------------------
+
+def check_export(graph: ExportGraph, path: Path, fmt: ExportFormat, info: ModelInfo,
+                 tolerance: float = TOLERANCE) -> dict[str, float]:
+    """Run the file at `path` and PyTorch on the same batch; raise `ExportError` above `tolerance`."""
+    x = _images(CHECK_BATCH, info.input_size, seed=1)
+    with torch.inference_mode():
+        expected = [t.float().numpy() for t in graph(x)]
+    if fmt is ExportFormat.ONNX:
+        ort = require("onnxruntime")
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(list(OUTPUTS), {INPUT_NAME: x.numpy()})
+    else:
+        module, _ = load_torch_export(path, fmt)
+        with torch.inference_mode():
+            got = [t.float().numpy() for t in module(x)]
+    diffs = {name: relative_difference(g, e) for name, g, e in zip(OUTPUTS, got, expected, strict=True)}
+    worst = max(diffs, key=diffs.get)
+    if not diffs[worst] <= tolerance:  # also catches NaN
+        raise ExportError(f"the {fmt.value} export of {info.arch} does not reproduce PyTorch: max relative "
+                          f"difference {diffs[worst]:.2e} on '{worst}' exceeds {tolerance:g}; try another --format "
+                          f"(or a larger --tolerance if the difference is acceptable)")
+    return diffs
+
+
+def relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
+    """max |got - expected| / max |expected|: the error relative to the output's range."""
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    if got.shape != expected.shape:
+        return float("inf")
+    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    err = float(np.abs(got - expected).max()) if expected.size else 0.0
+    return err / scale if scale > 0 else err
+
+
+def describe(result: ExportResult) -> str:
+    diffs = ", ".join(f"{k} {v:.2e}" for k, v in result.max_rel_diff.items())
+    size = result.path.stat().st_size / 2**20
+    check = f"verified (max relative difference: {diffs})" if diffs else "not verified"
+    return (f"{result.path} ({result.format.value}, {size:.1f} MiB, {result.exporter}, input "
+            f"N x 3 x {result.info.input_size} x {result.info.input_size}): {check}")
+
+
+def info_json(info: ModelInfo) -> str:
+    return json.dumps(info.to_dict(), indent=2)
