@@ -273,3 +273,25 @@ def test_torchvision_builder_defaults():
     assert vgg.neg_to_pos_ratio == 3.0
     frozen = [p.requires_grad for p in vgg.backbone.features.parameters()]
     assert frozen[:4] == [False] * 4 and all(frozen[4:])  # conv1_x frozen (trainable_backbone_layers=4)
+
+
+def test_registered_detectors_and_heads_through_the_factory():
+    """The published detectors are registered with their weights records (and the build settings those
+    imply); the heads go on any classifier named by `backbone=`, normalising with its weights' values."""
+    names = set(visionzoo.list_models(task="detection"))
+    assert {"retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn", "ssd300_vgg16",
+            "ssdlite320_mobilenet_v3_large", "retinanet", "fcos", "ssdlite"} <= names
+    w = visionzoo.get_weights("retinanet_resnet50_fpn")
+    assert w.tag == "COCO_V1" and dict(w.builder_kwargs) == {"frozen_bn_eps": 0.0}
+    assert w.num_classes == 91 and w.categories[1] == "person" and w.categories[12] == "N/A"
+    assert w.preprocess.kind == "ObjectDetection" and w.metrics["box_map"] == 36.4
+    model = visionzoo.create_model("ssdlite320_mobilenet_v3_large", num_classes=3)
+    assert isinstance(model, ssdlite.SSDLite) and model.num_classes == 3 and model.card.task.value == "detection"
+    head = visionzoo.create_model("ssdlite", backbone="efficientnet_lite0", pretrained_backbone=True, num_classes=4,
+                                  size=128)
+    assert head.card.preprocess.kind == "ObjectDetection" and head.card.preprocess.mean == (0.0, 0.0, 0.0)
+    assert head.transform.image_mean == (0.5, 0.5, 0.5)  # the backbone weights' normalisation, done once
+    assert head.card.builder_kwargs == {"backbone": "efficientnet_lite0", "size": 128}
+    with torch.inference_mode():
+        det = head([torch.rand(3, 100, 120)])[0]
+    assert det["boxes"].shape[1] == 4 and det["labels"].max() < 4

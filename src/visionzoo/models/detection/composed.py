@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...data.preprocess import Preprocess
 from ...enums import parse_enum
 from ...errors import InputError
 from ..base import ZooModel
@@ -99,3 +100,19 @@ def detector_from_classifier(classifier: ZooModel, head: DetectorHead | str, num
                          anchor_generator=retinanet_anchors(backbone.reductions), **kwargs)
     return FCOS(FCOSConfig(), num_classes, backbone=backbone, anchor_generator=fcos_anchors(backbone.reductions),
                 **kwargs)
+
+
+# -- the heads as architectures of their own --------------------------------------------------------
+# `create_model("retinanet", backbone="efficientnet_lite0", pretrained_backbone=True, num_classes=3)`
+VARIANTS: dict[str, Any] = {}  # (the published detectors are rows of the family modules' tables)
+MODEL_CLASS = DetectionModel
+COMPOSED: dict[str, DetectorHead] = {kind.value: kind for kind in DetectorHead}
+COMPOSED_CLASS = DetectionModel
+# the input is only scaled to [0, 1]: the detector normalises (with the backbone weights' mean and std)
+# and resizes itself
+COMPOSED_PREPROCESS = Preprocess(None, None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), kind="ObjectDetection")
+
+
+def compose(head: DetectorHead, backbone: ZooModel, num_classes: int = 91, **kwargs: Any) -> DetectionModel:
+    """The registry's builder of a `COMPOSED` entry: `detector_from_classifier` with the entry's head."""
+    return detector_from_classifier(backbone, head, num_classes, **kwargs)
