@@ -30,7 +30,7 @@ class FeatureExtractor(nn.Module):
         feature_info: the `FeatureInfo` (module, channels, reduction) of each returned map.
     """
 
-    def __init__(self, model: ZooModel, out_indices: Sequence[int] | None = None):
+    def __init__(self, model: ZooModel, out_indices: Sequence[int | str] | None = None):
         super().__init__()
         if not isinstance(model, ZooModel):
             raise InputError(f"features_only needs a visionzoo model, got {type(model).__name__}")
@@ -97,16 +97,15 @@ def capture_stages(model: ZooModel, out_indices: Sequence[int], x: torch.Tensor)
     return [captured[i] for i in out_indices]
 
 
-def resolve_out_indices(model: ZooModel, out_indices: Sequence[int] | int | str | None) -> tuple[int, ...]:
+def resolve_out_indices(model: ZooModel, out_indices: Sequence[int | str] | int | str | None) -> tuple[int, ...]:
     """Stage positions from indices (negative count from the deepest) or `feature_info` module names."""
     n = len(model.feature_info)
     if out_indices is None:
         return tuple(range(n))
-    if isinstance(out_indices, (int, str)):
-        out_indices = (out_indices,)
-    resolved = [resolve_stage(model, item) for item in out_indices]
+    items: Sequence[int | str] = (out_indices,) if isinstance(out_indices, (int, str)) else out_indices
+    resolved = [resolve_stage(model, item) for item in items]
     if len(set(resolved)) != len(resolved):
-        raise InputError(f"out_indices {tuple(out_indices)} name a stage twice")
+        raise InputError(f"out_indices {tuple(items)} name a stage twice")
     if not resolved:
         raise InputError("out_indices is empty; name at least one stage")
     return tuple(resolved)

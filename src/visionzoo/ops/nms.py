@@ -111,19 +111,7 @@ def _sweep_order(cols: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, t
     """
     n = cols.shape[1]
     if cols.device.type == "cpu":
-        x1, x2 = ((c if c.dtype in (torch.float32, torch.float64) else c.float()).numpy()  # exact for half types
-                  for c in (cols[0], cols[2]))
-        if len(counts) == 1:
-            by_x = np.argsort(x1, kind="stable")
-            starts, ends = x1[by_x], x2[by_x]
-        else:  # one sorted key for (run, coordinate): exact ranks of all x1 and x2 values, offset by run
-            values, rank = np.unique(np.concatenate((x1, x2)), return_inverse=True)
-            run = np.repeat(np.arange(len(counts), dtype=np.int64) * (len(values) + 1), counts)
-            key_start, key_end = run + rank[:n], run + rank[n:]
-            by_x = np.argsort(key_start, kind="stable")
-            starts, ends = key_start[by_x], key_end[by_x]
-        partners = np.maximum(np.searchsorted(starts, ends, side="left") - np.arange(1, n + 1), 0)
-        return torch.from_numpy(by_x.astype(np.int64)), torch.from_numpy(partners.astype(np.int64))
+        return _sweep_order_numpy(cols, counts)
     device = cols.device
     if len(counts) == 1:
         by_x = cols[0].sort(stable=True).indices
@@ -137,6 +125,24 @@ def _sweep_order(cols: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, t
         starts, ends = key_start.index_select(0, by_x), key_end.index_select(0, by_x)
     partners = torch.searchsorted(starts, ends).sub_(torch.arange(1, n + 1, device=device)).clamp_(min=0)
     return by_x, partners
+
+
+def _sweep_order_numpy(cols: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_sweep_order` for CPU tensors, in NumPy."""
+    n = cols.shape[1]
+    x1, x2 = ((c if c.dtype in (torch.float32, torch.float64) else c.float()).numpy()  # exact for half types
+              for c in (cols[0], cols[2]))
+    if len(counts) == 1:
+        by_x = np.argsort(x1, kind="stable")
+        starts, ends = x1[by_x], x2[by_x]
+    else:  # one sorted key for (run, coordinate): exact ranks of all x1 and x2 values, offset by run
+        values, rank = np.unique(np.concatenate((x1, x2)), return_inverse=True)
+        run = np.repeat(np.arange(len(counts), dtype=np.int64) * (len(values) + 1), counts)
+        key_start, key_end = run + rank[:n], run + rank[n:]
+        by_x = np.argsort(key_start, kind="stable")
+        starts, ends = key_start[by_x], key_end[by_x]
+    partners = np.maximum(np.searchsorted(starts, ends, side="left") - np.arange(1, n + 1), 0)
+    return torch.from_numpy(by_x.astype(np.int64)), torch.from_numpy(partners.astype(np.int64))
 
 
 def _suppression_edges(cols: torch.Tensor, threshold: float, counts: list[int]

@@ -136,7 +136,8 @@ def detect(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
 def _boxes(out: dict[str, torch.Tensor], threshold: float, classes: Sequence[str] | None) -> tuple[Box, ...]:
     keep = out["scores"] >= threshold
     rows = zip(out["boxes"][keep].tolist(), out["labels"][keep].tolist(), out["scores"][keep].tolist(), strict=True)
-    return tuple(Box(*box, index=label, label=_class_name(classes, label), score=score) for box, label, score in rows)
+    return tuple(Box(x1, y1, x2, y2, label, _class_name(classes, label), score)
+                 for (x1, y1, x2, y2), label, score in rows)
 
 
 def _class_name(classes: Sequence[str] | None, index: int) -> str:

@@ -18,7 +18,7 @@ from ..features import capture_stages, resolve_out_indices
 from ..layers import FrozenBatchNorm2d
 from ..resnet import VARIANTS as RESNET_VARIANTS
 from ..resnet import ResNet
-from .fpn import FeaturePyramidNetwork
+from .fpn import ExtraLevels, FeaturePyramidNetwork
 
 
 class BackboneWithFPN(nn.Module):
@@ -29,7 +29,7 @@ class BackboneWithFPN(nn.Module):
     """
 
     def __init__(self, body: ZooModel, out_indices: Sequence[int | str], out_channels: int = 256,
-                 extra_blocks: nn.Module | None = None, norm_layer: Callable[[int], nn.Module] | None = None):
+                 extra_blocks: ExtraLevels | None = None, norm_layer: Callable[[int], nn.Module] | None = None):
         super().__init__()
         if not isinstance(body, ZooModel):
             raise InputError(f"a detection backbone must be a visionzoo classifier, got {type(body).__name__}")
@@ -72,15 +72,15 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
     affine terms and eps (detection batches are too small to train batch statistics)."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d):
-            like = child.running_mean if child.track_running_stats else child.weight
+            # (the affine terms and the statistics, those the layer has)
+            given = {key: t for key, t in (("weight", child.weight), ("bias", child.bias),
+                                             ("running_mean", child.running_mean),
+                                             ("running_var", child.running_var)) if t is not None}
+            like = next(iter(given.values()))
             frozen = FrozenBatchNorm2d(child.num_features, child.eps).to(device=like.device, dtype=like.dtype)
             with torch.no_grad():
-                if child.affine:
-                    frozen.weight.copy_(child.weight)
-                    frozen.bias.copy_(child.bias)
-                if child.track_running_stats:
-                    frozen.running_mean.copy_(child.running_mean)
-                    frozen.running_var.copy_(child.running_var)
+                for key, tensor in given.items():
+                    frozen.get_buffer(key).copy_(tensor)
             setattr(module, name, frozen)
         else:
             freeze_batch_norm(child)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -44,15 +44,14 @@ class DetectionModel(VisionModel):
         """Detections per image (eval mode), or the training losses (train mode, `targets` required:
         per image a dict with `boxes` (N, 4) in pixels and `labels` (N,))."""
         images = as_image_list(images, len(self.transform.image_mean))
-        if self.training:
-            targets = check_targets(targets, images, self.num_classes, self.first_label)
+        checked = check_targets(targets, images, self.num_classes, self.first_label) if self.training else None
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-        batch, targets = self.transform(images, targets if self.training else None)
+        batch, scaled = self.transform(images, checked)
         features = self.backbone(batch.tensors)
         outputs = self.head(features)
         anchors = self.anchor_generator(batch, features)
-        if self.training:
-            return self.compute_loss(targets, outputs, anchors, features)
+        if scaled is not None:  # (training)
+            return self.compute_loss(scaled, outputs, anchors, features)
         detections = self.postprocess_detections(outputs, anchors, batch, features)
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
@@ -76,6 +75,15 @@ class DetectionModel(VisionModel):
 
     def _current_name(self, key: str) -> str:
         return _LEGACY_FPN.sub(r"\1.0.\2", key)
+
+
+def declared_out_channels(backbone: nn.Module) -> Any:
+    """The `out_channels` a detection backbone declares: the pyramid's width (RetinaNet, FCOS) or one width
+    per map (SSD, SSDlite)."""
+    channels = backbone.__dict__.get("out_channels")
+    if channels is None:
+        raise InputError(f"a detection backbone must declare its out_channels; {type(backbone).__name__} does not")
+    return channels
 
 
 def check_num_classes(num_classes: int, smallest: int = 1) -> int:

@@ -27,7 +27,7 @@ from .fcos import FCOS, FCOSConfig, fcos_anchors
 from .fpn import LastLevelP6P7
 from .retinanet import RetinaNet, RetinaNetConfig, retinanet_anchors
 from .ssdlite import VARIANTS as SSDLITE_VARIANTS
-from .ssdlite import NormLayer, SSDLite, default_norm_layer, extra_blocks
+from .ssdlite import NormLayer, SSDLite, default_norm_layer, extra_blocks, stage_out_channels
 
 
 class DetectorHead(str, Enum):
@@ -45,7 +45,7 @@ class StagesWithExtraBlocks(nn.Module):
         self.out_indices = resolve_out_indices(body, out_indices)
         channels = [body.feature_info[i].num_chs for i in self.out_indices]
         self.extra = extra_blocks(channels[-1], norm_layer, num_blocks=num_extra)
-        self.out_channels = channels + [block[-1].out_channels for block in self.extra]
+        self.out_channels = channels + [stage_out_channels(block) for block in self.extra]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         maps = capture_stages(self.body, self.out_indices, x)
@@ -90,15 +90,15 @@ def detector_from_classifier(classifier: ZooModel, head: DetectorHead | str, num
         if not 0 <= num_extra <= 4:
             raise InputError(f"SSDlite uses 2 to 6 stages of the classifier, got {len(indices)}")
         norm_layer = default_norm_layer()
-        backbone = StagesWithExtraBlocks(classifier, indices, num_extra, norm_layer)
+        stages = StagesWithExtraBlocks(classifier, indices, num_extra, norm_layer)
         cfg = replace(SSDLITE_VARIANTS["ssdlite320_mobilenet_v3_large"], size=size)
-        return SSDLite(cfg, num_classes, norm_layer=norm_layer, backbone=backbone, **kwargs)
-    indices = (-3, -2, -1) if out_indices is None else out_indices
-    backbone = BackboneWithFPN(classifier, indices, fpn_channels, LastLevelP6P7(fpn_channels, fpn_channels))
+        return SSDLite(cfg, num_classes, norm_layer=norm_layer, backbone=stages, **kwargs)
+    pyramid = BackboneWithFPN(classifier, (-3, -2, -1) if out_indices is None else out_indices, fpn_channels,
+                              LastLevelP6P7(fpn_channels, fpn_channels))
     if kind is DetectorHead.RETINANET:
-        return RetinaNet(RetinaNetConfig(), num_classes, backbone=backbone,
-                         anchor_generator=retinanet_anchors(backbone.reductions), **kwargs)
-    return FCOS(FCOSConfig(), num_classes, backbone=backbone, anchor_generator=fcos_anchors(backbone.reductions),
+        return RetinaNet(RetinaNetConfig(), num_classes, backbone=pyramid,
+                         anchor_generator=retinanet_anchors(pyramid.reductions), **kwargs)
+    return FCOS(FCOSConfig(), num_classes, backbone=pyramid, anchor_generator=fcos_anchors(pyramid.reductions),
                 **kwargs)
 
 

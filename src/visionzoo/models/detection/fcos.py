@@ -26,6 +26,7 @@ from .base import (
     IMAGENET_STD,
     DetectionModel,
     check_num_classes,
+    declared_out_channels,
     postprocess_dense,
     split_levels,
 )
@@ -57,7 +58,8 @@ def _branch(channels: int, num_convs: int) -> nn.Sequential:
     for m in branch.children():
         if isinstance(m, nn.Conv2d):
             nn.init.normal_(m.weight, std=0.01)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
     return branch
 
 
@@ -83,7 +85,8 @@ class FCOSRegressionHead(nn.Module):
         self.bbox_ctrness = nn.Conv2d(in_channels, num_anchors, 3, 1, 1)
         for conv in (self.bbox_reg, self.bbox_ctrness):
             nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         boxes, centreness = [], []
@@ -114,6 +117,8 @@ class FCOS(DetectionModel):
     `frozen_bn_eps`, `backbone`, `anchor_generator`: as for `RetinaNet`.
     """
 
+    head: FCOSHead
+
     def __init__(self, cfg: FCOSConfig, num_classes: int = 91, min_size: int | Sequence[int] = 800,
                  max_size: int = 1333, image_mean: Sequence[float] | None = None,
                  image_std: Sequence[float] | None = None, center_sampling_radius: float = 1.5,
@@ -135,7 +140,7 @@ class FCOS(DetectionModel):
         self.anchor_generator = anchor_generator or fcos_anchors()
         if self.anchor_generator.num_anchors_per_location()[0] != 1:
             raise InputError("FCOS needs one anchor (point) per location")
-        self.head = FCOSHead(backbone.out_channels, 1, num_classes, cfg.num_convs)
+        self.head = FCOSHead(declared_out_channels(backbone), 1, num_classes, cfg.num_convs)
         self.box_coder = BoxLinearCoder(normalize_by_size=True)
         self.transform = DetectionTransform(min_size, max_size, image_mean or IMAGENET_MEAN,
                                             image_std or IMAGENET_STD, size_divisible, fixed_size)

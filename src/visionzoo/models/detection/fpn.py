@@ -39,12 +39,16 @@ class LastLevelP6P7(nn.Module):
         self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
         for conv in (self.p6, self.p7):
             nn.init.kaiming_uniform_(conv.weight, a=1)
-            nn.init.zeros_(conv.bias)
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
         self.use_p5 = in_channels == out_channels
 
     def forward(self, results: list[torch.Tensor], inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         p6 = self.p6(results[-1] if self.use_p5 else inputs[-1])
         return [*results, p6, self.p7(F.relu(p6))]
+
+
+ExtraLevels = LastLevelMaxPool | LastLevelP6P7  # the levels a pyramid may add after its last stage
 
 
 class FeaturePyramidNetwork(nn.Module):
@@ -54,7 +58,7 @@ class FeaturePyramidNetwork(nn.Module):
     first, followed by the extra block's levels.
     """
 
-    def __init__(self, in_channels: Sequence[int], out_channels: int, extra_blocks: nn.Module | None = None,
+    def __init__(self, in_channels: Sequence[int], out_channels: int, extra_blocks: ExtraLevels | None = None,
                  norm_layer: Callable[[int], nn.Module] | None = None):
         super().__init__()
         self.inner_blocks = nn.ModuleList(
@@ -71,7 +75,9 @@ class FeaturePyramidNetwork(nn.Module):
 
     @property
     def num_levels(self) -> int:
-        return len(self.inner_blocks) + (self.extra_blocks.num_levels if self.extra_blocks is not None else 0)
+        extra = self.extra_blocks
+        extra_levels = extra.num_levels if isinstance(extra, (LastLevelMaxPool, LastLevelP6P7)) else 0
+        return len(self.inner_blocks) + extra_levels
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         last_inner = self.inner_blocks[-1](features[-1])

@@ -30,6 +30,7 @@ from .base import (
     IMAGENET_STD,
     DetectionModel,
     check_num_classes,
+    declared_out_channels,
     postprocess_dense,
     split_levels,
 )
@@ -88,7 +89,8 @@ def class_logits_conv(in_channels: int, num_anchors: int, num_classes: int, prio
     """The final classification convolution, biased so every class starts at `prior_probability`."""
     conv = nn.Conv2d(in_channels, num_anchors * num_classes, 3, 1, 1)
     nn.init.normal_(conv.weight, std=0.01)
-    nn.init.constant_(conv.bias, -math.log((1 - prior_probability) / prior_probability))
+    if conv.bias is not None:
+        nn.init.constant_(conv.bias, -math.log((1 - prior_probability) / prior_probability))
     return conv
 
 
@@ -111,7 +113,8 @@ class RetinaNetRegressionHead(nn.Module):
         self.conv = _conv_tower(in_channels, norm_layer)
         self.bbox_reg = nn.Conv2d(in_channels, num_anchors * 4, 3, 1, 1)
         nn.init.normal_(self.bbox_reg.weight, std=0.01)
-        nn.init.zeros_(self.bbox_reg.bias)
+        if self.bbox_reg.bias is not None:
+            nn.init.zeros_(self.bbox_reg.bias)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([flatten_level(self.bbox_reg(self.conv(f)), 4) for f in features], dim=1)
@@ -152,6 +155,8 @@ class RetinaNet(DetectionModel):
     default anchors (detectors on other classifiers).
     """
 
+    head: RetinaNetHead
+
     def __init__(self, cfg: RetinaNetConfig, num_classes: int = 91, min_size: int | Sequence[int] = 800,
                  max_size: int = 1333, image_mean: Sequence[float] | None = None,
                  image_std: Sequence[float] | None = None, score_thresh: float = 0.05, nms_thresh: float = 0.5,
@@ -173,7 +178,7 @@ class RetinaNet(DetectionModel):
         self.backbone = backbone
         self.anchor_generator = anchor_generator or retinanet_anchors()
         head_norm = partial(nn.GroupNorm, 32) if cfg.head_norm else None
-        self.head = RetinaNetHead(backbone.out_channels, self.anchor_generator.num_anchors_per_location()[0],
+        self.head = RetinaNetHead(declared_out_channels(backbone), self.anchor_generator.num_anchors_per_location()[0],
                                   num_classes, head_norm)
         self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
@@ -206,7 +211,7 @@ class RetinaNet(DetectionModel):
             gt_classes[foreground, target["labels"][matched[foreground]]] = 1.0
             valid = matched != BETWEEN_THRESHOLDS
             cls_losses.append(sigmoid_focal_loss(logits[valid], gt_classes[valid], reduction="sum")
-                              / max(1, num_foreground))
+                              / num_foreground.clamp(min=1))
             fg = torch.where(foreground)[0]
             box_losses.append(box_regression_loss(self.cfg.box_loss, self.box_coder, image_anchors[fg],
                                                   target["boxes"][matched[fg]], regression[fg]) / max(1, fg.numel()))

@@ -24,7 +24,7 @@ from ..base import init_weights_torchvision
 from ..vgg import VARIANTS as VGG_VARIANTS
 from ..vgg import vgg_features
 from .anchors import DefaultBoxGenerator
-from .base import DetectionModel, check_num_classes
+from .base import DetectionModel, check_num_classes, declared_out_channels
 from .matching import SSDMatcher
 from .retinanet import flatten_level
 from .transform import DetectionTransform, ImageBatch, Target
@@ -62,7 +62,7 @@ def freeze_layers(layers: nn.Sequential, stage_starts: Sequence[int], trainable_
         raise InputError(f"trainable_backbone_layers must be an integer from 0 to {len(stage_starts)}, "
                          f"got {trainable_layers!r}")
     first_trained = len(layers) if trainable_layers == 0 else stage_starts[len(stage_starts) - trainable_layers]
-    for layer in layers[:first_trained]:
+    for layer in list(layers)[:first_trained]:
         for parameter in layer.parameters():
             parameter.requires_grad_(False)
 
@@ -73,9 +73,11 @@ class SSDFeatureExtractorVGG(nn.Module):
     def __init__(self, vgg: nn.Sequential):
         super().__init__()
         pools = [i for i, layer in enumerate(vgg) if isinstance(layer, nn.MaxPool2d)]
-        vgg[pools[2]].ceil_mode = True  # 75 -> 38 at 300 px, as in the paper
+        pool = vgg[pools[2]]
+        if isinstance(pool, nn.MaxPool2d):  # (always)
+            pool.ceil_mode = True  # 75 -> 38 at 300 px, as in the paper
         self.scale_weight = nn.Parameter(torch.ones(512) * 20)
-        self.features = nn.Sequential(*vgg[:pools[3]])  # up to conv4_3 and its ReLU
+        self.features = nn.Sequential(*list(vgg)[:pools[3]])  # up to conv4_3 and its ReLU
         extra = nn.ModuleList([
             self._stage(1024, 256, 512, stride=2, padding=1),  # conv8_2
             self._stage(512, 128, 256, stride=2, padding=1),  # conv9_2
@@ -91,7 +93,7 @@ class SSDFeatureExtractorVGG(nn.Module):
             nn.ReLU(inplace=True),
         )
         _xavier_init(fc)
-        extra.insert(0, nn.Sequential(*vgg[pools[3]:-1], fc))  # pool4, conv5_x (not pool5), fc6, fc7
+        extra.insert(0, nn.Sequential(*list(vgg)[pools[3]:-1], fc))  # pool4, conv5_x (not pool5), fc6, fc7
         self.extra = extra
         self.out_channels = [512, 1024, 512, 256, 256, 256]
 
@@ -137,7 +139,17 @@ class SSDRegressionHead(SSDScoringHead):
         super().__init__(convs, 4)
 
 
-class SSDHead(nn.Module):
+class ClassScoringHeads(nn.Module):
+    """The class and box heads of an SSD-style detector, and a way to renew the class head."""
+
+    classification_head: SSDScoringHead
+    regression_head: SSDScoringHead
+
+    def new_classification_head(self, num_classes: int) -> SSDScoringHead:
+        raise NotImplementedError
+
+
+class SSDHead(ClassScoringHeads):
     def __init__(self, in_channels: Sequence[int], num_anchors: Sequence[int], num_classes: int):
         super().__init__()
         self.classification_head = SSDClassificationHead(in_channels, num_anchors, num_classes)
@@ -146,8 +158,8 @@ class SSDHead(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"bbox_regression": self.regression_head(features), "cls_logits": self.classification_head(features)}
 
-    def new_classification_head(self, num_classes: int) -> nn.Module:
-        convs = self.classification_head.module_list
+    def new_classification_head(self, num_classes: int) -> SSDScoringHead:
+        convs = [conv for conv in self.classification_head.module_list if isinstance(conv, nn.Conv2d)]
         num_anchors = [c.out_channels // self.classification_head.num_columns for c in convs]
         return SSDClassificationHead([c.in_channels for c in convs], num_anchors, num_classes)
 
@@ -161,6 +173,7 @@ class SSD(DetectionModel):
     `head` replace the VGG trunk, the default boxes and the head.
     """
 
+    head: ClassScoringHeads
     first_label = 1  # 0 is the background
 
     def __init__(self, cfg: SSDConfig | SSDLiteConfig, num_classes: int = 91, image_mean: Sequence[float] | None = None,
@@ -168,7 +181,7 @@ class SSD(DetectionModel):
                  detections_per_img: int = 200, iou_thresh: float = 0.5, topk_candidates: int = 400,
                  positive_fraction: float = 0.25, trainable_backbone_layers: int | None = None,
                  backbone: nn.Module | None = None, anchor_generator: DefaultBoxGenerator | None = None,
-                 head: nn.Module | None = None):
+                 head: ClassScoringHeads | None = None):
         super().__init__()
         self.cfg = cfg
         if backbone is None:
@@ -178,19 +191,23 @@ class SSD(DetectionModel):
             freeze_layers(vgg, stage_starts, 4 if trainable_backbone_layers is None else trainable_backbone_layers)
             backbone = SSDFeatureExtractorVGG(vgg)
         if anchor_generator is None:
+            if not isinstance(cfg, SSDConfig):
+                raise InputError("an SSD without SSD300's default boxes needs its anchor_generator")
             anchor_generator = DefaultBoxGenerator(cfg.aspect_ratios, scales=cfg.scales, steps=cfg.steps)
         if head is None:
-            head = SSDHead(backbone.out_channels, anchor_generator.num_anchors_per_location(),
+            head = SSDHead(declared_out_channels(backbone), anchor_generator.num_anchors_per_location(),
                            check_num_classes(num_classes, 2))
         self._setup(backbone, anchor_generator, head, num_classes, image_mean or cfg.image_mean,
                     image_std or cfg.image_std, score_thresh, nms_thresh, detections_per_img, iou_thresh,
                     topk_candidates, positive_fraction)
 
-    def _setup(self, backbone: nn.Module, anchor_generator: DefaultBoxGenerator, head: nn.Module, num_classes: int,
-               image_mean: Sequence[float], image_std: Sequence[float], score_thresh: float, nms_thresh: float,
-               detections_per_img: int, iou_thresh: float, topk_candidates: int, positive_fraction: float) -> None:
-        if len(backbone.out_channels) != len(anchor_generator.aspect_ratios):
-            raise InputError(f"the backbone gives {len(backbone.out_channels)} feature maps but the default boxes "
+    def _setup(self, backbone: nn.Module, anchor_generator: DefaultBoxGenerator, head: ClassScoringHeads,
+               num_classes: int, image_mean: Sequence[float], image_std: Sequence[float], score_thresh: float,
+               nms_thresh: float, detections_per_img: int, iou_thresh: float, topk_candidates: int,
+               positive_fraction: float) -> None:
+        num_maps = len(declared_out_channels(backbone))
+        if num_maps != len(anchor_generator.aspect_ratios):
+            raise InputError(f"the backbone gives {num_maps} feature maps but the default boxes "
                              f"are configured for {len(anchor_generator.aspect_ratios)}")
         if not 0 < positive_fraction <= 1:
             raise InputError(f"positive_fraction must be in (0, 1], got {positive_fraction!r}")
@@ -266,11 +283,10 @@ class SSD(DetectionModel):
                 selected.append(anchor_idx.index_select(0, order))
                 image_scores.append(score)
                 image_labels.append(torch.full_like(score, label, dtype=torch.int64))
-            image_boxes = boxes.index_select(0, torch.cat(selected))
-            image_scores, image_labels = torch.cat(image_scores), torch.cat(image_labels)
-            keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_thresh)[:self.detections_per_img]
-            detections.append({"boxes": image_boxes[keep], "scores": image_scores[keep],
-                               "labels": image_labels[keep]})
+            candidates = boxes.index_select(0, torch.cat(selected))
+            scores_all, labels_all = torch.cat(image_scores), torch.cat(image_labels)
+            keep = batched_nms(candidates, scores_all, labels_all, self.nms_thresh)[:self.detections_per_img]
+            detections.append({"boxes": candidates[keep], "scores": scores_all[keep], "labels": labels_all[keep]})
         return detections
 
 

@@ -18,10 +18,10 @@ from torch import nn
 
 from ..layers import ConvNormAct
 from ..mobilenetv3 import VARIANTS as MOBILENETV3_VARIANTS
-from ..mobilenetv3 import MobileNetV3
+from ..mobilenetv3 import InvertedResidual, MobileNetV3
 from .anchors import DefaultBoxGenerator
-from .base import check_num_classes
-from .ssd import SSD, SSDScoringHead, freeze_layers
+from .base import check_num_classes, declared_out_channels
+from .ssd import SSD, ClassScoringHeads, SSDScoringHead, freeze_layers
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,14 @@ def extra_blocks(in_channels: int, norm_layer: NormLayer, width_mult: float = 1.
     return blocks
 
 
+def stage_out_channels(module: nn.Module) -> int:
+    """The width of a ConvNormAct, or of the last one of a Sequential of them (an extra stage)."""
+    last = module if isinstance(module, ConvNormAct) or not isinstance(module, nn.Sequential) else module[-1]
+    if not isinstance(last, ConvNormAct):
+        raise TypeError(f"expected a ConvNormAct, got {type(last).__name__}")
+    return last.out_channels
+
+
 class SSDLiteFeatureExtractorMobileNet(nn.Module):
     """MobileNetV3 cut at the expansion of its last stride-2 block (`features.0`), the rest of it
     (`features.1`), and the extra stages (`extra`)."""
@@ -83,17 +91,19 @@ class SSDLiteFeatureExtractorMobileNet(nn.Module):
     def __init__(self, trunk: MobileNetV3, c4_pos: int, norm_layer: NormLayer, width_mult: float = 1.0,
                  min_depth: int = 16):
         super().__init__()
-        layers = trunk.features
-        c4 = layers[c4_pos]
-        if c4.use_res_connect:
+        layers = list(trunk.features)
+        c4, last = layers[c4_pos], layers[-1]
+        if not isinstance(c4, InvertedResidual) or c4.use_res_connect:
             raise ValueError("the C4 block must be a stride-2 block (no residual connection)")
+        expand = c4.block[0]
         self.features = nn.Sequential(
-            nn.Sequential(*layers[:c4_pos], c4.block[0]),  # up to the C4 block's expansion
+            nn.Sequential(*layers[:c4_pos], expand),  # up to the C4 block's expansion
             nn.Sequential(c4.block[1:], *layers[c4_pos + 1:]),  # its depthwise convolution onwards
         )
-        self.extra = extra_blocks(layers[-1].out_channels, norm_layer, width_mult, min_depth)
-        self.out_channels = [c4.block[0].out_channels, layers[-1].out_channels] + [
-            block[-1].out_channels for block in self.extra]
+        last_channels = stage_out_channels(last)
+        self.extra = extra_blocks(last_channels, norm_layer, width_mult, min_depth)
+        self.out_channels = [stage_out_channels(expand), last_channels] + [
+            stage_out_channels(block) for block in self.extra]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outputs = []
@@ -127,7 +137,7 @@ class SSDLiteRegressionHead(SSDScoringHead):
         super().__init__(blocks, 4)
 
 
-class SSDLiteHead(nn.Module):
+class SSDLiteHead(ClassScoringHeads):
     def __init__(self, in_channels: Sequence[int], num_anchors: Sequence[int], num_classes: int,
                  norm_layer: NormLayer):
         super().__init__()
@@ -137,14 +147,16 @@ class SSDLiteHead(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"bbox_regression": self.regression_head(features), "cls_logits": self.classification_head(features)}
 
-    def new_classification_head(self, num_classes: int) -> nn.Module:
+    def new_classification_head(self, num_classes: int) -> SSDScoringHead:
         """New final 1x1 convolutions for `num_classes` (the depthwise layers, class-independent, stay)."""
         head = self.classification_head
         for block in head.module_list:
-            old = block[1]
-            anchors = old.out_channels // head.num_columns
-            block[1] = nn.Conv2d(old.in_channels, num_classes * anchors, 1)
-            _normal_init(block[1])
+            old = block.get_submodule("1")
+            if not isinstance(old, nn.Conv2d) or not isinstance(block, nn.Sequential):
+                raise TypeError(f"expected SSDlite prediction blocks, got {type(block).__name__}")
+            new = nn.Conv2d(old.in_channels, num_classes * (old.out_channels // head.num_columns), 1)
+            _normal_init(new)
+            block[1] = new
         head.num_columns = num_classes
         return head
 
@@ -172,7 +184,7 @@ class SSDLite(SSD):
                                                         cfg.min_depth)
         anchor_generator = DefaultBoxGenerator([(2, 3)] * cfg.num_maps, min_ratio=cfg.min_ratio,
                                                max_ratio=cfg.max_ratio)
-        head = SSDLiteHead(backbone.out_channels, anchor_generator.num_anchors_per_location(),
+        head = SSDLiteHead(declared_out_channels(backbone), anchor_generator.num_anchors_per_location(),
                            check_num_classes(num_classes, 2), norm_layer)
         super().__init__(cfg, num_classes, image_mean or cfg.image_mean, image_std or cfg.image_std, score_thresh,
                          nms_thresh, detections_per_img, iou_thresh, topk_candidates, positive_fraction,

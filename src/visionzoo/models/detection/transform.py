@@ -111,7 +111,7 @@ class DetectionTransform(nn.Module):
         for i, image in enumerate(images):
             image, target = self.resize(self.normalize(image), None if targets is None else targets[i])
             resized.append(image)
-            if targets is not None:
+            if targets is not None and target is not None:
                 targets[i] = target
         sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in resized]
         return ImageBatch(self.batch(resized), sizes), targets
@@ -128,12 +128,15 @@ class DetectionTransform(nn.Module):
             min_size = self.min_size[int(torch.empty(1).uniform_(0.0, float(len(self.min_size))).item())]
         else:
             min_size = self.min_size[-1]
+        size: list[int] | None = None
+        scale: float | None = None
         if self.fixed_size is not None:
-            size, scale = [self.fixed_size[1], self.fixed_size[0]], None
+            size = [self.fixed_size[1], self.fixed_size[0]]
         else:
-            size, scale = None, min(min_size / min(h, w), self.max_size / max(h, w))
-        resize_kwargs = dict(size=size, scale_factor=scale, recompute_scale_factor=True if scale else None)
-        image = F.interpolate(image[None], mode="bilinear", align_corners=False, **resize_kwargs)[0]
+            scale = min(min_size / min(h, w), self.max_size / max(h, w))
+        recompute = True if scale else None
+        image = F.interpolate(image[None], size=size, scale_factor=scale, mode="bilinear", align_corners=False,
+                              recompute_scale_factor=recompute)[0]
         if target is None:
             return image, None
         new_size = image.shape[-2:]
@@ -141,7 +144,8 @@ class DetectionTransform(nn.Module):
         if "keypoints" in target:
             target["keypoints"] = scale_keypoints(target["keypoints"], (h, w), new_size)
         if "masks" in target:
-            masks = F.interpolate(target["masks"][:, None].float(), **resize_kwargs)[:, 0]
+            masks = F.interpolate(target["masks"][:, None].float(), size=size, scale_factor=scale,
+                                  recompute_scale_factor=recompute)[:, 0]
             target["masks"] = masks.byte()
         return image, target
 
