@@ -104,7 +104,7 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
             results: dict[int, Detections | Failure] = {}
             ready: list[tuple[int, torch.Tensor]] = []
             for i in chunk:
-                image, reason, _ = prepare_image(files[i], transform, max_pixels=opts.max_pixels)
+                image, reason, _ = prepare_image(files[i], transform, limits=opts.limits)
                 if image is None:
                     results[i] = Failure(str(files[i]), reason or "could not be read")
                 else:
