@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .base import FeatureInfo, ZooModel
+from .base import FeatureInfo, VisionModel, ZooModel
 
 
 class _StagesCaptured(Exception):
@@ -30,7 +30,7 @@ class FeatureExtractor(nn.Module):
         feature_info: the `FeatureInfo` (module, channels, reduction) of each returned map.
     """
 
-    def __init__(self, model: ZooModel, out_indices: Sequence[int] | None = None):
+    def __init__(self, model: VisionModel, out_indices: Sequence[int | str] | None = None):
         super().__init__()
         if not isinstance(model, ZooModel):
             raise InputError(f"features_only needs a visionzoo model, got {type(model).__name__}")
@@ -87,7 +87,7 @@ class FeatureExtractor(nn.Module):
         return f"out_indices={self.out_indices}, channels={self.channels}, reductions={self.reductions}"
 
 
-def resolve_out_indices(model: ZooModel, out_indices: Sequence[int] | int | str | None) -> tuple[int, ...]:
+def resolve_out_indices(model: ZooModel, out_indices: Sequence[int | str] | int | str | None) -> tuple[int, ...]:
     """Stage positions from indices (negative count from the deepest) or `feature_info` module names."""
     n = len(model.feature_info)
     if out_indices is None:
