@@ -136,9 +136,12 @@ class Explainer:
 
     def explain_image(self, img: Image.Image, target: int | str | None = None, path: str = "") -> Explanation:
         """Grad-CAM of a decoded image (from `load_image`), mapped onto the full image."""
+        resize, crop = self.card.preprocess.resize_size, self.card.preprocess.crop_size
+        if resize is None or crop is None:
+            raise InputError(f"{self.card.architecture}: Grad-CAM maps its heat back through a resize and a centre "
+                             f"crop, and this preprocessing lacks one")
         heat, index, probability, stage = self.cam(self.transform(img)[None], target)
-        full = _to_image_frame(heat.numpy(), img.size, self.card.preprocess.resize_size,
-                               self.card.preprocess.crop_size)
+        full = _to_image_frame(heat.numpy(), img.size, resize, crop)
         y, x = np.unravel_index(int(full.argmax()), full.shape)
         classes = self.card.classes
         label = classes[index] if classes else f"class_{index}"
