@@ -64,7 +64,7 @@ class Explanation:
 class Explainer:
     """Grad-CAM for one classifier; `explain_image(img, target)` for a decoded image."""
 
-    def __init__(self, model: ZooModel):
+    def __init__(self, model: VisionModel):
         if not isinstance(model, ZooModel):
             raise InputError(f"Grad-CAM needs a visionzoo classifier, got {type(model).__name__}")
         card = model.card_required
@@ -200,7 +200,7 @@ def explain(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     net = resolve_model(model)
-    explainer = Explainer(net)  # type: ignore[arg-type]  # Explainer checks the kind itself
+    explainer = Explainer(net)  # Explainer checks the kind itself
     explainer.resolve_target(target)  # a bad target fails before any image is read
     files, failures = expand_inputs(list(inputs))
     results: list[Explanation | Failure] = list(failures)
