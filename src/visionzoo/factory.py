@@ -242,7 +242,10 @@ def _composition(arch: Architecture, kwargs: dict[str, Any], *, with_checkpoint:
 
 
 def _head_preprocess(arch: Architecture, backbone: Preprocess) -> Preprocess:
-    """A composed head's recipe with its backbone weights' normalisation (and interpolation)."""
+    """A composed head's recipe with its backbone weights' normalisation (and interpolation); a detector's
+    recipe is kept as it is (it only scales to [0, 1]: the detector normalises with the backbone's values)."""
+    if arch.default_preprocess.kind == "ObjectDetection":
+        return arch.default_preprocess
     return dataclasses.replace(arch.default_preprocess, mean=backbone.mean, std=backbone.std,
                                interpolation=backbone.interpolation)
 

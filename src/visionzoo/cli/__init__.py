@@ -25,8 +25,8 @@ from . import deploy, images, train, zoo
 from .common import EXIT_ERROR, EXIT_NOTHING, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, err
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Pre-trained vision models: list, download, inspect, predict, embed, explain, fine-tune, "
-                       "evaluate, export, quantize, prune, benchmark, serve.")
+                  help="Pre-trained vision models: list, download, inspect, predict, embed, detect, explain, "
+                       "fine-tune, evaluate, export, quantize, prune, benchmark, serve.")
 
 
 @app.callback()
@@ -41,7 +41,8 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what 
         os.environ[ENV_OFFLINE] = "1"  # the environment, so worker processes are offline too
 
 
-for command in (images.predict, images.embed, images.explain, zoo.models, zoo.info, zoo.download, zoo.inspect,
+for command in (images.predict, images.embed, images.detect, images.explain, zoo.models, zoo.info, zoo.download,
+                zoo.inspect,
                 train.finetune, train.evaluate, deploy.export, deploy.quantize, deploy.prune, deploy.benchmark,
                 deploy.serve):
     app.command(command.__name__)(command)

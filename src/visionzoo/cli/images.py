@@ -1,4 +1,4 @@
-"""`predict`, `embed` and `explain`: images in, labels, vectors or heat maps out."""
+"""`predict`, `embed`, `detect` and `explain`: images in, labels, vectors, boxes or heat maps out."""
 from __future__ import annotations
 
 import dataclasses
@@ -124,6 +124,38 @@ def embed(
     extra = f" (+ {sidecar_path(written).name})" if written is not None and written.suffix.lower() == ".npy" else ""
     note(f"wrote {len(result)} embeddings of dimension {result.dim} to {written}{extra}")
     exit_for_failures(len(result), result.failures, "embedded")
+
+
+@with_inference_options
+def detect(
+    paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
+    model: str = typer.Option("ssdlite320_mobilenet_v3_large", "--model", "-m", help="A detector: NAME or NAME.TAG "
+                              "(default weights unless a tag is given) or a bundle folder; see `visionzoo models "
+                              "--task detection`."),
+    weights: WeightsFile = None,
+    threshold: float = typer.Option(0.5, "--threshold", "-t", min=0.0, max=1.0, help="The lowest score reported."),
+    out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Also write each image there as a PNG with "
+                                          "its boxes, labels and scores drawn."),
+    *,
+    options: InferenceOptions,
+) -> None:
+    """Detect objects: one JSON line per image (boxes in its pixels as [x1, y1, x2, y2], label, score)."""
+    import json
+
+    from ..tasks.detect import Detections, iter_detect
+    from .common import out
+
+    failures, done = [], 0
+    for result in iter_detect(paths, model_arg(model, weights), threshold, draw_dir=out_dir, options=options):
+        if isinstance(result, Detections):
+            out.print(json.dumps(result.to_dict()), markup=False, highlight=False, soft_wrap=True)
+            done += 1
+        else:
+            failures.append(result)
+            report_failure(result)
+    if out_dir is not None and done:
+        note(f"drew {done} image{'s' if done != 1 else ''} in {out_dir}")
+    exit_for_failures(done, failures, "detected")
 
 
 def _on_ray(paths: list[str], model, out: str | None, options: InferenceOptions, *, embed: bool, address: str | None,
