@@ -93,7 +93,8 @@ def resolve_model(model: str | os.PathLike | VisionModel) -> VisionModel:
         if find_bundle(text) is not None:
             return load_bundle(text)
         _, tag = split_name(text)
-        return create_model(text, weights=None if tag else "DEFAULT")
+        # without features_only, create_model returns the model itself
+        return cast(VisionModel, create_model(text, weights=None if tag else "DEFAULT"))
     raise InputError(f"model must be a name, a bundle folder or a visionzoo model, got {type(model).__name__}")
 
 
@@ -332,7 +333,7 @@ def _resolve_weights(arch: Architecture, weights: WeightsArg, progress: bool
     return record, read_checkpoint(path), str(path)
 
 
-def _bundle_arg(name: object, weights: WeightsArg) -> tuple[str | os.PathLike | None, str | None]:
+def _bundle_arg(name: str | os.PathLike, weights: WeightsArg) -> tuple[str | os.PathLike | None, str | None]:
     """(bundle folder, architecture it must hold) for `create_model(bundle)` or
     `create_model(arch, weights=bundle)`; (None, None) when no bundle is named."""
     if isinstance(name, (str, os.PathLike)) and weights in (None, True, "DEFAULT") and find_bundle(name):

@@ -20,11 +20,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .enums import Task, parse_enum
 from .errors import UnknownModelError, UnknownWeightsError
 from .weights.records import DEFAULT_PREPROCESS, Preprocess, Weights
+
+if TYPE_CHECKING:
+    from .models.base import VisionModel
 
 # Model families built so far: modules of `visionzoo.models` with `VARIANTS` and `MODEL_CLASS` (and,
 # for heads that go on any backbone, `COMPOSED` and `compose`).
@@ -42,7 +45,7 @@ class Architecture:
 
     name: str
     family: str
-    model_class: type
+    model_class: type[VisionModel]
     config: Any
     weights: tuple[Weights, ...]  # published weights, default first
     default_preprocess: Preprocess  # for use without weights (from the default weights if any)

@@ -18,7 +18,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch.utils.data import Dataset
 
@@ -114,7 +114,8 @@ class ImageDataset(Dataset):
         Relative paths are relative to `root` (default: the CSV's folder). Classes are the
         distinct labels, sorted (numerically when every label is an integer).
         """
-        rows = read_csv_samples(csv_file, root=root, require_label=True)
+        # require_label: every row has a label
+        rows = cast(list[tuple[Path, str]], read_csv_samples(csv_file, root=root, require_label=True))
         labels = {label for _, label in rows}
         classes = _check_classes(classes, _sorted_labels(labels), f"labels in {csv_file}")
         index = {c: i for i, c in enumerate(classes)}

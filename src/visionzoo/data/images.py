@@ -414,7 +414,8 @@ def _draft(img: Image.Image, reduce_to: int) -> tuple[float, float, float, float
     result = img.draft(img.mode, (max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor))))
     if result is None or img.size == (width, height):
         return None
-    return tuple(float(v) for v in result[1])
+    left, top, right, bottom = result[1]
+    return float(left), float(top), float(right), float(bottom)
 
 
 # EXIF orientation -> the transposition that makes the image upright (as `ImageOps.exif_transpose`)

@@ -42,7 +42,7 @@ class Failure:
     reason: str
 
 
-def expand_inputs(items: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Failure]]:
+def expand_inputs(items: Iterable[str | os.PathLike] | str | os.PathLike) -> tuple[list[Path], list[Failure]]:
     """Files, folders, globs, `@LIST` files and CSV datasets -> image files.
 
     Returns the files in a stable order (folders and glob matches sorted, duplicates

@@ -168,14 +168,14 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
         limits = DEFAULT_LIMITS if max_pixels == DEFAULT_MAX_PIXELS else DecodeLimits(max_pixels=max_pixels)
     if index_batches is None:
         index_batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
-    index_batches = [list(b) for b in index_batches if len(b)]
-    if not index_batches:
+    index_lists = [list(b) for b in index_batches if len(b)]
+    if not index_lists:
         return
     if num_workers is None:
-        num_workers = default_num_workers(len(index_batches))
+        num_workers = default_num_workers(len(index_lists))
     dataset = ImageFiles(paths, preprocess.transforms(), limits=limits, reduce_to=reduce_target(preprocess, fast),
                          resize_to=preprocess.resize_size)
-    loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=num_workers,
+    loader = DataLoader(dataset, batch_sampler=index_lists, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=pin_memory,
                         worker_init_fn=fix_mmap_threshold if num_workers else None)
     if num_workers == 0:

@@ -154,7 +154,7 @@ class ImageTransform:
         if p.resize_hw is not None:
             size = (p.resize_hw[1], p.resize_hw[0])
         elif p.resize_size is not None:
-            size = resized_size(*full, p.resize_size)
+            size = resized_size(full[0], full[1], p.resize_size)
         else:
             size = full  # no resize: a reduced decode goes back to the full image's size
         if draft is None and size == img.size:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .base import FeatureInfo, ZooModel
+from .base import FeatureInfo, VisionModel, ZooModel
 
 
 class _StagesCaptured(Exception):
@@ -30,7 +30,7 @@ class FeatureExtractor(nn.Module):
         feature_info: the `FeatureInfo` (module, channels, reduction) of each returned map.
     """
 
-    def __init__(self, model: ZooModel, out_indices: Sequence[int | str] | None = None):
+    def __init__(self, model: VisionModel, out_indices: Sequence[int | str] | None = None):
         super().__init__()
         if not isinstance(model, ZooModel):
             raise InputError(f"features_only needs a visionzoo model, got {type(model).__name__}")

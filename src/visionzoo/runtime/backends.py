@@ -25,6 +25,7 @@ import os
 from collections import OrderedDict
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ from ..errors import CheckpointError, InputError
 from ..models.base import VisionModel, ZooModel
 from ..optional import available, require
 from .metadata import INPUT_NAME, OUTPUTS, ModelInfo, model_info
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger("visionzoo")
 DEPLOYED_SUFFIXES = (".onnx",)  # model files the runtimes read directly
@@ -169,8 +173,8 @@ class OnnxRuntimeRunner(Runner):
         self.threads = threads or available_cpus()
         self.split_batches = split_batches and self.threads > 1
         self.session = self._session(self.threads)
-        self._single = None  # the single-threaded session and its thread pool, made on first use
-        self._pool = None
+        self._single: Any = None  # the single-threaded session and its thread pool, made on first use
+        self._pool: ThreadPoolExecutor | None = None
 
     def _session(self, threads: int):
         options = self._ort.SessionOptions()
@@ -182,7 +186,7 @@ class OnnxRuntimeRunner(Runner):
             raise CheckpointError(f"{self.path}: ONNX Runtime cannot load it ({_one_line(e)})") from None
 
     def _run_split(self, x: np.ndarray) -> list[np.ndarray]:
-        if self._single is None:
+        if self._pool is None:  # made together with the single-threaded session
             from concurrent.futures import ThreadPoolExecutor
 
             self._single = self._session(1)
@@ -244,7 +248,8 @@ class OpenVINORunner(Runner):
         x = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
         request, outputs = self._request(x.shape[0])
         result = request.infer({INPUT_NAME: x})
-        return tuple(torch.from_numpy(np.array(result[o], dtype=np.float32)) for o in outputs)
+        logits, embedding = (torch.from_numpy(np.array(result[o], dtype=np.float32)) for o in outputs)
+        return logits, embedding
 
 
 def _input_channels(net: ZooModel) -> int | None:
@@ -261,7 +266,7 @@ def _one_line(e: BaseException) -> str:
     return (lines[0] if lines else type(e).__name__)[:300]
 
 
-def is_model_file(model: object) -> bool:
+def is_model_file(model: object) -> TypeGuard[str | os.PathLike]:
     """Whether `model` names an exported model file (rather than a model name or bundle)."""
     return (isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() in DEPLOYED_SUFFIXES
             and Path(model).expanduser().is_file())
@@ -313,7 +318,8 @@ def open_runner(model, backend: Backend | str = Backend.AUTO, *, threads: int | 
 
     from ..factory import resolve_model
 
-    net = resolve_model(model)
+    # the runners are written against the classifier interface (ZooModel); nothing else reaches them today
+    net = cast(ZooModel, resolve_model(model))
     if backend in (Backend.AUTO, Backend.TORCH):
         # a model built here from a name is ours to optimise in place; the caller's is copied
         return TorchRunner(net, device=device, optimize=optimize, precision=precision,

@@ -29,6 +29,7 @@ import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -99,7 +100,8 @@ def export_model(model, fmt: ExportFormat | str, out: str | os.PathLike, *, inpu
     from ..factory import resolve_model
 
     fmt = parse_enum(ExportFormat, fmt, "export format")
-    net = resolve_model(model).eval()
+    # the export graph is written against the classifier interface (ZooModel)
+    net = cast(ZooModel, resolve_model(model).eval())
     info = _info_for(net, input_size)
     out = Path(out).expanduser()
     writer = {ExportFormat.ONNX: _write_onnx, ExportFormat.TORCHSCRIPT: _write_torchscript,
@@ -165,7 +167,9 @@ def _onnx_torchscript(graph: nn.Module, sample: torch.Tensor):
         # the tracer warns about sizes read from tensors (padding, window partitions): the
         # spatial size is fixed in the export, only the batch size varies, and that is checked
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, (sample,), buf, dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
+        # the TorchScript exporter (dynamo=False) writes to a file object too; torch's annotation lists paths only
+        torch.onnx.export(graph, (sample,), buf,  # type: ignore[arg-type]
+                          dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
                           output_names=list(OUTPUTS), dynamic_axes=axes, do_constant_folding=True)
     return onnx.load_from_string(buf.getvalue())
 
@@ -177,6 +181,8 @@ def _onnx_dynamo(graph: nn.Module, sample: torch.Tensor):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(graph, (sample,), dynamo=True, input_names=[INPUT_NAME],
                                     output_names=list(OUTPUTS), dynamic_shapes=({0: batch},), verbose=False)
+    if program is None:  # only the TorchScript exporter returns None
+        raise ExportError("the dynamo ONNX exporter returned no program")
     return program.model_proto
 
 
@@ -311,7 +317,7 @@ def check_export(graph: ExportGraph, path: Path, fmt: ExportFormat, info: ModelI
         with torch.inference_mode():
             got = [t.float().numpy() for t in module(x)]
     diffs = {name: relative_difference(g, e) for name, g, e in zip(OUTPUTS, got, expected, strict=True)}
-    worst = max(diffs, key=diffs.get)
+    worst = max(diffs, key=lambda name: diffs[name])
     if not diffs[worst] <= tolerance:  # also catches NaN
         raise ExportError(f"the {fmt.value} export of {info.arch} does not reproduce PyTorch: max relative "
                           f"difference {diffs[worst]:.2e} on '{worst}' exceeds {tolerance:g}; try another --format "

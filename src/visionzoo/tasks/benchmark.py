@@ -29,6 +29,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +124,7 @@ class BenchmarkResult:
         return out
 
 
-def _split(values: str | Iterable[Any] | None) -> list[Any] | None:
+def _split(values: str | int | os.PathLike | Iterable[Any] | None) -> list[Any] | None:
     if values is None:
         return None
     if isinstance(values, str):
@@ -291,13 +292,14 @@ def _run_one(source, label: str, backend, precision, sizes: list[int], *, thread
         for batch in sizes:
             x = random_batch(batch, runner.info.input_size)
             tracked = reset_peak() and baseline is not None
-            timing = time_calls(lambda x=x, r=runner: r.logits(x), batch, warmup=warmup, repeats=repeats,
+            timing = time_calls(partial(runner.logits, x), batch, warmup=warmup, repeats=repeats,
                                 min_repeats=min(3, repeats), max_seconds=max_seconds)
             peak = peak_mib() if tracked else None
             rows.append(BenchmarkRow(model=label, backend=backend.value, precision=runner.precision.value,
                                      batch=batch, throughput=timing.throughput, p50_ms=timing.p50_ms,
                                      p95_ms=timing.p95_ms,
-                                     peak_mib=max(0.0, peak - baseline) if peak is not None else None,
+                                     peak_mib=(max(0.0, peak - baseline) if peak is not None and baseline is not None
+                                               else None),
                                      size_mib=size_mib, accuracy=acc, repeats=len(timing.times)))
         del runner
         return rows

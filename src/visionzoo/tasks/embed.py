@@ -308,8 +308,11 @@ def model_fingerprint(runner: Runner) -> dict:
     if isinstance(runner, TorchRunner):
         weights = weights_fingerprint(runner.net)
         kind = type(runner.net).__name__
-    else:
+    elif runner.path is not None:
         weights, kind = sha256_file(runner.path), runner.path.suffix
+    else:
+        raise InputError(f"this {runner.backend.value} runner has neither a torch model nor a model file to "
+                         f"identify it by; embed with a model name, a bundle or a model file")
     return {"arch": runner.arch, "class": kind, "weights": weights, "backend": runner.backend.value,
             "precision": runner.precision.value}
 
@@ -351,6 +354,7 @@ class _ChunkStore:
         self.done = {int(p.stem.split("-")[1]) for p in folder.glob("chunk-*.npz")}
 
     def _file(self, k: int) -> Path:
+        assert self.folder is not None  # only chunks kept on disk have a file
         return self.folder / f"chunk-{k:06d}.npz"
 
     def save(self, k: int, chunk: _Chunk, dim: int) -> None:

@@ -28,7 +28,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -44,7 +44,7 @@ from ..errors import ImageError, InputError, OutputBusyError, TrainingError
 from ..factory import create_model
 from ..fileutil import atomic_path, exclusive, remove_leftovers
 from ..metrics import topk_hits
-from ..models.base import ZooModel
+from ..models.base import VisionModel, ZooModel
 from ..progress import stderr_echo
 from ..registry import split_name
 from ..train import checkpoint as ckpt
@@ -189,9 +189,10 @@ def _run(data, run_dir: Path, train, val, cfg: FinetuneConfig, resume: bool, dis
     strategy, reason = _strategy(ctx, payload)
     ctx.cfg = cfg = cfg.resolved(strategy)
     ctx.say(f"strategy: {strategy.value} ({reason})")
+    epochs = cfg.settled()[0]
     ctx.say(f"{len(ctx.train_samples)} training and {len(ctx.val_samples)} validation images, {len(ctx.classes)} "
-            f"classes; {ctx.net.arch} at {ctx.pp.crop}x{ctx.pp.crop}, {cfg.epochs} "
-            f"epoch{'s' if cfg.epochs > 1 else ''}" + (f", {dist.world} processes" if dist.enabled else ""))
+            f"classes; {ctx.net.arch} at {ctx.pp.crop}x{ctx.pp.crop}, {epochs} "
+            f"epoch{'s' if epochs > 1 else ''}" + (f", {dist.world} processes" if dist.enabled else ""))
     meta = {"config": cfg.to_dict(), "strategy": strategy.value, "reason": reason, "classes": list(ctx.classes),
             "fingerprint": ctx.fingerprint}
     if dist.is_main:
@@ -247,7 +248,9 @@ def _starting_model(cfg: FinetuneConfig, classes: list[str], dist: D.Dist
     # NAME: its default weights; NAME.TAG: those weights; a bundle: its weights (fine-tune further)
     named_weights = is_bundle(cfg.model) or split_name(cfg.model)[1] is not None
     torch.manual_seed(sample_seed(cfg.seed, 0))  # the new classifier's initial weights come from the seed
-    net = create_model(cfg.model, weights=None if named_weights else "DEFAULT", num_classes=len(classes))
+    # without features_only, create_model returns the model itself
+    net = cast(VisionModel, create_model(cfg.model, weights=None if named_weights else "DEFAULT",
+                                         num_classes=len(classes)))
     if not isinstance(net, ZooModel):
         raise InputError(f"{cfg.model} is a {net.task.value} model; this fine-tunes classifiers")
     card = net.card_required
@@ -297,7 +300,7 @@ def _train(ctx: _Context, parts: dict, payload: dict | None, meta: dict, progres
               validate=parts["validate"], optimizer=optimizer, scheduler=scheduler, on_best=on_best,
               on_epoch_end=on_epoch_end, num_threads=parts.get("num_threads"))
     cfg = ctx.cfg
-    state = fit(job, state, epochs=cfg.epochs, seed=cfg.seed, accumulate=cfg.accumulate,
+    state = fit(job, state, epochs=cfg.settled()[0], seed=cfg.seed, accumulate=cfg.accumulate,
                 label_smoothing=cfg.label_smoothing, patience=cfg.patience, amp_dtype=ctx.amp, dist=ctx.dist,
                 progress=progress, echo=ctx.say)
     if best["weights"] is not None:
@@ -318,7 +321,7 @@ def training_samples(data, train, val, cfg: FinetuneConfig):
     if val is not None:
         val_ds = open_dataset(val, classes=classes)
         train_samples, val_samples = base.samples, val_ds.samples
-        sources = {"train": str(data or train), "val": str(val)}
+        sources: dict[str, str | None] = {"train": str(data or train), "val": str(val)}
     elif cfg.val_fraction > 0:
         tr, va = stratified_split(base.targets, cfg.val_fraction, cfg.seed)
         train_samples, val_samples = [base.samples[i] for i in tr], [base.samples[i] for i in va]
@@ -396,12 +399,13 @@ def _amp_dtype(precision: Precision, device: torch.device, crop_size: int) -> to
 
 
 def _optimizer(groups: list[dict], cfg: FinetuneConfig, steps_per_epoch: int):
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    epochs, lr, warmup_epochs = cfg.settled()
+    optimizer = torch.optim.AdamW(groups, lr=lr)
     per_epoch = math.ceil(steps_per_epoch / cfg.accumulate)
     head_steps = cfg.head_epochs * per_epoch if cfg.strategy is not Strategy.LINEAR else 0
-    total = cfg.epochs * per_epoch
+    total = epochs * per_epoch
     # a warm-up longer than half the (post-head) run would leave no time at the full rate
-    warmup = min(round(cfg.warmup_epochs * per_epoch), (total - head_steps) // 2)
+    warmup = min(round(warmup_epochs * per_epoch), (total - head_steps) // 2)
     schedule = lr_schedule(total, warmup, head_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
@@ -428,7 +432,7 @@ def _network_job(ctx: _Context) -> dict:
     if stages.unused:
         log.info("%d parameters never run in a forward pass stay frozen (%s, ...)", len(stages.unused),
                  stages.unused[0])
-    groups = param_groups(net, stages, cfg.lr, cfg.lr_decay, cfg.weight_decay, main)
+    groups = param_groups(net, stages, cfg.settled()[1], cfg.lr_decay, cfg.weight_decay, main)
     augment = Augment(pp, cfg.crop_scale, hflip=cfg.hflip) if cfg.augment else None
     train_set = KeyedImages(train_samples, pp, augment, ctx.limits)
     sampler = EpochSampler(len(train_samples), dist, cfg.seed, augment=augment is not None)

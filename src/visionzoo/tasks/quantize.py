@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -130,10 +131,12 @@ def _quantize(model, calibration, out: Path, backend: Backend, mode: QuantMode, 
     from ..factory import resolve_model
     from ..runtime.cache import exported_onnx
 
-    net = resolve_model(model).eval()
+    # the export and calibration below are written against the classifier interface (ZooModel)
+    net = cast(ZooModel, resolve_model(model).eval())
     info = model_info(net)
     mode, reason = _choose_mode(net, info, mode)
-    files, failures = [], []
+    files: list[Path] = []
+    failures: list[Failure] = []
     if mode is QuantMode.STATIC or check:
         if calibration is None:
             if mode is QuantMode.STATIC:

@@ -88,7 +88,7 @@ def map_stages(model: ZooModel, image_size: int) -> StageMap:
     return StageMap(tuple(map(tuple, params)), tuple(map(tuple, modules)), tuple(unused))
 
 
-def _input_channels(model: nn.Module) -> int:
+def _input_channels(model: ZooModel) -> int:
     first = model.get_submodule(model.first_conv)
     for attr in ("in_channels", "in_features"):
         if hasattr(first, attr):

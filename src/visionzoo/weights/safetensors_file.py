@@ -22,6 +22,7 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -63,14 +64,16 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, st
             itemsize = torch.empty((), dtype=dtype).element_size()
             if numel and offset % ALIGN == 0:
                 if storage is None:
-                    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+                    # torch's stubs type from_file as returning any storage; on UntypedStorage it makes one
+                    storage = cast(torch.UntypedStorage,
+                                   torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size))
                 tensors[name] = torch.empty(0, dtype=dtype).set_(storage, offset // itemsize, shape,
                                                                  _contiguous_strides(shape))
                 continue
             t = torch.empty(shape, dtype=dtype)
             if numel:
                 f.seek(offset)
-                view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                view = t.reshape(-1).view(torch.uint8).numpy().data
                 if f.readinto(view) != end - begin:
                     raise SafetensorsError(f"tensor {name!r}: file ends early")
             tensors[name] = t
@@ -198,4 +201,4 @@ def write(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
         for name in names:
             t = tensors[name]
             if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)

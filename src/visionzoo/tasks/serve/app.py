@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Message, Receive
 
 from ...data.images import DEFAULT_MAX_PIXELS, load_image
 from ...errors import ImageError, InputError, VisionZooError
@@ -96,7 +97,7 @@ class RequestError(Exception):
 
 
 def error_response(status: int, message: str, *, close: bool = False,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
     headers = dict(headers or {})
     if close:
         headers["Connection"] = "close"
@@ -199,13 +200,13 @@ class PredictService:
             return True
         return False
 
-    def _guarded(self, receive: Callable[[], Awaitable[dict]], limit: int):
+    def _guarded(self, receive: Receive, limit: int) -> Receive:
         """`receive` under the body limit and the body deadline (both checked as the bytes arrive)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.body_timeout
         total = 0
 
-        async def guarded() -> dict:
+        async def guarded() -> Message:
             nonlocal total
             left = deadline - loop.time()
             try:
