@@ -91,6 +91,7 @@ class PredictServer(ThreadingHTTPServer):
                 "preprocess": r.preprocess.to_dict(), "input_size": r.info.input_size,
                 "embedding_dim": r.info.embedding_dim, "backend": r.backend.value, "precision": r.precision.value,
                 "weights": d.get("weights"), "source": str(r.source), "quantization": d.get("quantization") or None,
+                "auto": r.choice.summary() if r.choice is not None else None,
                 "topk": self.topk, "max_bytes": self.max_bytes, "visionzoo_version": __version__}
 
     def predict_bytes(self, data: bytes, topk: int | None = None) -> dict[str, Any]:
@@ -286,7 +287,7 @@ def _topk(query: str) -> int | None:
 
 
 def make_server(model, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, backend: str = "auto",
-                threads: int | None = None, precision: str = "fp32", topk: int = 5,
+                threads: int | None = None, precision: str = "auto", topk: int = 5,
                 max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                 fast: bool = True) -> PredictServer:
     """A `PredictServer` for `model` bound to (host, port), not yet serving.
@@ -307,7 +308,7 @@ def make_server(model, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, bac
         raise InputError(f"max_bytes must be >= 1, got {max_bytes}")
     if not 0 <= port <= 65535:
         raise InputError(f"port must be between 0 and 65535, got {port}")
-    runner = open_runner(model, backend, threads=threads, precision=precision)
+    runner = open_runner(model, backend, threads=threads, precision=precision, batch_size=1)  # a request: one image
     try:
         return PredictServer((host, port), runner, topk=topk, max_bytes=max_bytes, max_pixels=max_pixels,
                              fast=fast)
@@ -318,7 +319,7 @@ def make_server(model, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, bac
 
 def serve(model, host: str = "127.0.0.1", port: int = DEFAULT_PORT, backend: str = "auto",
           threads: int | None = None, topk: int = 5, max_bytes: int = DEFAULT_MAX_BYTES, *,
-          precision: str = "fp32", max_pixels: int | None = DEFAULT_MAX_PIXELS, fast: bool = True,
+          precision: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS, fast: bool = True,
           on_ready=None) -> None:
     """Serve `model` over HTTP until Ctrl-C or SIGTERM (see the module docstring).
 

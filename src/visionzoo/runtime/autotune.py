@@ -1,0 +1,553 @@
+"""`auto`: the fastest backend and precision that keep float32 PyTorch's answers, measured once per model and machine.
+
+    runner = open_runner("efficientnet_lite0")     # backend and precision auto
+    runner.choice.summary()                          # 'openvino fp32: the fastest of 3 ...'
+
+The candidates are every installed backend (torch, onnxruntime, openvino) in float32 and,
+where the hardware runs it natively (`machine.py`: AVX512-BF16 or AMX on the CPU, a GPU
+with bfloat16), bfloat16 on torch and OpenVINO; for an exported file the two runtimes in
+the file's precision (int8 for a quantized file). A forced `--backend` or `--precision`
+narrows the candidates to it. Each candidate is
+
+  1. timed at the batch size and thread count it will run with, the candidates interleaved
+     in one process (`measure.interleaved_times`), so that a busy machine slows them alike;
+  2. checked, fastest first: its top-1 must agree with float32 PyTorch on at least
+     `MIN_AGREEMENT` (99.5%) of the check set. The first that passes is chosen, and the
+     slower ones need no check.
+
+The reference is the model in float32 PyTorch with BatchNorms folded (the same function to
+float rounding, `torch_opt.py`); for an exported float file, the file on ONNX Runtime
+(verified against PyTorch when it was exported). An int8 file has no float32 model to
+compare with: `quantize` measured its agreement, and `auto` only picks the faster runtime.
+
+The check set (`CHECK_IMAGES` images): a bundle's own validation images when its data is
+still where it was trained from, else the photos packaged with visionzoo and augmented
+copies of them (`data/samples.py`), the same images on every run.
+
+Both measurements are cached beside the model's export (`cache.py`): the agreement under a
+key of the machine's CPU, its native bfloat16 and the library versions; the choice under
+that key plus the cores, threads, batch size and device. Later runs read them back. Every
+run logs the choice and why (`--verbose`); `benchmark` and `info` print it.
+`VISIONZOO_AUTOTUNE=0` skips the measurement: `auto` is then torch float32 for a model, and
+OpenVINO (else ONNX Runtime) for a file.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data.loader import available_cpus
+from ..enums import Precision, Task
+from ..errors import InputError, MissingDependencyError, VisionZooError
+from ..fileutil import atomic_path, json_digest
+from ..models.base import VisionModel, ZooModel
+from ..version import __version__
+from .backends import Backend, Runner, TorchRunner, installed_backends, is_model_file, open_runner
+from .machine import capabilities, cuda_bf16
+from .measure import cpu_features, cpu_model, interleaved_times
+from .metadata import ModelInfo
+
+log = logging.getLogger("visionzoo")
+MIN_AGREEMENT = 0.995  # top-1 agreement with float32 PyTorch a candidate needs
+CHECK_IMAGES = 200  # at 99.5%, one disagreement is tolerated, two are not
+CHECK_BATCH = 32
+TIMING_ROUNDS = 3  # interleaved timed rounds per candidate (after one untimed call)
+AUTOTUNE_ENV = "VISIONZOO_AUTOTUNE"
+_KEY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Candidate:
+    backend: Backend
+    precision: Precision
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend.value} {self.precision.value}"
+
+
+@dataclass(frozen=True)
+class Trial:
+    """What was measured of one candidate."""
+
+    backend: str
+    precision: str
+    images_per_second: float | None = None  # at the batch size and threads of the choice
+    agreement: float | None = None  # share of the check set whose top-1 is float32 PyTorch's
+    verdict: str = ""  # chosen, rejected (and why), not checked (slower than the choice), failed
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} {self.precision}"
+
+    def line(self) -> str:
+        speed = "-" if self.images_per_second is None else f"{self.images_per_second:.1f} img/s"
+        agree = "" if self.agreement is None else f", top-1 agreement {self.agreement:.1%}"
+        return f"{self.label}: {speed}{agree}: {self.verdict}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The backend and precision `auto` chose, and why."""
+
+    backend: Backend
+    precision: Precision
+    reason: str  # one sentence
+    trials: tuple[Trial, ...] = ()
+    measured: bool = False  # chosen by measuring (False: by a rule)
+    cached: bool = False  # read from an earlier run's measurement
+    conditions: dict[str, Any] = field(default_factory=dict)  # batch, threads, device, check set
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend.value} {self.precision.value}"
+
+    def summary(self) -> str:
+        return f"auto: {self.label}: {self.reason}"
+
+    def lines(self) -> list[str]:
+        return [self.summary(), *(f"  {t.line()}" for t in self.trials)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend.value, "precision": self.precision.value, "reason": self.reason,
+                "measured": self.measured, "cached": self.cached, "conditions": dict(self.conditions),
+                "trials": [asdict(t) for t in self.trials]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Choice:
+        return cls(Backend(d["backend"]), Precision(d["precision"]), d["reason"],
+                   tuple(Trial(**t) for t in d.get("trials", ())), bool(d.get("measured")), bool(d.get("cached")),
+                   dict(d.get("conditions") or {}))
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
+# -- the entry point: open_runner's hook -----------------------------------------------------------
+
+def open_auto(model, backend: Backend, precision: Precision, *, threads: int | None = None,
+              device: str | torch.device = "cpu", optimize: bool = True, batch_size: int = 32) -> Runner:
+    """A runner for `model` with `auto` resolved (the backend, the precision or both); the runner's
+    `choice` says what was chosen and why. The arguments are `open_runner`'s."""
+    device = torch.device(device)
+    if is_model_file(model):
+        return _open_file(Path(model).expanduser(), backend, precision, threads, batch_size)
+    from ..factory import resolve_model
+
+    owned = not isinstance(model, VisionModel)  # a model built here from a name may be changed in place
+    net = resolve_model(model)
+    if net.card is None or net.card.task is not Task.CLASSIFICATION:
+        choice = _rule(backend, precision, is_file=False, why="auto measures classifiers; this model is not one")
+        return _attach(open_runner(net, choice.backend, threads=threads, device=device,
+                                   precision=choice.precision, optimize=optimize), choice)
+    tuner = _Tuner(net, None, backend, precision, threads=threads, device=device, batch_size=batch_size,
+                   optimize=optimize, owned=owned)
+    return tuner.run()
+
+
+def _open_file(path: Path, backend: Backend, precision: Precision, threads: int | None, batch_size: int) -> Runner:
+    from .export import read_onnx_info
+
+    info = read_onnx_info(path)
+    if info is None:
+        raise InputError(f"{path} has no visionzoo metadata (preprocessing, classes); export it with "
+                         f"`visionzoo export` or `visionzoo quantize`")
+    if backend is Backend.TORCH:
+        raise InputError(f"{path} is an ONNX file: run it with --backend onnxruntime or openvino "
+                         f"(the torch backend takes a model name or bundle)")
+    tuner = _Tuner(None, path, backend, precision, threads=threads, device=torch.device("cpu"),
+                   batch_size=batch_size, optimize=True, owned=False, info=info)
+    return tuner.run()
+
+
+def _attach(runner: Runner, choice: Choice) -> Runner:
+    runner.choice = choice
+    log.info("%s", "\n".join(choice.lines()))
+    return runner
+
+
+def _rule(backend: Backend, precision: Precision, *, is_file: bool, file_precision: Precision | None = None,
+          why: str) -> Choice:
+    """`auto` without measuring: torch (float32) for a model, OpenVINO (else ONNX Runtime) for a file."""
+    if backend is Backend.AUTO:
+        if is_file:
+            backend = Backend.OPENVINO if Backend.OPENVINO in installed_backends() else Backend.ONNXRUNTIME
+        else:
+            backend = Backend.TORCH
+    if precision is Precision.AUTO:
+        precision = file_precision or Precision.FP32
+    return Choice(backend, precision, why)
+
+
+# -- candidates ------------------------------------------------------------------------------------
+
+def candidates(backend: Backend, precision: Precision, *, is_file: bool, file_precision: Precision = Precision.FP32,
+               device: torch.device = torch.device("cpu")) -> tuple[list[Candidate], list[str]]:
+    """The (backend, precision) pairs `auto` measures, and notes on what it leaves out and why."""
+    notes: list[str] = []
+    caps = capabilities()
+    if device.type != "cpu":
+        backends = [Backend.TORCH]
+    else:
+        backends = [b for b in installed_backends() if not (is_file and b is Backend.TORCH)]
+    if backend is not Backend.AUTO:
+        backends = [backend]
+    if file_precision is Precision.INT8:
+        if precision not in (Precision.AUTO, Precision.INT8):
+            raise InputError(f"the file is quantized: it runs in int8, not {precision.value}")
+        return [Candidate(b, Precision.INT8) for b in backends if b is not Backend.TORCH], notes
+    if precision is Precision.INT8:
+        raise InputError("int8 needs a quantized model file: run `visionzoo quantize MODEL --calibration DIR "
+                         "--out MODEL.int8.onnx` and give that file")
+    found = []
+    for b in backends:
+        if precision in (Precision.AUTO, Precision.FP32):
+            found.append(Candidate(b, Precision.FP32))
+        if b is Backend.ONNXRUNTIME:
+            continue  # its CPU kernels are float32
+        native = cuda_bf16(device) if device.type != "cpu" else caps.bf16_for(b.value)
+        if precision is Precision.BF16 or (precision is Precision.AUTO and native):
+            found.append(Candidate(b, Precision.BF16))
+    if precision is Precision.AUTO and not any(c.precision is Precision.BF16 for c in found):
+        where = f"the GPU ({device}) has no bfloat16" if device.type != "cpu" else caps.describe()
+        notes.append(f"bfloat16 not considered: {where}")
+    if precision is Precision.BF16 and not found:
+        raise InputError("bf16 runs on the torch and openvino backends; ONNX Runtime's CPU kernels are float32")
+    return found, notes
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+class _Tuner:
+    """One resolution of `auto` for a model (`net`) or an exported file (`path`)."""
+
+    def __init__(self, net: ZooModel | None, path: Path | None, backend: Backend, precision: Precision, *,
+                 threads: int | None, device: torch.device, batch_size: int, optimize: bool, owned: bool,
+                 info: ModelInfo | None = None):
+        from .metadata import model_info
+
+        self.net, self.path = net, path
+        self.info = info if info is not None else model_info(net)
+        self.backend, self.precision = backend, precision
+        self.threads = threads
+        self.device, self.batch_size, self.optimize, self.owned = device, batch_size, optimize, owned
+        self.file_precision = Precision(self.info.precision) if path is not None else None
+        self.is_file = path is not None
+
+    # the model to open: the file, or the network
+    @property
+    def source(self):
+        return self.path if self.is_file else self.net
+
+    def run(self) -> Runner:
+        if not autotune_enabled():
+            choice = _rule(self.backend, self.precision, is_file=self.is_file, file_precision=self.file_precision,
+                           why=f"{AUTOTUNE_ENV}=0: not measured")
+            return _attach(self._open(Candidate(choice.backend, choice.precision)), choice)
+        found, notes = candidates(self.backend, self.precision, is_file=self.is_file,
+                                  file_precision=self.file_precision or Precision.FP32, device=self.device)
+        if len(found) == 1:
+            only = found[0]
+            reason = "the only candidate" + (f" ({'; '.join(notes)})" if notes else "")
+            return _attach(self._open(only), Choice(only.backend, only.precision, reason))
+        conditions = self._conditions(found)
+        # both names before anything is opened: the torch backend may fold the network in place,
+        # which changes the weights digest in the names
+        choice_file, agreement_file = self._cache_path("auto", conditions), self._cache_path("agreement", None)
+        cached = _read(choice_file)
+        if cached is not None:
+            choice = replace(Choice.from_dict(cached), cached=True)
+            return _attach(self._open(Candidate(choice.backend, choice.precision)), choice)
+        log.warning("%s: measuring which backend and precision run it fastest on this machine, once (cached "
+                    "in %s)", self.info.arch, choice_file.parent)
+        choice, runner = self._measure(found, notes, conditions, agreement_file)
+        _write(choice_file, choice.to_dict())
+        return _attach(runner, choice)
+
+    def _open(self, c: Candidate) -> Runner:
+        # a model built from a name is ours: the torch backend may fold it in place
+        if self.is_file:
+            return open_runner(self.path, c.backend, threads=self.threads, precision=c.precision)
+        if c.backend is Backend.TORCH:
+            return TorchRunner(self.net, device=self.device, optimize=self.optimize, precision=c.precision,
+                               copy=not self.owned)
+        return open_runner(self.net, c.backend, threads=self.threads, precision=c.precision)
+
+    def _conditions(self, found: Sequence[Candidate]) -> dict[str, Any]:
+        return {"batch": self.batch_size, "threads": self.threads or available_cpus(), "device": str(self.device),
+                "candidates": [c.label for c in found], "optimize": self.optimize}
+
+    def _cache_path(self, kind: str, conditions: dict[str, Any] | None) -> Path:
+        from .cache import file_measurement_path, measurement_path
+
+        key = {"version": _KEY_VERSION, "machine": machine_key(), "libraries": library_key(),
+               "device": self.device.type, "check": {"images": CHECK_IMAGES, "min_agreement": MIN_AGREEMENT}}
+        if conditions is not None:
+            key["conditions"] = conditions
+            key["cores"] = available_cpus()
+        digest = json_digest(key, 16)
+        return file_measurement_path(self.path, kind, digest) if self.is_file else \
+            measurement_path(self.net, kind, digest)
+
+    def _measure(self, found: list[Candidate], notes: list[str], conditions: dict[str, Any], agreement_file: Path
+                 ) -> tuple[Choice, Runner]:
+        runners, failed = self._open_all(found)
+        checks = _CheckSet(self.info, self.net)
+        x = checks.timing_batch(self.batch_size)
+        speeds = self._time(runners, x)
+        ranked = sorted(runners, key=lambda c: -speeds[c])
+        known: dict[str, float] = _read(agreement_file) or {}
+        reference = self._reference(runners)
+        trials: dict[Candidate, Trial] = {}
+        chosen: Candidate | None = None
+        for c in ranked:
+            trial = Trial(c.backend.value, c.precision.value, speeds[c])
+            if chosen is not None:
+                trials[c] = replace(trial, verdict="slower than the choice (not checked)")
+                continue
+            if reference is None:
+                agree = None  # an int8 file: speed alone decides
+            elif c.label in known:
+                agree = known[c.label]
+            else:
+                agree = checks.agreement(runners[c], reference)
+                known[c.label] = agree
+            if agree is None or agree >= MIN_AGREEMENT:
+                chosen = c
+                trials[c] = replace(trial, agreement=agree, verdict="chosen")
+            else:
+                trials[c] = replace(trial, agreement=agree,
+                                    verdict=f"rejected: agrees with float32 PyTorch on {agree:.1%} < "
+                                            f"{MIN_AGREEMENT:.1%} of the check set")
+        if reference is not None:
+            _write(agreement_file, known)
+        if chosen is None:  # only with a forced backend whose every precision disagrees: the closest one
+            chosen = max(ranked, key=lambda c: trials[c].agreement or 0.0)
+            trials[chosen] = replace(trials[chosen], verdict="chosen, although it disagrees (the forced backend)")
+            log.warning("%s: every candidate disagrees with float32 PyTorch on more than %.1f%% of the check set; "
+                        "using %s", self.info.arch, 100 * (1 - MIN_AGREEMENT), chosen.label)
+        all_trials = tuple(trials[c] for c in ranked) + tuple(failed)
+        reason = self._reason(chosen, trials[chosen], ranked, speeds, reference is not None, checks, notes)
+        conditions = {**conditions, "check_set": checks.description if reference is not None else None}
+        choice = Choice(chosen.backend, chosen.precision, reason, all_trials, measured=True, conditions=conditions)
+        runner = runners.pop(chosen)
+        runners.clear()
+        return choice, runner
+
+    def _open_all(self, found: list[Candidate]) -> tuple[dict[Candidate, Runner], list[Trial]]:
+        # the runtimes first: they export the network as it is, before the torch backend may fold it in place
+        order = sorted(found, key=lambda c: c.backend is Backend.TORCH)
+        runners: dict[Candidate, Runner] = {}
+        failed: list[Trial] = []
+        errors: list[Exception] = []
+        torch_fp32: TorchRunner | None = None
+        for c in order:
+            try:
+                if c.backend is Backend.TORCH and torch_fp32 is not None:
+                    runner: Runner = _with_precision(torch_fp32, c.precision)  # one folded network for both
+                else:
+                    runner = self._open(c)
+                if isinstance(runner, TorchRunner) and torch_fp32 is None:
+                    torch_fp32 = _with_precision(runner, Precision.FP32)
+                runners[c] = runner
+            except (MissingDependencyError, VisionZooError, RuntimeError) as e:
+                failed.append(Trial(c.backend.value, c.precision.value, verdict=f"failed to open: {_first_line(e)}"))
+                errors.append(e)
+        if not runners:
+            raise errors[0]
+        self._torch_fp32 = torch_fp32
+        return runners, failed
+
+    def _time(self, runners: dict[Candidate, Runner], x: torch.Tensor) -> dict[Candidate, float]:
+        saved = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            times = interleaved_times({c: (lambda r=r: r.logits(x)) for c, r in runners.items()}, TIMING_ROUNDS,
+                                      warmup=1)
+        finally:
+            torch.set_num_threads(saved)
+        return {c: len(x) / statistics.median(t) for c, t in times.items()}
+
+    def _reference(self, runners: dict[Candidate, Runner]) -> Runner | None:
+        """What the candidates must agree with: float32 PyTorch (the file on ONNX Runtime for a file)."""
+        if self.is_file:
+            if self.file_precision is Precision.INT8:
+                return None
+            fp32 = Candidate(Backend.ONNXRUNTIME, Precision.FP32)
+            if fp32 in runners:
+                return runners[fp32]
+            if Backend.ONNXRUNTIME in installed_backends():
+                return open_runner(self.path, Backend.ONNXRUNTIME, threads=self.threads)
+            return runners.get(Candidate(Backend.OPENVINO, Precision.FP32))
+        if self._torch_fp32 is not None:
+            return self._torch_fp32
+        return TorchRunner(self.net, device=self.device, optimize=self.optimize, copy=not self.owned)
+
+    def _reason(self, chosen: Candidate, trial: Trial, ranked: list[Candidate], speeds: dict[Candidate, float],
+                checked: bool, checks: _CheckSet, notes: list[str]) -> str:
+        threads = self.threads or available_cpus()
+        speed_list = ", ".join(f"{c.label} {speeds[c]:.1f}" for c in ranked)
+        faster = [c for c in ranked if speeds[c] > speeds[chosen]]
+        text = f"the fastest of {len(ranked)} measured" if not faster else \
+            f"the fastest that agrees with float32 PyTorch ({', '.join(c.label for c in faster)} rejected)"
+        text += f" (img/s at batch {self.batch_size}, {threads} thread{'s' if threads != 1 else ''}: {speed_list})"
+        if checked and trial.agreement is not None:
+            text += f"; top-1 agrees with float32 PyTorch on {trial.agreement:.1%} of {checks.description}"
+        elif not checked:
+            text += "; an int8 file: its agreement with float32 was measured by `quantize`"
+        if notes:
+            text += "; " + "; ".join(notes)
+        return text
+
+
+def _with_precision(runner: TorchRunner, precision: Precision) -> TorchRunner:
+    """The same folded network, run in another precision (a shallow copy: the weights are shared)."""
+    other = copy.copy(runner)
+    other.precision = precision
+    return other
+
+
+class _CheckSet:
+    """The images candidates are checked on, preprocessed for the model, made when first needed."""
+
+    def __init__(self, info: ModelInfo, net: ZooModel | None):
+        self.info, self.net = info, net
+        self._batches: list[torch.Tensor] | None = None
+        self.description = ""
+
+    @property
+    def batches(self) -> list[torch.Tensor]:
+        if self._batches is None:
+            self._batches, self.description = _check_images(self.info, self.net)
+        return self._batches
+
+    def timing_batch(self, batch_size: int) -> torch.Tensor:
+        images = torch.cat(self.batches)
+        reps = -(-batch_size // len(images))
+        return images.repeat(reps, 1, 1, 1)[:batch_size].contiguous()
+
+    def agreement(self, runner: Runner, reference: Runner) -> float:
+        same = total = 0
+        for x in self.batches:
+            same += int((runner.logits(x).argmax(1) == reference.logits(x).argmax(1)).sum())
+            total += len(x)
+        return same / total
+
+
+def _check_images(info: ModelInfo, net: ZooModel | None) -> tuple[list[torch.Tensor], str]:
+    """(batches, description) of the check set: a bundle's validation images, or the packaged photos."""
+    transform = info.preprocess.transforms()
+    bundle = net.card.bundle if net is not None and net.card is not None else None
+    files, where = bundle_images(bundle) if bundle is not None else ([], "")
+    if files:
+        from ..data.loader import image_batches
+
+        batches = [b.images for b in image_batches(files, info.preprocess, batch_size=CHECK_BATCH, fast=False)
+                   if b.images is not None]
+        if batches:
+            return batches, f"{sum(len(b) for b in batches)} images of {where}"
+    from ..data.samples import augmented_photos, sample_photos
+
+    images = [transform(img) for img in augmented_photos(CHECK_IMAGES)]
+    batches = [torch.stack(images[s:s + CHECK_BATCH]) for s in range(0, len(images), CHECK_BATCH)]
+    return batches, f"{len(images)} check images ({len(sample_photos())} packaged photos and augmented copies)"
+
+
+def bundle_images(bundle, limit: int = CHECK_IMAGES) -> tuple[list[Path], str]:
+    """Up to `limit` of the validation images a bundle was trained with (its validation data, or the
+    split of its training data that `finetune` held out), evenly spread; ([], "") when gone."""
+    from ..data.datasets import open_dataset
+
+    sources = dict(bundle.training or {}).get("data") or {}
+    train, val = sources.get("train"), sources.get("val")
+    try:
+        if val and Path(val).exists():
+            samples, where = open_dataset(val).samples, f"the bundle's validation data ({val})"
+        elif train and Path(train).exists():
+            from ..train.data import stratified_split
+
+            data = open_dataset(train)
+            fraction = float(dict(bundle.training).get("val_fraction", 0.25))
+            _, held_out = stratified_split(data.targets, fraction, int(dict(bundle.training).get("seed", 0)))
+            samples = [data.samples[i] for i in held_out] or data.samples
+            where = f"the bundle's validation split of {train}"
+        else:
+            return [], ""
+    except VisionZooError:
+        return [], ""
+    step = max(1, len(samples) / limit)
+    return [Path(samples[int(i * step)][0]) for i in range(min(limit, len(samples)))], where
+
+
+# -- keys and files --------------------------------------------------------------------------------
+
+def machine_key() -> dict[str, Any]:
+    return {"cpu": cpu_model(), "features": cpu_features(), **capabilities().fingerprint()}
+
+
+def library_key() -> dict[str, str]:
+    versions = {"visionzoo": __version__, "torch": torch.__version__}
+    for package in ("onnxruntime", "openvino", "onnx"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _read(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write(path: Path, value: Any) -> None:
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(value, indent=1) + "\n")
+    except OSError as e:  # a read-only cache only costs a new measurement next time
+        log.warning("could not cache the measurement in %s (%s)", path, e)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def cached_choice(model, *, threads: int | None = None, batch_size: int = 32,
+                  device: str | torch.device = "cpu") -> Choice | None:
+    """What `auto` chose for `model` (a name, bundle, model or file) with these settings, if it was
+    measured before on this machine; None otherwise (nothing is measured)."""
+    device = torch.device(device)
+    if is_model_file(model):
+        from .export import read_onnx_info
+
+        path = Path(model).expanduser()
+        info = read_onnx_info(path)
+        if info is None:
+            return None
+        tuner = _Tuner(None, path, Backend.AUTO, Precision.AUTO, threads=threads, device=device,
+                       batch_size=batch_size, optimize=True, owned=False, info=info)
+    else:
+        from ..factory import resolve_model
+
+        tuner = _Tuner(resolve_model(model), None, Backend.AUTO, Precision.AUTO, threads=threads, device=device,
+                       batch_size=batch_size, optimize=True, owned=False)
+    found, _ = candidates(Backend.AUTO, Precision.AUTO, is_file=tuner.is_file,
+                          file_precision=tuner.file_precision or Precision.FP32, device=device)
+    data = _read(tuner._cache_path("auto", tuner._conditions(found)))
+    return replace(Choice.from_dict(data), cached=True) if data is not None else None
+
