@@ -48,12 +48,12 @@ import torch
 
 from ..data.loader import available_cpus
 from ..enums import Precision, Task
-from ..errors import InputError, MissingDependencyError, VisionZooError
+from ..errors import InputError, VisionZooError
 from ..fileutil import atomic_path, json_digest
 from ..models.base import VisionModel, ZooModel
 from ..version import __version__
 from .backends import Backend, Runner, TorchRunner, installed_backends, is_model_file, open_runner
-from .machine import capabilities, cuda_bf16
+from .machine import capabilities, cuda_bf16, torch_threads
 from .measure import cpu_features, cpu_model, interleaved_times
 from .metadata import ModelInfo
 
@@ -140,35 +140,18 @@ def open_auto(model, backend: Backend, precision: Precision, *, threads: int | N
               device: str | torch.device = "cpu", optimize: bool = True, batch_size: int = 32) -> Runner:
     """A runner for `model` with `auto` resolved (the backend, the precision or both); the runner's
     `choice` says what was chosen and why. The arguments are `open_runner`'s."""
-    device = torch.device(device)
+    settings = _Settings(backend, precision, threads, torch.device(device), batch_size, optimize)
     if is_model_file(model):
-        return _open_file(Path(model).expanduser(), backend, precision, threads, batch_size)
+        return _FileTuner(Path(model).expanduser(), settings).run()
     from ..factory import resolve_model
 
     owned = not isinstance(model, VisionModel)  # a model built here from a name may be changed in place
     net = resolve_model(model)
-    if net.card is None or net.card.task is not Task.CLASSIFICATION:
+    if not isinstance(net, ZooModel) or net.card is None or net.card.task is not Task.CLASSIFICATION:
         choice = _rule(backend, precision, is_file=False, why="auto measures classifiers; this model is not one")
         return _attach(open_runner(net, choice.backend, threads=threads, device=device,
                                    precision=choice.precision, optimize=optimize), choice)
-    tuner = _Tuner(net, None, backend, precision, threads=threads, device=device, batch_size=batch_size,
-                   optimize=optimize, owned=owned)
-    return tuner.run()
-
-
-def _open_file(path: Path, backend: Backend, precision: Precision, threads: int | None, batch_size: int) -> Runner:
-    from .export import read_onnx_info
-
-    info = read_onnx_info(path)
-    if info is None:
-        raise InputError(f"{path} has no visionzoo metadata (preprocessing, classes); export it with "
-                         f"`visionzoo export` or `visionzoo quantize`")
-    if backend is Backend.TORCH:
-        raise InputError(f"{path} is an ONNX file: run it with --backend onnxruntime or openvino "
-                         f"(the torch backend takes a model name or bundle)")
-    tuner = _Tuner(None, path, backend, precision, threads=threads, device=torch.device("cpu"),
-                   batch_size=batch_size, optimize=True, owned=False, info=info)
-    return tuner.run()
+    return _ModelTuner(net, settings, owned).run()
 
 
 def _attach(runner: Runner, choice: Choice) -> Runner:
@@ -229,82 +212,90 @@ def candidates(backend: Backend, precision: Precision, *, is_file: bool, file_pr
 
 # -- measuring -------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class _Settings:
+    backend: Backend  # auto, or forced
+    precision: Precision  # auto, or forced
+    threads: int | None
+    device: torch.device
+    batch_size: int
+    optimize: bool
+
+
 class _Tuner:
-    """One resolution of `auto` for a model (`net`) or an exported file (`path`)."""
+    """One resolution of `auto`: for a model (`_ModelTuner`) or an exported file (`_FileTuner`)."""
 
-    def __init__(self, net: ZooModel | None, path: Path | None, backend: Backend, precision: Precision, *,
-                 threads: int | None, device: torch.device, batch_size: int, optimize: bool, owned: bool,
-                 info: ModelInfo | None = None):
-        from .metadata import model_info
+    is_file = False
 
-        self.net, self.path = net, path
-        self.info = info if info is not None else model_info(net)
-        self.backend, self.precision = backend, precision
-        self.threads = threads
-        self.device, self.batch_size, self.optimize, self.owned = device, batch_size, optimize, owned
-        self.file_precision = Precision(self.info.precision) if path is not None else None
-        self.is_file = path is not None
+    def __init__(self, info: ModelInfo, settings: _Settings, file_precision: Precision | None = None):
+        self.info, self.settings, self.file_precision = info, settings, file_precision
 
-    # the model to open: the file, or the network
-    @property
-    def source(self):
-        return self.path if self.is_file else self.net
+    # what differs between a model and a file
+    def _open(self, c: Candidate) -> Runner:
+        raise NotImplementedError
+
+    def _reference(self, runners: dict[Candidate, Runner]) -> Runner | None:
+        """What the candidates must agree with (None: nothing to agree with, speed alone decides)."""
+        raise NotImplementedError
+
+    def _path(self, kind: str, digest: str) -> Path:
+        raise NotImplementedError
+
+    def _net(self) -> ZooModel | None:
+        return None
+
+    def candidates(self) -> tuple[list[Candidate], list[str]]:
+        s = self.settings
+        return candidates(s.backend, s.precision, is_file=self.is_file,
+                          file_precision=self.file_precision or Precision.FP32, device=s.device)
 
     def run(self) -> Runner:
+        s = self.settings
         if not autotune_enabled():
-            choice = _rule(self.backend, self.precision, is_file=self.is_file, file_precision=self.file_precision,
+            choice = _rule(s.backend, s.precision, is_file=self.is_file, file_precision=self.file_precision,
                            why=f"{AUTOTUNE_ENV}=0: not measured")
             return _attach(self._open(Candidate(choice.backend, choice.precision)), choice)
-        found, notes = candidates(self.backend, self.precision, is_file=self.is_file,
-                                  file_precision=self.file_precision or Precision.FP32, device=self.device)
+        found, notes = self.candidates()
         if len(found) == 1:
             only = found[0]
             reason = "the only candidate" + (f" ({'; '.join(notes)})" if notes else "")
             return _attach(self._open(only), Choice(only.backend, only.precision, reason))
-        conditions = self._conditions(found)
+        conditions = self.conditions(found)
         # both names before anything is opened: the torch backend may fold the network in place,
-        # which changes the weights digest in the names
-        choice_file, agreement_file = self._cache_path("auto", conditions), self._cache_path("agreement", None)
-        cached = _read(choice_file)
+        # which would change the weights digest in the names
+        choice_file, agreement_file = self.cache_path("auto", conditions), self.cache_path("agreement", None)
+        cached = self.cached(conditions)
         if cached is not None:
-            choice = replace(Choice.from_dict(cached), cached=True)
-            return _attach(self._open(Candidate(choice.backend, choice.precision)), choice)
+            return _attach(self._open(Candidate(cached.backend, cached.precision)), cached)
         log.warning("%s: measuring which backend and precision run it fastest on this machine, once (cached "
                     "in %s)", self.info.arch, choice_file.parent)
         choice, runner = self._measure(found, notes, conditions, agreement_file)
         _write(choice_file, choice.to_dict())
         return _attach(runner, choice)
 
-    def _open(self, c: Candidate) -> Runner:
-        # a model built from a name is ours: the torch backend may fold it in place
-        if self.is_file:
-            return open_runner(self.path, c.backend, threads=self.threads, precision=c.precision)
-        if c.backend is Backend.TORCH:
-            return TorchRunner(self.net, device=self.device, optimize=self.optimize, precision=c.precision,
-                               copy=not self.owned)
-        return open_runner(self.net, c.backend, threads=self.threads, precision=c.precision)
+    def cached(self, conditions: dict[str, Any]) -> Choice | None:
+        data = _read(self.cache_path("auto", conditions))
+        return replace(Choice.from_dict(data), cached=True) if data is not None else None
 
-    def _conditions(self, found: Sequence[Candidate]) -> dict[str, Any]:
-        return {"batch": self.batch_size, "threads": self.threads or available_cpus(), "device": str(self.device),
-                "candidates": [c.label for c in found], "optimize": self.optimize}
+    def conditions(self, found: Sequence[Candidate]) -> dict[str, Any]:
+        s = self.settings
+        return {"batch": s.batch_size, "threads": s.threads or available_cpus(), "device": str(s.device),
+                "candidates": [c.label for c in found], "optimize": s.optimize}
 
-    def _cache_path(self, kind: str, conditions: dict[str, Any] | None) -> Path:
-        from .cache import file_measurement_path, measurement_path
-
-        key = {"version": _KEY_VERSION, "machine": machine_key(), "libraries": library_key(),
-               "device": self.device.type, "check": {"images": CHECK_IMAGES, "min_agreement": MIN_AGREEMENT}}
+    def cache_path(self, kind: str, conditions: dict[str, Any] | None) -> Path:
+        key: dict[str, Any] = {"version": _KEY_VERSION, "machine": machine_key(), "libraries": library_key(),
+                               "device": self.settings.device.type,
+                               "check": {"images": CHECK_IMAGES, "min_agreement": MIN_AGREEMENT}}
         if conditions is not None:
             key["conditions"] = conditions
             key["cores"] = available_cpus()
-        digest = json_digest(key, 16)
-        return file_measurement_path(self.path, kind, digest) if self.is_file else \
-            measurement_path(self.net, kind, digest)
+        return self._path(kind, json_digest(key, 16))
 
     def _measure(self, found: list[Candidate], notes: list[str], conditions: dict[str, Any], agreement_file: Path
                  ) -> tuple[Choice, Runner]:
         runners, failed = self._open_all(found)
-        checks = _CheckSet(self.info, self.net)
-        x = checks.timing_batch(self.batch_size)
+        checks = _CheckSet(self.info, self._net())
+        x = checks.timing_batch(self.settings.batch_size)
         speeds = self._time(runners, x)
         ranked = sorted(runners, key=lambda c: -speeds[c])
         known: dict[str, float] = _read(agreement_file) or {}
@@ -316,13 +307,11 @@ class _Tuner:
             if chosen is not None:
                 trials[c] = replace(trial, verdict="slower than the choice (not checked)")
                 continue
-            if reference is None:
-                agree = None  # an int8 file: speed alone decides
-            elif c.label in known:
+            agree: float | None = None  # None: an int8 file, speed alone decides
+            if reference is not None:
+                if c.label not in known:
+                    known[c.label] = checks.agreement(runners[c], reference)
                 agree = known[c.label]
-            else:
-                agree = checks.agreement(runners[c], reference)
-                known[c.label] = agree
             if agree is None or agree >= MIN_AGREEMENT:
                 chosen = c
                 trials[c] = replace(trial, agreement=agree, verdict="chosen")
@@ -351,58 +340,31 @@ class _Tuner:
         runners: dict[Candidate, Runner] = {}
         failed: list[Trial] = []
         errors: list[Exception] = []
-        torch_fp32: TorchRunner | None = None
         for c in order:
             try:
-                if c.backend is Backend.TORCH and torch_fp32 is not None:
-                    runner: Runner = _with_precision(torch_fp32, c.precision)  # one folded network for both
-                else:
-                    runner = self._open(c)
-                if isinstance(runner, TorchRunner) and torch_fp32 is None:
-                    torch_fp32 = _with_precision(runner, Precision.FP32)
-                runners[c] = runner
-            except (MissingDependencyError, VisionZooError, RuntimeError) as e:
+                runners[c] = self._open(c)
+            except (VisionZooError, RuntimeError) as e:  # a runtime that cannot run this model: not a candidate
                 failed.append(Trial(c.backend.value, c.precision.value, verdict=f"failed to open: {_first_line(e)}"))
                 errors.append(e)
         if not runners:
             raise errors[0]
-        self._torch_fp32 = torch_fp32
         return runners, failed
 
     def _time(self, runners: dict[Candidate, Runner], x: torch.Tensor) -> dict[Candidate, float]:
-        saved = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
-        try:
-            times = interleaved_times({c: (lambda r=r: r.logits(x)) for c, r in runners.items()}, TIMING_ROUNDS,
-                                      warmup=1)
-        finally:
-            torch.set_num_threads(saved)
-        return {c: len(x) / statistics.median(t) for c, t in times.items()}
-
-    def _reference(self, runners: dict[Candidate, Runner]) -> Runner | None:
-        """What the candidates must agree with: float32 PyTorch (the file on ONNX Runtime for a file)."""
-        if self.is_file:
-            if self.file_precision is Precision.INT8:
-                return None
-            fp32 = Candidate(Backend.ONNXRUNTIME, Precision.FP32)
-            if fp32 in runners:
-                return runners[fp32]
-            if Backend.ONNXRUNTIME in installed_backends():
-                return open_runner(self.path, Backend.ONNXRUNTIME, threads=self.threads)
-            return runners.get(Candidate(Backend.OPENVINO, Precision.FP32))
-        if self._torch_fp32 is not None:
-            return self._torch_fp32
-        return TorchRunner(self.net, device=self.device, optimize=self.optimize, copy=not self.owned)
+        fns = {c.label: (lambda r=r: r.logits(x)) for c, r in runners.items()}
+        with torch_threads(self.settings.threads):
+            times = interleaved_times(fns, TIMING_ROUNDS, warmup=1)
+        return {c: len(x) / statistics.median(times[c.label]) for c in runners}
 
     def _reason(self, chosen: Candidate, trial: Trial, ranked: list[Candidate], speeds: dict[Candidate, float],
                 checked: bool, checks: _CheckSet, notes: list[str]) -> str:
-        threads = self.threads or available_cpus()
+        threads = self.settings.threads or available_cpus()
         speed_list = ", ".join(f"{c.label} {speeds[c]:.1f}" for c in ranked)
         faster = [c for c in ranked if speeds[c] > speeds[chosen]]
         text = f"the fastest of {len(ranked)} measured" if not faster else \
             f"the fastest that agrees with float32 PyTorch ({', '.join(c.label for c in faster)} rejected)"
-        text += f" (img/s at batch {self.batch_size}, {threads} thread{'s' if threads != 1 else ''}: {speed_list})"
+        text += (f" (img/s at batch {self.settings.batch_size}, {threads} thread{'s' if threads != 1 else ''}: "
+                 f"{speed_list})")
         if checked and trial.agreement is not None:
             text += f"; top-1 agrees with float32 PyTorch on {trial.agreement:.1%} of {checks.description}"
         elif not checked:
@@ -410,6 +372,70 @@ class _Tuner:
         if notes:
             text += "; " + "; ".join(notes)
         return text
+
+
+class _ModelTuner(_Tuner):
+    def __init__(self, net: ZooModel, settings: _Settings, owned: bool):
+        from .metadata import model_info
+
+        super().__init__(model_info(net), settings)
+        self.net, self.owned = net, owned
+        self.torch_fp32: TorchRunner | None = None  # the folded network, shared by the torch candidates
+
+    def _net(self) -> ZooModel | None:
+        return self.net
+
+    def _path(self, kind: str, digest: str) -> Path:
+        from .cache import measurement_path
+
+        return measurement_path(self.net, kind, digest)
+
+    def _open(self, c: Candidate) -> Runner:
+        s = self.settings
+        if c.backend is not Backend.TORCH:
+            return open_runner(self.net, c.backend, threads=s.threads, precision=c.precision)
+        if self.torch_fp32 is None:
+            # a model built from a name is ours: the torch backend may fold it in place
+            self.torch_fp32 = TorchRunner(self.net, device=s.device, optimize=s.optimize, copy=not self.owned)
+        return _with_precision(self.torch_fp32, c.precision)
+
+    def _reference(self, runners: dict[Candidate, Runner]) -> Runner | None:
+        return self._open(Candidate(Backend.TORCH, Precision.FP32))
+
+
+class _FileTuner(_Tuner):
+    is_file = True
+
+    def __init__(self, path: Path, settings: _Settings):
+        from .export import read_onnx_info
+
+        info = read_onnx_info(path)
+        if info is None:
+            raise InputError(f"{path} has no visionzoo metadata (preprocessing, classes); export it with "
+                             f"`visionzoo export` or `visionzoo quantize`")
+        if settings.backend is Backend.TORCH:
+            raise InputError(f"{path} is an ONNX file: run it with --backend onnxruntime or openvino "
+                             f"(the torch backend takes a model name or bundle)")
+        super().__init__(info, replace(settings, device=torch.device("cpu")), Precision(info.precision))
+        self.path = path
+
+    def _path(self, kind: str, digest: str) -> Path:
+        from .cache import file_measurement_path
+
+        return file_measurement_path(self.path, kind, digest)
+
+    def _open(self, c: Candidate) -> Runner:
+        return open_runner(self.path, c.backend, threads=self.settings.threads, precision=c.precision)
+
+    def _reference(self, runners: dict[Candidate, Runner]) -> Runner | None:
+        if self.file_precision is Precision.INT8:
+            return None
+        fp32 = Candidate(Backend.ONNXRUNTIME, Precision.FP32)
+        if fp32 in runners:
+            return runners[fp32]
+        if Backend.ONNXRUNTIME in installed_backends():
+            return self._open(fp32)
+        return runners.get(Candidate(Backend.OPENVINO, Precision.FP32))
 
 
 def _with_precision(runner: TorchRunner, precision: Precision) -> TorchRunner:
@@ -531,23 +557,16 @@ def cached_choice(model, *, threads: int | None = None, batch_size: int = 32,
                   device: str | torch.device = "cpu") -> Choice | None:
     """What `auto` chose for `model` (a name, bundle, model or file) with these settings, if it was
     measured before on this machine; None otherwise (nothing is measured)."""
-    device = torch.device(device)
+    settings = _Settings(Backend.AUTO, Precision.AUTO, threads, torch.device(device), batch_size, True)
+    tuner: _Tuner
     if is_model_file(model):
-        from .export import read_onnx_info
-
-        path = Path(model).expanduser()
-        info = read_onnx_info(path)
-        if info is None:
-            return None
-        tuner = _Tuner(None, path, Backend.AUTO, Precision.AUTO, threads=threads, device=device,
-                       batch_size=batch_size, optimize=True, owned=False, info=info)
+        tuner = _FileTuner(Path(model).expanduser(), settings)
     else:
         from ..factory import resolve_model
 
-        tuner = _Tuner(resolve_model(model), None, Backend.AUTO, Precision.AUTO, threads=threads, device=device,
-                       batch_size=batch_size, optimize=True, owned=False)
-    found, _ = candidates(Backend.AUTO, Precision.AUTO, is_file=tuner.is_file,
-                          file_precision=tuner.file_precision or Precision.FP32, device=device)
-    data = _read(tuner._cache_path("auto", tuner._conditions(found)))
-    return replace(Choice.from_dict(data), cached=True) if data is not None else None
-
+        net = resolve_model(model)
+        if not isinstance(net, ZooModel) or net.card is None or net.card.task is not Task.CLASSIFICATION:
+            return None
+        tuner = _ModelTuner(net, settings, owned=False)
+    found, _ = tuner.candidates()
+    return tuner.cached(tuner.conditions(found)) if len(found) > 1 else None

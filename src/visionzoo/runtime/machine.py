@@ -20,8 +20,10 @@ whenever it would otherwise wait (`data/loader.py`), so no core idles.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -162,3 +164,17 @@ def split_cores(*, workers: int | None = None, threads: int | None = None, decod
     share = 0.5 if infer_share is None else min(max(infer_share, 0.0), 1.0)
     threads = min(max(1, round(cores * share)), cores - 1)
     return CoreBudget(cores - threads, threads, cores)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's (process-wide) compute threads set to `threads` for a while (None: left as they are)."""
+    saved = torch.get_num_threads()
+    if not threads or threads == saved:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
