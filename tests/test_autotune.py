@@ -7,9 +7,9 @@ import torch
 
 import visionzoo
 from visionzoo.enums import Precision
-from visionzoo.runtime import autotune
+from visionzoo.runtime import autotune, backends
 from visionzoo.runtime.autotune import Candidate, candidates
-from visionzoo.runtime.backends import Backend, Runner, TorchRunner, open_runner
+from visionzoo.runtime.backends import Backend, Runner, TorchRunner, installed_backends, open_runner
 from visionzoo.runtime.machine import FORCE_BF16_ENV, capabilities, split_cores
 from visionzoo.weights.records import Preprocess
 
@@ -20,7 +20,7 @@ def measuring(monkeypatch):
     would add its compile time and test nothing more."""
     pytest.importorskip("onnxruntime")
     monkeypatch.setenv("VISIONZOO_AUTOTUNE", "1")
-    monkeypatch.setattr(autotune, "installed_backends", lambda: [Backend.TORCH, Backend.ONNXRUNTIME])
+    monkeypatch.setattr(backends, "installed_backends", lambda: [Backend.TORCH, Backend.ONNXRUNTIME])
 
 
 def tiny_model(seed: int = 0):
@@ -37,7 +37,7 @@ def test_the_choice_is_measured_once_then_read_back(measuring, monkeypatch):
     first = open_runner(net, threads=1, batch_size=8)
     choice = first.choice
     assert choice is not None and choice.measured and not choice.cached
-    assert (first.backend, first.precision) == (choice.backend, choice.precision)
+    assert (first.backend.value, first.precision) == (choice.backend, choice.precision)
     assert {t.label for t in choice.trials} == {"torch fp32", "onnxruntime fp32"}
     chosen = [t for t in choice.trials if t.verdict == "chosen"]
     assert len(chosen) == 1 and chosen[0].agreement >= autotune.MIN_AGREEMENT
@@ -50,9 +50,10 @@ def test_the_choice_is_measured_once_then_read_back(measuring, monkeypatch):
     again = open_runner(net, threads=1, batch_size=8)
     assert again.choice.cached and (again.backend, again.precision) == (first.backend, first.precision)
     assert again.choice.reason == choice.reason
-    assert autotune.cached_choice(net, threads=1, batch_size=8).label == choice.label
+    support = backends.auto_support()
+    assert autotune.cached_choice(net, support, threads=1, batch_size=8).label == choice.label
     # other conditions (the thread count) are another measurement
-    assert autotune.cached_choice(net, threads=2, batch_size=8) is None
+    assert autotune.cached_choice(net, support, threads=2, batch_size=8) is None
 
 
 def test_forced_backend_and_precision_win(measuring, monkeypatch):
@@ -73,7 +74,8 @@ def test_forced_backend_and_precision_win(measuring, monkeypatch):
 def test_without_native_bf16_auto_stays_fp32_and_says_so(monkeypatch):
     monkeypatch.setenv(FORCE_BF16_ENV, "0")
     assert not capabilities().native_bf16
-    found, notes = candidates(Backend.AUTO, Precision.AUTO, is_file=False)
+    installed = [b.value for b in installed_backends()]
+    found, notes = candidates("auto", Precision.AUTO, installed, is_file=False)
     assert found and all(c.precision is Precision.FP32 for c in found)
     assert notes == [f"bfloat16 not considered: native bfloat16 forced off by {FORCE_BF16_ENV}=0 "
                      f"(the CPU: torch: {capabilities().torch_isa}; OpenVINO: "
@@ -83,9 +85,9 @@ def test_without_native_bf16_auto_stays_fp32_and_says_so(monkeypatch):
 
 def test_with_native_bf16_a_bf16_candidate_is_measured(measuring, monkeypatch):
     monkeypatch.setenv(FORCE_BF16_ENV, "1")  # this CPU may have none: simulated (bf16 then runs emulated)
-    found, notes = candidates(Backend.AUTO, Precision.AUTO, is_file=False)
-    assert Candidate(Backend.TORCH, Precision.BF16) in found and not notes
-    assert Candidate(Backend.ONNXRUNTIME, Precision.BF16) not in found  # float32 kernels only
+    found, notes = candidates("auto", Precision.AUTO, ["torch", "onnxruntime"], is_file=False)
+    assert Candidate("torch", Precision.BF16) in found and not notes
+    assert Candidate("onnxruntime", Precision.BF16) not in found  # float32 kernels only
     runner = open_runner(tiny_model(1), "torch", threads=1, batch_size=8)
     bf16 = [t for t in runner.choice.trials if t.label == "torch bf16"]
     assert bf16 and bf16[0].images_per_second > 0
@@ -115,10 +117,10 @@ def test_a_candidate_that_disagrees_on_more_than_half_a_percent_is_rejected(meas
     real_open = autotune._ModelTuner._open
 
     def fake_open(self, c: Candidate) -> Runner:
-        return _Wrong(TorchRunner(self.net), wrong) if c.backend is Backend.ONNXRUNTIME else real_open(self, c)
+        return _Wrong(TorchRunner(self.net), wrong) if c.backend == "onnxruntime" else real_open(self, c)
 
     def fake_time(self, runners, x):  # the fake is the fastest: it is checked first
-        return {c: 1000.0 if c.backend is Backend.ONNXRUNTIME else 10.0 for c in runners}
+        return {c: 1000.0 if c.backend == "onnxruntime" else 10.0 for c in runners}
 
     monkeypatch.setattr(autotune._ModelTuner, "_open", fake_open)
     monkeypatch.setattr(autotune._Tuner, "_time", fake_time)

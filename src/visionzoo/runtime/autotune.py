@@ -38,7 +38,7 @@ import json
 import logging
 import os
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -50,30 +50,40 @@ from ..data.loader import available_cpus
 from ..enums import Precision, Task
 from ..errors import InputError, VisionZooError
 from ..fileutil import atomic_path, json_digest
-from ..models.base import VisionModel, ZooModel
+from ..models.base import ZooModel
 from ..version import __version__
-from .backends import Backend, Runner, TorchRunner, installed_backends, is_model_file, open_runner
 from .machine import capabilities, cuda_bf16, torch_threads
 from .measure import cpu_features, cpu_model, interleaved_times
 from .metadata import ModelInfo
 
 log = logging.getLogger("visionzoo")
+TORCH, ONNXRUNTIME, OPENVINO, AUTO = "torch", "onnxruntime", "openvino", "auto"  # the backends, by name
 MIN_AGREEMENT = 0.995  # top-1 agreement with float32 PyTorch a candidate needs
 CHECK_IMAGES = 200  # at 99.5%, one disagreement is tolerated, two are not
 CHECK_BATCH = 32
 TIMING_ROUNDS = 3  # interleaved timed rounds per candidate (after one untimed call)
 AUTOTUNE_ENV = "VISIONZOO_AUTOTUNE"
 _KEY_VERSION = 1
+Runner = Any  # a `backends.Runner` (that module imports this one, so it is not imported here)
+
+
+@dataclass(frozen=True)
+class Backends:
+    """What `auto` needs of `backends.py`, handed in by `open_runner` (`backends.auto_support()`)."""
+
+    open: Callable[..., Runner]  # `open_runner`, called with one backend and one precision
+    installed: tuple[str, ...]  # the backends that can run here, by name
+    is_file: Callable[[Any], bool]  # whether a model argument names an exported file
 
 
 @dataclass(frozen=True)
 class Candidate:
-    backend: Backend
+    backend: str  # torch, onnxruntime or openvino
     precision: Precision
 
     @property
     def label(self) -> str:
-        return f"{self.backend.value} {self.precision.value}"
+        return f"{self.backend} {self.precision.value}"
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,7 @@ class Trial:
 class Choice:
     """The backend and precision `auto` chose, and why."""
 
-    backend: Backend
+    backend: str  # torch, onnxruntime or openvino
     precision: Precision
     reason: str  # one sentence
     trials: tuple[Trial, ...] = ()
@@ -110,7 +120,7 @@ class Choice:
 
     @property
     def label(self) -> str:
-        return f"{self.backend.value} {self.precision.value}"
+        return f"{self.backend} {self.precision.value}"
 
     def summary(self) -> str:
         return f"auto: {self.label}: {self.reason}"
@@ -119,13 +129,13 @@ class Choice:
         return [self.summary(), *(f"  {t.line()}" for t in self.trials)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend.value, "precision": self.precision.value, "reason": self.reason,
+        return {"backend": self.backend, "precision": self.precision.value, "reason": self.reason,
                 "measured": self.measured, "cached": self.cached, "conditions": dict(self.conditions),
                 "trials": [asdict(t) for t in self.trials]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Choice:
-        return cls(Backend(d["backend"]), Precision(d["precision"]), d["reason"],
+        return cls(str(d["backend"]), Precision(d["precision"]), d["reason"],
                    tuple(Trial(**t) for t in d.get("trials", ())), bool(d.get("measured")), bool(d.get("cached")),
                    dict(d.get("conditions") or {}))
 
@@ -136,22 +146,21 @@ def autotune_enabled() -> bool:
 
 # -- the entry point: open_runner's hook -----------------------------------------------------------
 
-def open_auto(model, backend: Backend, precision: Precision, *, threads: int | None = None,
+def open_auto(model, backend: str, precision: Precision, backends: Backends, *, threads: int | None = None,
               device: str | torch.device = "cpu", optimize: bool = True, batch_size: int = 32) -> Runner:
     """A runner for `model` with `auto` resolved (the backend, the precision or both); the runner's
     `choice` says what was chosen and why. The arguments are `open_runner`'s."""
-    settings = _Settings(backend, precision, threads, torch.device(device), batch_size, optimize)
-    if is_model_file(model):
+    settings = _Settings(backend, precision, threads, torch.device(device), batch_size, optimize, backends)
+    if backends.is_file(model):
         return _FileTuner(Path(model).expanduser(), settings).run()
     from ..factory import resolve_model
 
-    owned = not isinstance(model, VisionModel)  # a model built here from a name may be changed in place
     net = resolve_model(model)
     if not isinstance(net, ZooModel) or net.card is None or net.card.task is not Task.CLASSIFICATION:
-        choice = _rule(backend, precision, is_file=False, why="auto measures classifiers; this model is not one")
-        return _attach(open_runner(net, choice.backend, threads=threads, device=device,
-                                   precision=choice.precision, optimize=optimize), choice)
-    return _ModelTuner(net, settings, owned).run()
+        choice = _rule(settings, is_file=False, why="auto measures classifiers; this model is not one")
+        return _attach(backends.open(net, choice.backend, threads=threads, device=device,
+                                     precision=choice.precision, optimize=optimize), choice)
+    return _ModelTuner(net, settings).run()
 
 
 def _attach(runner: Runner, choice: Choice) -> Runner:
@@ -160,14 +169,14 @@ def _attach(runner: Runner, choice: Choice) -> Runner:
     return runner
 
 
-def _rule(backend: Backend, precision: Precision, *, is_file: bool, file_precision: Precision | None = None,
-          why: str) -> Choice:
+def _rule(settings: _Settings, *, is_file: bool, file_precision: Precision | None = None, why: str) -> Choice:
     """`auto` without measuring: torch (float32) for a model, OpenVINO (else ONNX Runtime) for a file."""
-    if backend is Backend.AUTO:
+    backend, precision = settings.backend, settings.precision
+    if backend == AUTO:
         if is_file:
-            backend = Backend.OPENVINO if Backend.OPENVINO in installed_backends() else Backend.ONNXRUNTIME
+            backend = OPENVINO if OPENVINO in settings.backends.installed else ONNXRUNTIME
         else:
-            backend = Backend.TORCH
+            backend = TORCH
     if precision is Precision.AUTO:
         precision = file_precision or Precision.FP32
     return Choice(backend, precision, why)
@@ -175,31 +184,33 @@ def _rule(backend: Backend, precision: Precision, *, is_file: bool, file_precisi
 
 # -- candidates ------------------------------------------------------------------------------------
 
-def candidates(backend: Backend, precision: Precision, *, is_file: bool, file_precision: Precision = Precision.FP32,
-               device: torch.device = torch.device("cpu")) -> tuple[list[Candidate], list[str]]:
-    """The (backend, precision) pairs `auto` measures, and notes on what it leaves out and why."""
+def candidates(backend: str, precision: Precision, installed: Sequence[str], *, is_file: bool,
+               file_precision: Precision = Precision.FP32, device: torch.device = torch.device("cpu")
+               ) -> tuple[list[Candidate], list[str]]:
+    """The (backend, precision) pairs `auto` measures among the `installed` backends, and notes on
+    what it leaves out and why."""
     notes: list[str] = []
     caps = capabilities()
     if device.type != "cpu":
-        backends = [Backend.TORCH]
+        names = [TORCH]
     else:
-        backends = [b for b in installed_backends() if not (is_file and b is Backend.TORCH)]
-    if backend is not Backend.AUTO:
-        backends = [backend]
+        names = [b for b in installed if not (is_file and b == TORCH)]
+    if backend != AUTO:
+        names = [backend]
     if file_precision is Precision.INT8:
         if precision not in (Precision.AUTO, Precision.INT8):
             raise InputError(f"the file is quantized: it runs in int8, not {precision.value}")
-        return [Candidate(b, Precision.INT8) for b in backends if b is not Backend.TORCH], notes
+        return [Candidate(b, Precision.INT8) for b in names if b != TORCH], notes
     if precision is Precision.INT8:
         raise InputError("int8 needs a quantized model file: run `visionzoo quantize MODEL --calibration DIR "
                          "--out MODEL.int8.onnx` and give that file")
     found = []
-    for b in backends:
+    for b in names:
         if precision in (Precision.AUTO, Precision.FP32):
             found.append(Candidate(b, Precision.FP32))
-        if b is Backend.ONNXRUNTIME:
+        if b == ONNXRUNTIME:
             continue  # its CPU kernels are float32
-        native = cuda_bf16(device) if device.type != "cpu" else caps.bf16_for(b.value)
+        native = cuda_bf16(device) if device.type != "cpu" else caps.bf16_for(b)
         if precision is Precision.BF16 or (precision is Precision.AUTO and native):
             found.append(Candidate(b, Precision.BF16))
     if precision is Precision.AUTO and not any(c.precision is Precision.BF16 for c in found):
@@ -214,19 +225,20 @@ def candidates(backend: Backend, precision: Precision, *, is_file: bool, file_pr
 
 @dataclass(frozen=True)
 class _Settings:
-    backend: Backend  # auto, or forced
+    backend: str  # auto, or forced
     precision: Precision  # auto, or forced
     threads: int | None
     device: torch.device
     batch_size: int
     optimize: bool
+    backends: Backends
 
 
 class _Tuner:
     """One resolution of `auto`: for a model (`_ModelTuner`) or an exported file (`_FileTuner`)."""
 
     is_file = False
-    reference_candidate = Candidate(Backend.TORCH, Precision.FP32)  # the candidate that is the reference
+    reference_candidate = Candidate(TORCH, Precision.FP32)  # the candidate that is the reference
 
     def __init__(self, info: ModelInfo, settings: _Settings, file_precision: Precision | None = None):
         self.info, self.settings, self.file_precision = info, settings, file_precision
@@ -247,13 +259,13 @@ class _Tuner:
 
     def candidates(self) -> tuple[list[Candidate], list[str]]:
         s = self.settings
-        return candidates(s.backend, s.precision, is_file=self.is_file,
+        return candidates(s.backend, s.precision, s.backends.installed, is_file=self.is_file,
                           file_precision=self.file_precision or Precision.FP32, device=s.device)
 
     def run(self) -> Runner:
         s = self.settings
         if not autotune_enabled():
-            choice = _rule(s.backend, s.precision, is_file=self.is_file, file_precision=self.file_precision,
+            choice = _rule(s, is_file=self.is_file, file_precision=self.file_precision,
                            why=f"{AUTOTUNE_ENV}=0: not measured")
             return _attach(self._open(Candidate(choice.backend, choice.precision)), choice)
         found, notes = self.candidates()
@@ -304,7 +316,7 @@ class _Tuner:
         trials: dict[Candidate, Trial] = {}
         chosen: Candidate | None = None
         for c in ranked:
-            trial = Trial(c.backend.value, c.precision.value, speeds[c])
+            trial = Trial(c.backend, c.precision.value, speeds[c])
             if chosen is not None:
                 trials[c] = replace(trial, verdict="slower than the choice (not checked)")
                 continue
@@ -339,7 +351,7 @@ class _Tuner:
 
     def _open_all(self, found: list[Candidate]) -> tuple[dict[Candidate, Runner], list[Trial]]:
         # the runtimes first: they export the network as it is, before the torch backend may fold it in place
-        order = sorted(found, key=lambda c: c.backend is Backend.TORCH)
+        order = sorted(found, key=lambda c: c.backend == TORCH)
         runners: dict[Candidate, Runner] = {}
         failed: list[Trial] = []
         errors: list[Exception] = []
@@ -347,7 +359,7 @@ class _Tuner:
             try:
                 runners[c] = self._open(c)
             except (VisionZooError, RuntimeError) as e:  # a runtime that cannot run this model: not a candidate
-                failed.append(Trial(c.backend.value, c.precision.value, verdict=f"failed to open: {_first_line(e)}"))
+                failed.append(Trial(c.backend, c.precision.value, verdict=f"failed to open: {_first_line(e)}"))
                 errors.append(e)
         if not runners:
             raise errors[0]
@@ -378,12 +390,12 @@ class _Tuner:
 
 
 class _ModelTuner(_Tuner):
-    def __init__(self, net: ZooModel, settings: _Settings, owned: bool):
+    def __init__(self, net: ZooModel, settings: _Settings):
         from .metadata import model_info
 
         super().__init__(model_info(net), settings)
-        self.net, self.owned = net, owned
-        self.torch_fp32: TorchRunner | None = None  # the folded network, shared by the torch candidates
+        self.net = net
+        self.torch_fp32: Runner | None = None  # the folded network, shared by the torch candidates
 
     def _net(self) -> ZooModel | None:
         return self.net
@@ -395,20 +407,20 @@ class _ModelTuner(_Tuner):
 
     def _open(self, c: Candidate) -> Runner:
         s = self.settings
-        if c.backend is not Backend.TORCH:
-            return open_runner(self.net, c.backend, threads=s.threads, precision=c.precision)
+        if c.backend != TORCH:
+            return s.backends.open(self.net, c.backend, threads=s.threads, precision=c.precision)
         if self.torch_fp32 is None:
-            # a model built from a name is ours: the torch backend may fold it in place
-            self.torch_fp32 = TorchRunner(self.net, device=s.device, optimize=s.optimize, copy=not self.owned)
+            self.torch_fp32 = s.backends.open(self.net, TORCH, device=s.device, optimize=s.optimize,
+                                              precision=Precision.FP32)
         return _with_precision(self.torch_fp32, c.precision)
 
     def _reference(self, runners: dict[Candidate, Runner]) -> Runner | None:
-        return self._open(Candidate(Backend.TORCH, Precision.FP32))
+        return self._open(Candidate(TORCH, Precision.FP32))
 
 
 class _FileTuner(_Tuner):
     is_file = True
-    reference_candidate = Candidate(Backend.ONNXRUNTIME, Precision.FP32)
+    reference_candidate = Candidate(ONNXRUNTIME, Precision.FP32)
 
     def __init__(self, path: Path, settings: _Settings):
         from .export import read_onnx_info
@@ -417,7 +429,7 @@ class _FileTuner(_Tuner):
         if info is None:
             raise InputError(f"{path} has no visionzoo metadata (preprocessing, classes); export it with "
                              f"`visionzoo export` or `visionzoo quantize`")
-        if settings.backend is Backend.TORCH:
+        if settings.backend == TORCH:
             raise InputError(f"{path} is an ONNX file: run it with --backend onnxruntime or openvino "
                              f"(the torch backend takes a model name or bundle)")
         super().__init__(info, replace(settings, device=torch.device("cpu")), Precision(info.precision))
@@ -429,20 +441,19 @@ class _FileTuner(_Tuner):
         return file_measurement_path(self.path, kind, digest)
 
     def _open(self, c: Candidate) -> Runner:
-        return open_runner(self.path, c.backend, threads=self.settings.threads, precision=c.precision)
+        return self.settings.backends.open(self.path, c.backend, threads=self.settings.threads, precision=c.precision)
 
     def _reference(self, runners: dict[Candidate, Runner]) -> Runner | None:
         if self.file_precision is Precision.INT8:
             return None
-        fp32 = Candidate(Backend.ONNXRUNTIME, Precision.FP32)
-        if fp32 in runners:
-            return runners[fp32]
-        if Backend.ONNXRUNTIME in installed_backends():
-            return self._open(fp32)
-        return runners.get(Candidate(Backend.OPENVINO, Precision.FP32))
+        if self.reference_candidate in runners:
+            return runners[self.reference_candidate]
+        if ONNXRUNTIME in self.settings.backends.installed:
+            return self._open(self.reference_candidate)
+        return runners.get(Candidate(OPENVINO, Precision.FP32))
 
 
-def _with_precision(runner: TorchRunner, precision: Precision) -> TorchRunner:
+def _with_precision(runner: Runner, precision: Precision) -> Runner:
     """The same folded network, run in another precision (a shallow copy: the weights are shared)."""
     other = copy.copy(runner)
     other.precision = precision
@@ -461,7 +472,7 @@ class _CheckSet:
     @property
     def batches(self) -> list[torch.Tensor]:
         if self._batches is None:
-            self._batches, self.description = _check_images(self.info, self.net)
+            self._batches, self.description = check_images(self.info, self.net)
         return self._batches
 
     def timing_batch(self, batch_size: int) -> torch.Tensor:
@@ -478,8 +489,9 @@ class _CheckSet:
         return same / sum(len(x) for x in self.batches)
 
 
-def _check_images(info: ModelInfo, net: ZooModel | None) -> tuple[list[torch.Tensor], str]:
-    """(batches, description) of the check set: a bundle's validation images, or the packaged photos."""
+def check_images(info: ModelInfo, net: ZooModel | None = None) -> tuple[list[torch.Tensor], str]:
+    """(batches, description) of the check set of a model (`net`, or an exported file's `info`): a
+    bundle's validation images, or the packaged photos and augmented copies."""
     transform = info.preprocess.transforms()
     bundle = net.card.bundle if net is not None and net.card is not None else None
     files, where = bundle_images(bundle) if bundle is not None else ([], "")
@@ -559,13 +571,13 @@ def _first_line(e: BaseException) -> str:
     return (text[0] if text else type(e).__name__)[:200]
 
 
-def cached_choice(model, *, threads: int | None = None, batch_size: int = 32,
+def cached_choice(model, backends: Backends, *, threads: int | None = None, batch_size: int = 32,
                   device: str | torch.device = "cpu") -> Choice | None:
     """What `auto` chose for `model` (a name, bundle, model or file) with these settings, if it was
     measured before on this machine; None otherwise (nothing is measured)."""
-    settings = _Settings(Backend.AUTO, Precision.AUTO, threads, torch.device(device), batch_size, True)
+    settings = _Settings(AUTO, Precision.AUTO, threads, torch.device(device), batch_size, True, backends)
     tuner: _Tuner
-    if is_model_file(model):
+    if backends.is_file(model):
         tuner = _FileTuner(Path(model).expanduser(), settings)
     else:
         from ..factory import resolve_model
@@ -573,6 +585,6 @@ def cached_choice(model, *, threads: int | None = None, batch_size: int = 32,
         net = resolve_model(model)
         if not isinstance(net, ZooModel) or net.card is None or net.card.task is not Task.CLASSIFICATION:
             return None
-        tuner = _ModelTuner(net, settings, owned=False)
+        tuner = _ModelTuner(net, settings)
     found, _ = tuner.candidates()
     return tuner.cached(tuner.conditions(found)) if len(found) > 1 else None

@@ -40,7 +40,7 @@ from ..optional import available, require
 from .metadata import INPUT_NAME, OUTPUTS, ModelInfo, model_info
 
 if TYPE_CHECKING:
-    from .autotune import Choice
+    from .autotune import Backends, Choice
 
 log = logging.getLogger("visionzoo")
 DEPLOYED_SUFFIXES = (".onnx",)  # model files the runtimes read directly
@@ -283,8 +283,8 @@ def open_runner(model, backend: Backend | str = Backend.AUTO, *, threads: int | 
     if backend is Backend.AUTO or precision is Precision.AUTO:
         from .autotune import open_auto
 
-        return open_auto(model, backend, precision, threads=threads, device=device, optimize=optimize,
-                         batch_size=batch_size)
+        return open_auto(model, backend.value, precision, auto_support(), threads=threads, device=device,
+                         optimize=optimize, batch_size=batch_size)
     if is_model_file(model):
         path = Path(model).expanduser()
         if backend is Backend.TORCH:
@@ -321,6 +321,13 @@ def _file_runner(path: Path, info: ModelInfo, backend: Backend, threads: int | N
     if precision is Precision.BF16:
         raise InputError("bf16 runs on the torch and openvino backends; ONNX Runtime's CPU kernels are float32")
     return OnnxRuntimeRunner(path, info, threads=threads)
+
+
+def auto_support() -> Backends:
+    """What `auto` (`autotune.py`, which cannot import this module) needs from it."""
+    from .autotune import Backends
+
+    return Backends(open_runner, tuple(b.value for b in installed_backends()), is_model_file)
 
 
 def installed_backends() -> list[Backend]:
