@@ -125,6 +125,14 @@ class Choice:
     def summary(self) -> str:
         return f"auto: {self.label}: {self.reason}"
 
+    def where(self) -> str:
+        """The conditions it was chosen for, e.g. `batch 32, 1 thread, cpu`."""
+        c = self.conditions
+        if not c:
+            return "any batch size"
+        threads = c.get("threads")
+        return f"batch {c.get('batch')}, {threads} thread{'s' if threads != 1 else ''}, {c.get('device')}"
+
     def lines(self) -> list[str]:
         return [self.summary(), *(f"  {t.line()}" for t in self.trials)]
 
@@ -283,12 +291,11 @@ class _Tuner:
         log.warning("%s: measuring which backend and precision run it fastest on this machine, once (cached "
                     "in %s)", self.info.arch, choice_file.parent)
         choice, runner = self._measure(found, notes, conditions, agreement_file)
-        _write(choice_file, choice.to_dict())
+        _write(choice_file, {"choice": choice.to_dict(), "key": _key(s.device, conditions)})
         return _attach(runner, choice)
 
     def cached(self, conditions: dict[str, Any]) -> Choice | None:
-        data = _read(self.cache_path("auto", conditions))
-        return replace(Choice.from_dict(data), cached=True) if data is not None else None
+        return _read_choice(self.cache_path("auto", conditions))
 
     def conditions(self, found: Sequence[Candidate]) -> dict[str, Any]:
         s = self.settings
@@ -296,13 +303,7 @@ class _Tuner:
                 "candidates": [c.label for c in found], "optimize": s.optimize}
 
     def cache_path(self, kind: str, conditions: dict[str, Any] | None) -> Path:
-        key: dict[str, Any] = {"version": _KEY_VERSION, "machine": machine_key(), "libraries": library_key(),
-                               "device": self.settings.device.type,
-                               "check": {"images": CHECK_IMAGES, "min_agreement": MIN_AGREEMENT}}
-        if conditions is not None:
-            key["conditions"] = conditions
-            key["cores"] = available_cpus()
-        return self._path(kind, json_digest(key, 16))
+        return self._path(kind, json_digest(_key(self.settings.device, conditions), 16))
 
     def _measure(self, found: list[Candidate], notes: list[str], conditions: dict[str, Any], agreement_file: Path
                  ) -> tuple[Choice, Runner]:
@@ -536,6 +537,40 @@ def bundle_images(bundle, limit: int = CHECK_IMAGES) -> tuple[list[Path], str]:
 
 
 # -- keys and files --------------------------------------------------------------------------------
+
+def _key(device: torch.device, conditions: dict[str, Any] | None) -> dict[str, Any]:
+    """What a measurement depends on: the machine and libraries, and (for a choice) its conditions."""
+    key: dict[str, Any] = {"version": _KEY_VERSION, "machine": machine_key(), "libraries": library_key(),
+                           "device": device.type, "check": {"images": CHECK_IMAGES, "min_agreement": MIN_AGREEMENT}}
+    if conditions is not None:
+        key["conditions"] = conditions
+        key["cores"] = available_cpus()
+    return key
+
+
+def _read_choice(path: Path) -> Choice | None:
+    data = _read(path)
+    try:
+        return replace(Choice.from_dict(data["choice"]), cached=True)
+    except (TypeError, KeyError, ValueError):  # missing, or written by another version: measured again
+        return None
+
+
+def measured_choices(net: ZooModel) -> list[Choice]:
+    """What `auto` chose for `net` on this machine, under every set of conditions (batch size,
+    threads, device) measured so far, from the cache; nothing is measured."""
+    from .cache import measurements
+
+    here = json.loads(json.dumps({"machine": machine_key(), "libraries": library_key()}))  # as read back
+    found = []
+    for path in measurements(net, "auto"):
+        key = (_read(path) or {}).get("key") or {}
+        if {k: key.get(k) for k in here} == here:
+            choice = _read_choice(path)
+            if choice is not None:
+                found.append(choice)
+    return found
+
 
 def machine_key() -> dict[str, Any]:
     return {"cpu": cpu_model(), "features": cpu_features(), **capabilities().fingerprint()}

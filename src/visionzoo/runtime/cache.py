@@ -61,6 +61,11 @@ def measurement_path(net: ZooModel, kind: str, digest: str) -> Path:
     return export_dir(net) / f"{model_stem(net)}.{kind}-{digest}.json"
 
 
+def measurements(net: ZooModel, kind: str) -> list[Path]:
+    """Every cached measurement of `net` of one kind (under any conditions, from any machine)."""
+    return sorted(export_dir(net).glob(f"{model_stem(net)}.{kind}-*.json"))
+
+
 def file_measurement_path(path: Path, kind: str, digest: str) -> Path:
     """Where `auto` keeps a measurement of an exported file: the hub cache, under a digest of its bytes."""
     from ..weights.hub import cache_dir
