@@ -19,13 +19,9 @@ from visionzoo.registry import REGISTRY
 from visionzoo.weights import safetensors_file
 from visionzoo.weights.adapt import LoadReport, adapt, adapt_input_channels, load_weights, plan_load, realize
 from visionzoo.weights.io import checkpoint_format, read_checkpoint, save_state_dict
-from visionzoo.weights.lean import build_meta, meta_tensors
+from visionzoo.weights.lean import meta_tensors
 
-LARGE = 150_000_000  # parameters above which building twice takes long: in the slow set (CI runs it)
-
-
-def _num_params(arch: str) -> int:
-    return sum(p.numel() for p in build_meta(REGISTRY.get_architecture(arch).build).parameters())
+from .subset import per_family
 
 
 def _identical(a: nn.Module, b: nn.Module) -> None:
@@ -47,8 +43,7 @@ def _identical(a: nn.Module, b: nn.Module) -> None:
 BUILT = [a for a in visionzoo.list_models() if not REGISTRY.get_architecture(a).composed]
 
 
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if _num_params(a) > LARGE else a
-                                  for a in BUILT])
+@pytest.mark.parametrize("arch", per_family(BUILT))
 def test_lean_build_is_identical_to_the_normal_one(arch):
     """Every registered architecture: building on the meta device and assigning the checkpoint's
     tensors gives exactly the model that random init + load_state_dict gives."""

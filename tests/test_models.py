@@ -10,6 +10,8 @@ from visionzoo.models import ZooModel
 from visionzoo.models.layers import StochasticDepth
 from visionzoo.registry import REGISTRY
 
+from .subset import per_family
+
 ARCHS = visionzoo.list_models(task="classification")
 
 
@@ -40,7 +42,7 @@ def _fast_build_kwargs(arch: str) -> dict:
     return {}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", per_family(ARCHS))
 def test_common_interface(arch):
     torch.manual_seed(0)
     model = visionzoo.create_model(arch, num_classes=7, **_fast_build_kwargs(arch))

@@ -19,6 +19,10 @@ _EXTRAS = {
     "matplotlib": ("plots", "plots"),
     "ray": ("running on a Ray cluster (--engine ray)", "ray"),
     "ray.data": ("running on a Ray cluster (--engine ray)", "ray"),
+    "starlette": ("the HTTP server", "serve"),
+    "uvicorn": ("the HTTP server", "serve"),
+    "prometheus_client": ("the server's metrics", "serve"),
+    "python_multipart": ("the server's form uploads (python-multipart)", "serve"),
 }
 
 

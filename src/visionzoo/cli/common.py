@@ -101,6 +101,7 @@ def set_torch_threads(threads: int | None) -> None:
 
 
 class Failed(Protocol):
+    # read-only members, so that frozen dataclasses (data.inputs.Failure) match
     @property
     def path(self) -> str: ...
 

@@ -1,4 +1,4 @@
-"""`predict` and `embed`: images in, labels or vectors out."""
+"""`predict`, `embed` and `explain`: images in, labels, vectors or heat maps out."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,11 +7,13 @@ from typing import Optional
 
 import typer
 
+from ..data.images import DEFAULT_MAX_PIXELS
 from ..errors import InputError
 from ..registry import DEFAULT_MODEL
 from ..runtime.options import InferenceOptions
 from .common import (
     INPUTS_HELP,
+    MaxPixels,
     ModelArg,
     OutputFormat,
     PredictionWriter,
@@ -141,3 +143,33 @@ def _on_ray(paths: list[str], model, out: str | None, options: InferenceOptions,
     resumed = f"; {result.resumed} already had one" if result.resumed else ""
     note(f"wrote {result.added} rows to {result.out} ({result.rows} in all{resumed})")
     exit_for_failures(result.added - len(result.errors), failures, "embedded" if embed else "predicted")
+def explain(
+    paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
+    out_dir: str = typer.Option(..., "--out", "-o", help="Folder for the overlays (<stem>.gradcam.png)."),
+    model: ModelArg = DEFAULT_MODEL,
+    weights: WeightsFile = None,
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="The class to explain: an index or a "
+                                         "label (default: each image's most probable class)."),
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line per image on stdout."),
+) -> None:
+    """Grad-CAM: draw where a classifier looked for a class, as a heat map over each image."""
+    import json
+    import sys
+
+    from ..tasks.explain import Explanation
+    from ..tasks.explain import explain as run
+
+    results = run(paths, model_arg(model, weights), target, out=out_dir, max_pixels=max_pixels or None)
+    done = [r for r in results if isinstance(r, Explanation)]
+    failures = [r for r in results if not isinstance(r, Explanation)]
+    for r in results:
+        if isinstance(r, Explanation):
+            if as_json:
+                sys.stdout.write(json.dumps(r.to_dict()) + "\n")
+            else:
+                note(f"{r.path}: {r.label} ({r.probability:.3f}), hottest at x={r.peak[0]} y={r.peak[1]} "
+                     f"-> {r.written}")
+        else:
+            report_failure(r)
+    exit_for_failures(len(done), failures, "explained")

@@ -1,4 +1,8 @@
-"""A small HTTP prediction server on the standard library (no web framework needed).
+"""The benchmark baseline: visionzoo's first `serve`, a thread-per-connection server on the standard
+library that runs one image per forward pass behind a lock (kept only so that
+`benchmarks/serve_load.py` can measure the ASGI server against it in the same run).
+
+    python benchmarks/baseline_stdlib_server.py efficientnet_lite0 --port 8001
 
     visionzoo serve efficientnet_lite0 --port 8000
     curl --data-binary @photo.jpg http://127.0.0.1:8000/predict
@@ -43,11 +47,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import torch
 
-from ..data.images import DEFAULT_MAX_PIXELS, draft_info, load_image
-from ..errors import ImageError, InputError
-from ..runtime.backends import open_runner
-from ..version import __version__
-from .predict import near_ties
+from visionzoo.data.images import DEFAULT_MAX_PIXELS, draft_info, load_image
+from visionzoo.errors import ImageError, InputError
+from visionzoo.runtime.backends import open_runner
+from visionzoo.tasks.predict import near_ties
+from visionzoo.version import __version__
 
 log = logging.getLogger("visionzoo")
 DEFAULT_PORT = 8000
@@ -91,7 +95,6 @@ class PredictServer(ThreadingHTTPServer):
                 "preprocess": r.preprocess.to_dict(), "input_size": r.info.input_size,
                 "embedding_dim": r.info.embedding_dim, "backend": r.backend.value, "precision": r.precision.value,
                 "weights": d.get("weights"), "source": str(r.source), "quantization": d.get("quantization") or None,
-                "auto": r.choice.summary() if r.choice is not None else None,
                 "topk": self.topk, "max_bytes": self.max_bytes, "visionzoo_version": __version__}
 
     def predict_bytes(self, data: bytes, topk: int | None = None) -> dict[str, Any]:
@@ -287,7 +290,7 @@ def _topk(query: str) -> int | None:
 
 
 def make_server(model, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, backend: str = "auto",
-                threads: int | None = None, precision: str = "auto", topk: int = 5,
+                threads: int | None = None, precision: str = "fp32", topk: int = 5,
                 max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int | None = DEFAULT_MAX_PIXELS,
                 fast: bool = True) -> PredictServer:
     """A `PredictServer` for `model` bound to (host, port), not yet serving.
@@ -308,7 +311,7 @@ def make_server(model, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, bac
         raise InputError(f"max_bytes must be >= 1, got {max_bytes}")
     if not 0 <= port <= 65535:
         raise InputError(f"port must be between 0 and 65535, got {port}")
-    runner = open_runner(model, backend, threads=threads, precision=precision, batch_size=1)  # a request: one image
+    runner = open_runner(model, backend, threads=threads, precision=precision)
     try:
         return PredictServer((host, port), runner, topk=topk, max_bytes=max_bytes, max_pixels=max_pixels,
                              fast=fast)
@@ -319,7 +322,7 @@ def make_server(model, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, bac
 
 def serve(model, host: str = "127.0.0.1", port: int = DEFAULT_PORT, backend: str = "auto",
           threads: int | None = None, topk: int = 5, max_bytes: int = DEFAULT_MAX_BYTES, *,
-          precision: str = "auto", max_pixels: int | None = DEFAULT_MAX_PIXELS, fast: bool = True,
+          precision: str = "fp32", max_pixels: int | None = DEFAULT_MAX_PIXELS, fast: bool = True,
           on_ready=None) -> None:
     """Serve `model` over HTTP until Ctrl-C or SIGTERM (see the module docstring).
 
@@ -346,3 +349,24 @@ def serve(model, host: str = "127.0.0.1", port: int = DEFAULT_PORT, backend: str
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+
+    def ready(server) -> None:
+        print(f"serving {server.runner.describe()} on {server.url}", flush=True)
+
+    serve(args.model, args.host, args.port, backend=args.backend, threads=args.threads, on_ready=ready)
+
+
+if __name__ == "__main__":
+    main()
