@@ -84,9 +84,11 @@ def info(name: str = typer.Argument(..., help="NAME or NAME.TAG")) -> None:
 def _auto_rows(name: str) -> list[tuple[str, str]]:
     """What `auto` chose for these weights on this machine (measured by an earlier run), and why."""
     from ..factory import create_model
+    from ..models.base import ZooModel
     from ..runtime.autotune import measured_choices
 
-    choices = measured_choices(create_model(name))
+    net = create_model(name)
+    choices = measured_choices(net) if isinstance(net, ZooModel) else []
     if not choices:
         return [("auto here", "not measured yet: the first predict, embed, serve or benchmark of it measures "
                               "which backend and precision run it fastest with float32's answers")]
