@@ -32,6 +32,7 @@ def tiny_model(seed: int = 0):
     return net
 
 
+@pytest.mark.slow  # an ONNX export and two candidates on 200 images: about 30 s here
 def test_the_choice_is_measured_once_then_read_back(measuring, monkeypatch):
     net = tiny_model()
     first = open_runner(net, threads=1, batch_size=8)
