@@ -33,6 +33,7 @@ class OutputFormat(str, Enum):
 class RunPrecision(str, Enum):
     """Inference precisions a user can ask for (int8 is a property of a quantized file)."""
 
+    auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
 
@@ -60,10 +61,13 @@ DECODE_LIMITS_HELP = ("The budget of each image decode, checked from the header 
 MODEL_HELP = "NAME or NAME.TAG (default weights unless a tag is given), or a bundle folder."
 RUN_MODEL_HELP = ("NAME or NAME.TAG (default weights unless a tag is given), a bundle folder, or an .onnx file "
                   "from `visionzoo export` / `visionzoo quantize`.")
-BACKEND_HELP = ("torch, onnxruntime or openvino; auto: torch for a model, the fastest installed runtime for an "
-                ".onnx file. The runtimes export the model to ONNX once (cached).")
-THREADS_HELP = "Compute threads of the model, on every backend (default: one per core)."
-PRECISION_HELP = "fp32, or bf16 (torch and openvino backends; fast on CPUs with AVX512-BF16/AMX)."
+BACKEND_HELP = ("torch, onnxruntime or openvino; auto: the fastest installed one whose top-1 agrees with float32 "
+                "PyTorch, measured once per model and machine (cached; --verbose says what it chose and why). The "
+                "runtimes export the model to ONNX once (cached).")
+THREADS_HELP = ("Compute threads of the model, on every backend (default: the cores the decoding workers leave; "
+                "workers + threads <= cores).")
+PRECISION_HELP = ("fp32, bf16 (torch and openvino backends; fast on CPUs with AVX512-BF16/AMX), or auto: bf16 when "
+                  "the hardware runs it natively and it is faster with the same answers, else fp32.")
 
 
 # options several commands share, declared once
@@ -148,7 +152,7 @@ def with_inference_options(command: Callable[..., None]) -> Callable[..., None]:
             ("batch_size", BatchSize, 32), ("workers", Workers, None), ("exact", Exact, False),
             ("max_pixels", MaxPixels, None), ("limits", DecodeLimitsText, None), ("device", Device, "cpu"),
             ("backend", BackendChoice, Backend.AUTO), ("threads", Threads, None),
-            ("precision", PrecisionChoice, RunPrecision.fp32))]
+            ("precision", PrecisionChoice, RunPrecision.auto))]
     names = [p.name for p in shared]
 
     @functools.wraps(command)

@@ -167,7 +167,7 @@ def serve(
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port (0: any free one)."),
     backend: BackendChoice = Backend.AUTO,
     threads: Threads = None,
-    precision: PrecisionChoice = RunPrecision.fp32,
+    precision: PrecisionChoice = RunPrecision.auto,
     topk: int = typer.Option(5, "--topk", "-k", min=1, max=100, help="Classes returned per image."),
     max_bytes: int = typer.Option(20 * 2**20, "--max-bytes", min=1, help="Largest accepted request body (bytes; "
                                   "checked while reading)."),

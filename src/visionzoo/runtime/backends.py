@@ -15,6 +15,9 @@ the recipe in `runner.preprocess`) and returns float32 logits and pooled embeddi
   static shape lets it choose kernels for that shape),
   in float32 unless `precision="bf16"` (OpenVINO would otherwise pick bf16 on CPUs with
   AVX512-BF16 or AMX, which is not the float32 model).
+- `auto` (backend, precision or both): the fastest installed backend and precision whose
+  top-1 agrees with float32 PyTorch, measured once per model and machine (`autotune.py`);
+  `runner.choice` says what was chosen and why.
 
 A quantized (int8) ONNX file from `quantize` runs on both runtimes the same way.
 """
@@ -39,12 +42,14 @@ from .metadata import INPUT_NAME, OUTPUTS, ModelInfo, model_info
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
 
+    from .autotune import Backends, Choice
+
 log = logging.getLogger("visionzoo")
 DEPLOYED_SUFFIXES = (".onnx",)  # model files the runtimes read directly
 
 
 class Backend(str, Enum):
-    AUTO = "auto"  # torch for a model, the fastest installed runtime for a model file
+    AUTO = "auto"  # the fastest that agrees with float32 PyTorch, measured (autotune.py)
     TORCH = "torch"
     ONNXRUNTIME = "onnxruntime"
     OPENVINO = "openvino"
@@ -58,6 +63,7 @@ class Runner:
     info: ModelInfo
     source: str  # the model or file it runs
     path: Path | None = None  # the model file, for the runtimes
+    choice: Choice | None = None  # what `auto` chose and why, when it chose this runner
 
     @property
     def preprocess(self):
@@ -273,19 +279,21 @@ def is_model_file(model: object) -> TypeGuard[str | os.PathLike]:
 
 
 def open_runner(model, backend: Backend | str = Backend.AUTO, *, threads: int | None = None,
-                device: str | torch.device = "cpu", precision: Precision | str = Precision.FP32,
-                optimize: bool = True) -> Runner:
+                device: str | torch.device = "cpu", precision: Precision | str = Precision.AUTO,
+                optimize: bool = True, batch_size: int = 32) -> Runner:
     """A runner for `model`: a name (`arch[.TAG]`, default weights), a bundle, a visionzoo model,
     an ONNX file written by `export`/`quantize` (with its metadata), or a runner (returned as is).
 
     Args:
-        backend: `torch`, `onnxruntime`, `openvino`, or `auto` (torch for a model; for a file,
-            OpenVINO when installed, else ONNX Runtime).
+        backend: `torch`, `onnxruntime`, `openvino`, or `auto`: the fastest installed one whose
+            top-1 agrees with float32 PyTorch, measured once per model and machine (`autotune.py`).
         threads: compute threads for the runtimes (default: theirs, one per core). The torch
             backend uses torch's global setting (`torch.set_num_threads`).
         device: torch backend only.
-        precision: `fp32`, or `bf16` (torch autocast, OpenVINO inference precision).
+        precision: `fp32`, `bf16` (torch autocast, OpenVINO inference precision), or `auto`
+            (bf16 is measured where the hardware runs it natively).
         optimize: torch backend: fold BatchNorms and use channels-last (False: the model as is).
+        batch_size: the batch size `auto` measures the speed at.
     """
     if isinstance(model, Runner):
         return model
@@ -294,17 +302,18 @@ def open_runner(model, backend: Backend | str = Backend.AUTO, *, threads: int | 
                          f"{type(model).__name__}")
     backend = parse_enum(Backend, backend, "backend")
     precision = parse_enum(Precision, precision, "precision")
-    if precision is Precision.AUTO:
-        precision = Precision.FP32
-    if backend is not Backend.TORCH and torch.device(device).type != "cpu":
+    if backend not in (Backend.TORCH, Backend.AUTO) and torch.device(device).type != "cpu":
         raise InputError(f"the {backend.value} backend runs on the CPU; use --backend torch for device {device}")
     if (isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() in DEPLOYED_SUFFIXES
             and not is_model_file(model)):
         raise InputError(f"{model}: no such model file")
+    if backend is Backend.AUTO or precision is Precision.AUTO:
+        from .autotune import open_auto
+
+        return open_auto(model, backend.value, precision, auto_support(), threads=threads, device=device,
+                         optimize=optimize, batch_size=batch_size)
     if is_model_file(model):
         path = Path(model).expanduser()
-        if backend is Backend.AUTO:
-            backend = Backend.OPENVINO if available("openvino") else Backend.ONNXRUNTIME
         if backend is Backend.TORCH:
             raise InputError(f"{path} is an ONNX file: run it with --backend onnxruntime or openvino "
                              f"(the torch backend takes a model name or bundle)")
@@ -320,7 +329,7 @@ def open_runner(model, backend: Backend | str = Backend.AUTO, *, threads: int | 
 
     # the runners are written against the classifier interface (ZooModel); nothing else reaches them today
     net = cast(ZooModel, resolve_model(model))
-    if backend in (Backend.AUTO, Backend.TORCH):
+    if backend is Backend.TORCH:
         # a model built here from a name is ours to optimise in place; the caller's is copied
         return TorchRunner(net, device=device, optimize=optimize, precision=precision,
                            copy=isinstance(model, VisionModel))
@@ -340,6 +349,13 @@ def _file_runner(path: Path, info: ModelInfo, backend: Backend, threads: int | N
     if precision is Precision.BF16:
         raise InputError("bf16 runs on the torch and openvino backends; ONNX Runtime's CPU kernels are float32")
     return OnnxRuntimeRunner(path, info, threads=threads)
+
+
+def auto_support() -> Backends:
+    """What `auto` (`autotune.py`, which cannot import this module) needs from it."""
+    from .autotune import Backends
+
+    return Backends(open_runner, tuple(b.value for b in installed_backends()), is_model_file)
 
 
 def installed_backends() -> list[Backend]:

@@ -8,6 +8,8 @@ in `$TORCH_HOME/hub/checkpoints/visionzoo-exports/`, beside the published weight
 Each file is written under a temporary name and renamed once verified (`export.py`), by one
 process at a time: a concurrent process waits for it and uses its file, and a crash leaves no
 partial graph (its temporary file is removed by the next export).
+What `auto` measured for a model (`autotune.py`) is kept beside its export, under the same
+stem; for an exported file, in the same folder under a digest of the file.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..fileutil import exclusive, json_digest, weights_fingerprint
+from ..fileutil import exclusive, json_digest, sha256_file, weights_fingerprint
 from ..models.base import ZooModel
 from ..version import __version__
 from .export import OPSET, ExportFormat, export_model
@@ -49,10 +51,33 @@ def export_key(net: ZooModel, input_size: int) -> str:
     return json_digest(key, 20)
 
 
+def model_stem(net: ZooModel, input_size: int | None = None) -> str:
+    """The name shared by a model's cached files: architecture, input size and `export_key`."""
+    size = input_size or net.image_size or net.card_required.preprocess.crop
+    return f"{net.arch}-{size}-{export_key(net, size)}"
+
+
+def measurement_path(net: ZooModel, kind: str, digest: str) -> Path:
+    """Where `auto` keeps a measurement of `net` (`kind`: what was measured, `digest`: under what conditions)."""
+    return export_dir(net) / f"{model_stem(net)}.{kind}-{digest}.json"
+
+
+def measurements(net: ZooModel, kind: str) -> list[Path]:
+    """Every cached measurement of `net` of one kind (under any conditions, from any machine)."""
+    return sorted(export_dir(net).glob(f"{model_stem(net)}.{kind}-*.json"))
+
+
+def file_measurement_path(path: Path, kind: str, digest: str) -> Path:
+    """Where `auto` keeps a measurement of an exported file: the hub cache, under a digest of its bytes."""
+    from ..weights.hub import cache_dir
+
+    return cache_dir() / CACHE_SUBDIR / f"{path.stem}-{sha256_file(path)[:20]}.{kind}-{digest}.json"
+
+
 def exported_onnx(net: ZooModel, input_size: int | None = None) -> Path:
     """The verified ONNX export of `net`, from the cache or exported (and cached) now."""
     size = input_size or net.image_size or net.card_required.preprocess.crop
-    path = export_dir(net) / f"{net.arch}-{size}-{export_key(net, size)}.onnx"
+    path = export_dir(net) / f"{model_stem(net, size)}.onnx"
     if path.is_file():
         log.info("%s: using the cached export %s", net.arch, path)
         return path

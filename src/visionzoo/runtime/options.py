@@ -27,9 +27,9 @@ class InferenceOptions:
     fast: bool = True  # decode large JPEGs at a reduced scale (False: torchvision's preprocessing exactly)
     limits: DecodeLimits = DEFAULT_LIMITS  # the budget of each image decode (`max_pixels=` sets its pixel limit)
     device: str = "cpu"  # torch device of the torch backend
-    backend: Backend = Backend.AUTO  # torch, onnxruntime, openvino, or auto
-    threads: int | None = None  # compute threads of the runtimes (None: one per core)
-    precision: Precision = Precision.FP32
+    backend: Backend = Backend.AUTO  # torch, onnxruntime, openvino, or auto (measured: runtime/autotune.py)
+    threads: int | None = None  # compute threads of the model (None: the cores decoding leaves, see split_cores)
+    precision: Precision = Precision.AUTO  # fp32, bf16, or auto (bf16 where the hardware runs it natively)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", parse_enum(Backend, self.backend, "backend"))
@@ -75,4 +75,5 @@ class InferenceOptions:
 
     def open(self, model: str | os.PathLike | Any) -> Runner:
         """A runner for `model` (a name, bundle, model, exported file or runner) with these settings."""
-        return open_runner(model, self.backend, threads=self.threads, device=self.device, precision=self.precision)
+        return open_runner(model, self.backend, threads=self.threads, device=self.device, precision=self.precision,
+                           batch_size=self.batch_size)

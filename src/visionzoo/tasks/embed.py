@@ -33,7 +33,7 @@ import math
 import os
 import shutil
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,8 @@ from ..models.features import FeatureExtractor, resolve_stage
 from ..optional import require
 from ..progress import progress_bar
 from ..registry import DEFAULT_MODEL
-from ..runtime.backends import Runner, TorchRunner
+from ..runtime.backends import Backend, Runner, TorchRunner
+from ..runtime.machine import CoreBudget, split_cores, torch_threads
 from ..runtime.options import InferenceOptions
 
 log = logging.getLogger("visionzoo")
@@ -163,6 +164,8 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     from the file when first accessed.
     """
     opts = InferenceOptions.of(options, **settings)
+    if layer is not None and opts.backend is Backend.AUTO:
+        opts = replace(opts, backend=Backend.TORCH)  # a stage's feature map is only the torch backend's
     chunk_size = CHUNK_BATCHES * opts.batch_size if chunk_size is None else chunk_size
     if chunk_size < 1 or chunk_size % opts.batch_size:
         raise InputError(f"chunk_size must be a positive multiple of batch_size ({opts.batch_size}), "
@@ -172,23 +175,28 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     if fmt == "parquet":
         require("pyarrow.parquet")
     with exclusive(out, wait=wait) if out is not None else contextlib.nullcontext():
-        return _embed(inputs, model, out, fmt, layer, normalize, chunk_size, resume, progress, opts)
+        files, failures = expand_inputs(inputs)
+        if fmt == "parquet":
+            files, unnamed = _utf8_named(files)
+            failures += unnamed
+        budget = split_cores(workers=opts.num_workers, threads=opts.threads, decoding=len(files) > opts.batch_size)
+        with torch_threads(budget.threads):
+            runner = replace(opts, threads=budget.threads).open(model)
+            log.info("%s; %s", runner.describe(), budget.describe())
+            return _embed(files, failures, runner, opts, budget, out, fmt, layer, normalize, chunk_size, resume,
+                          progress)
 
 
-def _embed(inputs, model, out: Path | None, fmt: str | None, layer, normalize: bool, chunk_size: int, resume: bool,
-           progress: bool, opts: InferenceOptions) -> Embeddings:
-    runner = opts.open(model)
+def _embed(files: list[Path], failures: list[Failure], runner: Runner, opts: InferenceOptions, budget: CoreBudget,
+           out: Path | None, fmt: str | None, layer: int | str | None, normalize: bool, chunk_size: int,
+           resume: bool, progress: bool) -> Embeddings:
     encoder = Encoder(runner, layer, normalize)
-    files, failures = expand_inputs(inputs)
-    if fmt == "parquet":
-        files, unnamed = _utf8_named(files)
-        failures += unnamed
     key = _run_key(files, runner, encoder, opts, chunk_size) if out is not None else None
     store = _ChunkStore(_work_dir(out) if out is not None else None, key, resume)
     plan = _ChunkPlan(len(files), chunk_size, opts.batch_size)
     if store.done:
         log.warning("resuming: %d of %d chunks already embedded (in %s)", len(store.done), plan.count, store.folder)
-    _embed_chunks(files, runner, encoder, store, plan, opts, progress)
+    _embed_chunks(files, runner, encoder, store, plan, opts, budget.workers, progress)
 
     chunks = [store.load(k) for k in range(plan.count)]
     paths = [str(p) for p in files]
@@ -251,15 +259,15 @@ def _run_key(files: list[Path], runner: Runner, encoder: Encoder, opts: Inferenc
 
 
 def _embed_chunks(files: list[Path], runner: Runner, encoder: Encoder, store: _ChunkStore, plan: _ChunkPlan,
-                  opts: InferenceOptions, progress: bool) -> None:
+                  opts: InferenceOptions, workers: int, progress: bool) -> None:
     """Embed the chunks `store` does not hold yet, saving each as soon as all its images are done."""
     todo = [k for k in range(plan.count) if k not in store.done]
     done_images = sum(len(plan.images(k)) for k in store.done)
     with progress_bar(progress, "embedding", len(files), completed=done_images) as bar, torch.inference_mode():
         pending: dict[int, _Chunk] = {}
-        for batch in image_batches(files, runner.preprocess, num_workers=opts.num_workers, fast=opts.fast,
+        for batch in image_batches(files, runner.preprocess, num_workers=workers, fast=opts.fast,
                                    limits=opts.limits, index_batches=plan.batches(todo),
-                                   pin_memory=opts.torch_device.type == "cuda"):
+                                   pin_memory=opts.torch_device.type == "cuda", reuse_buffers=True):
             k = min(batch.indices + [i for i, _ in batch.failures]) // plan.size
             chunk = pending.setdefault(k, _Chunk())
             if batch.images is not None:

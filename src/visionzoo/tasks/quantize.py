@@ -39,7 +39,7 @@ from torch import nn
 from ..data.images import DEFAULT_LIMITS, DecodeLimits
 from ..data.inputs import Failure, expand_inputs
 from ..data.loader import image_batches
-from ..enums import parse_enum
+from ..enums import Precision, parse_enum
 from ..errors import InputError
 from ..fileutil import atomic_path, exclusive
 from ..metrics import agreement
@@ -159,8 +159,8 @@ def _quantize(model, calibration, out: Path, backend: Backend, mode: QuantMode, 
     result = QuantizeResult(out, qinfo, mode, reason, used, failures, size_fp32=fp32.stat().st_size,
                             size_int8=out.stat().st_size)
     if check and files:
-        score = top1_agreement(open_runner(net, Backend.TORCH), open_runner(out, backend), files[:64],
-                               limits=limits)
+        score = top1_agreement(open_runner(net, Backend.TORCH, precision=Precision.FP32),
+                               open_runner(out, backend, precision=Precision.INT8), files[:64], limits=limits)
         result = dataclasses.replace(result, check_backend=backend.value, top1_agreement=score)
         if score < 0.9:
             log.warning("%s: the int8 model agrees with float32 on only %.0f%% of the calibration images; check "

@@ -308,6 +308,7 @@ class PredictService:
                 "backend": r.backend.value, "precision": r.precision.value, "weights": d.get("weights"),
                 "accuracy": _accuracy(d.get("weights")), "source": str(r.source),
                 "quantization": d.get("quantization") or None,
+                "auto": r.choice.summary() if r.choice is not None else None,
                 "explain": self.settings.explain and (isinstance(r, TorchRunner) or self._explain_source is not None),
                 "settings": asdict(self.settings), "visionzoo_version": __version__}
 
@@ -343,7 +344,7 @@ def _explain_source(model: Any) -> Any:
     return None
 
 
-def create_app(model: Any, *, backend: str = "auto", threads: int | None = None, precision: str = "fp32",
+def create_app(model: Any, *, backend: str = "auto", threads: int | None = None, precision: str = "auto",
                settings: ServeSettings | None = None) -> Starlette:
     """The server's ASGI application for `model` (a name, bundle, model, exported file or `Runner`).
 
@@ -352,7 +353,8 @@ def create_app(model: Any, *, backend: str = "auto", threads: int | None = None,
     from ...runtime.backends import open_runner
 
     settings = settings or ServeSettings()
-    runner = open_runner(model, backend, threads=threads, precision=precision)
+    # `auto` measures at the largest batch the server forms (the batches that cost the most)
+    runner = open_runner(model, backend, threads=threads, precision=precision, batch_size=settings.max_batch)
     service = PredictService(runner, settings, explain_source=_explain_source(model) if settings.explain else None)
     return build_app(service)
 
