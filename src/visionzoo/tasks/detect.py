@@ -77,7 +77,8 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
         threshold: the lowest score reported (the model's own `score_thresh` filters before NMS).
         draw_dir: also write each image with its boxes drawn, as `<draw_dir>/<name>.png`.
         options: `InferenceOptions` (or its fields as keywords): `batch_size` (images per forward pass),
-            `max_pixels`, `device`, `threads`; the backend must be torch (or auto).
+            `max_pixels`, `device`, `threads`; the backend must be torch (or auto) and the precision
+            fp32 (or auto, which is fp32 for detectors).
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise InputError(f"threshold must be a score between 0 and 1, got {threshold!r}")
@@ -85,7 +86,7 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
     if opts.backend not in (Backend.AUTO, Backend.TORCH):
         raise InputError(f"detect runs detectors on the torch backend only, not {opts.backend.value}; "
                          f"drop --backend or pass --backend torch")
-    if opts.precision is not Precision.FP32:
+    if opts.precision not in (Precision.AUTO, Precision.FP32):  # auto is fp32 for detectors today
         raise InputError(f"detect runs detectors in fp32 only, not {opts.precision.value}; drop --precision")
     net = resolve_model(model)
     if net.task is not Task.DETECTION:
