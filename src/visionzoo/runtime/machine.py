@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -100,6 +101,16 @@ def _probe() -> tuple[str, bool, tuple[str, ...] | None]:
         except RuntimeError:  # no CPU plugin in this build
             openvino = ()
     return isa, torch_bf16, openvino
+
+
+@functools.cache
+def int8_saturates() -> bool:
+    """Whether int8 kernels can saturate on this CPU: x86 without VNNI multiplies uint8 activations by
+    int8 weights with an instruction (`vpmaddubsw`) whose 16-bit sums overflow for large values, which
+    ONNX Runtime documents as the reason for 7-bit weights (`reduce_range`) on AVX2 and AVX-512
+    without VNNI. VNNI's dot product (and other architectures' kernels) accumulate in 32 bits."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+    return x86 and not getattr(torch.cpu, "_is_vnni_supported", lambda: False)()
 
 
 def _forced() -> bool | None:
