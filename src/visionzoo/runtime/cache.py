@@ -17,9 +17,10 @@ from pathlib import Path
 import torch
 
 from ..fileutil import json_digest, weights_fingerprint
-from ..models.base import ZooModel
+from ..models.base import VisionModel
 from ..version import __version__
 from .export import OPSET, ExportFormat, export_model
+from .metadata import model_info
 
 log = logging.getLogger("visionzoo")
 CACHE_SUBDIR = "visionzoo-exports"
@@ -27,7 +28,7 @@ BUNDLE_SUBDIR = "exports"
 _KEY_VERSION = 1
 
 
-def export_dir(net: ZooModel) -> Path:
+def export_dir(net: VisionModel) -> Path:
     """Where `net`'s exports are cached: its bundle's `exports/` when writable, else the hub cache."""
     bundle = net.card.bundle if net.card is not None else None
     if bundle is not None:
@@ -39,7 +40,7 @@ def export_dir(net: ZooModel) -> Path:
     return cache_dir() / CACHE_SUBDIR
 
 
-def export_key(net: ZooModel, input_size: int) -> str:
+def export_key(net: VisionModel, input_size: int | None) -> str:
     key = {"version": _KEY_VERSION, "arch": net.arch, "class": type(net).__name__,
            "weights": weights_fingerprint(net), "input_size": input_size, "format": "onnx", "opset": OPSET,
            "torch": torch.__version__, "visionzoo": __version__,
@@ -48,10 +49,11 @@ def export_key(net: ZooModel, input_size: int) -> str:
     return json_digest(key, 20)
 
 
-def exported_onnx(net: ZooModel, input_size: int | None = None) -> Path:
-    """The verified ONNX export of `net`, from the cache or exported (and cached) now."""
-    size = input_size or net.image_size or net.card_required.preprocess.crop
-    path = export_dir(net) / f"{net.arch}-{size}-{export_key(net, size)}.onnx"
+def exported_onnx(net: VisionModel, input_size: int | None = None) -> Path:
+    """The verified ONNX export of `net`, from the cache or exported (and cached) now. A graph with a
+    free height and width (segmentation) is named `<arch>-any-<key>.onnx`."""
+    size = input_size or model_info(net).input_size
+    path = export_dir(net) / f"{net.arch}-{size or 'any'}-{export_key(net, size)}.onnx"
     if path.is_file():
         log.info("%s: using the cached export %s", net.arch, path)
         return path

@@ -117,6 +117,9 @@ def quantize(model, calibration: str | os.PathLike | Sequence[str | os.PathLike]
         raise InputError(f"{out}: the quantized model is an ONNX file; name it .onnx")
 
     net = resolve_model(model).eval()
+    if not isinstance(net, ZooModel):
+        raise InputError(f"quantize makes int8 classifiers; {net.arch or model} is a {net.task.value} model (export "
+                         f"it in float32 with `visionzoo export`)")
     info = model_info(net)
     mode, reason = _choose_mode(net, info, mode)
     files, failures = [], []
