@@ -1,6 +1,6 @@
 """The `visionzoo` command: parse arguments, call a task, print the result.
 
-Each command lives in the module of its kind (`images`: predict, embed; `zoo`: models, info,
+Each command lives in the module of its kind (`images`: predict, embed, segment; `zoo`: models, info,
 download, inspect; `train`: finetune, evaluate; `deploy`: export, quantize, prune, benchmark,
 serve); what they share (options, exit codes, printing) is in `common`.
 
@@ -24,8 +24,8 @@ from . import deploy, images, train, zoo
 from .common import EXIT_ERROR, EXIT_NOTHING, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, err
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Pre-trained vision models: list, download, inspect, predict, embed, fine-tune, evaluate, "
-                       "export, quantize, prune, benchmark, serve.")
+                  help="Pre-trained vision models: list, download, inspect, predict, embed, segment, fine-tune, "
+                       "evaluate, export, quantize, prune, benchmark, serve.")
 
 
 @app.callback()
@@ -40,8 +40,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what 
         os.environ[ENV_OFFLINE] = "1"  # the environment, so worker processes are offline too
 
 
-for command in (images.predict, images.embed, zoo.models, zoo.info, zoo.download, zoo.inspect, train.finetune,
-                train.evaluate, deploy.export, deploy.quantize, deploy.prune, deploy.benchmark, deploy.serve):
+for command in (images.predict, images.embed, images.segment, zoo.models, zoo.info, zoo.download, zoo.inspect,
+                train.finetune, train.evaluate, deploy.export, deploy.quantize, deploy.prune, deploy.benchmark,
+                deploy.serve):
     app.command(command.__name__)(command)
 
 

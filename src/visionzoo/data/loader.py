@@ -15,8 +15,9 @@ import ctypes
 import gc
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -31,21 +32,27 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 @dataclass
 class ImageBatch:
     indices: list[int]  # positions (in the input list) of the images in `images`, ascending
-    images: torch.Tensor | None  # (len(indices), C, H, W); None when every file of the batch failed
+    # (len(indices), C, H, W); a list of (C, H, W) tensors when their sizes differ (no crop: segmentation);
+    # None when every file of the batch failed
+    images: torch.Tensor | list[torch.Tensor] | None
     failures: list[tuple[int, str]]  # (position, reason) of the files of the batch that failed
     reduced: list[int] = field(default_factory=list)  # positions of the images decoded at a reduced scale
+    extras: list[Any] = field(default_factory=list)  # with `extra=`: what it returned for each image of `images`
 
 
 class ImageFiles(Dataset):
-    """Position i -> (i, preprocessed tensor, None, reduced), or (i, None, reason, False) for a bad file;
-    `reduced`: the image was decoded at a reduced scale (the fast path)."""
+    """Position i -> (i, preprocessed tensor, None, reduced, extra), or (i, None, reason, False, None) for a
+    bad file; `reduced`: the image was decoded at a reduced scale (the fast path); `extra`: what the
+    `extra` callable made of the decoded image (None without one)."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], transform, *,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_to: int | None = None):
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_to: int | None = None,
+                 extra: Callable[[Any], Any] | None = None):
         self.paths = list(paths)
         self.transform = transform
         self.max_pixels = max_pixels
         self.reduce_to = reduce_to
+        self.extra = extra
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -53,17 +60,23 @@ class ImageFiles(Dataset):
     def __getitem__(self, i: int):
         try:
             img = load_image(self.paths[i], max_pixels=self.max_pixels, reduce_to=self.reduce_to)
-            return i, self.transform(img), None, draft_info(img) is not None
+            extra = self.extra(img) if self.extra is not None else None
+            return i, self.transform(img), None, draft_info(img) is not None, extra
         except ImageError as e:
-            return i, None, e.reason, False
+            return i, None, e.reason, False, None
 
 
 def _collate(items) -> ImageBatch:
-    good = [(i, x) for i, x, _, _ in items if x is not None]
-    return ImageBatch(indices=[i for i, _ in good],
-                      images=torch.stack([x for _, x in good]) if good else None,
-                      failures=[(i, reason) for i, _, reason, _ in items if reason is not None],
-                      reduced=[i for i, _, _, reduced in items if reduced])
+    good = [(i, x, extra) for i, x, _, _, extra in items if x is not None]
+    tensors = [x for _, x, _ in good]
+    if tensors and any(x.shape != tensors[0].shape for x in tensors):
+        images: torch.Tensor | list[torch.Tensor] | None = tensors
+    else:
+        images = torch.stack(tensors) if tensors else None
+    return ImageBatch(indices=[i for i, _, _ in good], images=images,
+                      failures=[(i, reason) for i, _, reason, _, _ in items if reason is not None],
+                      reduced=[i for i, _, _, reduced, _ in items if reduced],
+                      extras=[extra for _, _, extra in good])
 
 
 def fix_mmap_threshold(worker_id: int) -> None:
@@ -102,7 +115,7 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
                   num_workers: int | None = None, fast: bool = True,
                   max_pixels: int | None = DEFAULT_MAX_PIXELS,
                   index_batches: Sequence[Sequence[int]] | None = None,
-                  pin_memory: bool = False) -> Iterator[ImageBatch]:
+                  pin_memory: bool = False, extra: Callable[[Any], Any] | None = None) -> Iterator[ImageBatch]:
     """Yield the files of `paths` decoded and preprocessed with `preprocess` (a `Preprocess`).
 
     Args:
@@ -114,6 +127,9 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
         index_batches: the positions of each batch, when the caller needs a given grouping
             (embed aligns batches with its resumable chunks).
         pin_memory: page-lock batches for a faster copy to a GPU.
+        extra: called (in the worker) on each decoded PIL image; its results come back in
+            `ImageBatch.extras` (what a task needs besides the model's input: the image's size,
+            a thumbnail to draw on).
     """
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
@@ -129,7 +145,7 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
     if num_workers is None:
         num_workers = default_num_workers(len(index_batches))
     dataset = ImageFiles(paths, preprocess.transforms(), max_pixels=max_pixels,
-                         reduce_to=preprocess.resize_size if fast else None)
+                         reduce_to=preprocess.resize_size if fast else None, extra=extra)
     loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=pin_memory,
                         worker_init_fn=fix_mmap_threshold if num_workers else None)

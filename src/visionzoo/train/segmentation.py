@@ -54,7 +54,7 @@ from .stages import freeze, map_stages, param_groups, set_train_mode
 
 log = logging.getLogger("visionzoo")
 DEFAULT_HEAD = "lraspp"  # the head put on a classifier: light, and precise at stride 8 on any backbone
-FEW_IMAGES = 16  # auto: below this many training images only the heads train
+FEW_IMAGES = 30  # auto: below this many training images only the heads train
 
 
 class SegmentationRecipe(Recipe):
