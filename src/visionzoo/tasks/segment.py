@@ -164,8 +164,8 @@ def iter_segment(inputs: Sequence[str | os.PathLike], model: str | os.PathLike |
         for batch in batches:
             done: dict[int, Segmentation | Failure | Future] = {i: Failure(str(files[i]), e) for i, e in batch.failures}
             for i, logits, (size, base) in _run(runner, batch):
-                labels = resize_argmax(logits, size[::-1]).numpy()
-                fractions = _fractions(labels, classes)
+                mask = resize_argmax(logits, size[::-1])
+                fractions, labels = _fractions(mask, classes), mask.numpy()
                 if writer is None:
                     done[i] = Segmentation(str(files[i]), size[0], size[1], fractions, labels=labels)
                 else:
@@ -210,10 +210,10 @@ def _run(runner: Runner, batch) -> Iterator[tuple[int, torch.Tensor, Any]]:
             yield batch.indices[k], logits[row], batch.extras[k]
 
 
-def _fractions(labels: np.ndarray, classes: Sequence[str]) -> dict[str, float]:
-    counts = np.bincount(labels.reshape(-1), minlength=len(classes))[:len(classes)]
+def _fractions(labels: torch.Tensor, classes: Sequence[str]) -> dict[str, float]:
+    counts = torch.bincount(labels.reshape(-1), minlength=len(classes))[:len(classes)].numpy()
     order = np.argsort(-counts, kind="stable")
-    total = labels.size
+    total = labels.numel()
     return {classes[c]: float(counts[c] / total) for c in order if counts[c]}
 
 
