@@ -2,16 +2,22 @@
 
     python benchmarks/segment_camera.py [--images 100] [--megapixels 12] [--dir FOLDER] [--model NAME]
 
-The folder holds --images JPEGs of about --megapixels (quality 90), made from real photos
-(scikit-image's and matplotlib's samples, augmented and upscaled; kept in --dir to reuse).
-The model is torchvision's LR-ASPP MobileNetV3-Large when its weights are at hand (cached or
-downloadable), else the same head on EfficientNet-Lite0 with its ImageNet weights and a seeded
-21-class head (the only weights that ship offline; its masks are not meaningful, but both sides
-compute the same ones). Compared in one process, each timed from model creation to the last
-file written:
+The model and the photos, in this order of preference:
+  - `--model` (a name, bundle or .onnx file) on camera JPEGs of about --megapixels (quality 90)
+    made from real photos (scikit-image's and matplotlib's samples, augmented and upscaled);
+  - torchvision's LR-ASPP MobileNetV3-Large (21 VOC classes, 520-pixel recipe) on those JPEGs,
+    when its weights are cached or can be downloaded;
+  - offline, where the only weights at hand are EfficientNet-Lite0's: LR-ASPP on EfficientNet-Lite0
+    fine-tuned here on the generated shapes (`tests/shapes.py`, the acceptance test's recipe, a few
+    minutes; kept in --dir), on camera-size JPEGs of shapes painted onto the same photos. (A head
+    left random would do: both sides compute the same masks, but a random head draws class
+    boundaries everywhere, where no model of a real task does, and the comparison of masks says
+    nothing then.)
+Everything made is kept in --dir to reuse. Compared in one process, each timed from model
+creation to the last file written:
   idiomatic   what a user writes: Pillow full decode, the weights' preprocessing (shorter side
-              to 520, normalise), the model in eager PyTorch under `torch.no_grad()` one image at
-              a time (sizes differ), the scores upsampled to the image's size
+              to the recipe's size, normalise), the model in eager PyTorch under `torch.no_grad()`
+              one image at a time (sizes differ), the scores upsampled to the image's size
               (`F.interpolate`, bilinear), arg-max, the mask saved as a palette PNG;
   visionzoo   `visionzoo.segment(folder, out=...)`: decoding workers with the reduced-scale JPEG
               decode, the chosen backend, labels at the image's size without resizing the scores
@@ -37,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import visionzoo  # noqa: E402
 from tests.photos import write_camera_jpegs  # noqa: E402
+from tests.shapes import RECIPE, write_shapes  # noqa: E402
 from visionzoo.errors import WeightsUnavailableError  # noqa: E402
 from visionzoo.runtime.measure import describe_machine  # noqa: E402
 from visionzoo.tasks.segment import PALETTE, Segmentation  # noqa: E402
@@ -44,21 +51,36 @@ from visionzoo.tasks.segment import PALETTE, Segmentation  # noqa: E402
 PUBLISHED = "lraspp_mobilenet_v3_large"
 
 
-def model_folder(work: Path, name: str | None) -> str:
-    """The model both sides run: `name`, the published LR-ASPP, or (offline) LR-ASPP on Lite0 saved as a bundle."""
-    if name:
-        return name
-    try:
-        visionzoo.create_model(PUBLISHED, weights="DEFAULT")
-        return PUBLISHED
-    except WeightsUnavailableError as e:
-        print(f"({PUBLISHED}: {str(e).splitlines()[0][:100]}; using LR-ASPP on EfficientNet-Lite0 instead)")
-    torch.manual_seed(0)
-    net = visionzoo.create_model("lraspp", backbone="efficientnet_lite0", pretrained_backbone=True, num_classes=21)
-    classes = visionzoo.get_weights(PUBLISHED).categories
-    bundle = work / "lraspp_lite0"
-    visionzoo.save_bundle(net, bundle, classes=classes, preprocess=net.card.preprocess)
-    return str(bundle)
+def prepare(folder: Path, args) -> tuple[str, Path, list[Path]]:
+    """(model, folder of JPEGs, the JPEGs): see the module docstring."""
+    model = args.model
+    if model is None:
+        try:
+            visionzoo.create_model(PUBLISHED, weights="DEFAULT")
+            model = PUBLISHED
+        except WeightsUnavailableError as e:
+            print(f"({PUBLISHED}: {str(e).splitlines()[0][:90]}...; offline: LR-ASPP on EfficientNet-Lite0 "
+                  f"fine-tuned on the shapes)", flush=True)
+    if model is not None:
+        photos = folder / "photos"
+        paths = sorted(photos.glob("photo_*.jpg"))[:args.images] if photos.is_dir() else []
+        if len(paths) < args.images:
+            print(f"making {args.images} JPEGs of {args.megapixels} MP in {photos} ...", flush=True)
+            paths = write_camera_jpegs(photos, args.images, args.megapixels)
+        return model, photos, paths
+    bundle = folder / "shapes_model" / "bundle"
+    if not bundle.is_dir():
+        print(f"fine-tuning LR-ASPP on EfficientNet-Lite0 on the shapes (kept in {bundle}) ...", flush=True)
+        train = write_shapes(folder / "shapes_train", 160, seed=0, size=(128, 128))
+        visionzoo.finetune(train, folder / "shapes_model", progress=False, **RECIPE)
+    photos = folder / "shapes_camera" / "images"
+    paths = sorted(photos.glob("*.jpg"))[:args.images] if photos.is_dir() else []
+    if len(paths) < args.images:
+        side = round((args.megapixels * 1e6 / 12) ** 0.5)  # 4:3
+        print(f"making {args.images} JPEGs of shapes on photos, {4 * side}x{3 * side}, in {photos} ...", flush=True)
+        write_shapes(photos.parent, args.images, seed=2, size=(4 * side, 3 * side))
+        paths = sorted(photos.glob("*.jpg"))
+    return str(bundle), photos, paths
 
 
 def idiomatic(paths: list[Path], model: str, out: Path) -> None:
@@ -108,19 +130,15 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        folder = args.dir or work / "photos"
         os.environ.setdefault("TORCH_HOME", str(work / "torch_home"))
-        paths = sorted(folder.glob("photo_*.jpg"))[:args.images] if folder.is_dir() else []
-        if len(paths) < args.images:
-            print(f"making {args.images} JPEGs of {args.megapixels} MP in {folder} ...", flush=True)
-            paths = write_camera_jpegs(folder, args.images, args.megapixels)
+        model, folder, paths = prepare(args.dir or work, args)
         if len(list(folder.glob("*.jpg"))) != len(paths):
-            raise SystemExit(f"{folder} holds other JPEGs; give --dir a folder of its own")
-        model = model_folder(work, args.model)
+            raise SystemExit(f"{folder} holds other JPEGs than the {len(paths)} asked for; give --dir a folder of "
+                             f"its own or the same --images")
         with Image.open(paths[0]) as im:
             size = f"{im.width}x{im.height} ({im.width * im.height / 1e6:.1f} MP)"
         print(f"machine: {describe_machine()}")
-        print(f"{len(paths)} JPEGs, {size}, model {Path(model).name}\n")
+        print(f"{len(paths)} JPEGs, {size}, model {model}\n")
         base_s = timed(idiomatic, paths, model, work / "idiomatic")
         print(f"  {'idiomatic script':<28} {len(paths) / base_s:7.2f} img/s  ({base_s:.1f} s)", flush=True)
         ok = True

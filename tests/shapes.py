@@ -23,6 +23,10 @@ from PIL import Image, ImageDraw
 from .photos import photos
 
 CLASSES = ("background", "disk", "rectangle", "triangle")
+# what learns them in a few minutes on two CPU cores: LR-ASPP on EfficientNet-Lite0 (ImageNet weights), 128 x 128
+# images, every layer trained for three epochs with one learning rate (measured: 0.84 mIoU on held-out images)
+RECIPE = {"model": "efficientnet_lite0", "strategy": "full", "epochs": 3, "image_size": 128, "batch_size": 8,
+          "lr": 3e-3, "warmup_epochs": 0.3, "lr_decay": 1.0, "scale_range": (1.0, 1.0), "num_workers": 0}
 IGNORE = 255
 HUES = {"disk": (-0.08, 0.08), "rectangle": (0.25, 0.42), "triangle": (0.55, 0.72)}  # red, green, blue
 
