@@ -213,6 +213,12 @@ def _write_torchscript(graph: nn.Module, sample: tuple[torch.Tensor, ...], path:
 
 
 def _write_pt2(graph: nn.Module, sample: tuple[torch.Tensor, ...], path: Path, info: ModelInfo) -> str:
+    free = sorted({a for t in info.graph.inputs(info) for a in t.dynamic_axes.values()} - {"batch"})
+    if free:
+        # measured on LR-ASPP on EfficientNet-Lite0: torch.export guards on relations between the sizes of
+        # successive strides that it cannot prove for every height and width, and fails after minutes
+        raise ExportError(f"{info.arch} takes a free {' and '.join(free)}, which pt2 export does not support; "
+                          f"use --format onnx or torchscript")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
