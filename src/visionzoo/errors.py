@@ -51,3 +51,11 @@ class MissingDependencyError(VisionZooError, ImportError):
 
 class ExportError(VisionZooError):
     """An exported model that cannot be written or does not reproduce the PyTorch model's outputs."""
+
+
+def check_at_least(name: str, value: object, minimum: int, *, optional: bool = False, note: str = "") -> None:
+    """Raise `InputError` unless `value` is an integer >= `minimum` (or None, when `optional`)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InputError(f"{name} must be an integer >= {minimum}{note}, got {value!r}")

@@ -163,7 +163,7 @@ def _build(arch: Architecture, weights: WeightsArg, num_classes: int | None, *, 
     classes = record.categories if record else None
     report = None
     if ckpt is None:
-        head = {"num_classes": record.num_classes} if record else _head_kwargs(num_classes)
+        head = _head_kwargs(record.num_classes if record and record.num_classes else num_classes)
         model = build(**head, **build_kwargs)
     else:
         model, report = _load_checkpoint(arch, build, record, ckpt, source, build_kwargs, num_classes, strict)
@@ -193,7 +193,7 @@ def _load_checkpoint(arch: Architecture, build: Callable[..., VisionModel], reco
     size is the record's; a local file's own head size and input channels are the truth)."""
     report = LoadReport(source=source, format=ckpt.format,
                         remapped=[f"unwrapped the '{k}' entry" for k in ckpt.wrapper])
-    head = {"num_classes": record.num_classes} if record else _head_kwargs(num_classes)
+    head = _head_kwargs(record.num_classes if record and record.num_classes else num_classes)
     plan = plan_load(build, ckpt.state_dict, kwargs={**head, **build_kwargs},
                      layout=record.layout if record else None, size_from_checkpoint=record is None, report=report)
     return realize(plan, strict=strict, what=arch.name), report

@@ -17,6 +17,12 @@ _EXTRAS = {
     "pyarrow": ("reading and writing .parquet files", "parquet"),
     "pyarrow.parquet": ("reading and writing .parquet files", "parquet"),
     "matplotlib": ("plots", "plots"),
+    "ray": ("running on a Ray cluster (--engine ray)", "ray"),
+    "ray.data": ("running on a Ray cluster (--engine ray)", "ray"),
+    "starlette": ("the HTTP server", "serve"),
+    "uvicorn": ("the HTTP server", "serve"),
+    "prometheus_client": ("the server's metrics", "serve"),
+    "python_multipart": ("the server's form uploads (python-multipart)", "serve"),
 }
 
 

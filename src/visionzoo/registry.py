@@ -30,7 +30,7 @@ from .weights.records import DEFAULT_PREPROCESS, Preprocess, Weights
 # for heads that go on any backbone, `COMPOSED` and `compose`).
 FAMILIES = ("alexnet", "convnext", "densenet", "efficientnet", "googlenet", "inception", "maxvit", "mnasnet",
             "mobilenetv2", "mobilenetv3", "regnet", "resnet", "shufflenetv2", "squeezenet", "swin_transformer", "vgg",
-            "vision_transformer", "segmentation")
+            "vision_transformer", "segmentation", "raft", "video_resnet", "s3d", "mvit", "swin3d")
 CATALOG = Path(__file__).parent / "weights" / "data" / "catalog.json"
 DEFAULT_MODEL = "efficientnet_lite0"  # the model every workflow uses unless told otherwise: offline, packaged
 

@@ -1,6 +1,6 @@
 """The `visionzoo` command: parse arguments, call a task, print the result.
 
-Each command lives in the module of its kind (`images`: predict, embed, segment; `zoo`: models, info,
+Each command lives in the module of its kind (`images`: predict, embed, segment, explain; `zoo`: models, info,
 download, inspect; `train`: finetune, evaluate; `deploy`: export, quantize, prune, benchmark,
 serve); what they share (options, exit codes, printing) is in `common`.
 
@@ -18,14 +18,15 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from ..errors import VisionZooError
 from . import deploy, images, train, zoo
 from .common import EXIT_ERROR, EXIT_NOTHING, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, err
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Pre-trained vision models: list, download, inspect, predict, embed, segment, fine-tune, "
-                       "evaluate, export, quantize, prune, benchmark, serve.")
+                  help="Pre-trained vision models: list, download, inspect, predict, embed, segment, explain, "
+                       "fine-tune, evaluate, export, quantize, prune, benchmark, serve.")
 
 
 @app.callback()
@@ -40,9 +41,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what 
         os.environ[ENV_OFFLINE] = "1"  # the environment, so worker processes are offline too
 
 
-for command in (images.predict, images.embed, images.segment, zoo.models, zoo.info, zoo.download, zoo.inspect,
-                train.finetune, train.evaluate, deploy.export, deploy.quantize, deploy.prune, deploy.benchmark,
-                deploy.serve):
+for command in (images.predict, images.embed, images.segment, images.explain, zoo.models, zoo.info, zoo.download,
+                zoo.inspect, train.finetune, train.evaluate, deploy.export, deploy.quantize, deploy.prune,
+                deploy.benchmark, deploy.serve):
     app.command(command.__name__)(command)
 
 
@@ -54,7 +55,7 @@ def main() -> None:
     try:
         app()
     except VisionZooError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
 
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import csv
+import functools
+import inspect
 import json
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Annotated, Any, Optional, Protocol
 
@@ -13,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..data.images import DEFAULT_MAX_PIXELS
 from ..runtime.backends import Backend
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_NOTHING = 0, 1, 2, 3, 4
@@ -45,7 +48,8 @@ class Runtime(str, Enum):
 
 INPUTS_HELP = ("Image files, folders (searched recursively), globs ('photos/**/*.jpg'), @LIST (a text "
                "file of paths, one per line) or a CSV with a 'path' column.")
-WORKERS_HELP = "Decoding processes (default: one per spare CPU core; 0 decodes in the main process)."
+WORKERS_HELP = ("Decoding processes (default: one per spare CPU core; 0 decodes in the main process). With "
+                "--engine ray: model actors (default: as many as the load asks, up to half the CPUs).")
 EXACT_HELP = ("Decode every image at full size: torchvision's preprocessing exactly. By default large "
               "JPEGs are decoded at a reduced scale first (much faster, nearly identical inputs).")
 MAX_PIXELS_HELP = "Refuse images with more pixels than this (decompression bombs); 0 for no limit."
@@ -93,8 +97,12 @@ def set_torch_threads(threads: int | None) -> None:
 
 
 class Failed(Protocol):
-    path: str
-    reason: str
+    # read-only members, so that frozen dataclasses (data.inputs.Failure) match
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def reason(self) -> str: ...
 
 
 def report_failure(failure: Failed) -> None:
@@ -111,15 +119,39 @@ def exit_for_failures(done: int, failures: Sequence[Failed], verb: str) -> None:
     raise typer.Exit(EXIT_NOTHING if done == 0 else EXIT_PARTIAL)
 
 
-def inference_options(*, batch_size: int, workers: int | None, exact: bool, max_pixels: int, device: str,
-                      backend: Backend, threads: int | None, precision: RunPrecision):
-    """The shared options as an `InferenceOptions`; sets torch's own thread count for --threads."""
-    from ..runtime.options import InferenceOptions
+def with_inference_options(command: Callable[..., None] | None = None, *,
+                           batch_size: int = 32) -> Callable[..., Any]:
+    """`command` with the options every inference command shares (--batch-size, --workers, --exact,
+    --max-pixels, --device, --backend, --threads, --precision) added to its signature; it receives
+    them as one `options: InferenceOptions` (and torch's own thread count is set for --threads).
+    `@with_inference_options(batch_size=N)` gives the command another default batch size."""
+    if command is None:
+        return functools.partial(with_inference_options, batch_size=batch_size)
+    shared = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, annotation, default in (
+            ("batch_size", BatchSize, batch_size), ("workers", Workers, None), ("exact", Exact, False),
+            ("max_pixels", MaxPixels, DEFAULT_MAX_PIXELS), ("device", Device, "cpu"),
+            ("backend", BackendChoice, Backend.AUTO), ("threads", Threads, None),
+            ("precision", PrecisionChoice, RunPrecision.fp32))]
+    names = [p.name for p in shared]
 
-    set_torch_threads(threads)
-    return InferenceOptions(batch_size=batch_size, num_workers=workers, fast=not exact,
-                            max_pixels=max_pixels or None, device=device, backend=backend, threads=threads,
-                            precision=precision.value)
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> None:
+        from ..runtime.options import InferenceOptions
+
+        given = {name: kwargs.pop(name) for name in names}
+        set_torch_threads(given["threads"])
+        options = InferenceOptions(batch_size=given["batch_size"], num_workers=given["workers"],
+                                   fast=not given["exact"], max_pixels=given["max_pixels"] or None,
+                                   device=given["device"], backend=given["backend"], threads=given["threads"],
+                                   precision=given["precision"].value)
+        command(options=options, **kwargs)
+
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "options"]
+    run.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
+    run.__annotations__ = {**{p.name: p.annotation for p in own}, **{p.name: p.annotation for p in shared}}
+    return run
 
 
 def model_arg(model: str, weights: str | None):

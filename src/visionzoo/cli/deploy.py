@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from ..data.images import DEFAULT_MAX_PIXELS
 from ..runtime.backends import Backend
 from ..runtime.export import TOLERANCE, ExportFormat
 from ..tasks.quantize import QuantMode
@@ -19,6 +20,8 @@ from .common import (
     MODEL_HELP,
     RUN_MODEL_HELP,
     BackendChoice,
+    Exact,
+    MaxPixels,
     PrecisionChoice,
     RunPrecision,
     Runtime,
@@ -160,16 +163,48 @@ def serve(
     threads: Threads = None,
     precision: PrecisionChoice = RunPrecision.fp32,
     topk: int = typer.Option(5, "--topk", "-k", min=1, max=100, help="Classes returned per image."),
-    max_bytes: int = typer.Option(20 * 2**20, "--max-bytes", min=1, help="Largest accepted image (bytes)."),
+    max_bytes: int = typer.Option(20 * 2**20, "--max-bytes", min=1, help="Largest accepted request body (bytes; "
+                                  "checked while reading)."),
+    max_batch: int = typer.Option(32, "--max-batch", min=1, help="Images per model call at most."),
+    max_delay_ms: float = typer.Option(5.0, "--max-delay-ms", min=0.0, help="How long the first image of a "
+                                       "batch waits for others (milliseconds)."),
+    max_queue: int = typer.Option(32, "--max-queue", min=1, help="Requests in the server at once (decoding, "
+                                  "queued, running); more are answered 503 with Retry-After at once. About one "
+                                  "batch: a request then waits at most for the batch running and its own."),
+    decode_workers: Optional[int] = typer.Option(None, "--decode-workers", min=1, help="Images decoded at once "
+                                                 "(default: one per core, at most 4)."),
+    header_timeout: float = typer.Option(10.0, "--header-timeout", min=0.01, help="Seconds for a request's "
+                                         "head to arrive (408 or the connection closed after)."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", min=0.01, help="Seconds for a request's body "
+                                       "to arrive (408 after)."),
+    keepalive_timeout: float = typer.Option(5.0, "--keepalive-timeout", min=0.01, help="Idle keep-alive "
+                                            "connections are closed after this many seconds."),
+    shutdown_timeout: float = typer.Option(30.0, "--shutdown-timeout", min=0.0, help="On Ctrl-C or SIGTERM, "
+                                           "in-flight requests get this long to finish."),
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    exact: Exact = False,
+    explain: bool = typer.Option(True, "--explain/--no-explain", help="Serve POST /explain (Grad-CAM)."),
 ) -> None:
-    """Serve a model over HTTP: GET /health, GET /info, POST /predict (the image bytes as the body)."""
+    """Serve a model over HTTP, with a web page at /: POST /predict, POST /explain, /health, /ready, /info,
+    /metrics."""
+    from ..optional import require
+
+    for module in ("starlette", "uvicorn", "prometheus_client", "python_multipart"):
+        require(module)
+    from ..tasks.serve import ServeSettings, server_url
     from ..tasks.serve import serve as run
 
+    settings = ServeSettings(topk=topk, max_bytes=max_bytes, max_pixels=max_pixels or None, fast=not exact,
+                             max_batch=max_batch, max_delay_ms=max_delay_ms, max_queue=max_queue,
+                             decode_workers=decode_workers, header_timeout=header_timeout, body_timeout=body_timeout,
+                             keepalive_timeout=keepalive_timeout, shutdown_timeout=shutdown_timeout, explain=explain)
+
     def ready(server) -> None:
-        err.print(f"serving {server.runner.describe()} on {server.url}  (POST /predict, GET /info, GET /health; "
+        service = server.config.app.state.service  # uvicorn keeps the application it was given
+        err.print(f"serving {service.runner.describe()} on {server_url(server)}  (the page at /; POST /predict; "
                   f"Ctrl-C to stop)", highlight=False, soft_wrap=True)
 
     set_torch_threads(threads)
-    run(model, host, port, backend=backend.value, threads=threads, topk=topk, max_bytes=max_bytes,
-        precision=precision.value, on_ready=ready)
+    run(model, host, port, backend=backend.value, threads=threads, precision=precision.value, settings=settings,
+        on_ready=ready)
     err.print("stopped", highlight=False)

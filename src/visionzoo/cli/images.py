@@ -1,41 +1,48 @@
-"""`predict`, `embed` and `segment`: images in, labels, vectors or masks out."""
+"""`predict`, `embed`, `segment` and `explain`: images in, labels, vectors, masks or heat maps out."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..data.images import DEFAULT_MAX_PIXELS
+from ..errors import InputError
 from ..registry import DEFAULT_MODEL
-from ..runtime.backends import Backend
+from ..runtime.options import InferenceOptions
 from .common import (
     INPUTS_HELP,
-    BackendChoice,
-    BatchSize,
-    Device,
-    Exact,
     MaxPixels,
     ModelArg,
     OutputFormat,
-    PrecisionChoice,
     PredictionWriter,
-    RunPrecision,
-    Threads,
     WeightsFile,
-    Workers,
     exit_for_failures,
-    inference_options,
     model_arg,
     note,
     out,
     report_failure,
+    with_inference_options,
 )
 
 
+class Engine(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+ENGINE_HELP = ("local: this machine; ray: a Ray cluster or a local Ray instance (pip install \"visionzoo[ray]\"), "
+               "writing a folder of Parquet files (--out DIR.parquet, one row per image, resumable), with "
+               "--workers model actors.")
+ADDRESS_HELP = "With --engine ray: the cluster (auto, ray://HEAD:10001); default: a new local Ray instance."
+
+
+@with_inference_options
 def predict(
     paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
     model: ModelArg = DEFAULT_MODEL,
@@ -43,20 +50,26 @@ def predict(
     topk: int = typer.Option(5, "--topk", "-k", min=1, help="How many classes to show per image."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="Output format (jsonl and csv "
                                      "stream one result at a time, for any number of images)."),
-    batch_size: BatchSize = 32,
-    workers: Workers = None,
-    exact: Exact = False,
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-    device: Device = "cpu",
-    backend: BackendChoice = Backend.AUTO,
-    threads: Threads = None,
-    precision: PrecisionChoice = RunPrecision.fp32,
+    engine: Engine = typer.Option(Engine.local, "--engine", help=ENGINE_HELP),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="With --engine ray: the output folder "
+                                          "(DIR.parquet; a rerun fills in the images without a row)."),
+    restart: bool = typer.Option(False, "--restart", help="With --engine ray: delete the rows already in --out "
+                                 "and start over."),
+    *,
+    options: InferenceOptions,
 ) -> None:
-    """Classify images and print the top classes of each."""
+    """Classify images and print the top classes of each (or, on Ray, write them to Parquet)."""
     from ..tasks.predict import Prediction, iter_predict
 
-    options = inference_options(batch_size=batch_size, workers=workers, exact=exact, max_pixels=max_pixels,
-                                device=device, backend=backend, threads=threads, precision=precision)
+    if engine is Engine.ray:
+        _on_ray(paths, model_arg(model, weights), out_dir, options, embed=False, topk=topk, address=address,
+                restart=restart, progress=None)
+        return
+    if out_dir is not None or address is not None or restart:
+        raise InputError("--out, --address and --restart go with --engine ray; the local predict prints its "
+                         "results (--format jsonl or csv streams them, for any number of images)")
+
     failures, done = [], 0
     writer = PredictionWriter(fmt)
     for result in iter_predict(paths, model_arg(model, weights), topk=topk, options=options):
@@ -70,10 +83,12 @@ def predict(
     exit_for_failures(done, failures, "predicted")
 
 
+@with_inference_options
 def embed(
     paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
     out_file: str = typer.Option(..., "--out", "-o", help="Output file: .npy (with a <stem>.paths.txt list of "
-                                 "paths) or .parquet (path and embedding columns)."),
+                                 "paths) or .parquet (path and embedding columns); with --engine ray, a folder "
+                                 "(DIR.parquet) of Parquet files."),
     model: ModelArg = DEFAULT_MODEL,
     weights: WeightsFile = None,
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Embed an intermediate stage instead (its "
@@ -86,22 +101,25 @@ def embed(
                                  "instead of resuming it."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar "
                                             "(default: when stderr is a terminal)."),
-    batch_size: BatchSize = 32,
-    workers: Workers = None,
-    exact: Exact = False,
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-    device: Device = "cpu",
-    backend: BackendChoice = Backend.AUTO,
-    threads: Threads = None,
-    precision: PrecisionChoice = RunPrecision.fp32,
+    engine: Engine = typer.Option(Engine.local, "--engine", help=ENGINE_HELP),
+    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
+    *,
+    options: InferenceOptions,
 ) -> None:
     """Write one embedding vector per image (pooled pre-logits, or a pooled stage); resumable."""
     from ..tasks.embed import embed as run_embed
     from ..tasks.embed import sidecar_path
     from .common import err
 
-    options = inference_options(batch_size=batch_size, workers=workers, exact=exact, max_pixels=max_pixels,
-                                device=device, backend=backend, threads=threads, precision=precision)
+    if engine is Engine.ray:
+        if chunk_size is not None:
+            raise InputError("--chunk-size is the local engine's; on Ray each block of images is saved as it is done")
+        _on_ray(paths, model_arg(model, weights), out_file, options, embed=True, layer=layer, normalize=normalize,
+                address=address, restart=restart, progress=progress)
+        return
+    if address is not None:
+        raise InputError("--address goes with --engine ray")
+
     result = run_embed(paths, model_arg(model, weights), out=out_file, layer=layer, normalize=normalize,
                        chunk_size=chunk_size, resume=not restart,
                        progress=err.is_terminal if progress is None else progress, options=options)
@@ -113,6 +131,7 @@ def embed(
     exit_for_failures(len(result), result.failures, "embedded")
 
 
+@with_inference_options(batch_size=4)  # photo-sized inputs: 4 images at 520 x 693 already hold 90 MB of scores
 def segment(
     paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for masks/ (class-index PNGs in the VOC colours, "
@@ -127,22 +146,14 @@ def segment(
                                      "(0: the image's own size)."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="How the per-image rows (the "
                                      "share of each class) are printed; jsonl and csv stream."),
-    batch_size: BatchSize = 4,
-    workers: Workers = None,
-    exact: Exact = False,
-    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
-    device: Device = "cpu",
-    backend: BackendChoice = Backend.AUTO,
-    threads: Threads = None,
-    precision: PrecisionChoice = RunPrecision.fp32,
+    *,
+    options: InferenceOptions,
 ) -> None:
     """Segment images: a class mask and an overlay per image, and the share of each class."""
     from rich.table import Table
 
     from ..tasks.segment import Segmentation, iter_segment
 
-    options = inference_options(batch_size=batch_size, workers=workers, exact=exact, max_pixels=max_pixels,
-                                device=device, backend=backend, threads=threads, precision=precision)
     runner = options.open(model_arg(model, weights))
     classes = list(runner.categories or [f"class_{i}" for i in range(runner.num_classes)])
     failures, done, rows = [], 0, []
@@ -176,3 +187,54 @@ def segment(
         note(f"wrote {done} masks to {out_dir / 'masks'}" + (f" and overlays to {out_dir / 'overlays'}" if overlay
                                                                else ""))
     exit_for_failures(done, failures, "segmented")
+
+
+def _on_ray(paths: list[str], model, out: str | None, options: InferenceOptions, *, embed: bool, address: str | None,
+            restart: bool, progress: bool | None, **outputs) -> None:
+    """Run predict or embed on Ray (`tasks/ray_engine.py`) and report as the local commands do."""
+    from ..tasks.ray_engine import run_on_ray
+    from .common import err
+
+    if out is None:
+        raise InputError("--engine ray writes its rows to a folder of Parquet files: give one with --out DIR.parquet")
+    result = run_on_ray(paths, model, out=out, embed=embed, address=address, workers=options.num_workers,
+                        restart=restart, progress=err.is_terminal if progress is None else progress,
+                        options=dataclasses.replace(options, num_workers=None), **outputs)
+    failures = result.failures + result.errors
+    for failure in failures:
+        report_failure(failure)
+    resumed = f"; {result.resumed} already had one" if result.resumed else ""
+    note(f"wrote {result.added} rows to {result.out} ({result.rows} in all{resumed})")
+    exit_for_failures(result.added - len(result.errors), failures, "embedded" if embed else "predicted")
+
+
+def explain(
+    paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
+    out_dir: str = typer.Option(..., "--out", "-o", help="Folder for the overlays (<stem>.gradcam.png)."),
+    model: ModelArg = DEFAULT_MODEL,
+    weights: WeightsFile = None,
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="The class to explain: an index or a "
+                                         "label (default: each image's most probable class)."),
+    max_pixels: MaxPixels = DEFAULT_MAX_PIXELS,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON line per image on stdout."),
+) -> None:
+    """Grad-CAM: draw where a classifier looked for a class, as a heat map over each image."""
+    import json
+    import sys
+
+    from ..tasks.explain import Explanation
+    from ..tasks.explain import explain as run
+
+    results = run(paths, model_arg(model, weights), target, out=out_dir, max_pixels=max_pixels or None)
+    done = [r for r in results if isinstance(r, Explanation)]
+    failures = [r for r in results if not isinstance(r, Explanation)]
+    for r in results:
+        if isinstance(r, Explanation):
+            if as_json:
+                sys.stdout.write(json.dumps(r.to_dict()) + "\n")
+            else:
+                note(f"{r.path}: {r.label} ({r.probability:.3f}), hottest at x={r.peak[0]} y={r.peak[1]} "
+                     f"-> {r.written}")
+        else:
+            report_failure(r)
+    exit_for_failures(len(done), failures, "explained")

@@ -1,4 +1,4 @@
-"""Decoding image files into upright RGB PIL images, with a clear error for every bad file.
+"""Decoding image files (or their bytes) into upright RGB PIL images, with a clear error for every bad file.
 
 Handles EXIF orientation; modes 1, L, LA, P (with or without transparency), RGBA and
 other alpha modes (composited on white), CMYK, 16-bit (I;16), 32-bit integer (I) and
@@ -17,6 +17,7 @@ decode would (a reduced image's last row and column cover a partial block).
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
@@ -79,49 +80,85 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
         raise ImageError(path, "no such file" if not path.exists() else "not a file")
     if path.stat().st_size == 0:
         raise ImageError(path, "empty file (0 bytes)")
+    return _decode_any(path, path, max_pixels, reduce_to)
+
+
+def decode_image(data: bytes, name: str | os.PathLike = "<bytes>", *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 reduce_to: int | None = None) -> Image.Image:
+    """`load_image` for an encoded image already in memory (read by Ray's readers, uploaded, ...):
+    the same decoding, fast path and errors, with `name` standing for the file in them."""
+    if not data:
+        raise ImageError(name, "empty file (0 bytes)")
+    return _decode_any(io.BytesIO(data), name, max_pixels, reduce_to)
+
+
+def image_from_array(array: np.ndarray, name: str | os.PathLike = "<array>") -> Image.Image:
+    """An RGB image from decoded pixels, as `ray.data.read_images` gives them: H x W grey (uint8, or
+    16-bit, integer and float grey scaled as files of those modes are), H x W x 3 RGB or H x W x 4
+    RGBA (uint8; transparency composited on white, as for files)."""
+    arr = np.asarray(array)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.size == 0 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
+        raise ImageError(name, f"not an image array (shape {tuple(arr.shape)}; expected H x W, H x W x 3 "
+                         f"or H x W x 4)")
+    if arr.ndim == 2 and arr.dtype != np.uint8:
+        mode = "I;16" if arr.dtype == np.uint16 else "F" if arr.dtype.kind == "f" else "I"
+        return Image.fromarray(_to_uint8(arr, mode)).convert("RGB")
+    if arr.dtype != np.uint8:
+        raise ImageError(name, f"colour pixels must be uint8, got {arr.dtype}")
+    return to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
+
+
+def _decode_any(source: Path | io.BytesIO, name: str | os.PathLike, max_pixels: int | None,
+                reduce_to: int | None) -> Image.Image:
     if max_pixels is not None and max_pixels < 1:
         raise InputError(f"max_pixels must be >= 1 (or None for no limit), got {max_pixels}")
     try:
         try:
-            return _decode(path, max_pixels, reduce_to)
+            return _decode(source, name, max_pixels, reduce_to)
         except Image.DecompressionBombError:
             # Pillow's own module-wide limit refused the file before ours could decide. When the
             # caller allows more, decode with Pillow's limit lifted to the caller's.
             if max_pixels is not None and max_pixels <= 2 * (Image.MAX_IMAGE_PIXELS or 0):
                 raise
+            if isinstance(source, io.BytesIO):
+                source.seek(0)
             with _pillow_limit(max_pixels):
-                return _decode(path, max_pixels, reduce_to)
+                return _decode(source, name, max_pixels, reduce_to)
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(path, "not an image (unrecognised format)") from None
+        raise ImageError(name, "not an image (unrecognised format)") from None
     except Image.DecompressionBombError:
-        raise ImageError(path, _too_large(None, max_pixels)) from None
+        raise ImageError(name, _too_large(None, max_pixels)) from None
     except Exception as e:  # noqa: BLE001
         # Pillow's plugins signal corrupt data with many exception types (OSError, SyntaxError,
         # ValueError, EOFError, struct.error, IndexError, ...); every one means "this file is bad",
         # and one bad file must never stop a run over thousands.
         reason = str(e) or type(e).__name__
-        raise ImageError(path, f"truncated or corrupt image ({reason})") from None
+        raise ImageError(name, f"truncated or corrupt image ({reason})") from None
 
 
-def _decode(path: Path, max_pixels: int | None, reduce_to: int | None) -> Image.Image:
+def _decode(source: Path | io.BytesIO, name: str | os.PathLike, max_pixels: int | None,
+            reduce_to: int | None) -> Image.Image:
     with warnings.catch_warnings():
         # our limit governs; Pillow's warning for sizes between its two thresholds is noise here
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return _decode_checked(path, max_pixels, reduce_to)
+        return _decode_checked(source, name, max_pixels, reduce_to)
 
 
-def _decode_checked(path: Path, max_pixels: int | None, reduce_to: int | None) -> Image.Image:
-    with Image.open(path) as img:
+def _decode_checked(source: Path | io.BytesIO, name: str | os.PathLike, max_pixels: int | None,
+                    reduce_to: int | None) -> Image.Image:
+    with Image.open(source) as img:
         width, height = img.size
         if max_pixels is not None and width * height > max_pixels:
-            raise ImageError(path, _too_large((width, height), max_pixels))
+            raise ImageError(name, _too_large((width, height), max_pixels))
         region = None
         if reduce_to is not None and img.format in _DRAFT_FORMATS:
             region = _draft(img, reduce_to)
         img.load()  # the first frame of an animation or the first page of a TIFF
-        orientation = _apply_exif_orientation(img, path)
+        orientation = _apply_exif_orientation(img, name)
         rgb = to_rgb(img)
         if region is not None:
             reduced = img.size if orientation in (1, 2, 3, 4) else img.size[::-1]  # as stored
@@ -178,7 +215,7 @@ _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_18
                 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
-def _apply_exif_orientation(img: Image.Image, path: Path) -> int:
+def _apply_exif_orientation(img: Image.Image, name: str | os.PathLike) -> int:
     """Make `img` upright in place; returns the EXIF orientation that was applied (1: none)."""
     try:
         orientation = img.getexif().get(0x0112, 1)
@@ -187,7 +224,7 @@ def _apply_exif_orientation(img: Image.Image, path: Path) -> int:
             return orientation
     except Exception as e:  # noqa: BLE001
         # a malformed EXIF block does not make the pixels unusable: keep them as stored
-        log.info("%s: ignoring unreadable EXIF orientation (%s)", path, e)
+        log.info("%s: ignoring unreadable EXIF orientation (%s)", name, e)
     return 1
 
 

@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..errors import ImageError, InputError
-from .images import DEFAULT_MAX_PIXELS, draft_info, load_image
+from ..errors import ImageError, check_at_least
+from .images import DEFAULT_MAX_PIXELS, decode_image, draft_info, image_from_array, load_image
 
 MAX_AUTO_WORKERS = 8
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
@@ -38,6 +39,31 @@ class ImageBatch:
     failures: list[tuple[int, str]]  # (position, reason) of the files of the batch that failed
     reduced: list[int] = field(default_factory=list)  # positions of the images decoded at a reduced scale
     extras: list[Any] = field(default_factory=list)  # with `extra=`: what it returned for each image of `images`
+
+
+ImageSource = str | os.PathLike | bytes | np.ndarray  # a file, its encoded bytes, or decoded pixels
+
+
+def prepare_image(source: ImageSource, transform, *, name: str | os.PathLike | None = None,
+                  max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                  reduce_to: int | None = None) -> tuple[torch.Tensor | None, str | None, bool]:
+    """Decode and preprocess one image: (tensor, None, reduced), or (None, reason, False) for a bad
+    one. The one per-image step of predict, embed and the distributed predictor.
+
+    `source` is a path, the file's encoded bytes (decoded as the file would be) or decoded
+    pixels (`image_from_array`); `name` stands for it in error messages. `reduced`: the image
+    was decoded at a reduced scale (the fast path, `reduce_to`)."""
+    label = name if name is not None else "<bytes>" if isinstance(source, bytes) else "<array>"
+    try:
+        if isinstance(source, bytes):
+            img = decode_image(source, label, max_pixels=max_pixels, reduce_to=reduce_to)
+        elif isinstance(source, np.ndarray):
+            img = image_from_array(source, label)
+        else:
+            img = load_image(source, max_pixels=max_pixels, reduce_to=reduce_to)
+        return transform(img), None, draft_info(img) is not None
+    except ImageError as e:
+        return None, e.reason, False
 
 
 class ImageFiles(Dataset):
@@ -58,12 +84,16 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:
-            img = load_image(self.paths[i], max_pixels=self.max_pixels, reduce_to=self.reduce_to)
-            extra = self.extra(img) if self.extra is not None else None
-            return i, self.transform(img), None, draft_info(img) is not None, extra
-        except ImageError as e:
-            return i, None, e.reason, False, None
+        extras: list[Any] = []
+
+        def transform(img):  # the extra is made from the decoded image, which only the transform is given
+            if self.extra is not None:
+                extras.append(self.extra(img))
+            return self.transform(img)
+
+        x, reason, reduced = prepare_image(self.paths[i], transform, max_pixels=self.max_pixels,
+                                           reduce_to=self.reduce_to)
+        return i, x, reason, reduced, extras[0] if extras and x is not None else None
 
 
 def _collate(items) -> ImageBatch:
@@ -111,6 +141,11 @@ def default_num_workers(num_batches: int) -> int:
     return max(1, min(available_cpus() - 1, MAX_AUTO_WORKERS, num_batches))
 
 
+def reduce_target(preprocess, fast: bool) -> int | None:
+    """The `reduce_to` of the fast path for a recipe: its resize size (None: the exact path)."""
+    return preprocess.resize_size if fast else None
+
+
 def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size: int = 32,
                   num_workers: int | None = None, fast: bool = True,
                   max_pixels: int | None = DEFAULT_MAX_PIXELS,
@@ -131,12 +166,9 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
             `ImageBatch.extras` (what a task needs besides the model's input: the image's size,
             a thumbnail to draw on).
     """
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
-    if num_workers is not None and num_workers < 0:
-        raise InputError(f"num_workers must be >= 0, got {num_workers}")
-    if max_pixels is not None and max_pixels < 1:
-        raise InputError(f"max_pixels must be >= 1 (or None for no limit), got {max_pixels}")
+    check_at_least("batch_size", batch_size, 1)
+    check_at_least("num_workers", num_workers, 0, optional=True)
+    check_at_least("max_pixels", max_pixels, 1, optional=True, note=" (or None for no limit)")
     if index_batches is None:
         index_batches = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
     index_batches = [list(b) for b in index_batches if len(b)]
@@ -145,7 +177,7 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
     if num_workers is None:
         num_workers = default_num_workers(len(index_batches))
     dataset = ImageFiles(paths, preprocess.transforms(), max_pixels=max_pixels,
-                         reduce_to=preprocess.resize_size if fast else None, extra=extra)
+                         reduce_to=reduce_target(preprocess, fast), extra=extra)
     loader = DataLoader(dataset, batch_sampler=index_batches, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=pin_memory,
                         worker_init_fn=fix_mmap_threshold if num_workers else None)

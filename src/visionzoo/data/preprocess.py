@@ -84,11 +84,9 @@ class Preprocess:
 
     def transforms(self):
         """The callable that turns a PIL image into the model's input tensor (a frame's, for video)."""
-        from .transforms import ClassificationTransform, ResizeNormalize
+        from .transforms import ImageTransform
 
-        if self.kind in ("ImageClassification", "VideoClassification"):
-            return ClassificationTransform(self)
-        return ResizeNormalize(self)
+        return ImageTransform(self)
 
 
 def _size(value: Any) -> tuple[int | None, tuple[int, int] | None]:

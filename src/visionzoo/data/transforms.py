@@ -38,13 +38,6 @@ def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
-def resize_shorter(img: Image.Image, shorter: int, interpolation: Interpolation) -> Image.Image:
-    size = resized_size(img.width, img.height, shorter)
-    if size == img.size:
-        return img
-    return img.resize(size, interpolation.pil)
-
-
 def center_crop(img: Image.Image, size: int) -> Image.Image:
     """Centre crop to `size` x `size`; an image smaller than that is zero-padded first."""
     w, h = img.size
@@ -68,9 +61,10 @@ def to_normalized_tensor(img: Image.Image, mean, std) -> torch.Tensor:
     return x.sub_(mean_t).div_(std_t)
 
 
-class ClassificationTransform:
-    """Callable PIL image -> normalised CHW float32 tensor: resize (the shorter side, or to height x width),
-    centre crop, normalise. Classification's recipe, and each frame's in video classification."""
+class ImageTransform:
+    """Callable PIL image -> normalised CHW float32 tensor for one recipe: resize (the shorter side, or to
+    height x width), centre crop where the recipe has one, scale to [0, 1], normalise. Every preset of
+    `preprocess.py` is such a recipe (a video's frames too)."""
 
     def __init__(self, preprocess: Preprocess):
         self.preprocess = preprocess
@@ -81,48 +75,31 @@ class ClassificationTransform:
         draft = draft_info(img)
         if img.mode != "RGB":
             img = img.convert("RGB")
-        if p.resize_hw is not None:
-            height, width = p.resize_hw
-            img = img.resize((width, height), self.interpolation.pil, box=draft.region if draft else None)
-        elif p.resize_size is not None:
-            if draft is not None:
-                # a reduced-scale decode (the fast path): resize the area that covers the full image
-                # to the size the full image would get, so the geometry is the exact path's
-                size = resized_size(*draft.full_size, p.resize_size)
-                img = img.resize(size, self.interpolation.pil, box=draft.region)
-            else:
-                img = resize_shorter(img, p.resize_size, self.interpolation)
+        img = self._resized(img, draft)
         if p.crop_size is not None:
             img = center_crop(img, p.crop_size)
         return to_normalized_tensor(img, p.mean, p.std)
 
+    def _resized(self, img: Image.Image, draft) -> Image.Image:
+        """The image at the recipe's size. A reduced-scale decode (the fast path) resizes the area that
+        covers the full image to the size the full image would get, so the geometry is the exact path's."""
+        p = self.preprocess
+        full = draft.full_size if draft is not None else img.size
+        if p.resize_hw is not None:
+            size = (p.resize_hw[1], p.resize_hw[0])
+        elif p.resize_size is not None:
+            size = resized_size(*full, p.resize_size)
+        else:
+            size = full  # no resize: a reduced decode goes back to the full image's size
+        if draft is None and size == img.size:
+            return img
+        return img.resize(size, self.interpolation.pil, box=draft.region if draft is not None else None)
+
     def __repr__(self) -> str:
         p = self.preprocess
         resize = list(p.resize_hw) if p.resize_hw is not None else p.resize_size
-        return (f"ClassificationTransform(resize={resize}, crop={p.crop_size}, "
+        return (f"{type(self).__name__}(resize={resize}, crop={p.crop_size}, "
                 f"interpolation={p.interpolation}, mean={p.mean}, std={p.std})")
 
 
-class ResizeNormalize:
-    """Callable PIL image -> normalised CHW float32 tensor without a crop: semantic segmentation (the shorter
-    side resized), detection and optical flow (no resize; scaled to [0, 1] or [-1, 1])."""
-
-    def __init__(self, preprocess: Preprocess):
-        self.preprocess = preprocess
-        self.interpolation = Interpolation(preprocess.interpolation)
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        p = self.preprocess
-        draft = draft_info(img)
-        if img.mode != "RGB":
-            img = img.convert("RGB")
-        full = draft.full_size if draft is not None else img.size
-        if p.resize_size is not None:
-            img = img.resize(resized_size(*full, p.resize_size), self.interpolation.pil,
-                             box=draft.region if draft else None)
-        elif draft is not None:  # no resize: back to the full image's size
-            img = img.resize(full, self.interpolation.pil, box=draft.region)
-        return to_normalized_tensor(img, p.mean, p.std)
-
-    def __repr__(self) -> str:
-        return f"ResizeNormalize({self.preprocess.describe()})"
+ClassificationTransform = ImageTransform  # the name it had when classification was the only task

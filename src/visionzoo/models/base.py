@@ -200,14 +200,14 @@ class LinearInit(Enum):
 
 
 def init_weights_torchvision(model: nn.Module, linear: LinearInit = LinearInit.NORMAL) -> None:
-    """The initialisation torchvision gives its CNNs: He-normal (fan-out) convolutions, unit
-    normalisation layers, zero biases, and the family's choice for Linear layers."""
+    """The initialisation torchvision gives its CNNs (image and video): He-normal (fan-out)
+    convolutions, unit normalisation layers, zero biases, and the family's choice for Linear layers."""
     for m in model.modules():
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, (nn.Conv2d, nn.Conv3d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):

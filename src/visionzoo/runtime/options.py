@@ -14,7 +14,7 @@ import torch
 
 from ..data.images import DEFAULT_MAX_PIXELS
 from ..enums import Precision, parse_enum
-from ..errors import InputError
+from ..errors import InputError, check_at_least
 from .backends import Backend, Runner, open_runner
 
 
@@ -35,14 +35,10 @@ class InferenceOptions:
         object.__setattr__(self, "backend", parse_enum(Backend, self.backend, "backend"))
         object.__setattr__(self, "precision", parse_enum(Precision, self.precision, "precision"))
         object.__setattr__(self, "device", str(torch.device(self.device)))
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise InputError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
-        if self.num_workers is not None and self.num_workers < 0:
-            raise InputError(f"num_workers must be >= 0 (0 decodes in the main process), got {self.num_workers}")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"threads must be >= 1, got {self.threads}")
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise InputError(f"max_pixels must be >= 1 (None: no limit), got {self.max_pixels}")
+        check_at_least("batch_size", self.batch_size, 1)
+        check_at_least("num_workers", self.num_workers, 0, optional=True, note=" (0 decodes in the main process)")
+        check_at_least("threads", self.threads, 1, optional=True)
+        check_at_least("max_pixels", self.max_pixels, 1, optional=True, note=" (None: no limit)")
 
     @classmethod
     def of(cls, options: InferenceOptions | None = None, **settings: Any) -> InferenceOptions:

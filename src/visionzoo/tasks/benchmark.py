@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from ..enums import Precision, Task, parse_enum
-from ..errors import InputError, MissingDependencyError
+from ..errors import InputError, MissingDependencyError, check_at_least
 from ..models.base import VisionModel
 
 
@@ -171,14 +171,10 @@ def benchmark(model, *, batches: str | Sequence[int] | None = None, backends: st
     from ..runtime.measure import describe_machine, machine_description
 
     asked = None if batches is None else parse_batches(batches)
-    if repeats < 1:
-        raise InputError(f"repeats must be >= 1, got {repeats}")
-    if warmup < 0:
-        raise InputError(f"warmup must be >= 0, got {warmup}")
-    if threads is not None and threads < 1:
-        raise InputError(f"threads must be >= 1, got {threads}")
-    if limit is not None and limit < 1:
-        raise InputError(f"limit must be >= 1, got {limit}")
+    check_at_least("repeats", repeats, 1)
+    check_at_least("warmup", warmup, 0)
+    check_at_least("threads", threads, 1, optional=True)
+    check_at_least("limit", limit, 1, optional=True)
     is_file = is_model_file(model)
     default = [b for b in installed_backends() if not (is_file and b is Backend.TORCH)]
     wanted = [parse_enum(Backend, b, "backend") for b in (_split(backends) or default)]

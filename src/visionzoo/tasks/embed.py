@@ -132,7 +132,7 @@ def embed(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     if fmt == "parquet":
         require("pyarrow.parquet")
     runner = opts.open(model)
-    encoder = _Encoder(runner, layer, normalize)
+    encoder = Encoder(runner, layer, normalize)
     files, failures = expand_inputs(inputs)
     key = _run_key(files, runner, encoder, opts, chunk_size) if out is not None else None
     store = _ChunkStore(_work_dir(out) if out is not None else None, key, resume)
@@ -179,16 +179,16 @@ class _ChunkPlan:
                                                                                             self.batch_size)]
 
 
-def _run_key(files: list[Path], runner: Runner, encoder: _Encoder, opts: InferenceOptions, chunk_size: int) -> dict:
+def _run_key(files: list[Path], runner: Runner, encoder: Encoder, opts: InferenceOptions, chunk_size: int) -> dict:
     """Everything that changes a bit of the result: saved chunks are reused only under the same key."""
     return {"version": _KEY_VERSION, "inputs": _inputs_fingerprint(files), "count": len(files),
-            "model": _model_fingerprint(runner), "layer": encoder.layer, "normalize": encoder.normalize,
+            "model": model_fingerprint(runner), "layer": encoder.layer, "normalize": encoder.normalize,
             "preprocess": runner.preprocess.to_dict(), "fast": opts.fast, "max_pixels": opts.max_pixels,
             "batch_size": opts.batch_size, "chunk_size": chunk_size, "device": opts.torch_device.type,
             "torch": torch.__version__}
 
 
-def _embed_chunks(files: list[Path], runner: Runner, encoder: _Encoder, store: _ChunkStore, plan: _ChunkPlan,
+def _embed_chunks(files: list[Path], runner: Runner, encoder: Encoder, store: _ChunkStore, plan: _ChunkPlan,
                   opts: InferenceOptions, progress: bool) -> None:
     """Embed the chunks `store` does not hold yet, saving each as soon as all its images are done."""
     todo = [k for k in range(plan.count) if k not in store.done]
@@ -213,7 +213,7 @@ def _embed_chunks(files: list[Path], runner: Runner, encoder: _Encoder, store: _
         raise RuntimeError(f"embedding chunks {missing[:5]} were not completed")
 
 
-class _Encoder:
+class Encoder:
     """Batch -> (N, dim) vectors: pooled pre-logits, or a pooled stage; optionally L2-normalised."""
 
     def __init__(self, runner: Runner, layer: int | str | None, normalize: bool):
@@ -241,7 +241,7 @@ class _Encoder:
         return F.normalize(v, dim=1) if self.normalize else v
 
 
-def _model_fingerprint(runner: Runner) -> dict:
+def model_fingerprint(runner: Runner) -> dict:
     """What the resumable key records of the model: its weights (or file) and how it runs."""
     if isinstance(runner, TorchRunner):
         weights = weights_fingerprint(runner.net)

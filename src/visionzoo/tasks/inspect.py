@@ -140,7 +140,9 @@ def identify(sd: dict[str, torch.Tensor], layout: str, limit: int = 5) -> list[C
     """Registered architectures ranked by how well `sd` (prefixes stripped) matches them."""
     families: dict[str, list[str]] = {}
     for name in REGISTRY.list_models():
-        families.setdefault(REGISTRY.get_architecture(name).family, []).append(name)
+        entry = REGISTRY.get_architecture(name)
+        if not entry.composed:  # a head composed on a backbone has no state dict of its own to match
+            families.setdefault(entry.family, []).append(name)
     scored: list[tuple[float, str]] = []
     for family, names in families.items():
         converted = _convert(sd, layout, _signature(names[0]))

@@ -10,16 +10,15 @@ the same preprocessing.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..data.images import load_image
 from ..data.inputs import Failure, expand_inputs
-from ..data.loader import image_batches
-from ..errors import ImageError, InputError
+from ..data.loader import image_batches, prepare_image
+from ..errors import InputError
 from ..models.base import ZooModel
 from ..registry import DEFAULT_MODEL
 from ..runtime.backends import Runner
@@ -77,53 +76,56 @@ def iter_predict(inputs: Sequence[str | os.PathLike], model: str | os.PathLike |
     yield from failures
     if not files:
         return
-    categories = runner.categories
-    k = min(topk, runner.num_classes)
+    transform = runner.preprocess.transforms()
     batches = image_batches(files, runner.preprocess, batch_size=opts.batch_size, num_workers=opts.num_workers,
                             fast=opts.fast, max_pixels=opts.max_pixels, pin_memory=opts.torch_device.type == "cuda")
     with torch.inference_mode():
         for batch in batches:
             results: dict[int, Prediction | Failure] = {i: Failure(str(files[i]), err) for i, err in batch.failures}
             if batch.images is not None:
-                probs = torch.softmax(runner.logits(batch.images), dim=1)
-                if batch.reduced:
-                    _recheck_near_ties(probs, batch, files, runner, opts.max_pixels)
-                values, classes = probs.topk(k, dim=1)
-                for i, v_row, c_row in zip(batch.indices, values.tolist(), classes.tolist(), strict=True):
-                    top = (Label(c, categories[c] if categories else f"class_{c}", v)
-                           for v, c in zip(v_row, c_row, strict=True))
-                    results[i] = Prediction(str(files[i]), tuple(top))
+                reduced = set(batch.reduced)
+                rows = [row for row, i in enumerate(batch.indices) if i in reduced]
+
+                def exact(row: int, indices: list[int] = batch.indices) -> torch.Tensor | None:
+                    return prepare_image(files[indices[row]], transform, max_pixels=opts.max_pixels)[0]
+
+                tops = classify_batch(runner, batch.images, topk, reduced=rows, exact=exact)
+                for i, top in zip(batch.indices, tops, strict=True):
+                    results[i] = Prediction(str(files[i]), top)
             for i in sorted(results):
                 yield results[i]
+
+
+def classify_batch(runner: Runner, images: torch.Tensor, topk: int, *, reduced: Sequence[int] = (),
+                   exact: Callable[[int], torch.Tensor | None] | None = None) -> list[tuple[Label, ...]]:
+    """The `topk` most probable classes of each image of a preprocessed batch, most probable first:
+    the one classification step of `predict` and of the distributed predictor (`distributed.py`).
+
+    `reduced`: the rows decoded at a reduced scale (the fast path). Those whose two leading
+    classes are within `NEAR_TIE` are classified again on `exact(row)`, the row's full-size
+    decode, preprocessed (None keeps the fast result: the file no longer decodes). The
+    reduced-scale decode moves the probabilities a little (by at most 0.02 between the two
+    leading classes over 300 camera photos here); where the two are that close, the top-1 could
+    differ from the exact path's, so those images take the exact path. Clear answers, most of
+    them, keep the fast path's result."""
+    with torch.inference_mode():
+        probs = torch.softmax(runner.logits(images), dim=1)
+        if reduced and exact is not None:
+            tied = near_ties(probs)
+            redo = [(row, x) for row in reduced if tied[row] and (x := exact(row)) is not None]
+            if redo:
+                exact_probs = torch.softmax(runner.logits(torch.stack([x for _, x in redo])), dim=1)
+                probs[[row for row, _ in redo]] = exact_probs
+        values, classes = probs.topk(min(topk, probs.shape[1]), dim=1)
+    categories = runner.categories
+    return [tuple(Label(c, categories[c] if categories else f"class_{c}", v) for v, c in zip(v_row, c_row, strict=True))
+            for v_row, c_row in zip(values.tolist(), classes.tolist(), strict=True)]
 
 
 def near_ties(probs: torch.Tensor) -> torch.Tensor:
     """Which rows of `probs` (N, classes) have their two most probable classes within `NEAR_TIE`."""
     top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
     return (top2[:, 0] - top2[:, -1]) < NEAR_TIE
-
-
-def _recheck_near_ties(probs: torch.Tensor, batch, files, runner: Runner, max_pixels: int | None) -> None:
-    """Redo, from a full-size decode, the images of `batch` decoded at a reduced scale whose two
-    most probable classes are within `NEAR_TIE` of each other (in place in `probs`).
-
-    The reduced-scale decode moves the probabilities a little (by at most 0.02 between the two
-    leading classes over 300 camera photos here); where the two are that close, the top-1 could
-    differ from the exact path's, so those images take the exact path. Clear answers, most of
-    them, keep the fast path's result."""
-    tied = near_ties(probs)
-    reduced = set(batch.reduced)
-    redo = [row for row, i in enumerate(batch.indices) if i in reduced and tied[row]]
-    if not redo:
-        return
-    transform = runner.preprocess.transforms()
-    exact = []
-    for row in redo:
-        try:
-            exact.append(transform(load_image(files[batch.indices[row]], max_pixels=max_pixels)))
-        except ImageError:  # it decoded a moment ago; keep the fast result if it no longer does
-            exact.append(batch.images[row])
-    probs[redo] = torch.softmax(runner.logits(torch.stack(exact)), dim=1)
 
 
 def predict(inputs: Sequence[str | os.PathLike] | str | os.PathLike,

@@ -43,7 +43,11 @@ class Weights:
 
     @property
     def num_classes(self) -> int:
-        return len(self.categories) if self.categories is not None else 1000
+        """Outputs of the class head the weights were trained with (0: a task without classes)."""
+        if self.categories is not None:
+            return len(self.categories)
+        # an ImageNet head without names (vgg16's IMAGENET1K_FEATURES), or no classes at all (optical flow)
+        return 1000 if self.preprocess.kind == "ImageClassification" else 0
 
     @property
     def headline(self) -> tuple[str, float | None] | None:

@@ -7,8 +7,9 @@ from .mlp import Mlp
 from .norm import FrozenBatchNorm2d, set_norm_eps
 from .pos_embed import resample_pos_embed
 from .squeeze_excite import SqueezeExcitation
+from .video import check_clip
 
 __all__ = ["BasicConv2d", "Conv2dSame", "ConvNormAct", "FrozenBatchNorm2d", "Mlp", "MultiheadSelfAttention",
-           "SqueezeExcitation", "StochasticDepth", "attention", "drop_path", "make_divisible",
+           "SqueezeExcitation", "StochasticDepth", "attention", "check_clip", "drop_path", "make_divisible",
            "relative_position_index", "resample_pos_embed", "same_padding_conv", "set_fused_attention",
            "set_norm_eps", "transform_input"]

@@ -41,12 +41,17 @@ def set_fused_attention(model: nn.Module, enabled: bool) -> nn.Module:
     return model
 
 
-def relative_position_index(height: int, width: int) -> torch.Tensor:
-    """For a `height x width` window, the (h*w, h*w) index into a table of (2h-1)(2w-1)
-    relative offsets: entry (i, j) is the row of offset(token i - token j), row-major."""
-    coords = torch.stack(torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")).flatten(1)
-    rel = coords[:, :, None] - coords[:, None, :]  # (2, N, N): dy, dx in [-(h-1), h-1] x [-(w-1), w-1]
-    return (rel[0] + height - 1) * (2 * width - 1) + (rel[1] + width - 1)
+def relative_position_index(*window: int) -> torch.Tensor:
+    """For a window of the given sides (2-D: height, width; 3-D: time, height, width), the
+    (N, N) index, N = product of the sides, into a table of prod(2s - 1) relative offsets:
+    entry (i, j) is the row of offset(token i - token j), offsets enumerated row-major."""
+    grids = torch.meshgrid(*(torch.arange(s) for s in window), indexing="ij")
+    coords = torch.stack(grids).flatten(1)
+    rel = coords[:, :, None] - coords[:, None, :]  # (dims, N, N), offsets in [-(s-1), s-1] per side
+    index = torch.zeros_like(rel[0])
+    for d, side in enumerate(window):
+        index = index * (2 * side - 1) + rel[d] + side - 1
+    return index
 
 
 class MultiheadSelfAttention(nn.Module):

@@ -61,20 +61,27 @@ def same_padding_conv(in_channels: int, out_channels: int, kernel_size: int, str
 
 
 class ConvNormAct(nn.Sequential):
-    """conv -> norm -> activation, named `0`, `1`, `2` like torchvision's Conv2dNormActivation,
-    so checkpoints that use that block load unchanged."""
+    """conv -> norm -> activation, named `0`, `1`, `2` like torchvision's Conv2dNormActivation
+    (and Conv3dNormActivation with `conv_layer=nn.Conv3d`), so checkpoints that use that block
+    load unchanged. Sizes are an int or one value per spatial dimension."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 groups: int = 1, norm_layer: Callable[[int], nn.Module] | None = nn.BatchNorm2d,
-                 act_layer: Callable[..., nn.Module] | None = nn.ReLU, padding: int | None = None,
-                 same_padding: bool = False, bias: bool | None = None, dilation: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, ...] = 3,
+                 stride: int | tuple[int, ...] = 1, groups: int = 1,
+                 norm_layer: Callable[[int], nn.Module] | None = nn.BatchNorm2d,
+                 act_layer: Callable[..., nn.Module] | None = nn.ReLU, padding: int | tuple[int, ...] | None = None,
+                 same_padding: bool = False, bias: bool | None = None, dilation: int | tuple[int, ...] = 1,
+                 conv_layer: Callable[..., nn.Conv2d | nn.Conv3d] = nn.Conv2d):
         bias = norm_layer is None if bias is None else bias
+        conv: nn.Conv2d | nn.Conv3d
         if same_padding:
+            if conv_layer is not nn.Conv2d or not isinstance(kernel_size, int) or not isinstance(stride, int):
+                raise ValueError("same_padding needs a Conv2d with an int kernel size and stride")
             conv = same_padding_conv(in_channels, out_channels, kernel_size, stride, groups, bias)
         else:
-            padding = (kernel_size - 1) // 2 * dilation if padding is None else padding
-            conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding,
-                             dilation=dilation, groups=groups, bias=bias)
+            if padding is None:
+                padding = _centred_padding(kernel_size, dilation)
+            conv = conv_layer(in_channels, out_channels, kernel_size, stride, padding,
+                              dilation=dilation, groups=groups, bias=bias)
         layers: list[nn.Module] = [conv]
         if norm_layer is not None:
             layers.append(norm_layer(out_channels))
@@ -82,6 +89,16 @@ class ConvNormAct(nn.Sequential):
             layers.append(act_layer(inplace=True) if _accepts_inplace(act_layer) else act_layer())
         super().__init__(*layers)
         self.out_channels = out_channels
+
+
+def _centred_padding(kernel_size: int | tuple[int, ...], dilation: int | tuple[int, ...]) -> int | tuple[int, ...]:
+    """The padding that keeps a stride-1 convolution's output the size of its input (odd kernels)."""
+    if isinstance(kernel_size, int) and isinstance(dilation, int):
+        return (kernel_size - 1) // 2 * dilation
+    sides = len(kernel_size) if isinstance(kernel_size, tuple) else len(dilation) if isinstance(dilation, tuple) else 1
+    kernels = (kernel_size,) * sides if isinstance(kernel_size, int) else kernel_size
+    dilations = (dilation,) * sides if isinstance(dilation, int) else dilation
+    return tuple((k - 1) // 2 * d for k, d in zip(kernels, dilations, strict=True))
 
 
 def _accepts_inplace(act_layer: Callable[..., nn.Module]) -> bool:

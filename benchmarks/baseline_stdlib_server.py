@@ -1,4 +1,8 @@
-"""A small HTTP prediction server on the standard library (no web framework needed).
+"""The benchmark baseline: visionzoo's first `serve`, a thread-per-connection server on the standard
+library that runs one image per forward pass behind a lock (kept only so that
+`benchmarks/serve_load.py` can measure the ASGI server against it in the same run).
+
+    python benchmarks/baseline_stdlib_server.py efficientnet_lite0 --port 8001
 
     visionzoo serve efficientnet_lite0 --port 8000
     curl --data-binary @photo.jpg http://127.0.0.1:8000/predict
@@ -43,11 +47,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import torch
 
-from ..data.images import DEFAULT_MAX_PIXELS, draft_info, load_image
-from ..errors import ImageError, InputError
-from ..runtime.backends import open_runner
-from ..version import __version__
-from .predict import near_ties
+from visionzoo.data.images import DEFAULT_MAX_PIXELS, draft_info, load_image
+from visionzoo.errors import ImageError, InputError
+from visionzoo.runtime.backends import open_runner
+from visionzoo.tasks.predict import near_ties
+from visionzoo.version import __version__
 
 log = logging.getLogger("visionzoo")
 DEFAULT_PORT = 8000
@@ -345,3 +349,24 @@ def serve(model, host: str = "127.0.0.1", port: int = DEFAULT_PORT, backend: str
 
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+
+    def ready(server) -> None:
+        print(f"serving {server.runner.describe()} on {server.url}", flush=True)
+
+    serve(args.model, args.host, args.port, backend=args.backend, threads=args.threads, on_ready=ready)
+
+
+if __name__ == "__main__":
+    main()
