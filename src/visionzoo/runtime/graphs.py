@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import torch
 from torch import nn
@@ -112,7 +112,7 @@ class GraphSpec(ABC):
 
     def run(self, net: nn.Module, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every output, eagerly (what the torch backend returns)."""
-        return tuple(self.module(net)(*inputs))
+        return tuple(self.module(cast(VisionModel, net))(*inputs))  # the torch runner holds a task model
 
     def first(self, net: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         """The main output only (logits): what predict and segment need, often cheaper than all."""
@@ -141,11 +141,12 @@ class ClassificationGraph(GraphSpec):
                 "embedding_dim": net.head_hidden_size}
 
     def inputs(self, info: ModelInfo) -> tuple[TensorSpec, ...]:
-        return (TensorSpec("images", ("batch", 3, info.input_size, info.input_size)),)
+        side = cast(int, info.input_size)  # a classifier always has one (describe_model)
+        return (TensorSpec("images", ("batch", 3, side, side)),)
 
     def outputs(self, info: ModelInfo) -> tuple[TensorSpec, ...]:
         return (TensorSpec("logits", ("batch", info.num_classes)),
-                TensorSpec("embedding", ("batch", info.embedding_dim)))
+                TensorSpec("embedding", ("batch", cast(int, info.embedding_dim))))
 
     def module(self, net: VisionModel) -> nn.Module:
         if not isinstance(net, ZooModel):
@@ -153,7 +154,8 @@ class ClassificationGraph(GraphSpec):
         return self.Module(net)
 
     def input_shapes(self, info: ModelInfo, batch: int, variant: int = 0) -> tuple[tuple[int, ...], ...]:
-        return ((batch, 3, info.input_size, info.input_size),)
+        side = cast(int, info.input_size)
+        return ((batch, 3, side, side),)
 
     def first(self, net: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         return net(*inputs)

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import numpy as np
 import torch
@@ -171,7 +171,7 @@ def iter_segment(inputs: Sequence[str | os.PathLike], model: str | os.PathLike |
                 else:
                     done[i] = writer.submit(i, labels, base, fractions)
             if writer is None:
-                yield from (done[i] for i in sorted(done))
+                yield from (cast(Segmentation | Failure, done[i]) for i in sorted(done))  # no futures here
             else:
                 writer.queue(done)
                 yield from writer.ready()
