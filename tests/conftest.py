@@ -28,9 +28,13 @@ def parity_outputs():
 
 @pytest.fixture(autouse=True)
 def _isolated_torch_home(tmp_path_factory, monkeypatch):
-    """Never read or write the user's real weights cache from tests."""
+    """Never read or write the user's real weights cache from tests. `auto` does not measure
+    (`VISIONZOO_AUTOTUNE=0`: torch float32 for a model, as the rule says), since each model a test
+    builds would be measured anew: the tests of the measurement (test_autotune.py) switch it on."""
     home = tmp_path_factory.getbasetemp() / "torch_home"
     monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setenv("VISIONZOO_AUTOTUNE", "0")
+    monkeypatch.delenv("VISIONZOO_NATIVE_BF16", raising=False)
     import torch.hub
 
     monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)

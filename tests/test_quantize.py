@@ -3,6 +3,7 @@ bundle keeps its accuracy, linear-heavy networks are quantized dynamically."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from visionzoo.runtime.measure import accuracy, load_labelled
 from visionzoo.tasks.prune import bundle_split
 from visionzoo.tasks.quantize import QuantMode, predictions, quantize
 
+from .hostile import png
 from .photos import write_augmented
 
 pytest.importorskip("onnxruntime")
@@ -104,7 +106,13 @@ def test_unreadable_calibration_images_are_reported_not_fatal(tmp_path):
     folder = tmp_path / "cal"
     write_augmented(folder, copies=2, seed=3, originals=False)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (folder / "wide.png").write_bytes(png(100_000, 1))  # over the decode budget (issue 13)
+    # what a quantization killed before its end leaves: removed by the next run on the same output
+    (tmp_path / ".q.onnx.quantize-abc.part").mkdir()
+    (tmp_path / ".q.onnx.quantize-abc.part" / "prepared.onnx").write_bytes(b"half a graph")
     result = quantize("efficientnet_lite0", folder, tmp_path / "q.onnx", check=False)
     assert result.calibration_images == len(list(folder.glob("*_aug*.jpg")))
-    assert [str(f[0]).endswith("broken.jpg") for f in result.failures] == [True]
+    assert sorted(Path(f.path).name for f in result.failures) == ["broken.jpg", "wide.png"]
+    assert "resize limit" in next(f.reason for f in result.failures if f.path.endswith("wide.png"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal", "q.onnx"]
     assert np.isfinite(open_runner(result.path, "onnxruntime")(torch.zeros(1, 3, 224, 224))[0]).all()

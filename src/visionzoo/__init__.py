@@ -41,6 +41,7 @@ get_weights = REGISTRY.get_weights
 _LAZY = {
     "predict": "visionzoo.tasks.predict",
     "embed": "visionzoo.tasks.embed",
+    "detect": "visionzoo.tasks.detect",
     "segment": "visionzoo.tasks.segment",
     "finetune": "visionzoo.tasks.finetune",
     "evaluate": "visionzoo.tasks.evaluate",
@@ -71,7 +72,7 @@ def __dir__() -> list[str]:
 __all__ = [
     "DEFAULT_MODEL", "REGISTRY", "CheckpointError", "CheckpointReport", "ImageError", "InferenceOptions", "InputError",
     "LoadReport", "ModelCard", "Preprocess", "Task", "UnknownModelError", "UnknownWeightsError", "VisionZooError",
-    "Weights", "WeightsUnavailableError", "__version__", "benchmark", "create_model", "embed", "evaluate",
+    "Weights", "WeightsUnavailableError", "__version__", "benchmark", "create_model", "detect", "embed", "evaluate",
     "export_model", "finetune", "get_weights", "inspect_checkpoint", "list_models", "list_weights", "load_bundle",
     "load_weights", "open_runner", "predict", "prune", "quantize", "read_bundle", "resolve_model", "save_bundle",
     "segment",

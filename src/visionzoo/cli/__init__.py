@@ -25,7 +25,7 @@ from . import deploy, images, train, zoo
 from .common import EXIT_ERROR, EXIT_NOTHING, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, err
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Pre-trained vision models: list, download, inspect, predict, embed, segment, explain, "
+                  help="Pre-trained vision models: list, download, inspect, predict, embed, segment, detect, explain, "
                        "fine-tune, evaluate, export, quantize, prune, benchmark, serve.")
 
 
@@ -41,8 +41,8 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what 
         os.environ[ENV_OFFLINE] = "1"  # the environment, so worker processes are offline too
 
 
-for command in (images.predict, images.embed, images.segment, images.explain, zoo.models, zoo.info, zoo.download,
-                zoo.inspect, train.finetune, train.evaluate, deploy.export, deploy.quantize, deploy.prune,
+for command in (images.predict, images.embed, images.segment, images.detect, images.explain, zoo.models, zoo.info,
+                zoo.download, zoo.inspect, train.finetune, train.evaluate, deploy.export, deploy.quantize, deploy.prune,
                 deploy.benchmark, deploy.serve):
     app.command(command.__name__)(command)
 
@@ -52,6 +52,11 @@ def main() -> None:
 
     Usage errors (exit 2) and `typer.Exit` codes are handled by typer itself.
     """
+    # file names that are not valid UTF-8 are printed as the bytes they are, not refused
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="surrogateescape")
     try:
         app()
     except VisionZooError as e:

@@ -1,4 +1,4 @@
-"""`predict`, `embed`, `segment` and `explain`: images in, labels, vectors, masks or heat maps out."""
+"""`predict`, `embed`, `segment`, `detect` and `explain`: images in, labels, vectors, masks, boxes or heat maps out."""
 from __future__ import annotations
 
 import csv
@@ -21,6 +21,7 @@ from .common import (
     ModelArg,
     OutputFormat,
     PredictionWriter,
+    Wait,
     WeightsFile,
     exit_for_failures,
     model_arg,
@@ -86,9 +87,9 @@ def predict(
 @with_inference_options
 def embed(
     paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
-    out_file: str = typer.Option(..., "--out", "-o", help="Output file: .npy (with a <stem>.paths.txt list of "
-                                 "paths) or .parquet (path and embedding columns); with --engine ray, a folder "
-                                 "(DIR.parquet) of Parquet files."),
+    out_file: str = typer.Option(..., "--out", "-o", help="Output file: .npy (with <stem>.paths.jsonl, its paths "
+                                 "as one JSON string per line) or .parquet (path and embedding columns); with "
+                                 "--engine ray, a folder (DIR.parquet) of Parquet files."),
     model: ModelArg = DEFAULT_MODEL,
     weights: WeightsFile = None,
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Embed an intermediate stage instead (its "
@@ -101,6 +102,7 @@ def embed(
                                  "instead of resuming it."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar "
                                             "(default: when stderr is a terminal)."),
+    wait: Wait = False,
     engine: Engine = typer.Option(Engine.local, "--engine", help=ENGINE_HELP),
     address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     *,
@@ -121,7 +123,7 @@ def embed(
         raise InputError("--address goes with --engine ray")
 
     result = run_embed(paths, model_arg(model, weights), out=out_file, layer=layer, normalize=normalize,
-                       chunk_size=chunk_size, resume=not restart,
+                       chunk_size=chunk_size, resume=not restart, wait=wait,
                        progress=err.is_terminal if progress is None else progress, options=options)
     for failure in result.failures:
         report_failure(failure)
@@ -187,6 +189,38 @@ def segment(
         note(f"wrote {done} masks to {out_dir / 'masks'}" + (f" and overlays to {out_dir / 'overlays'}" if overlay
                                                                else ""))
     exit_for_failures(done, failures, "segmented")
+
+
+@with_inference_options
+def detect(
+    paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
+    model: str = typer.Option("ssdlite320_mobilenet_v3_large", "--model", "-m", help="A detector: NAME or NAME.TAG "
+                              "(default weights unless a tag is given) or a bundle folder; see `visionzoo models "
+                              "--task detection`."),
+    weights: WeightsFile = None,
+    threshold: float = typer.Option(0.5, "--threshold", "-t", min=0.0, max=1.0, help="The lowest score reported."),
+    out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Also write each image there as a PNG with "
+                                          "its boxes, labels and scores drawn."),
+    *,
+    options: InferenceOptions,
+) -> None:
+    """Detect objects: one JSON line per image (boxes in its pixels as [x1, y1, x2, y2], label, score)."""
+    import json
+
+    from ..tasks.detect import Detections, iter_detect
+    from .common import out
+
+    failures, done = [], 0
+    for result in iter_detect(paths, model_arg(model, weights), threshold, draw_dir=out_dir, options=options):
+        if isinstance(result, Detections):
+            out.print(json.dumps(result.to_dict()), markup=False, highlight=False, soft_wrap=True)
+            done += 1
+        else:
+            failures.append(result)
+            report_failure(result)
+    if out_dir is not None and done:
+        note(f"drew {done} image{'s' if done != 1 else ''} in {out_dir}")
+    exit_for_failures(done, failures, "detected")
 
 
 def _on_ray(paths: list[str], model, out: str | None, options: InferenceOptions, *, embed: bool, address: str | None,

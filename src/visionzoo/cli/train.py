@@ -16,7 +16,20 @@ import typer
 from rich.table import Table
 
 from ..train.config import FinetuneConfig
-from .common import EXIT_PARTIAL, OutputFormat, note, out, report_failure, say
+from .common import (
+    DECODE_LIMITS_HELP,
+    EXIT_PARTIAL,
+    MAX_PIXELS_HELP,
+    WAIT_HELP,
+    DecodeLimitsText,
+    MaxPixels,
+    OutputFormat,
+    decode_limits,
+    note,
+    out,
+    report_failure,
+    say,
+)
 
 
 def _config_parameters() -> list[inspect.Parameter]:
@@ -56,6 +69,11 @@ def _finetune(data: Optional[Path] = typer.Argument(None, help="ImageFolder tree
                                           "checkpoint."),
               quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
               as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+              # plain defaults, not Annotated: `_with_config_options` rebuilds the annotations
+              limits: Optional[str] = typer.Option(None, "--decode-limits", metavar="KEY=VALUE,...",
+                                                   help=DECODE_LIMITS_HELP),
+              max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=0, help=MAX_PIXELS_HELP),
+              wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
               **config: Any) -> None:
     """Fine-tune a pre-trained model on labelled images (or images and masks); writes a bundle (OUT/bundle).
 
@@ -64,23 +82,27 @@ def _finetune(data: Optional[Path] = typer.Argument(None, help="ImageFolder tree
     from ..tasks.finetune import finetune as run
 
     result = run(data, out_dir, train=train, val=val, classes=classes, config=FinetuneConfig(**config),
-                 resume=resume, device=device, progress=not quiet)
+                 resume=resume, device=device, progress=not quiet, limits=decode_limits(limits, max_pixels), wait=wait)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return
+    for failure in result.failures:
+        report_failure(failure)
     if as_json:
         sys.stdout.write(json.dumps({
             "bundle": str(result.bundle), "strategy": result.strategy.value, "reason": result.reason,
             "metrics": result.metrics, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-            "stopped_early": result.stopped_early, "classes": list(result.classes), "task": result.task.value},
-            indent=2) + "\n")
-        return
-    m = result.metrics
-    line = f"{result.bundle}  strategy {result.strategy.value}, best epoch {result.best_epoch}"
-    if "val_acc" in m:
-        line += f", val acc {m['val_acc']:.2%}, top-5 {m['val_top5']:.2%}"
-    elif "val_miou" in m:
-        line += f", val mIoU {m['val_miou']:.2%}, pixel acc {m['val_pixel_acc']:.2%}"
-    say(line)
+            "stopped_early": result.stopped_early, "classes": list(result.classes), "task": result.task.value,
+            "failures": [{"path": f.path, "reason": f.reason} for f in result.failures]}, indent=2) + "\n")
+    else:
+        m = result.metrics
+        line = f"{result.bundle}  strategy {result.strategy.value}, best epoch {result.best_epoch}"
+        if "val_acc" in m:
+            line += f", val acc {m['val_acc']:.2%}, top-5 {m['val_top5']:.2%}"
+        elif "val_miou" in m:
+            line += f", val mIoU {m['val_miou']:.2%}, pixel acc {m['val_pixel_acc']:.2%}"
+        say(line)
+    if result.failures:
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 def _with_config_options(func):
@@ -108,6 +130,8 @@ def evaluate(
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
     device: str = typer.Option("cpu", "--device"),
+    limits: DecodeLimitsText = None,
+    max_pixels: MaxPixels = None,
 ) -> None:
     """Accuracy, top-5, per-class precision/recall/F1 and the confusion matrix of a model on labelled images;
     for a segmentation model, mIoU, pixel accuracy, per-class IoU and the pixel confusion matrix."""
@@ -117,7 +141,8 @@ def evaluate(
 
     if fmt not in (OutputFormat.table, OutputFormat.json):
         raise InputError(f"--format must be table or json, got {fmt.value!r}")
-    ev = run(model, data, out=report, batch_size=batch_size, num_workers=workers, device=device)
+    ev = run(model, data, out=report, batch_size=batch_size, num_workers=workers, device=device,
+             limits=decode_limits(limits, max_pixels))
     for f in ev.failures:
         report_failure(f)
     for text in ev.notes:

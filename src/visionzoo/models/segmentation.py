@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +123,7 @@ class SegmentationModel(VisionModel):
         self.num_classes = num_classes
         self.backbone = backbone
         if head is HeadKind.LRASPP:
-            self.classifier: nn.Module = LRASPPHead(channels[0], channels[1], num_classes)
+            self.classifier: LRASPPHead | DeepLabHead | FCNHead = LRASPPHead(channels[0], channels[1], num_classes)
         elif head is HeadKind.DEEPLABV3:
             self.classifier = DeepLabHead(channels[-1], num_classes)
         else:
@@ -158,7 +158,7 @@ class SegmentationModel(VisionModel):
         for name in self.class_layers:
             parent_name, _, leaf = name.rpartition(".")
             parent = self.get_submodule(parent_name)
-            old = parent.get_submodule(leaf)
+            old = cast(nn.Conv2d, parent.get_submodule(leaf))  # the heads' class layers are 1x1 convolutions
             new = nn.Conv2d(old.in_channels, num_classes, 1)
             setattr(parent, leaf, new.to(device=old.weight.device, dtype=old.weight.dtype))
         self.num_classes = num_classes
@@ -205,7 +205,7 @@ def _dilated_backbone(name: str) -> tuple[list[tuple[str, nn.Module]], dict[str,
         # its stages are `features.<i>`; the backbone holds `features`' layers themselves
         stages = [replace(info, module="backbone." + info.module.removeprefix("features."))
                   for info in classifier.feature_info]
-        return layers, {n: m.out_channels for n, m in layers}, stages
+        return layers, {n: cast(int, m.out_channels) for n, m in layers}, stages
     raise ValueError(f"no dilated segmentation backbone {name!r}")
 
 
@@ -291,7 +291,7 @@ def _dilate_resnet_(net: resnet.ResNet) -> bool:
         return False
     dilation = 1
     for name in ("layer3", "layer4"):
-        stage = net.get_submodule(name)
+        stage = cast(list[Bottleneck], list(net.get_submodule(name).children()))  # checked above: bottlenecks
         if stage[0].conv2.stride == (1, 1):  # built dilated already
             dilation = stage[-1].conv2.dilation[0]
             continue
@@ -299,15 +299,16 @@ def _dilate_resnet_(net: resnet.ResNet) -> bool:
         first_dilation, dilation = dilation, dilation * 2
         for j, block in enumerate(stage):
             _set_dilation(block.conv2, first_dilation if j == 0 else dilation)
-        stage[0].downsample[0].stride = (1, 1)
+        cast(nn.Conv2d, cast(nn.Sequential, stage[0].downsample)[0]).stride = (1, 1)
     net.feature_info = [replace(info, reduction=8) if info.module in ("layer3", "layer4") else info
                         for info in net.feature_info]
     return True
 
 
 def _dilate_mobilenetv3_(net: mobilenetv3.MobileNetV3) -> bool:
-    depthwise = [next(m[0] for m in block.block if isinstance(m, ConvNormAct) and m[0].groups > 1)
-                 for block in net.features if isinstance(block, mobilenetv3.InvertedResidual)]
+    block_convs = [[cast(nn.Conv2d, m[0]) for m in block.block if isinstance(m, ConvNormAct)]
+                   for block in net.features if isinstance(block, mobilenetv3.InvertedResidual)]
+    depthwise = [next(conv for conv in convs if conv.groups > 1) for convs in block_convs]
     if any(conv.dilation != (1, 1) for conv in depthwise):
         return True
     start = max(i for i, conv in enumerate(depthwise) if conv.stride == (2, 2))

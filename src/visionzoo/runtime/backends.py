@@ -18,6 +18,9 @@ segmentation model's per-pixel logits at the input's size.
   static shape lets it choose kernels for that shape),
   in float32 unless `precision="bf16"` (OpenVINO would otherwise pick bf16 on CPUs with
   AVX512-BF16 or AMX, which is not the float32 model).
+- `auto` (backend, precision or both): the fastest installed backend and precision whose
+  top-1 agrees with float32 PyTorch, measured once per model and machine (`autotune.py`);
+  `runner.choice` says what was chosen and why.
 
 A quantized (int8) ONNX file from `quantize` runs on both runtimes the same way.
 """
@@ -28,22 +31,28 @@ import os
 from collections import OrderedDict
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import numpy as np
 import torch
 
 from ..enums import Precision, Task, parse_enum
-from ..errors import InputError
-from ..models.base import VisionModel
+from ..errors import CheckpointError, InputError
+from ..models.base import VisionModel, ZooModel
 from ..optional import available, require
 from .metadata import ModelInfo, model_info
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .autotune import Backends, Choice
 
 log = logging.getLogger("visionzoo")
 DEPLOYED_SUFFIXES = (".onnx",)  # model files the runtimes read directly
 
 
 class Backend(str, Enum):
-    AUTO = "auto"  # torch for a model, the fastest installed runtime for a model file
+    AUTO = "auto"  # the fastest that agrees with float32 PyTorch, measured (autotune.py)
     TORCH = "torch"
     ONNXRUNTIME = "onnxruntime"
     OPENVINO = "openvino"
@@ -58,6 +67,7 @@ class Runner:
     info: ModelInfo
     source: str  # the model or file it runs
     path: Path | None = None  # the model file, for the runtimes
+    choice: Choice | None = None  # what `auto` chose and why, when it chose this runner
 
     @property
     def preprocess(self):
@@ -118,6 +128,10 @@ class TorchRunner(Runner):
             raise InputError("the torch backend runs float models; run an int8 file from `visionzoo quantize` "
                              "with --backend onnxruntime or openvino")
         self.device = torch.device(device)
+        channels = _input_channels(net)
+        if channels not in (None, 3):
+            raise InputError(f"{net.arch} takes {channels}-channel inputs, but images are decoded to RGB; run a "
+                             f"3-channel model (in_chans=3)")
         self.info = model_info(net)
         self.source = net.weights_source or net.arch or type(net).__name__
         self.optimized = optimize
@@ -176,17 +190,20 @@ class OnnxRuntimeRunner(Runner):
         self.threads = threads or available_cpus()
         self.split_batches = split_batches and self.threads > 1
         self.session = self._session(self.threads)
-        self._single = None  # the single-threaded session and its thread pool, made on first use
-        self._pool = None
+        self._single: Any = None  # the single-threaded session and its thread pool, made on first use
+        self._pool: ThreadPoolExecutor | None = None
 
     def _session(self, threads: int):
         options = self._ort.SessionOptions()
         options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
-        return self._ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        try:
+            return self._ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own types for any file it refuses
+            raise CheckpointError(f"{self.path}: ONNX Runtime cannot load it ({_one_line(e)})") from None
 
     def _run_split(self, x: np.ndarray) -> list[np.ndarray]:
-        if self._single is None:
+        if self._pool is None:  # made together with the single-threaded session
             from concurrent.futures import ThreadPoolExecutor
 
             self._single = self._session(1)
@@ -222,7 +239,10 @@ class OpenVINORunner(Runner):
         requested = Precision(precision)
         self.precision = Precision.INT8 if info.precision == Precision.INT8.value else requested
         self.core = ov.Core()
-        self.model = self.core.read_model(str(path))
+        try:
+            self.model = self.core.read_model(str(path))
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises its own types for any file it refuses
+            raise CheckpointError(f"{path}: OpenVINO cannot load it ({_one_line(e)})") from None
         self.config = {"NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "bf16" if requested is Precision.BF16 else "f32"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
@@ -251,26 +271,42 @@ class OpenVINORunner(Runner):
         return tuple(torch.from_numpy(np.array(result[o], dtype=np.float32)) for o in outputs)
 
 
-def is_model_file(model: object) -> bool:
+def _input_channels(net: ZooModel) -> int | None:
+    """The channels the model's first convolution takes (None when it has none to look at)."""
+    try:
+        conv = net.get_submodule(net.first_conv)
+    except AttributeError:
+        return None
+    return conv.in_channels if isinstance(conv, torch.nn.Conv2d) else None
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def is_model_file(model: object) -> TypeGuard[str | os.PathLike]:
     """Whether `model` names an exported model file (rather than a model name or bundle)."""
     return (isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() in DEPLOYED_SUFFIXES
             and Path(model).expanduser().is_file())
 
 
 def open_runner(model, backend: Backend | str = Backend.AUTO, *, threads: int | None = None,
-                device: str | torch.device = "cpu", precision: Precision | str = Precision.FP32,
-                optimize: bool = True) -> Runner:
+                device: str | torch.device = "cpu", precision: Precision | str = Precision.AUTO,
+                optimize: bool = True, batch_size: int = 32) -> Runner:
     """A runner for `model`: a name (`arch[.TAG]`, default weights), a bundle, a visionzoo model,
     an ONNX file written by `export`/`quantize` (with its metadata), or a runner (returned as is).
 
     Args:
-        backend: `torch`, `onnxruntime`, `openvino`, or `auto` (torch for a model; for a file,
-            OpenVINO when installed, else ONNX Runtime).
+        backend: `torch`, `onnxruntime`, `openvino`, or `auto`: the fastest installed one whose
+            top-1 agrees with float32 PyTorch, measured once per model and machine (`autotune.py`).
         threads: compute threads for the runtimes (default: theirs, one per core). The torch
             backend uses torch's global setting (`torch.set_num_threads`).
         device: torch backend only.
-        precision: `fp32`, or `bf16` (torch autocast, OpenVINO inference precision).
+        precision: `fp32`, `bf16` (torch autocast, OpenVINO inference precision), or `auto`
+            (bf16 is measured where the hardware runs it natively).
         optimize: torch backend: fold BatchNorms and use channels-last (False: the model as is).
+        batch_size: the batch size `auto` measures the speed at.
     """
     if isinstance(model, Runner):
         return model
@@ -279,17 +315,18 @@ def open_runner(model, backend: Backend | str = Backend.AUTO, *, threads: int | 
                          f"{type(model).__name__}")
     backend = parse_enum(Backend, backend, "backend")
     precision = parse_enum(Precision, precision, "precision")
-    if precision is Precision.AUTO:
-        precision = Precision.FP32
-    if backend is not Backend.TORCH and torch.device(device).type != "cpu":
+    if backend not in (Backend.TORCH, Backend.AUTO) and torch.device(device).type != "cpu":
         raise InputError(f"the {backend.value} backend runs on the CPU; use --backend torch for device {device}")
     if (isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() in DEPLOYED_SUFFIXES
             and not is_model_file(model)):
         raise InputError(f"{model}: no such model file")
+    if backend is Backend.AUTO or precision is Precision.AUTO:
+        from .autotune import open_auto
+
+        return open_auto(model, backend.value, precision, auto_support(), threads=threads, device=device,
+                         optimize=optimize, batch_size=batch_size)
     if is_model_file(model):
         path = Path(model).expanduser()
-        if backend is Backend.AUTO:
-            backend = Backend.OPENVINO if available("openvino") else Backend.ONNXRUNTIME
         if backend is Backend.TORCH:
             raise InputError(f"{path} is an ONNX file: run it with --backend onnxruntime or openvino "
                              f"(the torch backend takes a model name or bundle)")
@@ -303,8 +340,9 @@ def open_runner(model, backend: Backend | str = Backend.AUTO, *, threads: int | 
 
     from ..factory import resolve_model
 
-    net = resolve_model(model)
-    if backend in (Backend.AUTO, Backend.TORCH):
+    # the runners are written against the classifier interface (ZooModel); nothing else reaches them today
+    net = cast(ZooModel, resolve_model(model))
+    if backend is Backend.TORCH:
         # a model built here from a name is ours to optimise in place; the caller's is copied
         return TorchRunner(net, device=device, optimize=optimize, precision=precision,
                            copy=isinstance(model, VisionModel))
@@ -324,6 +362,13 @@ def _file_runner(path: Path, info: ModelInfo, backend: Backend, threads: int | N
     if precision is Precision.BF16:
         raise InputError("bf16 runs on the torch and openvino backends; ONNX Runtime's CPU kernels are float32")
     return OnnxRuntimeRunner(path, info, threads=threads)
+
+
+def auto_support() -> Backends:
+    """What `auto` (`autotune.py`, which cannot import this module) needs from it."""
+    from .autotune import Backends
+
+    return Backends(open_runner, tuple(b.value for b in installed_backends()), is_model_file)
 
 
 def installed_backends() -> list[Backend]:

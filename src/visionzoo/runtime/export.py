@@ -13,7 +13,8 @@ embedded in the file. After writing, the file is loaded back, run on inputs of o
 than the ones it was traced with (another batch size; for free heights and widths, two other
 sizes), and compared with PyTorch: the largest difference relative to the output's range must
 stay within `tolerance` (1e-4 in float32), else `ExportError` and no file. The file is
-written under a temporary name and renamed only once verified.
+written under a temporary name and renamed only once verified, by one run at a time
+(`fileutil.exclusive`; the temporary files of a killed run are removed by the next).
 
 ONNX goes through torch's TorchScript-based exporter, which handles every family of the
 zoo (the dynamo exporter of torch 2.13 fails on Swin and MaxViT) in a fraction of the
@@ -30,14 +31,15 @@ import warnings
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..enums import parse_enum
-from ..errors import ExportError, InputError
-from ..fileutil import atomic_path
+from ..errors import CheckpointError, ExportError, InputError
+from ..fileutil import atomic_path, exclusive
 from ..models.base import VisionModel, ZooModel
 from ..optional import require
 from .graphs import GraphSpec
@@ -68,7 +70,7 @@ class ExportResult:
 
 
 def export_model(model, fmt: ExportFormat | str, out: str | os.PathLike, *, input_size: int | None = None,
-                 verify: bool = True, tolerance: float = TOLERANCE) -> ExportResult:
+                 verify: bool = True, tolerance: float = TOLERANCE, wait: bool = False) -> ExportResult:
     """Export `model` (a name, bundle folder or visionzoo model) to `out` in format `fmt`.
 
     Args:
@@ -77,6 +79,8 @@ def export_model(model, fmt: ExportFormat | str, out: str | os.PathLike, *, inpu
             height and width (segmentation) take none.
         verify: load the written file back and compare its outputs with PyTorch's.
         tolerance: the largest accepted relative difference.
+        wait: when another run is writing `out`, wait for it to finish (default: refuse with an
+            `OutputBusyError` naming it).
 
     Raises `ExportError` when the exporter fails or the check exceeds `tolerance` (no file is
     left at `out` then), `MissingDependencyError` when the format needs a package that is not
@@ -85,14 +89,15 @@ def export_model(model, fmt: ExportFormat | str, out: str | os.PathLike, *, inpu
     from ..factory import resolve_model
 
     fmt = parse_enum(ExportFormat, fmt, "export format")
-    net = resolve_model(model).eval()
+    # the export graph is written against the classifier interface (ZooModel)
+    net = cast(ZooModel, resolve_model(model).eval())
     info = _info_for(net, input_size)
     out = Path(out).expanduser()
     writer = {ExportFormat.ONNX: _write_onnx, ExportFormat.TORCHSCRIPT: _write_torchscript,
               ExportFormat.PT2: _write_pt2}[fmt]
     graph = info.graph.module(net).eval()
     sample = info.graph.trace_inputs(info)
-    with atomic_path(out) as tmp:
+    with exclusive(out, wait=wait), atomic_path(out) as tmp:
         exporter = writer(graph, sample, tmp, info)
         diffs = check_export(graph, tmp, fmt, info, tolerance) if verify else {}
     log.info("exported %s to %s (%s, %s)", info.arch, out, fmt.value, exporter)
@@ -149,7 +154,8 @@ def _onnx_torchscript(graph: nn.Module, sample: tuple[torch.Tensor, ...], info: 
         # the tracer warns about sizes read from tensors (padding, window partitions): whatever it
         # bakes into the graph shows when the file is checked on other sizes than the traced ones
         warnings.simplefilter("ignore")
-        torch.onnx.export(graph, sample, buf, dynamo=False, opset_version=OPSET,
+        # the TorchScript exporter (dynamo=False) writes to a file object too; torch's annotation lists paths only
+        torch.onnx.export(graph, sample, buf, dynamo=False, opset_version=OPSET,  # type: ignore[arg-type]
                           input_names=spec.names(spec.inputs(info)), output_names=spec.names(spec.outputs(info)),
                           dynamic_axes=spec.dynamic_axes(info), do_constant_folding=True)
     return onnx.load_from_string(buf.getvalue())
@@ -174,6 +180,8 @@ def _onnx_dynamo(graph: nn.Module, sample: tuple[torch.Tensor, ...], info: Model
         program = torch.onnx.export(graph, sample, dynamo=True, input_names=spec.names(spec.inputs(info)),
                                     output_names=spec.names(spec.outputs(info)),
                                     dynamic_shapes=_dynamic_shapes(spec, info), verbose=False)
+    if program is None:  # only the TorchScript exporter returns None
+        raise ExportError("the dynamo ONNX exporter returned no program")
     return program.model_proto
 
 
@@ -189,13 +197,61 @@ def set_onnx_metadata(proto, info: ModelInfo) -> None:
 
 
 def read_onnx_info(path: str | os.PathLike) -> ModelInfo | None:
-    """The visionzoo record in an ONNX file's metadata, or None if it has none."""
+    """The visionzoo record in an ONNX file's metadata, or None if it has none. The file must
+    parse, and every tensor stored outside it must lie in a file of its own folder (`check_external_data`)."""
     onnx = require("onnx")
-    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf's decode errors and OSErrors alike mean "not this file"
+        raise CheckpointError(f"{path} is not a readable ONNX file ({_first_line(e)}); export it again") from None
+    check_external_data(proto, Path(path))
     for p in proto.metadata_props:
         if p.key == "visionzoo":
             return ModelInfo.from_json(p.value, str(path))
     return None
+
+
+def check_external_data(proto, path: Path) -> None:
+    """Refuse an ONNX model whose tensors point outside its folder (`../../etc/shadow`, an absolute
+    path, a link out) or at data its files do not hold, with one line naming the tensor."""
+    onnx = require("onnx")
+    folder = Path(os.path.realpath(path.parent))
+    for tensor in _tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        target = Path(os.path.realpath(folder / location)) if location else folder
+        if not location or os.path.isabs(location) or (target != folder and folder not in target.parents):
+            raise CheckpointError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, outside the "
+                                  f"model's folder; refused (re-export the model with its data beside it)")
+        if not target.is_file():
+            raise CheckpointError(f"{path}: tensor {tensor.name!r} keeps its data in {location!r}, which does not "
+                                  f"exist; copy it next to the model")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+        except ValueError:
+            offset = length = -1
+        if offset < 0 or length < 0 or offset + length > target.stat().st_size:
+            raise CheckpointError(f"{path}: tensor {tensor.name!r} points at bytes its data file {location!r} "
+                                  f"does not hold; the model is corrupt")
+
+
+def _tensors(graph):
+    """Every tensor of an ONNX graph: initializers, constants in node attributes, and those of subgraphs."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
 
 
 # -- TorchScript and PT2 -------------------------------------------------------------------------

@@ -19,6 +19,9 @@ With `data` (an ImageFolder tree or `path,label` CSV with the model's class name
 the images are decoded and preprocessed once (exact path) and every backend and
 precision scores the same tensors (classifiers; `evaluate` scores segmentation models).
 
+The notes say what `auto` (the default backend and precision of predict, embed and serve)
+chooses at each batch size and why.
+
 `model` is a name (`arch[.TAG]`), a bundle folder, a visionzoo model, or an ONNX file from
 `export`/`quantize` (which runs on onnxruntime and openvino only). Combinations that
 cannot run (bf16 on ONNX Runtime, a file on torch) are skipped with a note.
@@ -30,6 +33,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +73,14 @@ class BenchmarkResult:
     machine: dict[str, Any]
     machine_text: str
     skipped: list[Skipped] = field(default_factory=list)
+    auto: dict[int, dict[str, Any]] = field(default_factory=dict)  # batch size -> what `auto` chose, and why
     data: str | None = None
     data_images: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "machine": self.machine, "settings": self.settings,
-                "data": self.data, "data_images": self.data_images,
+                "data": self.data, "data_images": self.data_images, "auto": self.auto,
                 "rows": [asdict(r) for r in self.rows], "skipped": [asdict(s) for s in self.skipped]}
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -118,13 +123,14 @@ class BenchmarkResult:
         return [f"machine: {self.machine_text}", *text, *self.notes()]
 
     def notes(self) -> list[str]:
-        out = [f"skipped {s.backend} {s.precision}: {s.reason}" for s in self.skipped]
+        out = [f"batch {batch}: {choice['summary']}" for batch, choice in self.auto.items()]
+        out += [f"skipped {s.backend} {s.precision}: {s.reason}" for s in self.skipped]
         if self.data is not None:
             out.append(f"accuracy on {self.data_images} images of {self.data}")
         return out
 
 
-def _split(values: str | Iterable[Any] | None) -> list[Any] | None:
+def _split(values: str | int | os.PathLike | Iterable[Any] | None) -> list[Any] | None:
     if values is None:
         return None
     if isinstance(values, str):
@@ -148,7 +154,7 @@ def parse_batches(batches: str | int | Iterable[int]) -> list[int]:
 def benchmark(model, *, batches: str | Sequence[int] | None = None, backends: str | Sequence[str] | None = None,
               precisions: str | Sequence[str] = ("fp32",), data: str | os.PathLike | None = None,
               threads: int | None = None, repeats: int = 10, warmup: int = 2, limit: int | None = None,
-              num_workers: int | None = None, max_seconds: float = 30.0) -> BenchmarkResult:
+              num_workers: int | None = None, max_seconds: float = 30.0, auto: bool = True) -> BenchmarkResult:
     """Time `model` on every backend and precision at every batch size.
 
     Args:
@@ -166,6 +172,8 @@ def benchmark(model, *, batches: str | Sequence[int] | None = None, backends: st
         limit: score at most this many images of `data`.
         num_workers: decoding processes for `data`.
         max_seconds: stop repeating (after at least 3 runs) once a batch size took this long.
+        auto: also report what `auto` chooses at each batch size, and why (measured once per
+            model and machine, then read from the cache).
     """
     from ..runtime.backends import Backend, installed_backends, is_model_file
     from ..runtime.measure import describe_machine, machine_description
@@ -225,12 +233,30 @@ def benchmark(model, *, batches: str | Sequence[int] | None = None, backends: st
                              warmup=warmup, max_seconds=max_seconds, images=images, labels=labels)
         except MissingDependencyError as e:
             skipped.append(Skipped(backend.value, precision.value, str(e)))
+    choices = {size: _auto_choice(source, threads, size) for size in sizes} if auto else {}
     return BenchmarkResult(model=label, rows=rows, machine=machine_description(threads),
-                           machine_text=describe_machine(threads), skipped=skipped, data=data_text,
+                           machine_text=describe_machine(threads), skipped=skipped, auto=choices, data=data_text,
                            data_images=0 if images is None else len(images),
                            settings={"batches": sizes, "backends": [b.value for b in wanted],
                                      "precisions": [p.value for p in precs], "repeats": repeats,
                                      "warmup": warmup, "threads": threads, "limit": limit})
+
+
+def _auto_choice(source, threads: int | None, batch: int) -> dict[str, Any]:
+    """What `auto` runs `source` with at this batch size (measured now if not before), and why."""
+    from ..runtime.backends import open_runner
+
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        runner = open_runner(source, threads=threads, batch_size=batch)
+    finally:
+        torch.set_num_threads(saved)
+    choice = runner.choice
+    if choice is None:  # not reached: auto always says why
+        return {"backend": runner.backend.value, "precision": runner.precision.value, "summary": runner.describe()}
+    return {**choice.to_dict(), "summary": choice.summary()}
 
 
 def _plan(backends, precisions, is_file: bool, info) -> tuple[list[tuple[Any, Any]], list[Skipped]]:
@@ -297,13 +323,14 @@ def _run_one(source, label: str, backend, precision, sizes: list[int], *, thread
         for batch in sizes:
             (x,) = runner.info.graph.example_inputs(runner.info, batch)
             tracked = reset_peak() and baseline is not None
-            timing = time_calls(lambda x=x, r=runner: r.logits(x), batch, warmup=warmup, repeats=repeats,
+            timing = time_calls(partial(runner.logits, x), batch, warmup=warmup, repeats=repeats,
                                 min_repeats=min(3, repeats), max_seconds=max_seconds)
             peak = peak_mib() if tracked else None
             rows.append(BenchmarkRow(model=label, backend=backend.value, precision=runner.precision.value,
                                      batch=batch, throughput=timing.throughput, p50_ms=timing.p50_ms,
                                      p95_ms=timing.p95_ms,
-                                     peak_mib=max(0.0, peak - baseline) if peak is not None else None,
+                                     peak_mib=(max(0.0, peak - baseline) if peak is not None and baseline is not None
+                                               else None),
                                      size_mib=size_mib, accuracy=acc, repeats=len(timing.times)))
         del runner
         return rows

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..bundle import is_bundle
 from ..data.datasets import open_dataset
-from ..data.images import load_image
+from ..data.images import DEFAULT_LIMITS, DecodeLimits, load_image
 from ..data.inputs import Failure
 from ..data.loader import default_num_workers, image_batches
 from ..data.masks import CLASSES_FILE, MaskFolder, open_mask_folder, read_classes, read_mask
@@ -93,11 +93,14 @@ class SegmentationEvaluation:
 
 def evaluate(model: str | os.PathLike | VisionModel, data: str | os.PathLike, *,
              out: str | os.PathLike | None = None, batch_size: int = 64, num_workers: int | None = None,
-             device: str | torch.device = "cpu", plots: bool = True) -> Evaluation | SegmentationEvaluation:
+             device: str | torch.device = "cpu", plots: bool = True,
+             limits: DecodeLimits | str | None = None) -> Evaluation | SegmentationEvaluation:
     """Score `model` (a bundle folder, a run folder, a model name or instance) on `data`: for a
     classifier an ImageFolder tree or a `path,label` CSV whose class names the model knows (an
     `Evaluation`); for a segmentation model a folder of `images/` and `masks/` (a
-    `SegmentationEvaluation`)."""
+    `SegmentationEvaluation`). Images that cannot be read or break the decode `limits` (a
+    `DecodeLimits`, or text such as "pixels=200M,bytes=1G") are left out and listed in `failures`."""
+    limits = DecodeLimits.parse(limits) if isinstance(limits, str) else limits or DEFAULT_LIMITS
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if not isinstance(model, VisionModel) and Path(model).exists() and not is_bundle(model):
@@ -122,7 +125,7 @@ def evaluate(model: str | os.PathLike | VisionModel, data: str | os.PathLike, *,
     failures: list[Failure] = []
     with torch.inference_mode():
         for batch in image_batches(paths, card.preprocess, batch_size=batch_size, num_workers=num_workers,
-                                   fast=False, pin_memory=device.type == "cuda"):
+                                   fast=False, limits=limits, pin_memory=device.type == "cuda"):
             failures += [Failure(str(paths[i]), reason) for i, reason in batch.failures]
             if batch.images is None:
                 continue

@@ -26,9 +26,10 @@ every process takes a 1/N share of each epoch (and of feature extraction and val
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,11 @@ import torch
 from torch import nn
 
 from ..bundle import BUNDLE_JSON, RUN_SUBDIR, save_bundle
+from ..data.images import DEFAULT_LIMITS, DecodeLimits, probe_image
+from ..data.inputs import Failure
 from ..enums import Task
-from ..errors import InputError, TrainingError
+from ..errors import ImageError, InputError, OutputBusyError, TrainingError
+from ..fileutil import exclusive, remove_leftovers
 from ..progress import stderr_echo
 from ..train import checkpoint as ckpt
 from ..train import distributed as D
@@ -72,13 +76,15 @@ class FinetuneResult:
     stopped_early: bool
     config: FinetuneConfig  # with the strategy's defaults filled in
     task: Task = Task.CLASSIFICATION
+    failures: tuple[Failure, ...] = ()  # images left out: unreadable, or over the decode limits
 
 
 def finetune(data: str | os.PathLike | None = None, out: str | os.PathLike = "runs/finetune", *,
              train: str | os.PathLike | None = None, val: str | os.PathLike | None = None,
              classes: Sequence[str] | str | None = None, config: FinetuneConfig | None = None, resume: bool = False,
              device: str | torch.device | None = None, progress: bool = True,
-             echo: Callable[[str], None] | None = None, **options: Any) -> FinetuneResult:
+             echo: Callable[[str], None] | None = None, limits: DecodeLimits | str | None = None,
+             wait: bool = False, **options: Any) -> FinetuneResult:
     """Fine-tune `config.model` on labelled images (or images and masks) and write a bundle to `out/bundle`.
 
     Args:
@@ -96,18 +102,46 @@ def finetune(data: str | os.PathLike | None = None, out: str | os.PathLike = "ru
         device: "cpu", "cuda", "cuda:1" or None/"auto" (the GPU when there is one).
         progress: show progress bars and per-epoch lines (rank 0 only).
         echo: where messages go (default: stderr).
+        limits: the decode budget of each image (`DecodeLimits`, or text such as
+            "pixels=200M,bytes=1G"). Every image is checked from its header first; the ones
+            that cannot be read or break the budget are left out and listed in `failures`.
+        wait: when another run is using `out`, wait for it to finish (default: refuse with an
+            `OutputBusyError` naming it). A run owns its folder while it runs.
     """
     try:
         cfg = replace(config or FinetuneConfig(), **options)
     except TypeError as e:
         raise InputError(f"unknown fine-tuning option ({e}); see visionzoo.train.config.FinetuneConfig") from None
+    limits = DecodeLimits.parse(limits) if isinstance(limits, str) else limits or DEFAULT_LIMITS
     recipe = recipe_for(data if data is not None else train)
+    run_dir = Path(out).expanduser()
     dist = D.setup(device)
     try:
-        return _run(recipe, data, Path(out).expanduser(), train, val, classes, cfg, resume, dist, progress,
-                    echo or stderr_echo(progress and dist.is_main))
+        with _owned(run_dir, dist, wait):
+            return _run(recipe, data, run_dir, train, val, classes, cfg, resume, dist, progress,
+                        echo or stderr_echo(progress and dist.is_main), limits)
     finally:
         D.teardown(dist)
+
+
+@contextlib.contextmanager
+def _owned(run_dir: Path, dist: D.Dist, wait: bool) -> Iterator[None]:
+    """The run folder, owned by this run (its main process holds the lock; every process learns
+    whether it got it), with the temporary files of a killed run removed."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if dist.is_main:
+            try:
+                stack.enter_context(exclusive(run_dir, wait=wait))
+            except OutputBusyError as e:
+                refused = str(e)
+        refused = D.broadcast_object(dist, refused)
+        if refused is not None:
+            raise OutputBusyError(refused)
+        if dist.is_main:
+            for name in (ckpt.CHECKPOINT, ckpt.FEATURES, ckpt.HISTORY, RUN_SUBDIR):
+                remove_leftovers(run_dir / name)
+        yield
 
 
 def recipe_for(data: str | os.PathLike | None) -> Recipe:
@@ -116,8 +150,8 @@ def recipe_for(data: str | os.PathLike | None) -> Recipe:
 
 
 def _run(recipe: Recipe, data, run_dir: Path, train, val, classes, cfg: FinetuneConfig, resume: bool,
-         dist: D.Dist, progress: bool, echo: Callable[[str], None]) -> FinetuneResult:
-    found = _data(recipe, data, train, val, classes, cfg, dist)
+         dist: D.Dist, progress: bool, echo: Callable[[str], None], limits: DecodeLimits) -> FinetuneResult:
+    found = _data(recipe, data, train, val, classes, cfg, dist, limits)
     payload = _existing_run(run_dir, resume, cfg, found.fingerprint, recipe.task)
     net, builder_kwargs, base_weights = recipe.starting_model(cfg, found.classes, dist)
     pp = recipe.preprocess(net, cfg)
@@ -125,12 +159,16 @@ def _run(recipe: Recipe, data, run_dir: Path, train, val, classes, cfg: Finetune
     ctx = RunContext(**vars(found), run_dir=run_dir, cfg=cfg, dist=dist,
                      say=echo if dist.is_main else (lambda message: None), net=net, pp=pp,
                      amp=amp_dtype(cfg.precision, dist.device, size), workers=default_workers(cfg.num_workers))
+    if ctx.failures:
+        ctx.say(f"left out {len(ctx.failures)} image{'s' if len(ctx.failures) > 1 else ''} that cannot be read or "
+                f"break the decode limits (listed at the end)")
     strategy, reason = _strategy(recipe, ctx, payload)
     ctx.cfg = cfg = cfg.resolved(strategy, recipe.task)
     ctx.say(f"strategy: {strategy.value} ({reason})")
+    epochs = cfg.settled()[0]
     ctx.say(f"{len(ctx.train_samples)} training and {len(ctx.val_samples)} validation images, {len(ctx.classes)} "
-            f"classes; {ctx.net.arch} at {size}x{size}, {cfg.epochs} "
-            f"epoch{'s' if cfg.epochs > 1 else ''}" + (f", {dist.world} processes" if dist.enabled else ""))
+            f"classes; {ctx.net.arch} at {size}x{size}, {epochs} "
+            f"epoch{'s' if epochs > 1 else ''}" + (f", {dist.world} processes" if dist.enabled else ""))
     meta = {"config": cfg.to_dict(), "strategy": strategy.value, "reason": reason, "classes": list(ctx.classes),
             "fingerprint": ctx.fingerprint}
     if dist.is_main:
@@ -158,12 +196,16 @@ def _run(recipe: Recipe, data, run_dir: Path, train, val, classes, cfg: Finetune
     return FinetuneResult(bundle=bundle_dir, run_dir=run_dir, strategy=strategy, reason=reason,
                           classes=tuple(ctx.classes), metrics=metrics, history=list(state.history),
                           best_epoch=state.best_epoch, epochs_run=state.epoch, stopped_early=state.stopped_early,
-                          config=cfg, task=recipe.task)
+                          config=cfg, task=recipe.task, failures=tuple(ctx.failures))
 
 
-def _data(recipe: Recipe, data, train, val, classes, cfg: FinetuneConfig, dist: D.Dist) -> RunData:
-    """The run's data, checked against the number of processes."""
+def _data(recipe: Recipe, data, train, val, classes, cfg: FinetuneConfig, dist: D.Dist,
+          limits: DecodeLimits) -> RunData:
+    """The run's data (without the images that cannot be used), checked against the number of processes."""
     found = recipe.data(data, train, val, classes, cfg, dist)
+    found.train_samples, failures = usable_samples(found.train_samples, limits)
+    found.val_samples, val_failures = usable_samples(found.val_samples, limits)
+    found.limits, found.failures = limits, failures + val_failures
     for what, samples in (("training", found.train_samples), ("validation", found.val_samples)):
         if 0 < len(samples) < dist.world or (what == "training" and not samples):
             raise InputError(f"{len(samples)} {what} images cannot be shared among {dist.world} processes; "
@@ -209,11 +251,28 @@ def _train(recipe: Recipe, ctx: RunContext, payload: dict | None, meta: dict, pr
               optimizer=optimizer, scheduler=scheduler, on_best=on_best, on_epoch_end=on_epoch_end, loss=parts.loss,
               hits=parts.hits, metric=recipe.metric, num_threads=parts.num_threads)
     cfg = ctx.cfg
-    state = fit(job, state, epochs=cfg.epochs, seed=cfg.seed, accumulate=cfg.accumulate, patience=cfg.patience,
+    state = fit(job, state, epochs=cfg.settled()[0], seed=cfg.seed, accumulate=cfg.accumulate, patience=cfg.patience,
                 amp_dtype=ctx.amp, dist=ctx.dist, progress=progress, echo=ctx.say)
     if best["weights"] is not None:
         trained.load_state_dict(best["weights"])
     return state
+
+
+def usable_samples(samples: list, limits: DecodeLimits) -> tuple[list, list[Failure]]:
+    """The samples whose image passes `probe_image` (readable header, within `limits`), and a
+    `Failure` for each of the others: one bad file is left out instead of stopping the run.
+
+    `max_resized_pixels` does not apply: training resizes only the area of each crop (a
+    random crop, or the centre crop's area, see `transforms.resize_and_crop`), whatever the
+    image's aspect ratio."""
+    kept, failures = [], []
+    for sample in samples:
+        try:
+            probe_image(sample[0], limits=limits)
+            kept.append(sample)
+        except ImageError as e:
+            failures.append(Failure(str(sample[0]), e.reason))
+    return kept, failures
 
 
 def _existing_run(run_dir: Path, resume: bool, cfg: FinetuneConfig, fingerprint: str, task: Task) -> dict | None:

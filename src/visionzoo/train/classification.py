@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from ..bundle import is_bundle
 from ..data.datasets import ImageDataset, open_dataset
+from ..data.images import DEFAULT_LIMITS, DecodeLimits
 from ..data.preprocess import Preprocess
 from ..enums import Task
 from ..errors import InputError
@@ -94,7 +95,8 @@ class ClassificationRecipe(Recipe):
     def choose_strategy(self, ctx: RunContext) -> tuple[Strategy, str]:
         ctx.say("choosing a strategy: probing the pre-trained features ...")
         choice = choose_strategy(ctx.net, ctx.train_samples, len(ctx.classes), ctx.pp, seed=ctx.cfg.seed,
-                                 unfreeze=ctx.cfg.unfreeze, device=ctx.dist.device, num_workers=ctx.workers)
+                                 unfreeze=ctx.cfg.unfreeze, device=ctx.dist.device, num_workers=ctx.workers,
+                                 limits=ctx.limits)
         return choice.strategy, choice.reason
 
     def job(self, ctx: RunContext) -> JobParts:
@@ -142,7 +144,7 @@ def _network_job(ctx: RunContext) -> JobParts:
                  stages.unused[0])
     groups = param_groups(net, stages, cfg.lr, cfg.lr_decay, cfg.weight_decay, main)
     augment = Augment(pp, cfg.crop_scale, hflip=bool(cfg.hflip)) if cfg.augment else None
-    train_set = KeyedImages(train_samples, pp, augment)
+    train_set = KeyedImages(train_samples, pp, augment, ctx.limits)
     sampler = EpochSampler(len(train_samples), dist, cfg.seed, augment=augment is not None)
     per_rank = cfg.batch_size // dist.world
     train_loader = loader(train_set, sampler, per_rank, workers, dist.device)
@@ -165,7 +167,7 @@ def _network_job(ctx: RunContext) -> JobParts:
 
     val_loader = None
     if val_samples:
-        val_loader = loader(KeyedImages(val_samples, pp, None), ShardKeys(len(val_samples), dist, None), 64,
+        val_loader = loader(KeyedImages(val_samples, pp, None, ctx.limits), ShardKeys(len(val_samples), dist, None), 64,
                             workers, dist.device)
 
     def validate():
@@ -219,11 +221,11 @@ def _classifier_on_pre_logits(net: ZooModel, maps: torch.Tensor) -> bool:
 
 def extract_features(net: ZooModel, samples: Sequence[tuple], pp: Preprocess, augment: Augment | None,
                      seed_parts: tuple[int, ...] | None, dist: D.Dist, amp, workers: int,
-                     batch_size: int = 64) -> tuple[torch.Tensor, bool]:
+                     batch_size: int = 64, limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[torch.Tensor, bool]:
     """Run the frozen backbone once over `samples` (this process's `rank::world` share; all
     shares gathered): returns (features, on_pre_logits). Features are the pooled pre-logits
     when the classifier is a layer on them, else the feature maps `forward_head` takes."""
-    dataset = KeyedImages(samples, pp, augment)
+    dataset = KeyedImages(samples, pp, augment, limits)
     rows, mode = [], None
     net.eval()
     with torch.inference_mode():
@@ -312,12 +314,13 @@ def _feature_cache(ctx: RunContext) -> dict:
     for i, (aug, seed_parts) in enumerate(passes):
         say(f"features: pass {i + 1}/{len(passes)} over {len(train_samples)} training images"
             + (" (augmented)" if aug is not None else ""))
-        rows, mode = extract_features(net, train_samples, pp, aug, seed_parts, dist, amp, workers)
+        rows, mode = extract_features(net, train_samples, pp, aug, seed_parts, dist, amp, workers,
+                                      limits=ctx.limits)
         train_rows.append(rows)
         on_pre_logits &= mode
     val_rows = torch.empty(0)
     if val_samples:
-        val_rows, mode = extract_features(net, val_samples, pp, None, None, dist, amp, workers)
+        val_rows, mode = extract_features(net, val_samples, pp, None, None, dist, amp, workers, limits=ctx.limits)
         on_pre_logits &= mode
     cache = {"key": json.dumps(key), "train": torch.cat(train_rows), "train_labels": labels.repeat(len(passes)),
              "val": val_rows, "val_labels": torch.tensor([y for _, y in val_samples], dtype=torch.long),

@@ -117,6 +117,12 @@ class FinetuneConfig:
         return replace(self, strategy=strategy, epochs=epochs, lr=self.lr or DEFAULT_LR[strategy], hflip=hflip,
                        warmup_epochs=DEFAULT_WARMUP[strategy] if self.warmup_epochs is None else self.warmup_epochs)
 
+    def settled(self) -> tuple[int, float, float]:
+        """`(epochs, lr, warmup_epochs)` of a `resolved` configuration (where none is None)."""
+        if self.epochs is None or self.lr is None or self.warmup_epochs is None:
+            raise ValueError("FinetuneConfig.settled needs a resolved configuration (FinetuneConfig.resolved)")
+        return self.epochs, self.lr, self.warmup_epochs
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["strategy"], d["precision"] = self.strategy.value, self.precision.value

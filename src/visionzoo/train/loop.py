@@ -117,7 +117,8 @@ def _epochs(job: Job, state: RunState, epochs: int, seed: int, accumulate: int, 
             state.best_acc = val[job.metric] if val else record["train_acc"]
             state.best_loss = val["loss"] if val else record["train_loss"]
             job.on_best()
-        if val is not None and patience is not None and state.epoch - state.best_epoch >= patience \
+        if val is not None and patience is not None and state.best_epoch is not None \
+                and state.epoch - state.best_epoch >= patience \
                 and state.epoch < epochs:
             state.stopped_early = True
         job.on_epoch_end(state)
@@ -139,7 +140,8 @@ def _train_epoch(job: Job, epoch: int, accumulate: int, amp_dtype: torch.dtype |
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         group_end = (step + 1) % accumulate == 0 or step + 1 == n
         # between optimizer steps, DDP need not all-reduce the gradients
-        sync = contextlib.nullcontext() if group_end or not hasattr(module, "no_sync") else module.no_sync()
+        no_sync = getattr(module, "no_sync", None)
+        sync = contextlib.nullcontext() if group_end or no_sync is None else no_sync()
         with sync:
             with autocast(device, amp_dtype):
                 outputs = module(x)

@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..data.images import DEFAULT_LIMITS, DecodeLimits
+from ..data.inputs import Failure
 from ..data.preprocess import Preprocess
 from ..enums import Precision, Task
 from ..models.base import VisionModel
@@ -39,6 +41,8 @@ class RunData:
     sources: dict[str, Any]
     fingerprint: str  # of the samples and classes: a resumed run must see the same data
     extra: dict[str, Any] = field(default_factory=dict)  # what else the recipe found (pixel counts, ...)
+    limits: DecodeLimits = DEFAULT_LIMITS  # the decode budget of each image
+    failures: list[Failure] = field(default_factory=list)  # images left out (unreadable, over the budget)
 
 
 @dataclass
