@@ -61,6 +61,14 @@ class ImageBatch:
     reduced: list[int] = field(default_factory=list)  # positions of the images decoded at a reduced scale
     extras: list[Any] = field(default_factory=list)  # with `extra=`: what it returned for each image of `images`
 
+    def stacked(self) -> torch.Tensor | None:
+        """`images` as one (N, C, H, W) tensor (None when every file failed), for the callers whose
+        preprocessing crops, so that every image has the same size."""
+        if isinstance(self.images, list):
+            raise RuntimeError("a batch of images of different sizes cannot be stacked: this path needs a "
+                               "preprocessing with a crop")
+        return self.images
+
 
 ImageSource = str | os.PathLike | bytes | np.ndarray  # a file, its encoded bytes, or decoded pixels
 
@@ -404,10 +412,11 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
         pipeline = _SharedPipeline(dataset, batches, (3, preprocess.crop_size, preprocess.crop_size),
                                    num_workers)
         for batch in pipeline:
-            if pin_memory and batch.images is not None:
-                batch.images = batch.images.pin_memory()
-            elif not reuse_buffers and batch.images is not None:
-                batch.images = batch.images.clone()
+            images = batch.stacked()  # the shared buffer holds one size: (C, crop, crop)
+            if pin_memory and images is not None:
+                batch.images = images.pin_memory()
+            elif not reuse_buffers and images is not None:
+                batch.images = images.clone()
             yield batch
         return
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,

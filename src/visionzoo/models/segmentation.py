@@ -248,9 +248,9 @@ def segmentation_model(backbone: ZooModel, head: HeadKind | str, num_classes: in
     if head is HeadKind.LRASPP:
         low = next((i for i, info in enumerate(infos) if info.reduction == 8), None)
         if low is None or low == deepest:
-            stages = ", ".join(f"{info.module} (/{info.reduction})" for info in infos)
+            listed = ", ".join(f"{info.module} (/{info.reduction})" for info in infos)
             raise InputError(f"LR-ASPP needs a stage at stride 8 before the deepest one, and {name} has none "
-                             f"({stages}); use the fcn or deeplabv3 head")
+                             f"({listed}); use the fcn or deeplabv3 head")
         taps: tuple[int, ...] = (low, deepest)
     elif aux_loss:
         if deepest == 0:

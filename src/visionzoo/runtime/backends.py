@@ -163,9 +163,12 @@ class TorchRunner(Runner):
     def embeddings(self, images: torch.Tensor) -> torch.Tensor:
         if self.info.embedding_dim is None:
             return super().embeddings(images)  # refused with the reason
+        net = self.net
+        if not isinstance(net, ZooModel):  # a graph with an embedding is a classifier's (graphs.py)
+            raise RuntimeError(f"{self.arch}: an embedding output without a classifier to compute it")
         with torch.inference_mode(), self._autocast():
-            features = self.net.forward_features(self.prepare(images))
-            return self.net.forward_head(features, pre_logits=True).flatten(1).float().cpu()
+            features = net.forward_features(self.prepare(images))
+            return net.forward_head(features, pre_logits=True).flatten(1).float().cpu()
 
 
 class OnnxRuntimeRunner(Runner):
@@ -271,8 +274,10 @@ class OpenVINORunner(Runner):
         return tuple(torch.from_numpy(np.array(result[o], dtype=np.float32)) for o in outputs)
 
 
-def _input_channels(net: ZooModel) -> int | None:
+def _input_channels(net: VisionModel) -> int | None:
     """The channels the model's first convolution takes (None when it has none to look at)."""
+    if not isinstance(net, ZooModel):  # only a classifier names its first convolution (`first_conv`)
+        return None
     try:
         conv = net.get_submodule(net.first_conv)
     except AttributeError:

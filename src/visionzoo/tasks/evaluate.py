@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -91,6 +91,9 @@ class SegmentationEvaluation:
         return d
 
 
+_Scores = TypeVar("_Scores", Evaluation, SegmentationEvaluation)
+
+
 def evaluate(model: str | os.PathLike | VisionModel, data: str | os.PathLike, *,
              out: str | os.PathLike | None = None, batch_size: int = 64, num_workers: int | None = None,
              device: str | torch.device = "cpu", plots: bool = True,
@@ -127,9 +130,10 @@ def evaluate(model: str | os.PathLike | VisionModel, data: str | os.PathLike, *,
         for batch in image_batches(paths, card.preprocess, batch_size=batch_size, num_workers=num_workers,
                                    fast=False, limits=limits, pin_memory=device.type == "cuda"):
             failures += [Failure(str(paths[i]), reason) for i, reason in batch.failures]
-            if batch.images is None:
+            images = batch.stacked()  # a classifier's preprocessing crops: one size
+            if images is None:
                 continue
-            logits = net(batch.images.to(device)).float().cpu()
+            logits = net(images.to(device)).float().cpu()
             idx = np.asarray(batch.indices)
             preds[idx] = logits.argmax(1).numpy()
             top5_hit[idx] = topk_hits(logits, torch.as_tensor(labels[idx]), 5).numpy()
@@ -153,8 +157,7 @@ def evaluate(model: str | os.PathLike | VisionModel, data: str | os.PathLike, *,
     return ev
 
 
-def _write(ev: Evaluation | SegmentationEvaluation, out: Path, history, plots: bool
-           ) -> Evaluation | SegmentationEvaluation:
+def _write(ev: _Scores, out: Path, history, plots: bool) -> _Scores:
     out.mkdir(parents=True, exist_ok=True)
     files, notes = {}, []
     if plots:

@@ -211,6 +211,8 @@ def _write_quantized(raw: Path, out: Path, info: ModelInfo, details: dict, reaso
 def _choose_mode(net: ZooModel, info: ModelInfo, mode: QuantMode) -> tuple[QuantMode, str]:
     if mode is not QuantMode.AUTO:
         return mode, "chosen with --mode"
+    if info.input_size is None:  # only classifiers are quantized, and a classifier's graph has a size
+        raise RuntimeError(f"{info.arch}: a classifier's graph without an input size")
     share = linear_share(net, info.input_size)
     if share > LINEAR_SHARE:
         return QuantMode.DYNAMIC, f"linear layers do {share:.0%} of the multiply-adds"

@@ -32,7 +32,7 @@ from ..errors import InputError
 from ..factory import create_model
 from ..fileutil import atomic_path
 from ..metrics import topk_hits
-from ..models.base import ZooModel
+from ..models.base import VisionModel, ZooModel
 from ..registry import split_name
 from . import checkpoint as ckpt
 from . import distributed as D
@@ -77,6 +77,8 @@ class ClassificationRecipe(Recipe):
         named_weights = is_bundle(cfg.model) or split_name(cfg.model)[1] is not None
         torch.manual_seed(sample_seed(cfg.seed, 0))  # the new classifier's initial weights come from the seed
         net = create_model(cfg.model, weights=None if named_weights else "DEFAULT", num_classes=len(classes))
+        if not isinstance(net, VisionModel):  # create_model wraps a model only with features_only
+            raise RuntimeError(f"create_model returned a {type(net).__name__}, not a model")
         if not isinstance(net, ZooModel):
             raise InputError(f"{cfg.model} is a {net.task.value} model; a folder of class sub-folders fine-tunes "
                              f"classifiers (a segmentation dataset has images/ and masks/ folders)")
@@ -116,7 +118,7 @@ def training_samples(data, train, val, cfg: FinetuneConfig):
     if val is not None:
         val_ds = open_dataset(val, classes=classes)
         train_samples, val_samples = base.samples, val_ds.samples
-        sources = {"train": str(data or train), "val": str(val)}
+        sources: dict[str, Any] = {"train": str(data or train), "val": str(val)}
     elif cfg.val_fraction > 0:
         tr, va = stratified_split(base.targets, cfg.val_fraction, cfg.seed)
         train_samples, val_samples = [base.samples[i] for i in tr], [base.samples[i] for i in va]
@@ -142,7 +144,7 @@ def _network_job(ctx: RunContext) -> JobParts:
     if stages.unused:
         log.info("%d parameters never run in a forward pass stay frozen (%s, ...)", len(stages.unused),
                  stages.unused[0])
-    groups = param_groups(net, stages, cfg.lr, cfg.lr_decay, cfg.weight_decay, main)
+    groups = param_groups(net, stages, cfg.settled()[1], cfg.lr_decay, cfg.weight_decay, main)
     augment = Augment(pp, cfg.crop_scale, hflip=bool(cfg.hflip)) if cfg.augment else None
     train_set = KeyedImages(train_samples, pp, augment, ctx.limits)
     sampler = EpochSampler(len(train_samples), dist, cfg.seed, augment=augment is not None)

@@ -131,12 +131,13 @@ def fingerprint(samples: Sequence[Sequence[Any]], classes: Sequence[str]) -> str
 def make_optimizer(groups: list[dict], cfg: FinetuneConfig, steps_per_epoch: int):
     """AdamW over `groups`, with the warm-up and cosine schedule (the new head alone first for
     `head_epochs`, except for linear)."""
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    epochs, lr, warmup_epochs = cfg.settled()
+    optimizer = torch.optim.AdamW(groups, lr=lr)
     per_epoch = math.ceil(steps_per_epoch / cfg.accumulate)
     head_steps = cfg.head_epochs * per_epoch if cfg.strategy is not Strategy.LINEAR else 0
-    total = cfg.epochs * per_epoch
+    total = epochs * per_epoch
     # a warm-up longer than half the (post-head) run would leave no time at the full rate
-    warmup = min(round(cfg.warmup_epochs * per_epoch), (total - head_steps) // 2)
+    warmup = min(round(warmup_epochs * per_epoch), (total - head_steps) // 2)
     schedule = lr_schedule(total, warmup, head_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 

@@ -42,6 +42,7 @@ from ..errors import InputError
 from ..factory import create_model
 from ..metrics import mean_iou, pixel_accuracy, pixel_confusion
 from ..models.base import VisionModel
+from ..models.features import FeatureExtractor
 from ..models.segmentation import segmentation_loss
 from ..ops.labels import resize_argmax
 from ..registry import REGISTRY, split_name
@@ -78,7 +79,7 @@ class SegmentationRecipe(Recipe):
                 raise InputError(f"{val}: its classes {list(val_names)[:5]} are not the training data's "
                                  f"{list(names)[:5]}; give both the same classes.txt")
             train_set, val_set = folder, open_mask_folder(val, names)
-            sources = {"train": str(source), "val": str(val)}
+            sources: dict[str, Any] = {"train": str(source), "val": str(val)}
         elif cfg.val_fraction > 0:
             train_idx, val_idx = random_split(len(folder), cfg.val_fraction, cfg.seed)
             train_set, val_set = folder.subset(train_idx), folder.subset(val_idx)
@@ -161,13 +162,14 @@ def _segmentation_model(name: str, head: str | None, num_classes: int) -> Vision
         task = REGISTRY.get_architecture(read_bundle(name).architecture).task
         if task is Task.CLASSIFICATION:
             backbone = create_model(name)
-            return create_model(head or DEFAULT_HEAD, backbone=backbone, num_classes=num_classes)
+            return _model(create_model(head or DEFAULT_HEAD, backbone=backbone, num_classes=num_classes))
         if head is not None:
             raise InputError(f"--head puts a head on a classifier; {name} is already a {task.value} model")
-        return create_model(name)
+        return _model(create_model(name))
     arch = REGISTRY.get_architecture(split_name(name)[0])
     if arch.task is Task.CLASSIFICATION:
-        return create_model(head or DEFAULT_HEAD, backbone=name, pretrained_backbone=True, num_classes=num_classes)
+        return _model(create_model(head or DEFAULT_HEAD, backbone=name, pretrained_backbone=True,
+                                   num_classes=num_classes))
     if arch.task is not Task.SEGMENTATION:
         raise InputError(f"{name} is a {arch.task.value} model; masks fine-tune segmentation models or classifiers")
     if arch.composed:
@@ -176,7 +178,13 @@ def _segmentation_model(name: str, head: str | None, num_classes: int) -> Vision
     if head is not None:
         raise InputError(f"--head puts a head on a classifier; {name} is a segmentation model already")
     tagged = split_name(name)[1] is not None
-    return create_model(name, weights=None if tagged else "DEFAULT", num_classes=num_classes)
+    return _model(create_model(name, weights=None if tagged else "DEFAULT", num_classes=num_classes))
+
+
+def _model(net: VisionModel | FeatureExtractor) -> VisionModel:
+    if not isinstance(net, VisionModel):  # create_model wraps a model only with features_only
+        raise RuntimeError(f"create_model returned a {type(net).__name__}, not a model")
+    return net
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -290,7 +298,7 @@ def _job(ctx: RunContext) -> JobParts:
         main = set(range(max(0, n - cfg.unfreeze), n + 1))
     else:
         main = {n}  # linear: the heads alone
-    groups = param_groups(net, stages, cfg.lr, cfg.lr_decay, cfg.weight_decay, main)
+    groups = param_groups(net, stages, cfg.settled()[1], cfg.lr_decay, cfg.weight_decay, main)
     augment = JointAugment(pp, size, cfg.scale_range, hflip=bool(cfg.hflip), random=cfg.augment)
     train_set = KeyedMasks(ctx.train_samples, augment, len(ctx.classes))
     sampler = EpochSampler(len(ctx.train_samples), dist, cfg.seed, augment=True)
@@ -359,9 +367,9 @@ def evaluate_masks(net: nn.Module, batches, num_classes: int, dist: D.Dist, amp,
     """Validation: `score_masks` summed over all processes, as loss, mIoU and pixel accuracy."""
     confusion, loss_sum, images = score_masks(net, batches, num_classes, dist.device, amp, weights)
     totals = D.all_reduce_sum(dist, [loss_sum, images, *confusion.reshape(-1).tolist()])
-    loss_sum, images = totals[0], totals[1]
-    confusion = np.asarray(totals[2:], dtype=np.int64).reshape(num_classes, num_classes)
-    return {"loss": loss_sum / max(images, 1), "miou": mean_iou(confusion), "pixel_acc": pixel_accuracy(confusion)}
+    loss_total, count = totals[0], totals[1]
+    summed = np.asarray(totals[2:], dtype=np.int64).reshape(num_classes, num_classes)
+    return {"loss": loss_total / max(count, 1), "miou": mean_iou(summed), "pixel_acc": pixel_accuracy(summed)}
 
 
 def same_size(items: Sequence[tuple[torch.Tensor, Any]]) -> list[list[tuple[torch.Tensor, Any]]]:

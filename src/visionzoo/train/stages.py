@@ -39,7 +39,11 @@ class StageMap:
 def map_stages(model: nn.Module, image_size: int, stages: Sequence[FeatureInfo] | None = None) -> StageMap:
     """Split `model`'s parameters and modules into its stages plus the head. The stages are `stages`
     (default: the model's `feature_info`), named within `model`."""
-    infos = list(model.feature_info if stages is None else stages)
+    if stages is None:
+        if not isinstance(model, ZooModel):
+            raise RuntimeError(f"map_stages: {type(model).__name__} is not a ZooModel; pass its stages")
+        stages = model.feature_info
+    infos = list(stages)
     boundary = {info.module: k for k, info in enumerate(infos)}
     n_stages = len(infos)
     done = 0  # stages finished so far, i.e. the stage now running
