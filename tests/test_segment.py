@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,13 +14,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 import visionzoo
-from visionzoo import InputError
+from visionzoo import CheckpointError, InputError
+from visionzoo.data.inputs import Failure
 from visionzoo.ops.labels import resize_argmax
 from visionzoo.runtime.backends import Backend, installed_backends
 from visionzoo.tasks.segment import PALETTE, Segmentation, output_names, voc_palette
 
 from .cli_runner import run_cli as run
 from .photos import sample_image
+from .shapes import write_shapes
 
 CLASSES = ("background", "disk", "rectangle", "triangle")
 RUNTIMES = [b.value for b in (Backend.ONNXRUNTIME, Backend.OPENVINO) if b in installed_backends()]
@@ -170,6 +173,33 @@ def test_cli_segment_reports_bad_files_and_goes_on(capsys, seg_bundle, photos_di
     assert (tmp_path / "out" / "masks" / "coffee.png").is_file()
     code, out, err = run(capsys, "segment", broken, "--model", seg_bundle, "--out", tmp_path / "out2", "-j", "0")
     assert code == 4
+
+
+def test_a_bundle_of_a_head_on_a_classifier_loads_and_its_arguments_are_checked(seg_bundle, tmp_path):
+    """The head's own builder (not the model class) says which arguments a composed bundle may record."""
+    net = visionzoo.create_model(seg_bundle)
+    assert dict(net.card.builder_kwargs) == {"backbone": "efficientnet_lite0"} and net.num_classes == 4
+    for key, value, message in [("dilate", "yes", "'dilate' must be like its default True"),
+                                ("stride", 8, "names 'stride', which lraspp does not take")]:
+        bad = tmp_path / key
+        shutil.copytree(seg_bundle, bad)
+        meta = json.loads((bad / "bundle.json").read_text())
+        meta["builder_kwargs"][key] = value
+        (bad / "bundle.json").write_text(json.dumps(meta))
+        with pytest.raises(CheckpointError, match=message):
+            visionzoo.create_model(bad)
+
+
+def test_segment_and_evaluate_decode_within_the_given_limits(seg_bundle, tmp_path):
+    """Every limit of `limits` holds (not only the pixel limit), for `segment` and for `evaluate` on masks."""
+    data = write_shapes(tmp_path / "shapes", 2, seed=0, size=(64, 48))  # 3072 pixels, 9 KiB as RGB
+    images = sorted((data / "images").iterdir())
+    assert all(isinstance(r, Segmentation) for r in visionzoo.segment(images, model=seg_bundle, num_workers=0))
+    refused = visionzoo.segment(images, model=seg_bundle, num_workers=0, limits="bytes=4KiB")
+    assert [type(r) for r in refused] == [Failure, Failure] and all("memory" in r.reason for r in refused), refused
+    assert visionzoo.evaluate(seg_bundle, data, num_workers=0, plots=False).num_images == 2
+    with pytest.raises(InputError, match="no image of .* could be read"):
+        visionzoo.evaluate(seg_bundle, data, num_workers=0, plots=False, limits="pixels=3000")
 
 
 def test_a_classifier_is_refused(tmp_path):

@@ -23,12 +23,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import visionzoo
+from visionzoo.data.images import DecodeLimits
 from visionzoo.data.masks import open_mask_folder
 from visionzoo.data.preprocess import Preprocess
 from visionzoo.enums import Task
-from visionzoo.errors import InputError
+from visionzoo.errors import ImageError, InputError
 from visionzoo.train.config import Strategy
-from visionzoo.train.segmentation import JointAugment, class_weights, random_split
+from visionzoo.train.segmentation import EvalMasks, JointAugment, KeyedMasks, class_weights, random_split
 
 from .cli_runner import run_cli as run
 from .shapes import CLASSES, RECIPE, write_shapes
@@ -183,6 +184,20 @@ def test_joint_augmentation_moves_image_and_mask_together():
         padded += int((~known).any())
         flipped += int(seed == 0)
     assert padded > 0  # small scales pad
+
+
+def test_training_decodes_within_the_runs_limits(small_shapes):
+    """The training and validation datasets decode with the run's budget (the one its images were checked
+    against), not the default: an image over it is refused."""
+    samples = [(s.image, s.mask) for s in open_mask_folder(small_shapes).samples[:1]]  # 64 x 64: 4096 pixels
+    pp = Preprocess(64, None, "bilinear", (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), kind="SemanticSegmentation")
+    augment = JointAugment(pp, crop=64, scale=(1.0, 1.0), hflip=False)
+    assert KeyedMasks(samples, augment, 4, DecodeLimits(max_pixels=4096))[(0, 1)][0].shape == (3, 64, 64)
+    assert EvalMasks(samples, pp, 4, DecodeLimits(max_pixels=4096))[(0, None)][0].shape == (3, 64, 64)
+    with pytest.raises(ImageError, match="pixel"):
+        KeyedMasks(samples, augment, 4, DecodeLimits(max_pixels=4000))[(0, 1)]
+    with pytest.raises(ImageError, match="pixel"):
+        EvalMasks(samples, pp, 4, DecodeLimits(max_pixels=4000))[(0, None)]
 
 
 def test_median_frequency_class_weights():

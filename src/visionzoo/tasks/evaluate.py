@@ -111,7 +111,7 @@ def evaluate(model: str | os.PathLike | VisionModel, data: str | os.PathLike, *,
     net = resolve_model(model)
     if net.task is Task.SEGMENTATION:
         return _evaluate_segmentation(net, model, data, out=out, batch_size=batch_size, num_workers=num_workers,
-                                      device=torch.device(device), plots=plots)
+                                      device=torch.device(device), plots=plots, limits=limits)
     if not isinstance(net, ZooModel):
         raise InputError(f"{model} is a {net.task.value} model; evaluate scores classifiers")
     card = net.card
@@ -186,7 +186,7 @@ def _write(ev: _Scores, out: Path, history, plots: bool) -> _Scores:
 # -- segmentation ------------------------------------------------------------------------------
 
 def _evaluate_segmentation(net: VisionModel, model, data, *, out, batch_size: int, num_workers: int | None,
-                           device: torch.device, plots: bool) -> SegmentationEvaluation:
+                           device: torch.device, plots: bool, limits: DecodeLimits) -> SegmentationEvaluation:
     card = net.card
     if card is None or card.classes is None:
         raise InputError(f"{model} has no class names to evaluate against; give a bundle written by "
@@ -199,7 +199,7 @@ def _evaluate_segmentation(net: VisionModel, model, data, *, out, batch_size: in
     net = net.to(device).eval()
     workers = default_num_workers(-(-len(folder) // batch_size)) if num_workers is None else num_workers
     failures: list[Failure] = []
-    items = _ScoredMasks(folder, card.preprocess)
+    items = _ScoredMasks(folder, card.preprocess, limits)
 
     def batches():
         for batch in DataLoader(items, batch_size=batch_size, num_workers=workers, collate_fn=list):
@@ -229,9 +229,10 @@ class _ScoredMasks(Dataset):
     """Position i -> (i, (image preprocessed as `segment` does, mask), None), or (i, None, reason) for an
     image that cannot be decoded (the masks were checked already)."""
 
-    def __init__(self, folder: MaskFolder, preprocess: Preprocess):
+    def __init__(self, folder: MaskFolder, preprocess: Preprocess, limits: DecodeLimits = DEFAULT_LIMITS):
         self.folder = folder
         self.transform = preprocess.transforms()
+        self.limits, self.resize_to = limits, preprocess.resize_size  # (as `segment` decodes)
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -239,7 +240,7 @@ class _ScoredMasks(Dataset):
     def __getitem__(self, i: int):
         sample = self.folder.samples[i]
         try:
-            image = self.transform(load_image(sample.image))
+            image = self.transform(load_image(sample.image, limits=self.limits, resize_to=self.resize_to))
         except ImageError as e:
             return i, None, e.reason
         return i, (image, torch.from_numpy(read_mask(sample.mask, len(self.folder.classes)))), None

@@ -134,8 +134,8 @@ def iter_segment(inputs: Sequence[str | os.PathLike], model: str | os.PathLike |
         overlay_size: the overlays' longer side in pixels (0: the image's own size).
         alpha: opacity of the class colours on the overlays.
         options: how to decode, batch and run (`InferenceOptions`, or its fields as keywords:
-            `batch_size` (default 4 here), `num_workers`, `fast`, `max_pixels`, `device`, `backend`,
-            `threads`, `precision`).
+            `batch_size` (default 4 here), `num_workers`, `fast`, `limits` (the decode budget;
+            `max_pixels` sets its pixel limit), `device`, `backend`, `threads`, `precision`).
     """
     if options is None and "batch_size" not in settings:
         settings["batch_size"] = DEFAULT_BATCH
@@ -158,7 +158,7 @@ def iter_segment(inputs: Sequence[str | os.PathLike], model: str | os.PathLike |
     writer = _Writer(Path(out).expanduser(), files, classes, overlay, alpha) if out is not None else None
     extras = _Extras(overlay_size if writer is not None and overlay else None)
     batches = image_batches(files, runner.preprocess, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                            fast=opts.fast, max_pixels=opts.max_pixels, pin_memory=opts.torch_device.type == "cuda",
+                            fast=opts.fast, limits=opts.limits, pin_memory=opts.torch_device.type == "cuda",
                             extra=extras)
     try:
         for batch in batches:

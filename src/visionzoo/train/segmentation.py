@@ -32,7 +32,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ..bundle import is_bundle, read_bundle
-from ..data.images import load_image
+from ..data.images import DEFAULT_LIMITS, DecodeLimits, load_image
 from ..data.loader import fix_mmap_threshold
 from ..data.masks import IGNORE_INDEX, open_mask_folder, read_classes, read_mask
 from ..data.preprocess import Preprocess
@@ -238,12 +238,15 @@ def _crop(img: Image.Image, box: tuple[int, int, int, int], fill: int) -> Image.
 
 
 class KeyedMasks(Dataset):
-    """`(index, seed)` -> (image tensor, class-index tensor): the augmented crop for that seed."""
+    """`(index, seed)` -> (image tensor, class-index tensor): the augmented crop for that seed. Images
+    are decoded within `limits` (the budget the run's images were checked against)."""
 
-    def __init__(self, samples: Sequence[tuple], augment: JointAugment, num_classes: int):
+    def __init__(self, samples: Sequence[tuple], augment: JointAugment, num_classes: int,
+                 limits: DecodeLimits = DEFAULT_LIMITS):
         self.samples = list(samples)
         self.augment = augment
         self.num_classes = num_classes
+        self.limits = limits
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -252,23 +255,26 @@ class KeyedMasks(Dataset):
         index, seed = key
         image, mask = self.samples[index]
         labels = Image.fromarray(read_mask(mask, self.num_classes))
-        return self.augment(load_image(image), labels, torch.Generator().manual_seed(seed or 0))
+        return self.augment(load_image(image, limits=self.limits), labels, torch.Generator().manual_seed(seed or 0))
 
 
 class EvalMasks(Dataset):
     """`(index, None)` -> (image preprocessed as `segment` does, class indices at the mask's size)."""
 
-    def __init__(self, samples: Sequence[tuple], preprocess: Preprocess, num_classes: int):
+    def __init__(self, samples: Sequence[tuple], preprocess: Preprocess, num_classes: int,
+                 limits: DecodeLimits = DEFAULT_LIMITS):
         self.samples = list(samples)
         self.transform = preprocess.transforms()
         self.num_classes = num_classes
+        self.limits = limits
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.samples[key[0]]
-        return self.transform(load_image(image)), torch.from_numpy(read_mask(mask, self.num_classes))
+        x = self.transform(load_image(image, limits=self.limits))
+        return x, torch.from_numpy(read_mask(mask, self.num_classes))
 
 
 # -- the job -----------------------------------------------------------------------------------
@@ -300,7 +306,7 @@ def _job(ctx: RunContext) -> JobParts:
         main = {n}  # linear: the heads alone
     groups = param_groups(net, stages, cfg.settled()[1], cfg.lr_decay, cfg.weight_decay, main)
     augment = JointAugment(pp, size, cfg.scale_range, hflip=bool(cfg.hflip), random=cfg.augment)
-    train_set = KeyedMasks(ctx.train_samples, augment, len(ctx.classes))
+    train_set = KeyedMasks(ctx.train_samples, augment, len(ctx.classes), ctx.limits)
     sampler = EpochSampler(len(ctx.train_samples), dist, cfg.seed, augment=True)
     per_rank = cfg.batch_size // dist.world
     train_loader = loader(train_set, sampler, per_rank, ctx.workers, dist.device)
@@ -327,7 +333,7 @@ def _job(ctx: RunContext) -> JobParts:
     val_loader = None
     if ctx.val_samples:
         # lists, not stacked batches: the images keep their own sizes
-        val_loader = DataLoader(EvalMasks(ctx.val_samples, pp, len(ctx.classes)),
+        val_loader = DataLoader(EvalMasks(ctx.val_samples, pp, len(ctx.classes), ctx.limits),
                                 sampler=ShardKeys(len(ctx.val_samples), dist, None), batch_size=8,
                                 num_workers=ctx.workers, collate_fn=list, persistent_workers=ctx.workers > 0,
                                 worker_init_fn=fix_mmap_threshold if ctx.workers else None)
