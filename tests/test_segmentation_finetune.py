@@ -150,6 +150,25 @@ def test_a_bad_pair_is_a_one_line_error_naming_the_file_and_nothing_is_written(s
     assert not (tmp_path / "run").exists()
 
 
+def test_a_class_left_without_usable_training_pixels_is_refused(small_shapes, tmp_path):
+    """Images over the decode limits are left out before training; a class whose every pixel was in them
+    is refused as if it had none."""
+    data = _copy(small_shapes, tmp_path / "data")
+    folder = open_mask_folder(data)
+    present = folder.pixel_counts[:, 1:] > 0  # (images, shape classes)
+    rarest = 1 + int(np.argmin(present.sum(0)))
+    assert 0 < present[:, rarest - 1].sum() < len(folder)
+    for sample, has in zip(folder.samples, present[:, rarest - 1], strict=True):
+        if has:  # twice the size: over a budget of 64 x 64 pixels
+            for path, resample in ((sample.image, Image.Resampling.BILINEAR), (sample.mask, Image.Resampling.NEAREST)):
+                with Image.open(path) as img:
+                    img.resize((128, 128), resample).save(path)
+    with pytest.raises(InputError, match=f"no training pixels of class {CLASSES[rarest]}"):
+        visionzoo.finetune(data, tmp_path / "run", epochs=1, image_size=64, num_workers=0, progress=False,
+                           limits="pixels=4096")
+    assert not (tmp_path / "run").exists()
+
+
 def test_the_classes_come_from_classes_txt_or_the_command_line(small_shapes, tmp_path):
     data = _copy(small_shapes, tmp_path / "data")
     (data / "classes.txt").unlink()

@@ -203,9 +203,11 @@ def _data(recipe: Recipe, data, train, val, classes, cfg: FinetuneConfig, dist: 
           limits: DecodeLimits) -> RunData:
     """The run's data (without the images that cannot be used), checked against the number of processes."""
     found = recipe.data(data, train, val, classes, cfg, dist)
-    found.train_samples, failures = usable_samples(found.train_samples, limits)
-    found.val_samples, val_failures = usable_samples(found.val_samples, limits)
+    train_kept, failures = usable_samples(found.train_samples, limits)
+    val_kept, val_failures = usable_samples(found.val_samples, limits)
     found.limits, found.failures = limits, failures + val_failures
+    if found.failures:
+        recipe.keep(found, train_kept, val_kept)
     for what, samples in (("training", found.train_samples), ("validation", found.val_samples)):
         if 0 < len(samples) < dist.world or (what == "training" and not samples):
             raise InputError(f"{len(samples)} {what} images cannot be shared among {dist.world} processes; "

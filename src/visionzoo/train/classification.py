@@ -71,6 +71,10 @@ class ClassificationRecipe(Recipe):
         return RunData(train_samples, val_samples, names, sources,
                        fingerprint((train_samples, val_samples), names))
 
+    def keep(self, found: RunData, train: list, val: list) -> None:
+        super().keep(found, train, val)
+        check_classes([y for _, y in found.train_samples], len(found.classes), found.classes)
+
     def starting_model(self, cfg: FinetuneConfig, classes: Sequence[str], dist: D.Dist
                        ) -> tuple[ZooModel, dict[str, Any], str | None]:
         # NAME: its default weights; NAME.TAG: those weights; a bundle: its weights (fine-tune further)

@@ -111,6 +111,13 @@ class Recipe(ABC):
     @abstractmethod
     def job(self, ctx: RunContext) -> JobParts: ...
 
+    def keep(self, found: RunData, train: list, val: list) -> None:
+        """`found` reduced to the samples `train` and `val` (in order), when images that cannot be used
+        were left out: the run fingerprints what it trains on, and data that no longer trains (a class
+        left without examples) is refused."""
+        found.train_samples, found.val_samples = train, val
+        found.fingerprint = fingerprint((train, val), found.classes)
+
     def describe(self, metrics: dict[str, Any]) -> str:
         """The best epoch's validation result, for the closing line."""
         if "val_acc" in metrics:

@@ -88,16 +88,22 @@ class SegmentationRecipe(Recipe):
             train_set, val_set = folder, folder.subset([])
             sources = {"train": str(source), "val": None}
         pixels = train_set.class_pixels
-        missing = [names[i] for i in np.flatnonzero(pixels == 0)]
-        if missing:
-            raise InputError(f"no training pixels of class{'es' if len(missing) > 1 else ''} {', '.join(missing[:5])} "
-                             f"in the masks of {source}; add images showing it or remove it from the classes")
+        _check_pixels(pixels, names, source)
         train_samples = [(s.image, s.mask) for s in train_set.samples]
         val_samples = [(s.image, s.mask) for s in val_set.samples]
         if classes is not None:
             sources["classes"] = list(names)
         return RunData(train_samples, val_samples, list(names), sources,
-                       fingerprint((train_samples, val_samples), names), {"class_pixels": pixels.tolist()})
+                       fingerprint((train_samples, val_samples), names),
+                       {"class_pixels": pixels.tolist(), "pixel_counts": train_set.pixel_counts, "source": source})
+
+    def keep(self, found: RunData, train: list, val: list) -> None:
+        kept = set(train)
+        rows = [i for i, sample in enumerate(found.train_samples) if sample in kept]
+        pixels = found.extra["pixel_counts"][rows].sum(0)
+        _check_pixels(pixels, found.classes, found.extra["source"])
+        super().keep(found, train, val)
+        found.extra.update(class_pixels=pixels.tolist(), pixel_counts=found.extra["pixel_counts"][rows])
 
     def starting_model(self, cfg: FinetuneConfig, classes: Sequence[str], dist: D.Dist
                        ) -> tuple[VisionModel, dict[str, Any], str | None]:
@@ -153,6 +159,14 @@ def random_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], lis
     if val_fraction > 0 and n >= 2:
         n_val = min(max(n_val, 1), n - 1)
     return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def _check_pixels(pixels: np.ndarray, names: Sequence[str], source) -> None:
+    """Refuse training masks without a pixel of some class (`pixels`: labelled pixels per class)."""
+    missing = [names[int(i)] for i in np.flatnonzero(pixels == 0)]
+    if missing:
+        raise InputError(f"no training pixels of class{'es' if len(missing) > 1 else ''} {', '.join(missing[:5])} "
+                         f"in the masks of {source}; add images showing it or remove it from the classes")
 
 
 def _segmentation_model(name: str, head: str | None, num_classes: int) -> VisionModel:
