@@ -352,6 +352,18 @@ def test_images_over_the_decode_budget_are_left_out_and_listed(digits_small, tmp
     assert sorted(Path(f.path).name for f in raised.failures) == ["deep.png", "notes.png"]
 
 
+def test_a_class_left_without_usable_images_is_refused(digits_small, tmp_path):
+    """The class check runs again on what is left once the unusable images are left out."""
+    data = tmp_path / "digits"
+    shutil.copytree(digits_small, data)
+    for image in (data / "3").iterdir():
+        image.write_text("not an image")
+    with pytest.raises(InputError, match="no training images for class 3"):
+        visionzoo.finetune(data, tmp_path / "run", strategy="linear", image_size=32, epochs=1, progress=False,
+                           num_workers=0)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_folder_in_use_is_refused_before_any_work(digits_small, tmp_path):
     from visionzoo.errors import OutputBusyError
 

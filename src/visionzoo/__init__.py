@@ -5,6 +5,7 @@
     model = visionzoo.create_model("efficientnet_lite0", pretrained=True)
     preds = visionzoo.predict(["photo.jpg"])
     emb = visionzoo.embed(["photos/"], out="photos.npy")
+    masks = visionzoo.segment(["photos/"], out="masks/")
 
 The workflows (`predict`, `embed`, `finetune`, ...) are imported on first use, so that
 `import visionzoo` stays light.
@@ -41,6 +42,7 @@ _LAZY = {
     "predict": "visionzoo.tasks.predict",
     "embed": "visionzoo.tasks.embed",
     "detect": "visionzoo.tasks.detect",
+    "segment": "visionzoo.tasks.segment",
     "finetune": "visionzoo.tasks.finetune",
     "evaluate": "visionzoo.tasks.evaluate",
     "export_model": "visionzoo.runtime.export",
@@ -73,4 +75,5 @@ __all__ = [
     "Weights", "WeightsUnavailableError", "__version__", "benchmark", "create_model", "detect", "embed", "evaluate",
     "export_model", "finetune", "get_weights", "inspect_checkpoint", "list_models", "list_weights", "load_bundle",
     "load_weights", "open_runner", "predict", "prune", "quantize", "read_bundle", "resolve_model", "save_bundle",
+    "segment",
 ]

@@ -345,8 +345,14 @@ def _bundle_arg(name: str | os.PathLike, weights: WeightsArg) -> tuple[str | os.
 
 def _check_builder_kwargs(arch: Architecture, kwargs: Mapping[str, Any], source: Path) -> None:
     """Refuse `builder_kwargs` (from a bundle) that the architecture's builder does not take, or whose
-    type differs from the default's, with one line naming the argument."""
-    params = inspect.signature(arch.model_class).parameters  # the constructor's, without self
+    type differs from the default's, with one line naming the argument. A head on any classifier
+    (`arch.composed`) is built by its `compose` function; its `backbone` (the classifier's name) is
+    checked where the head is put on it (`_composition`)."""
+    if arch.compose is not None:
+        params = inspect.signature(arch.compose).parameters
+        kwargs = {k: v for k, v in kwargs.items() if k != "backbone"}
+    else:
+        params = inspect.signature(arch.model_class).parameters  # the constructor's, without self
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     names = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY or

@@ -1,6 +1,6 @@
 """The `visionzoo` command: parse arguments, call a task, print the result.
 
-Each command lives in the module of its kind (`images`: predict, embed, explain; `zoo`: models, info,
+Each command lives in the module of its kind (`images`: predict, embed, segment, explain; `zoo`: models, info,
 download, inspect; `train`: finetune, evaluate; `deploy`: export, quantize, prune, benchmark,
 serve); what they share (options, exit codes, printing) is in `common`.
 
@@ -25,7 +25,7 @@ from . import deploy, images, train, zoo
 from .common import EXIT_ERROR, EXIT_NOTHING, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, err
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Pre-trained vision models: list, download, inspect, predict, embed, detect, explain, "
+                  help="Pre-trained vision models: list, download, inspect, predict, embed, segment, detect, explain, "
                        "fine-tune, evaluate, export, quantize, prune, benchmark, serve.")
 
 
@@ -41,10 +41,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what 
         os.environ[ENV_OFFLINE] = "1"  # the environment, so worker processes are offline too
 
 
-for command in (images.predict, images.embed, images.detect, images.explain, zoo.models, zoo.info, zoo.download,
-                zoo.inspect,
-                train.finetune, train.evaluate, deploy.export, deploy.quantize, deploy.prune, deploy.benchmark,
-                deploy.serve):
+for command in (images.predict, images.embed, images.segment, images.detect, images.explain, zoo.models, zoo.info,
+                zoo.download, zoo.inspect, train.finetune, train.evaluate, deploy.export, deploy.quantize, deploy.prune,
+                deploy.benchmark, deploy.serve):
     app.command(command.__name__)(command)
 
 

@@ -142,14 +142,18 @@ def decode_limits(text: str | None, max_pixels: int | None = None):
     return limits
 
 
-def with_inference_options(command: Callable[..., None]) -> Callable[..., None]:
+def with_inference_options(command: Callable[..., None] | None = None, *,
+                           batch_size: int = 32) -> Callable[..., Any]:
     """`command` with the options every inference command shares (--batch-size, --workers, --exact,
-    --max-pixels, --decode-limits, --device, --backend, --threads, --precision) added to its signature; it receives
-    them as one `options: InferenceOptions` (and torch's own thread count is set for --threads)."""
+    --max-pixels, --decode-limits, --device, --backend, --threads, --precision) added to its signature; it
+    receives them as one `options: InferenceOptions` (and torch's own thread count is set for --threads).
+    `@with_inference_options(batch_size=N)` gives the command another default batch size."""
+    if command is None:
+        return functools.partial(with_inference_options, batch_size=batch_size)
     shared = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
         for name, annotation, default in (
-            ("batch_size", BatchSize, 32), ("workers", Workers, None), ("exact", Exact, False),
+            ("batch_size", BatchSize, batch_size), ("workers", Workers, None), ("exact", Exact, False),
             ("max_pixels", MaxPixels, None), ("limits", DecodeLimitsText, None), ("device", Device, "cpu"),
             ("backend", BackendChoice, Backend.AUTO), ("threads", Threads, None),
             ("precision", PrecisionChoice, RunPrecision.auto))]

@@ -124,7 +124,8 @@ def prune(
 
 def benchmark(
     model: str = typer.Argument(..., help=RUN_MODEL_HELP),
-    batch: str = typer.Option("1,32", "--batch", help="Batch sizes, comma-separated."),
+    batch: Optional[str] = typer.Option(None, "--batch", help="Batch sizes, comma-separated (default 1,32; 1,4 for "
+                                        "segmentation models)."),
     backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated: torch, onnxruntime, "
                                            "openvino (default: every installed one)."),
     precision: str = typer.Option("fp32", "--precision", help="Comma-separated: fp32, bf16 (torch, openvino), "

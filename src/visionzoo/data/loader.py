@@ -27,7 +27,7 @@ import signal
 import sys
 import traceback
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any
@@ -54,9 +54,20 @@ _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 @dataclass
 class ImageBatch:
     indices: list[int]  # positions (in the input list) of the images in `images`, ascending
-    images: torch.Tensor | None  # (len(indices), C, H, W); None when every file of the batch failed
+    # (len(indices), C, H, W); a list of (C, H, W) tensors when their sizes differ (no crop: segmentation);
+    # None when every file of the batch failed
+    images: torch.Tensor | list[torch.Tensor] | None
     failures: list[tuple[int, str]]  # (position, reason) of the files of the batch that failed
     reduced: list[int] = field(default_factory=list)  # positions of the images decoded at a reduced scale
+    extras: list[Any] = field(default_factory=list)  # with `extra=`: what it returned for each image of `images`
+
+    def stacked(self) -> torch.Tensor | None:
+        """`images` as one (N, C, H, W) tensor (None when every file failed), for the callers whose
+        preprocessing crops, so that every image has the same size."""
+        if isinstance(self.images, list):
+            raise RuntimeError("a batch of images of different sizes cannot be stacked: this path needs a "
+                               "preprocessing with a crop")
+        return self.images
 
 
 ImageSource = str | os.PathLike | bytes | np.ndarray  # a file, its encoded bytes, or decoded pixels
@@ -92,31 +103,47 @@ def prepare_image(source: ImageSource, transform, *, name: str | os.PathLike | N
 
 
 class ImageFiles(Dataset):
-    """Position i -> (i, preprocessed tensor, None, reduced), or (i, None, reason, False) for a bad file;
-    `reduced`: the image was decoded at a reduced scale (the fast path)."""
+    """Position i -> (i, preprocessed tensor, None, reduced, extra), or (i, None, reason, False, None) for a
+    bad file; `reduced`: the image was decoded at a reduced scale (the fast path); `extra`: what the
+    `extra` callable made of the decoded image (None without one)."""
 
     def __init__(self, paths: Sequence[str | os.PathLike], transform, *, limits: DecodeLimits = DEFAULT_LIMITS,
-                 reduce_to: int | None = None, resize_to: int | None = None):
+                 reduce_to: int | None = None, resize_to: int | None = None,
+                 extra: Callable[[Any], Any] | None = None):
         self.paths = list(paths)
         self.transform = transform
         self.limits = limits
         self.reduce_to = reduce_to
         self.resize_to = resize_to
+        self.extra = extra
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        return (i, *prepare_image(self.paths[i], self.transform, limits=self.limits, reduce_to=self.reduce_to,
-                                  resize_to=self.resize_to))
+        extras: list[Any] = []
+
+        def transform(img):  # the extra is made from the decoded image, which only the transform is given
+            if self.extra is not None:
+                extras.append(self.extra(img))
+            return self.transform(img)
+
+        x, reason, reduced = prepare_image(self.paths[i], transform, limits=self.limits, reduce_to=self.reduce_to,
+                                           resize_to=self.resize_to)
+        return i, x, reason, reduced, extras[0] if extras and x is not None else None
 
 
 def _collate(items) -> ImageBatch:
-    good = [(i, x) for i, x, _, _ in items if x is not None]
-    return ImageBatch(indices=[i for i, _ in good],
-                      images=torch.stack([x for _, x in good]) if good else None,
-                      failures=[(i, reason) for i, _, reason, _ in items if reason is not None],
-                      reduced=[i for i, _, _, reduced in items if reduced])
+    good = [(i, x, extra) for i, x, _, _, extra in items if x is not None]
+    tensors = [x for _, x, _ in good]
+    if tensors and any(x.shape != tensors[0].shape for x in tensors):
+        images: torch.Tensor | list[torch.Tensor] | None = tensors
+    else:
+        images = torch.stack(tensors) if tensors else None
+    return ImageBatch(indices=[i for i, _, _ in good], images=images,
+                      failures=[(i, reason) for i, _, reason, _, _ in items if reason is not None],
+                      reduced=[i for i, _, _, reduced, _ in items if reduced],
+                      extras=[extra for _, _, extra in good])
 
 
 class _SharedPipeline:
@@ -176,7 +203,7 @@ class _SharedPipeline:
         b, start, stop = self.tasks[k]
         slot, failures = b % self.ring_size, []
         for row in range(start, stop):
-            _, x, reason, reduced = self.dataset[self.batches[b][row]]
+            _, x, reason, reduced, _ = self.dataset[self.batches[b][row]]
             if x is None:
                 self.status[slot, row] = self.FAILED
                 failures.append((row, reason))
@@ -345,7 +372,8 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
                   num_workers: int | None = None, fast: bool = True,
                   max_pixels: int | None = DEFAULT_MAX_PIXELS, limits: DecodeLimits | None = None,
                   index_batches: Sequence[Sequence[int]] | None = None,
-                  pin_memory: bool = False, reuse_buffers: bool = False) -> Iterator[ImageBatch]:
+                  pin_memory: bool = False, reuse_buffers: bool = False,
+                  extra: Callable[[Any], Any] | None = None) -> Iterator[ImageBatch]:
     """Yield the files of `paths` decoded and preprocessed with `preprocess` (a `Preprocess`).
 
     Args:
@@ -362,6 +390,9 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
         reuse_buffers: a batch's `images` may be a view of a shared buffer that is refilled once
             the next batch is asked for (no copy per batch); for callers that are done with a
             batch by then. False: every batch owns its tensor.
+        extra: called (in the worker) on each decoded PIL image; its results come back in
+            `ImageBatch.extras` (what a task needs besides the model's input: the image's size,
+            a thumbnail to draw on).
     """
     check_at_least("batch_size", batch_size, 1)
     check_at_least("num_workers", num_workers, 0, optional=True)
@@ -376,15 +407,16 @@ def image_batches(paths: Sequence[str | os.PathLike], preprocess, *, batch_size:
     if num_workers is None:
         num_workers = default_num_workers(len(batches))
     dataset = ImageFiles(paths, preprocess.transforms(), limits=limits, reduce_to=reduce_target(preprocess, fast),
-                         resize_to=preprocess.resize_size)
-    if preprocess.crop_size is not None and "fork" in mp.get_all_start_methods():
+                         resize_to=preprocess.resize_size, extra=extra)
+    if preprocess.crop_size is not None and extra is None and "fork" in mp.get_all_start_methods():
         pipeline = _SharedPipeline(dataset, batches, (3, preprocess.crop_size, preprocess.crop_size),
                                    num_workers)
         for batch in pipeline:
-            if pin_memory and batch.images is not None:
-                batch.images = batch.images.pin_memory()
-            elif not reuse_buffers and batch.images is not None:
-                batch.images = batch.images.clone()
+            images = batch.stacked()  # the shared buffer holds one size: (C, crop, crop)
+            if pin_memory and images is not None:
+                batch.images = images.pin_memory()
+            elif not reuse_buffers and images is not None:
+                batch.images = images.clone()
             yield batch
         return
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,

@@ -71,12 +71,15 @@ def capture_stages(model: ZooModel, out_indices: Sequence[int], x: torch.Tensor)
     """
     captured: dict[int, torch.Tensor] = {}
     wanted = set(out_indices)
+    # torch.export follows the module calls; an exception unwinding them would confuse it, so an
+    # exported extractor runs the whole of forward_features
+    stop_early = not torch.compiler.is_exporting()
 
     def hook_for(index: int):
         def hook(module, inputs, output):
             if index not in captured:  # a module called twice: its first call is the stage
                 captured[index] = model.format_stage_output(index, output)
-                if wanted.issubset(captured):
+                if stop_early and wanted.issubset(captured):
                     raise _StagesCaptured
         return hook
 

@@ -499,8 +499,9 @@ def check_images(info: ModelInfo, net: ZooModel | None = None) -> tuple[list[tor
     if files:
         from ..data.loader import image_batches
 
-        batches = [b.images for b in image_batches(files, info.preprocess, batch_size=CHECK_BATCH, fast=False)
-                   if b.images is not None]
+        # a classifier's bundle (`net` is one): its preprocessing crops, so every batch stacks
+        stacked = (b.stacked() for b in image_batches(files, info.preprocess, batch_size=CHECK_BATCH, fast=False))
+        batches = [x for x in stacked if x is not None]
         if batches:
             return batches, f"{sum(len(b) for b in batches)} images of {where}"
     from ..data.samples import augmented_photos, sample_photos

@@ -3,9 +3,12 @@
     runner = open_runner("efficientnet_lite0", "openvino")      # exported once, cached
     runner = open_runner("lite0.int8.onnx", "onnxruntime")       # an exported or quantized file
     logits, embedding = runner(images)                           # (N, 3, S, S) float32 tensors
+    logits = runner.logits(images)                               # the main output alone
 
 Every runner takes the batches of the one preprocessing pipeline (`data/loader.py`, with
-the recipe in `runner.preprocess`) and returns float32 logits and pooled embeddings.
+the recipe in `runner.preprocess`) and returns float32 tensors: the outputs of the model's
+task graph (`graphs.py`), in order: a classifier's logits and pooled embeddings, a
+segmentation model's per-pixel logits at the input's size.
 
 - `torch`: the model itself with the cheap wins (`torch_opt.py`: BatchNorm folded into
   convolutions, channels-last), run under `torch.inference_mode`.
@@ -33,11 +36,11 @@ from typing import TYPE_CHECKING, Any, TypeGuard, cast
 import numpy as np
 import torch
 
-from ..enums import Precision, parse_enum
+from ..enums import Precision, Task, parse_enum
 from ..errors import CheckpointError, InputError
 from ..models.base import VisionModel, ZooModel
 from ..optional import available, require
-from .metadata import INPUT_NAME, OUTPUTS, ModelInfo, model_info
+from .metadata import ModelInfo, model_info
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -56,7 +59,8 @@ class Backend(str, Enum):
 
 
 class Runner:
-    """A model ready for inference on one backend. Call it with a (N, 3, S, S) float32 batch."""
+    """A model ready for inference on one backend. Call it with a batch of the task graph's inputs
+    (a classifier's: (N, 3, S, S) float32); it returns the graph's outputs."""
 
     backend: Backend
     precision: Precision = Precision.FP32
@@ -86,29 +90,36 @@ class Runner:
         """The model's size: its file for the runtimes, its parameters and buffers for torch."""
         return self.path.stat().st_size if self.path is not None else 0
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def task(self) -> Task:
+        return self.info.task
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self(images)[0]
 
     def embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        if self.info.embedding_dim is None:
+            raise InputError(f"{self.arch} is a {self.task.value} model: it has no embedding output")
         return self(images)[1]
 
     def describe(self) -> str:
         return f"{self.arch} on {self.backend.value} ({self.precision.value}, {self.source})"
 
     def _check(self, images: torch.Tensor) -> None:
-        size = self.info.input_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise InputError(f"{self.describe()} takes (N, 3, {size}, {size}) batches, got {tuple(images.shape)}; "
-                             f"preprocess with runner.preprocess")
+        self.info.graph.check(self.info, (images,), self.describe())
+
+    def _names(self) -> tuple[list[str], list[str]]:
+        graph = self.info.graph
+        return graph.names(graph.inputs(self.info)), graph.names(graph.outputs(self.info))
 
 
 class TorchRunner(Runner):
     backend = Backend.TORCH
 
-    def __init__(self, net: ZooModel, *, device: str | torch.device = "cpu", optimize: bool = True,
+    def __init__(self, net: VisionModel, *, device: str | torch.device = "cpu", optimize: bool = True,
                  precision: Precision | str = Precision.FP32, copy: bool = True):
         from .torch_opt import optimize_for_inference
 
@@ -140,21 +151,24 @@ class TorchRunner(Runner):
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision is Precision.BF16)
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with torch.inference_mode(), self._autocast():
-            features = self.net.forward_features(self.prepare(images))
-            embedding = self.net.forward_head(features, pre_logits=True).flatten(1)
-            logits = self.net.forward_head(features)
-        return logits.float().cpu(), embedding.float().cpu()
+            outputs = self.info.graph.run(self.net, self.prepare(images))
+        return tuple(t.float().cpu() for t in outputs)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self._autocast():
-            return self.net(self.prepare(images)).float().cpu()
+            return self.info.graph.first(self.net, self.prepare(images)).float().cpu()
 
     def embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        if self.info.embedding_dim is None:
+            return super().embeddings(images)  # refused with the reason
+        net = self.net
+        if not isinstance(net, ZooModel):  # a graph with an embedding is a classifier's (graphs.py)
+            raise RuntimeError(f"{self.arch}: an embedding output without a classifier to compute it")
         with torch.inference_mode(), self._autocast():
-            features = self.net.forward_features(self.prepare(images))
-            return self.net.forward_head(features, pre_logits=True).flatten(1).float().cpu()
+            features = net.forward_features(self.prepare(images))
+            return net.forward_head(features, pre_logits=True).flatten(1).float().cpu()
 
 
 class OnnxRuntimeRunner(Runner):
@@ -197,18 +211,20 @@ class OnnxRuntimeRunner(Runner):
 
             self._single = self._session(1)
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="visionzoo-ort")
+        (name,), outputs = self._names()
         parts = np.array_split(x, self.threads)
-        results = list(self._pool.map(lambda part: self._single.run(list(OUTPUTS), {INPUT_NAME: part}), parts))
-        return [np.concatenate([r[i] for r in results]) for i in range(len(OUTPUTS))]
+        results = list(self._pool.map(lambda part: self._single.run(outputs, {name: part}), parts))
+        return [np.concatenate([r[i] for r in results]) for i in range(len(outputs))]
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self._check(images)
         x = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
         if self.split_batches and len(x) >= self.STREAM_MIN * self.threads:
-            logits, embedding = self._run_split(x)
+            results = self._run_split(x)
         else:
-            logits, embedding = self.session.run(list(OUTPUTS), {INPUT_NAME: x})
-        return torch.from_numpy(logits), torch.from_numpy(embedding)
+            (name,), outputs = self._names()
+            results = self.session.run(outputs, {name: x})
+        return tuple(torch.from_numpy(r) for r in results)
 
     def __del__(self):
         if getattr(self, "_pool", None) is not None:
@@ -217,7 +233,7 @@ class OnnxRuntimeRunner(Runner):
 
 class OpenVINORunner(Runner):
     backend = Backend.OPENVINO
-    MAX_SHAPES = 4  # compiled batch shapes kept (the full batch and a last, partial one, mostly)
+    MAX_SHAPES = 4  # compiled input shapes kept (the full batch and a last, partial one, mostly)
 
     def __init__(self, path: str | os.PathLike, info: ModelInfo, *, threads: int | None = None,
                  precision: Precision | str = Precision.FP32):
@@ -233,33 +249,35 @@ class OpenVINORunner(Runner):
         self.config = {"NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "bf16" if requested is Precision.BF16 else "f32"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled: OrderedDict[int, tuple] = OrderedDict()
+        self.compiled: OrderedDict[tuple[int, ...], tuple] = OrderedDict()
 
-    def _request(self, batch: int):
-        if batch in self.compiled:
-            self.compiled.move_to_end(batch)
-            return self.compiled[batch]
+    def _request(self, shape: tuple[int, ...]):
+        if shape in self.compiled:
+            self.compiled.move_to_end(shape)
+            return self.compiled[shape]
         model = self.model.clone()
-        size = self.info.input_size
-        model.reshape({INPUT_NAME: [batch, 3, size, size]})
+        (name,), outputs = self._names()
+        model.reshape({name: list(shape)})
         compiled = self.core.compile_model(model, "CPU", self.config)
-        entry = (compiled.create_infer_request(), [compiled.output(name) for name in OUTPUTS])
-        self.compiled[batch] = entry
+        entry = (compiled.create_infer_request(), [compiled.output(o) for o in outputs])
+        self.compiled[shape] = entry
         if len(self.compiled) > self.MAX_SHAPES:
             self.compiled.popitem(last=False)
         return entry
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self._check(images)
         x = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
-        request, outputs = self._request(x.shape[0])
-        result = request.infer({INPUT_NAME: x})
-        logits, embedding = (torch.from_numpy(np.array(result[o], dtype=np.float32)) for o in outputs)
-        return logits, embedding
+        request, outputs = self._request(tuple(x.shape))
+        (name,), _ = self._names()
+        result = request.infer({name: x})
+        return tuple(torch.from_numpy(np.array(result[o], dtype=np.float32)) for o in outputs)
 
 
-def _input_channels(net: ZooModel) -> int | None:
+def _input_channels(net: VisionModel) -> int | None:
     """The channels the model's first convolution takes (None when it has none to look at)."""
+    if not isinstance(net, ZooModel):  # only a classifier names its first convolution (`first_conv`)
+        return None
     try:
         conv = net.get_submodule(net.first_conv)
     except AttributeError:

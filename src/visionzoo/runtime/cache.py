@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from ..fileutil import exclusive, json_digest, sha256_file, weights_fingerprint
-from ..models.base import ZooModel
+from ..models.base import VisionModel
 from ..version import __version__
 from .export import OPSET, ExportFormat, export_model
+from .metadata import model_info
 
 log = logging.getLogger("visionzoo")
 CACHE_SUBDIR = "visionzoo-exports"
@@ -30,7 +31,7 @@ BUNDLE_SUBDIR = "exports"
 _KEY_VERSION = 1
 
 
-def export_dir(net: ZooModel) -> Path:
+def export_dir(net: VisionModel) -> Path:
     """Where `net`'s exports are cached: its bundle's `exports/` when writable, else the hub cache."""
     bundle = net.card.bundle if net.card is not None else None
     if bundle is not None:
@@ -42,7 +43,7 @@ def export_dir(net: ZooModel) -> Path:
     return cache_dir() / CACHE_SUBDIR
 
 
-def export_key(net: ZooModel, input_size: int) -> str:
+def export_key(net: VisionModel, input_size: int | None) -> str:
     key = {"version": _KEY_VERSION, "arch": net.arch, "class": type(net).__name__,
            "weights": weights_fingerprint(net), "input_size": input_size, "format": "onnx", "opset": OPSET,
            "torch": torch.__version__, "visionzoo": __version__,
@@ -51,18 +52,19 @@ def export_key(net: ZooModel, input_size: int) -> str:
     return json_digest(key, 20)
 
 
-def model_stem(net: ZooModel, input_size: int | None = None) -> str:
-    """The name shared by a model's cached files: architecture, input size and `export_key`."""
-    size = input_size or net.image_size or net.card_required.preprocess.crop
-    return f"{net.arch}-{size}-{export_key(net, size)}"
+def model_stem(net: VisionModel, input_size: int | None = None) -> str:
+    """The name shared by a model's cached files: architecture, input size (`any` for a graph with a
+    free height and width, as segmentation's) and `export_key`."""
+    size = input_size or model_info(net).input_size
+    return f"{net.arch}-{size or 'any'}-{export_key(net, size)}"
 
 
-def measurement_path(net: ZooModel, kind: str, digest: str) -> Path:
+def measurement_path(net: VisionModel, kind: str, digest: str) -> Path:
     """Where `auto` keeps a measurement of `net` (`kind`: what was measured, `digest`: under what conditions)."""
     return export_dir(net) / f"{model_stem(net)}.{kind}-{digest}.json"
 
 
-def measurements(net: ZooModel, kind: str) -> list[Path]:
+def measurements(net: VisionModel, kind: str) -> list[Path]:
     """Every cached measurement of `net` of one kind (under any conditions, from any machine)."""
     return sorted(export_dir(net).glob(f"{model_stem(net)}.{kind}-*.json"))
 
@@ -74,9 +76,9 @@ def file_measurement_path(path: Path, kind: str, digest: str) -> Path:
     return cache_dir() / CACHE_SUBDIR / f"{path.stem}-{sha256_file(path)[:20]}.{kind}-{digest}.json"
 
 
-def exported_onnx(net: ZooModel, input_size: int | None = None) -> Path:
+def exported_onnx(net: VisionModel, input_size: int | None = None) -> Path:
     """The verified ONNX export of `net`, from the cache or exported (and cached) now."""
-    size = input_size or net.image_size or net.card_required.preprocess.crop
+    size = input_size or model_info(net).input_size
     path = export_dir(net) / f"{model_stem(net, size)}.onnx"
     if path.is_file():
         log.info("%s: using the cached export %s", net.arch, path)

@@ -3,16 +3,18 @@
     result = export_model("efficientnet_lite0", "onnx", "lite0.onnx")
     result.max_rel_diff        # {'logits': 3.1e-07, 'embedding': 2.4e-07}
 
-Every exported graph takes `images` (N, 3, S, S) float32, normalised by the model's own
-preprocessing, with a free batch size N and the square size S of the preprocessing's crop,
-and returns `logits` (N, classes) and `embedding` (N, D), the pooled pre-logits that
-`embed` writes. The model's description (architecture, classes, preprocessing: see
-`metadata.py`) is embedded in the file. After writing, the file is loaded back, run on a
-batch of another size than the one it was traced with, and compared with PyTorch: the
-largest difference relative to the output's range must stay within `tolerance` (1e-4 in
-float32), else `ExportError` and no file. The file is written under a temporary name and
-renamed only once verified, by one run at a time (`fileutil.exclusive`; the temporary files of
-a killed run are removed by the next).
+What an exported graph takes and returns is its task's (`graphs.py`): a classifier takes
+`images` (N, 3, S, S) float32, normalised by the model's own preprocessing, with a free batch
+size N and the square size S of the preprocessing's crop, and returns `logits` (N, classes)
+and `embedding` (N, D), the pooled pre-logits that `embed` writes; a segmentation model takes
+`images` of any height and width and returns `logits` (N, classes, H, W) at the input's size.
+The model's description (architecture, task, classes, preprocessing: see `metadata.py`) is
+embedded in the file. After writing, the file is loaded back, run on inputs of other sizes
+than the ones it was traced with (another batch size; for free heights and widths, two other
+sizes), and compared with PyTorch: the largest difference relative to the output's range must
+stay within `tolerance` (1e-4 in float32), else `ExportError` and no file. The file is
+written under a temporary name and renamed only once verified, by one run at a time
+(`fileutil.exclusive`; the temporary files of a killed run are removed by the next).
 
 ONNX goes through torch's TorchScript-based exporter, which handles every family of the
 zoo (the dynamo exporter of torch 2.13 fails on Swin and MaxViT) in a fraction of the
@@ -38,15 +40,14 @@ from torch import nn
 from ..enums import parse_enum
 from ..errors import CheckpointError, ExportError, InputError
 from ..fileutil import atomic_path, exclusive
-from ..models.base import ZooModel
+from ..models.base import VisionModel, ZooModel
 from ..optional import require
-from .metadata import EXTRA_FILE, INPUT_NAME, OUTPUTS, ModelInfo, model_info
+from .graphs import GraphSpec
+from .metadata import EXTRA_FILE, ModelInfo, model_info
 
 log = logging.getLogger("visionzoo")
 TOLERANCE = 1e-4  # float32 export check: max |exported - torch| / max |torch|, per output
 OPSET = 17
-TRACE_BATCH = 2  # traced with 2 images, checked with 3: a batch size baked into the graph shows
-CHECK_BATCH = 3
 
 
 class ExportFormat(str, Enum):
@@ -68,26 +69,14 @@ class ExportResult:
         return max(self.max_rel_diff.values(), default=0.0)
 
 
-class ExportGraph(nn.Module):
-    """What every export holds: images in, (logits, embedding) out, through the ZooModel interface."""
-
-    def __init__(self, model: ZooModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.forward_features(images)
-        embedding = self.model.forward_head(features, pre_logits=True).flatten(1)
-        return self.model.forward_head(features), embedding
-
-
 def export_model(model, fmt: ExportFormat | str, out: str | os.PathLike, *, input_size: int | None = None,
                  verify: bool = True, tolerance: float = TOLERANCE, wait: bool = False) -> ExportResult:
     """Export `model` (a name, bundle folder or visionzoo model) to `out` in format `fmt`.
 
     Args:
-        input_size: the square input size (default: the preprocessing's crop, or the size a ViT
-            was built for). The recipe in the file is scaled to it.
+        input_size: a classifier's square input size (default: the preprocessing's crop, or the
+            size a ViT was built for). The recipe in the file is scaled to it. Graphs with a free
+            height and width (segmentation) take none.
         verify: load the written file back and compare its outputs with PyTorch's.
         tolerance: the largest accepted relative difference.
         wait: when another run is writing `out`, wait for it to finish (default: refuse with an
@@ -106,8 +95,8 @@ def export_model(model, fmt: ExportFormat | str, out: str | os.PathLike, *, inpu
     out = Path(out).expanduser()
     writer = {ExportFormat.ONNX: _write_onnx, ExportFormat.TORCHSCRIPT: _write_torchscript,
               ExportFormat.PT2: _write_pt2}[fmt]
-    graph = ExportGraph(net).eval()
-    sample = _images(TRACE_BATCH, info.input_size, seed=0)
+    graph = info.graph.module(net).eval()
+    sample = info.graph.trace_inputs(info)
     with exclusive(out, wait=wait), atomic_path(out) as tmp:
         exporter = writer(graph, sample, tmp, info)
         diffs = check_export(graph, tmp, fmt, info, tolerance) if verify else {}
@@ -115,10 +104,13 @@ def export_model(model, fmt: ExportFormat | str, out: str | os.PathLike, *, inpu
     return ExportResult(out, fmt, info, diffs, exporter)
 
 
-def _info_for(net: ZooModel, input_size: int | None) -> ModelInfo:
+def _info_for(net: VisionModel, input_size: int | None) -> ModelInfo:
     info = model_info(net)
     if input_size is None or input_size == info.input_size:
         return info
+    if not isinstance(net, ZooModel) or info.input_size is None:
+        raise InputError(f"the {info.task.value} graph of {info.arch} takes inputs of any height and width; "
+                         f"export it without input_size")
     if net.image_size is not None and input_size != net.image_size:
         raise InputError(f"{info.arch} is built for {net.image_size}x{net.image_size} inputs; build it with "
                          f"image_size={input_size} to export another size")
@@ -130,11 +122,6 @@ def _info_for(net: ZooModel, input_size: int | None) -> ModelInfo:
     return dataclasses.replace(info, preprocess=scaled, input_size=input_size)
 
 
-def _images(batch: int, size: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(batch, 3, size, size, generator=g)
-
-
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:300]
@@ -142,15 +129,15 @@ def _first_line(e: BaseException) -> str:
 
 # -- ONNX ----------------------------------------------------------------------------------------
 
-def _write_onnx(graph: ExportGraph, sample: torch.Tensor, path: Path, info: ModelInfo) -> str:
+def _write_onnx(graph: nn.Module, sample: tuple[torch.Tensor, ...], path: Path, info: ModelInfo) -> str:
     onnx = require("onnx")
     try:
-        proto, exporter = _onnx_torchscript(graph, sample), "torch.onnx (TorchScript)"
+        proto, exporter = _onnx_torchscript(graph, sample, info), "torch.onnx (TorchScript)"
     except Exception as first:  # noqa: BLE001  (any exporter failure: try the other exporter)
         log.info("%s: the TorchScript-based ONNX exporter failed (%s); trying the dynamo exporter",
                  info.arch, _first_line(first))
         try:
-            proto, exporter = _onnx_dynamo(graph, sample), "torch.onnx (dynamo)"
+            proto, exporter = _onnx_dynamo(graph, sample, info), "torch.onnx (dynamo)"
         except Exception as second:  # noqa: BLE001
             raise ExportError(f"{info.arch} cannot be exported to ONNX: {_first_line(second)} (TorchScript "
                               f"exporter: {_first_line(first)}); try --format pt2 or torchscript") from None
@@ -159,28 +146,40 @@ def _write_onnx(graph: ExportGraph, sample: torch.Tensor, path: Path, info: Mode
     return exporter
 
 
-def _onnx_torchscript(graph: nn.Module, sample: torch.Tensor):
+def _onnx_torchscript(graph: nn.Module, sample: tuple[torch.Tensor, ...], info: ModelInfo):
     onnx = require("onnx")
+    spec = info.graph
     buf = io.BytesIO()
-    axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUTS}}
     with warnings.catch_warnings(), torch.no_grad():
-        # the tracer warns about sizes read from tensors (padding, window partitions): the
-        # spatial size is fixed in the export, only the batch size varies, and that is checked
+        # the tracer warns about sizes read from tensors (padding, window partitions): whatever it
+        # bakes into the graph shows when the file is checked on other sizes than the traced ones
         warnings.simplefilter("ignore")
         # the TorchScript exporter (dynamo=False) writes to a file object too; torch's annotation lists paths only
-        torch.onnx.export(graph, (sample,), buf,  # type: ignore[arg-type]
-                          dynamo=False, opset_version=OPSET, input_names=[INPUT_NAME],
-                          output_names=list(OUTPUTS), dynamic_axes=axes, do_constant_folding=True)
+        torch.onnx.export(graph, sample, buf, dynamo=False, opset_version=OPSET,  # type: ignore[arg-type]
+                          input_names=spec.names(spec.inputs(info)), output_names=spec.names(spec.outputs(info)),
+                          dynamic_axes=spec.dynamic_axes(info), do_constant_folding=True)
     return onnx.load_from_string(buf.getvalue())
 
 
-def _onnx_dynamo(graph: nn.Module, sample: torch.Tensor):
+def _dynamic_shapes(spec: GraphSpec, info: ModelInfo) -> tuple[dict[int, object], ...]:
+    """torch.export's description of the free axes of each input (one `Dim` per axis name)."""
+    dims: dict[str, object] = {}
+    shapes = []
+    for tensor in spec.inputs(info):
+        shapes.append({i: dims.setdefault(name, torch.export.Dim(name, min=1, max=4096) if name == "batch"
+                                          else torch.export.Dim(name, min=32, max=8192))
+                       for i, name in tensor.dynamic_axes.items()})
+    return tuple(shapes)
+
+
+def _onnx_dynamo(graph: nn.Module, sample: tuple[torch.Tensor, ...], info: ModelInfo):
     require("onnxscript")
-    batch = torch.export.Dim("batch", min=1, max=4096)
+    spec = info.graph
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(graph, (sample,), dynamo=True, input_names=[INPUT_NAME],
-                                    output_names=list(OUTPUTS), dynamic_shapes=({0: batch},), verbose=False)
+        program = torch.onnx.export(graph, sample, dynamo=True, input_names=spec.names(spec.inputs(info)),
+                                    output_names=spec.names(spec.outputs(info)),
+                                    dynamic_shapes=_dynamic_shapes(spec, info), verbose=False)
     if program is None:  # only the TorchScript exporter returns None
         raise ExportError("the dynamo ONNX exporter returned no program")
     return program.model_proto
@@ -257,11 +256,11 @@ def _tensors(graph):
 
 # -- TorchScript and PT2 -------------------------------------------------------------------------
 
-def _write_torchscript(graph: ExportGraph, sample: torch.Tensor, path: Path, info: ModelInfo) -> str:
+def _write_torchscript(graph: nn.Module, sample: tuple[torch.Tensor, ...], path: Path, info: ModelInfo) -> str:
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(graph, (sample,), check_trace=False)
+            traced = torch.jit.trace(graph, sample, check_trace=False)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"{info.arch} cannot be traced to TorchScript: {_first_line(e)}; try --format onnx "
                           f"or pt2") from None
@@ -269,12 +268,18 @@ def _write_torchscript(graph: ExportGraph, sample: torch.Tensor, path: Path, inf
     return "torch.jit.trace"
 
 
-def _write_pt2(graph: ExportGraph, sample: torch.Tensor, path: Path, info: ModelInfo) -> str:
-    batch = torch.export.Dim("batch", min=1, max=4096)
+def _write_pt2(graph: nn.Module, sample: tuple[torch.Tensor, ...], path: Path, info: ModelInfo) -> str:
+    free = sorted({a for t in info.graph.inputs(info) for a in t.dynamic_axes.values()} - {"batch"})
+    if free:
+        # measured on LR-ASPP on EfficientNet-Lite0: torch.export guards on relations between the sizes of
+        # successive strides that it cannot prove for every height and width, and fails after minutes
+        raise ExportError(f"{info.arch} takes a free {' and '.join(free)}, which pt2 export does not support; "
+                          f"use --format onnx or torchscript")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.export.export(graph, (sample,), dynamic_shapes=({0: batch},), strict=False)
+            program = torch.export.export(graph, sample, dynamic_shapes=_dynamic_shapes(info.graph, info),
+                                          strict=False)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"{info.arch} cannot be exported with torch.export: {_first_line(e)}; try --format "
                           f"onnx or torchscript") from None
@@ -302,22 +307,28 @@ def load_torch_export(path: str | os.PathLike, fmt: ExportFormat | str) -> tuple
 
 # -- verification --------------------------------------------------------------------------------
 
-def check_export(graph: ExportGraph, path: Path, fmt: ExportFormat, info: ModelInfo,
+def check_export(graph: nn.Module, path: Path, fmt: ExportFormat, info: ModelInfo,
                  tolerance: float = TOLERANCE) -> dict[str, float]:
-    """Run the file at `path` and PyTorch on the same batch; raise `ExportError` above `tolerance`."""
-    x = _images(CHECK_BATCH, info.input_size, seed=1)
-    with torch.inference_mode():
-        expected = [t.float().numpy() for t in graph(x)]
+    """Run the file at `path` and PyTorch on the same inputs (each of the task's check sizes); raise
+    `ExportError` above `tolerance`. Returns the largest difference of each output over the sizes."""
+    spec = info.graph
+    inputs, outputs = spec.names(spec.inputs(info)), spec.names(spec.outputs(info))
     if fmt is ExportFormat.ONNX:
         ort = require("onnxruntime")
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = session.run(list(OUTPUTS), {INPUT_NAME: x.numpy()})
+        run = lambda *xs: session.run(outputs, {n: x.numpy() for n, x in zip(inputs, xs, strict=True)})  # noqa: E731
     else:
         module, _ = load_torch_export(path, fmt)
+        run = lambda *xs: [t.float().numpy() for t in module(*xs)]  # noqa: E731
+    found: dict[str, list[float]] = {name: [] for name in outputs}
+    for xs in spec.check_inputs(info):
         with torch.inference_mode():
-            got = [t.float().numpy() for t in module(x)]
-    diffs = {name: relative_difference(g, e) for name, g, e in zip(OUTPUTS, got, expected, strict=True)}
-    worst = max(diffs, key=lambda name: diffs[name])
+            expected = [t.float().numpy() for t in graph(*xs)]
+            got = run(*xs)
+        for name, g, e in zip(outputs, got, expected, strict=True):
+            found[name].append(relative_difference(g, e))
+    diffs = {name: float(np.max(values)) for name, values in found.items()}  # NaN if any is
+    worst = max(diffs, key=lambda k: (np.isnan(diffs[k]), diffs[k]))
     if not diffs[worst] <= tolerance:  # also catches NaN
         raise ExportError(f"the {fmt.value} export of {info.arch} does not reproduce PyTorch: max relative "
                           f"difference {diffs[worst]:.2e} on '{worst}' exceeds {tolerance:g}; try another --format "
@@ -339,8 +350,8 @@ def describe(result: ExportResult) -> str:
     diffs = ", ".join(f"{k} {v:.2e}" for k, v in result.max_rel_diff.items())
     size = result.path.stat().st_size / 2**20
     check = f"verified (max relative difference: {diffs})" if diffs else "not verified"
-    return (f"{result.path} ({result.format.value}, {size:.1f} MiB, {result.exporter}, input "
-            f"N x 3 x {result.info.input_size} x {result.info.input_size}): {check}")
+    inputs = ", ".join(t.describe() for t in result.info.graph.inputs(result.info))
+    return f"{result.path} ({result.format.value}, {size:.1f} MiB, {result.exporter}, input {inputs}): {check}"
 
 
 def info_json(info: ModelInfo) -> str:

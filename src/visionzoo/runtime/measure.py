@@ -123,8 +123,9 @@ def load_labelled(samples: Sequence[tuple], preprocess, *, limit: int | None = N
     paths = [p for p, _ in samples]
     images, labels = [], []
     for batch in image_batches(paths, preprocess, batch_size=64, num_workers=num_workers, fast=False):
-        if batch.images is not None:
-            images.append(batch.images)
+        stacked = batch.stacked()
+        if stacked is not None:
+            images.append(stacked)
             labels += [samples[i][1] for i in batch.indices]
     if not images:
         return torch.zeros(0, 3, preprocess.crop, preprocess.crop), torch.zeros(0, dtype=torch.long)

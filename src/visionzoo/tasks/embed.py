@@ -270,9 +270,10 @@ def _embed_chunks(files: list[Path], runner: Runner, encoder: Encoder, store: _C
                                    pin_memory=opts.torch_device.type == "cuda", reuse_buffers=True):
             k = min(batch.indices + [i for i, _ in batch.failures]) // plan.size
             chunk = pending.setdefault(k, _Chunk())
-            if batch.images is not None:
+            images = batch.stacked()  # a classifier's preprocessing crops: one size
+            if images is not None:
                 chunk.indices += batch.indices
-                chunk.vectors.append(encoder(batch.images).cpu().numpy())
+                chunk.vectors.append(encoder(images).cpu().numpy())
             chunk.failures += batch.failures
             chunk.seen += len(batch.indices) + len(batch.failures)
             bar.advance(len(batch.indices) + len(batch.failures))
@@ -289,6 +290,8 @@ class Encoder:
     def __init__(self, runner: Runner, layer: int | str | None, normalize: bool):
         self.runner, self.normalize = runner, normalize
         if layer is None:
+            if runner.info.embedding_dim is None:  # (the runner's own refusal, before any image is decoded)
+                raise InputError(f"{runner.arch} is a {runner.task.value} model: it has no embedding output")
             self.extractor, self.layer, self.dim = None, None, runner.info.embedding_dim
         else:
             if not isinstance(runner, TorchRunner):
@@ -296,6 +299,9 @@ class Encoder:
                                  f"{runner.backend.value} backend gives the pooled pre-logits only")
             self.torch_runner = runner
             net = runner.net
+            if not isinstance(net, ZooModel):  # (what FeatureExtractor would refuse)
+                raise InputError(f"embedding a stage (layer={layer!r}) needs a classifier; {runner.arch} is a "
+                                 f"{runner.task.value} model")
             index = resolve_stage(net, layer)
             self.extractor = FeatureExtractor(net, (index,))
             self.layer = net.feature_info[index].module

@@ -100,7 +100,8 @@ def _predict_files(files: list, runner: Runner, topk: int, opts: InferenceOption
     with torch.inference_mode():
         for batch in batches:
             results: dict[int, Prediction | Failure] = {i: Failure(str(files[i]), err) for i, err in batch.failures}
-            if batch.images is not None:
+            images = batch.stacked()  # a classifier's preprocessing crops: one size
+            if images is not None:
                 reduced = set(batch.reduced)
                 rows = [row for row, i in enumerate(batch.indices) if i in reduced]
 
@@ -108,7 +109,7 @@ def _predict_files(files: list, runner: Runner, topk: int, opts: InferenceOption
                     return prepare_image(files[indices[row]], transform, limits=opts.limits,
                                          resize_to=runner.preprocess.resize_size)[0]
 
-                tops = classify_batch(runner, batch.images, topk, reduced=rows, exact=exact)
+                tops = classify_batch(runner, images, topk, reduced=rows, exact=exact)
                 for i, top in zip(batch.indices, tops, strict=True):
                     results[i] = Prediction(str(files[i]), top)
             for i in sorted(results):

@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 import torch
@@ -132,8 +131,10 @@ def _quantize(model, calibration, out: Path, backend: Backend, mode: QuantMode, 
     from ..factory import resolve_model
     from ..runtime.cache import exported_onnx
 
-    # the export and calibration below are written against the classifier interface (ZooModel)
-    net = cast(ZooModel, resolve_model(model).eval())
+    net = resolve_model(model).eval()
+    if not isinstance(net, ZooModel):
+        raise InputError(f"quantize makes int8 classifiers; {net.arch or model} is a {net.task.value} model (export "
+                         f"it in float32 with `visionzoo export`)")
     info = model_info(net)
     mode, reason = _choose_mode(net, info, mode)
     files: list[Path] = []
@@ -223,6 +224,8 @@ def _write_quantized(raw: Path, out: Path, info: ModelInfo, details: dict, reaso
 def _choose_mode(net: ZooModel, info: ModelInfo, mode: QuantMode) -> tuple[QuantMode, str]:
     if mode is not QuantMode.AUTO:
         return mode, "chosen with --mode"
+    if info.input_size is None:  # only classifiers are quantized, and a classifier's graph has a size
+        raise RuntimeError(f"{info.arch}: a classifier's graph without an input size")
     share = linear_share(net, info.input_size)
     if share > LINEAR_SHARE:
         return QuantMode.DYNAMIC, f"linear layers do {share:.0%} of the multiply-adds"

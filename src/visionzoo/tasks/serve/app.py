@@ -155,6 +155,8 @@ class PredictService:
         one image and a full batch (ONNX Runtime creates its per-core sessions and grows its memory
         arenas to the largest batch now, not on the first busy moment)."""
         size = self.runner.info.input_size
+        if size is None:  # only classifiers are served (handler_for), and a classifier's graph has a size
+            raise RuntimeError(f"{self.runner.arch}: a served graph without an input size")
         for n in self.pad_sizes or sorted({1, self.settings.max_batch}):
             await self.batcher.call(self.handler.run, torch.zeros(n, 3, size, size))
         self.ready = True

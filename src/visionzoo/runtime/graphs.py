@@ -1,0 +1,215 @@
+"""What the exported graph of each task takes and returns: one small spec per task.
+
+Export, verification, the runtime backends and `benchmark` are written against `GraphSpec`;
+each task describes its graph once, here, instead of `if task == ...` branches in each of them:
+
+| task           | inputs                              | outputs                                          |
+|----------------|-------------------------------------|--------------------------------------------------|
+| classification | images (N, 3, S, S), S fixed        | logits (N, classes), embedding (N, D)            |
+| segmentation   | images (N, 3, H, W), H and W free   | logits (N, classes, H, W): at the input's size   |
+
+A dimension is a fixed size or the name of a free axis (`"batch"`, `"height"`, ...), which
+becomes a dynamic axis of the ONNX graph and is checked by running the written file on other
+sizes than the ones it was traced with. The next tasks add a spec of their own (detection:
+boxes, scores and labels after NMS; video: 5-D clips; optical flow: two image inputs).
+`graph_for(task)` gives a task's spec.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, cast
+
+import torch
+from torch import nn
+
+from ..data.transforms import resized_size
+from ..enums import Task
+from ..errors import InputError
+from ..models.base import VisionModel, ZooModel
+
+if TYPE_CHECKING:
+    from .metadata import ModelInfo
+
+Dim = int | str  # a fixed size, or the name of a free axis
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dims: tuple[Dim, ...]
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.dims) if isinstance(d, str)}
+
+    def describe(self, sep: str = " x ") -> str:
+        """The shape as text, free axes by name (the batch as N): `N x 3 x height x width`."""
+        return sep.join("N" if d == "batch" else str(d) for d in self.dims)
+
+
+def random_inputs(shapes: tuple[tuple[int, ...], ...], seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=g) for shape in shapes)
+
+
+class GraphSpec(ABC):
+    """The graph of one task: its named inputs and outputs, the module that computes them from a
+    model of the task, and the inputs to trace, check and time it with."""
+
+    task: ClassVar[Task]
+
+    @abstractmethod
+    def describe_model(self, net: VisionModel) -> dict[str, Any]:
+        """The task's fields of the model's `ModelInfo`: `input_size`, `embedding_dim`."""
+
+    @abstractmethod
+    def inputs(self, info: ModelInfo) -> tuple[TensorSpec, ...]: ...
+
+    @abstractmethod
+    def outputs(self, info: ModelInfo) -> tuple[TensorSpec, ...]: ...
+
+    @abstractmethod
+    def module(self, net: VisionModel) -> nn.Module:
+        """`net` as the graph: the inputs as positional arguments, a tuple of the outputs."""
+
+    @abstractmethod
+    def input_shapes(self, info: ModelInfo, batch: int, variant: int = 0) -> tuple[tuple[int, ...], ...]:
+        """Concrete input shapes for `batch` items; `variant` 0 is the one traced, 1, 2, ... the
+        other sizes the written file is checked on (a size baked into the graph shows)."""
+
+    check_variants: ClassVar[tuple[tuple[int, int], ...]] = ((3, 1),)  # (batch, variant) pairs checked
+    trace_batch: ClassVar[int] = 2
+    default_batches: ClassVar[tuple[int, ...]] = (1, 32)  # what `benchmark` times by default
+
+    def names(self, which: tuple[TensorSpec, ...]) -> list[str]:
+        return [t.name for t in which]
+
+    def dynamic_axes(self, info: ModelInfo) -> dict[str, dict[int, str]]:
+        return {t.name: t.dynamic_axes for t in (*self.inputs(info), *self.outputs(info))}
+
+    def trace_inputs(self, info: ModelInfo) -> tuple[torch.Tensor, ...]:
+        return random_inputs(self.input_shapes(info, self.trace_batch), seed=0)
+
+    def check_inputs(self, info: ModelInfo) -> list[tuple[torch.Tensor, ...]]:
+        return [random_inputs(self.input_shapes(info, batch, variant), seed=1 + k)
+                for k, (batch, variant) in enumerate(self.check_variants)]
+
+    def example_inputs(self, info: ModelInfo, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Inputs of a typical size, for timing."""
+        return random_inputs(self.input_shapes(info, batch), seed)
+
+    def check(self, info: ModelInfo, inputs: tuple[torch.Tensor, ...], who: str) -> None:
+        """Refuse inputs whose count or fixed dimensions do not fit the graph."""
+        specs = self.inputs(info)
+        ok = len(inputs) == len(specs) and all(
+            x.ndim == len(s.dims) and all(isinstance(d, str) or d == n for d, n in zip(s.dims, x.shape, strict=True))
+            for s, x in zip(specs, inputs, strict=True))
+        if not ok:
+            wanted = ", ".join(f"({s.describe(', ')})" for s in specs)
+            got = ", ".join(str(tuple(x.shape)) for x in inputs)
+            raise InputError(f"{who} takes {wanted} batches, got {got}; preprocess with runner.preprocess")
+
+    def run(self, net: nn.Module, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Every output, eagerly (what the torch backend returns)."""
+        return tuple(self.module(cast(VisionModel, net))(*inputs))  # the torch runner holds a task model
+
+    def first(self, net: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        """The main output only (logits): what predict and segment need, often cheaper than all."""
+        return self.run(net, *inputs)[0]
+
+
+class ClassificationGraph(GraphSpec):
+    """Images of the model's one square size in; logits and the pooled pre-logits out."""
+
+    task = Task.CLASSIFICATION
+
+    class Module(nn.Module):
+        def __init__(self, model: ZooModel):
+            super().__init__()
+            self.model = model
+
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            features = self.model.forward_features(images)
+            embedding = self.model.forward_head(features, pre_logits=True).flatten(1)
+            return self.model.forward_head(features), embedding
+
+    def describe_model(self, net: VisionModel) -> dict[str, Any]:
+        if not isinstance(net, ZooModel):
+            raise InputError(f"a {net.task.value} model has no classification graph")
+        return {"input_size": net.image_size or net.card_required.preprocess.crop,
+                "embedding_dim": net.head_hidden_size}
+
+    def inputs(self, info: ModelInfo) -> tuple[TensorSpec, ...]:
+        side = cast(int, info.input_size)  # a classifier always has one (describe_model)
+        return (TensorSpec("images", ("batch", 3, side, side)),)
+
+    def outputs(self, info: ModelInfo) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("logits", ("batch", info.num_classes)),
+                TensorSpec("embedding", ("batch", cast(int, info.embedding_dim))))
+
+    def module(self, net: VisionModel) -> nn.Module:
+        if not isinstance(net, ZooModel):
+            raise InputError(f"a {net.task.value} model has no classification graph")
+        return self.Module(net)
+
+    def input_shapes(self, info: ModelInfo, batch: int, variant: int = 0) -> tuple[tuple[int, ...], ...]:
+        side = cast(int, info.input_size)
+        return ((batch, 3, side, side),)
+
+    def first(self, net: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        return net(*inputs)
+
+
+class SegmentationGraph(GraphSpec):
+    """Images of any size in; per-pixel class scores at the input's size out (no auxiliary head)."""
+
+    task = Task.SEGMENTATION
+    # traced at 128x160; checked on a batch of 3 at 160x208 and a single odd-sized portrait image
+    _SIZES = ((128, 160), (160, 208), (131, 97))
+    check_variants = ((3, 1), (1, 2))
+    default_batches = (1, 4)
+
+    class Module(nn.Module):
+        def __init__(self, model: VisionModel):
+            super().__init__()
+            self.model = model
+
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor]:
+            return (self.model(images)["out"],)
+
+    def describe_model(self, net: VisionModel) -> dict[str, Any]:
+        return {"input_size": None, "embedding_dim": None}
+
+    def inputs(self, info: ModelInfo) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("images", ("batch", 3, "height", "width")),)
+
+    def outputs(self, info: ModelInfo) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("logits", ("batch", info.num_classes, "height", "width")),)
+
+    def module(self, net: VisionModel) -> nn.Module:
+        return self.Module(net)
+
+    def input_shapes(self, info: ModelInfo, batch: int, variant: int = 0) -> tuple[tuple[int, ...], ...]:
+        height, width = self._SIZES[variant]
+        return ((batch, 3, height, width),)
+
+    def example_inputs(self, info: ModelInfo, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        # a 4:3 photo after the recipe's resize (520 x 693 for torchvision's weights)
+        width, height = resized_size(4000, 3000, info.preprocess.resize_size or 520)
+        return random_inputs(((batch, 3, height, width),), seed)
+
+    def first(self, net: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        return net(*inputs)["out"]
+
+
+GRAPHS: dict[Task, GraphSpec] = {spec.task: spec for spec in (ClassificationGraph(), SegmentationGraph())}
+
+
+def graph_for(task: Task) -> GraphSpec:
+    """The graph spec of `task`; an `InputError` for tasks that cannot be exported yet."""
+    try:
+        return GRAPHS[task]
+    except KeyError:
+        raise InputError(f"{task.value} models cannot be exported or run on the runtimes yet; use the torch "
+                         f"backend") from None
