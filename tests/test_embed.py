@@ -115,6 +115,7 @@ def test_bad_arguments_fail_before_any_work(model, few, tmp_path):
     assert not list(tmp_path.glob("*.npy"))
 
 
+@pytest.mark.slow  # two embedding runs (48 s on a loaded machine)
 def test_changed_options_discard_partial_results(model, few, tmp_path):
     out = tmp_path / "emb.npy"
     work = tmp_path / ".emb.npy.embed-work"
