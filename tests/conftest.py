@@ -26,6 +26,19 @@ def parity_outputs():
     return np.load(PARITY / "outputs.npz")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a test module of small inputs: as fast as more threads, and much faster
+    on a busy machine (no threads spinning at barriers for a descheduled sibling). A module asks for
+    it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_torch_home(tmp_path_factory, monkeypatch):
     """Never read or write the user's real weights cache from tests. `auto` does not measure

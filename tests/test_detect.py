@@ -18,14 +18,7 @@ from visionzoo.tasks.detect import Detections, detect
 from .cli_runner import run_cli as run
 from .photos import sample_image
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small inputs: one thread is faster, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small inputs: see conftest
 
 
 @pytest.fixture(scope="module")

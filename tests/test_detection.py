@@ -15,14 +15,7 @@ from visionzoo.models.detection.backbones import freeze_resnet_layers, resnet_bo
 from visionzoo.models.detection.composed import detector_from_classifier
 from visionzoo.models.layers import FrozenBatchNorm2d
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small inputs: one thread is faster, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small inputs: see conftest
 
 
 def images_and_targets():

@@ -35,12 +35,7 @@ from .cli_runner import run_cli as run
 SRC = Path(visionzoo.__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small inputs: see conftest
 
 
 def _env() -> dict[str, str]:

@@ -13,13 +13,7 @@ from visionzoo.ops import batched_nms, nms
 nms_module = importlib.import_module("visionzoo.ops.nms")  # (the package exports the function nms)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """NMS works on small pieces: one thread is as fast, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small inputs: see conftest
 
 
 def reference_nms(boxes: torch.Tensor, scores: torch.Tensor, threshold: float) -> np.ndarray:

@@ -21,12 +21,7 @@ pytest.importorskip("onnxruntime")
 RUNTIMES = [b for b in (Backend.ONNXRUNTIME, Backend.OPENVINO) if b in installed_backends()]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small inputs: see conftest
 
 
 @pytest.fixture(scope="module")
