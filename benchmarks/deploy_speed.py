@@ -1,22 +1,30 @@
-"""CPU inference throughput: visionzoo's backends against plain PyTorch eager and plain ONNX Runtime.
+"""CPU inference throughput: visionzoo's default against OpenVINO's defaults, plain ONNX Runtime and PyTorch.
 
-    python benchmarks/deploy_speed.py [--models resnet50,...] [--batch 32] [--repeats 5] [--threads N]
+    python benchmarks/deploy_speed.py [--models efficientnet_lite0,...] [--batch 32] [--repeats 5] [--threads N]
 
 For each model, one process measures side by side (rounds interleaved, so that a machine
 that speeds up or slows down affects every contestant alike; median of the rounds):
-  eager        the model in PyTorch eager mode, `torch.no_grad()`, NCHW input: what a user writes;
+  vz default   what `visionzoo predict` runs with no backend or precision flags: `open_runner(model)`,
+               `auto` (the fastest installed backend and precision whose top-1 agrees with float32
+               PyTorch, measured once; its choice is printed);
+  openvino default  the same exported ONNX file compiled by OpenVINO with its own defaults
+               (`core.compile_model(file, "CPU")`: its automatic bfloat16 on CPUs that have it);
   plain ort    the model exported with `torch.onnx.export`, run by an ONNX Runtime session
                with default options and the same thread count;
-  vz torch     visionzoo's torch backend (BatchNorm folded, channels-last, inference mode);
-  vz onnxruntime / vz openvino   visionzoo's runtime backends (exported once, cached);
+  eager        the model in PyTorch eager mode, `torch.no_grad()`, NCHW input: what a user writes;
+  vz torch / vz onnxruntime / vz openvino   each visionzoo backend forced, in float32;
   vz int8 ort / vz int8 openvino  (models in --int8) the static int8 model from
                `visionzoo.quantize`, calibrated on augmented copies of real photos.
-It prints images/second at batch --batch, 224x224, float32, and the ratios the project
-claims: visionzoo's fastest float32 backend against plain ONNX Runtime (>= 1.0) and against
-eager (>= 1.3), and its fastest int8 backend against plain ONNX Runtime float32 (>= 2.0).
+It prints images/second at batch --batch, the top-1 agreement of the default and of
+OpenVINO's default with float32 PyTorch on `auto`'s check set (the packaged photos and
+augmented copies), and the ratios the project claims: the default against OpenVINO's
+default (>= 0.95, agreement >= 99.5%), the fastest float32 backend against plain ONNX
+Runtime (>= 1.0) and against eager (>= 1.3), the fastest int8 backend against plain ONNX
+Runtime float32 (>= 2.0).
 
 Speed does not depend on the weights' values: models without an offline checkpoint
-(everything but EfficientNet-Lite0-2 here) are timed with their random initialisation.
+(everything but EfficientNet-Lite0-2 here) are timed with their random initialisation (and
+their agreement is that of random weights, whose top-1 is rarely a near-tie).
 """
 from __future__ import annotations
 
@@ -36,11 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import visionzoo  # noqa: E402
 from tests.photos import write_augmented  # noqa: E402
 from visionzoo.data.loader import available_cpus  # noqa: E402
+from visionzoo.runtime.autotune import check_images  # noqa: E402
 from visionzoo.runtime.backends import open_runner  # noqa: E402
+from visionzoo.runtime.cache import exported_onnx  # noqa: E402
 from visionzoo.runtime.measure import describe_machine, interleaved_times  # noqa: E402
 from visionzoo.tasks.quantize import quantize  # noqa: E402
 
-MODELS = ("resnet50", "mobilenet_v3_large", "efficientnet_b0", "efficientnet_lite0")
+MODELS = ("efficientnet_lite0", "resnet50", "mobilenet_v3_large")
 INT8 = ("resnet50", "efficientnet_lite0")
 OFFLINE = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
@@ -61,6 +71,15 @@ def plain_ort(net: torch.nn.Module, x: torch.Tensor, folder: Path, threads: int)
     return lambda: session.run(None, {"input": data})
 
 
+def openvino_default(path: Path, x: torch.Tensor):
+    """What a user does with the exported file and OpenVINO: compile it with the defaults, infer."""
+    import openvino as ov
+
+    request = ov.Core().compile_model(str(path), "CPU").create_infer_request()
+    data = x.numpy()
+    return lambda: request.infer({0: data})[0]
+
+
 def contestants(name: str, x: torch.Tensor, folder: Path, threads: int, calibration: Path | None):
     net = visionzoo.create_model(name, weights="DEFAULT" if name in OFFLINE else None).eval()
 
@@ -68,16 +87,36 @@ def contestants(name: str, x: torch.Tensor, folder: Path, threads: int, calibrat
         with torch.no_grad():
             return net(x)
 
-    found = {"eager": eager, "plain ort": plain_ort(net, x, folder, threads)}
+    default = open_runner(net, threads=threads, batch_size=len(x))  # auto: measured once, cached
+    found = {"vz default": lambda: default.logits(x),
+             "openvino default": openvino_default(exported_onnx(net), x),
+             "plain ort": plain_ort(net, x, folder, threads), "eager": eager}
     for backend in ("torch", "onnxruntime", "openvino"):
-        runner = open_runner(net, backend, threads=threads)
+        runner = open_runner(net, backend, threads=threads, precision="fp32")
         found[f"vz {backend}"] = lambda r=runner: r.logits(x)
     if calibration is not None:
         q = quantize(net, calibration, folder / f"{name}.int8.onnx", num_images=200, check=False)
         for backend in ("onnxruntime", "openvino"):
             runner = open_runner(q.path, backend, threads=threads)
             found[f"vz int8 {backend}"] = lambda r=runner: r.logits(x)
-    return found
+    return net, default, found
+
+
+def agreements(net, default) -> tuple[float, float, str]:
+    """Top-1 agreement with float32 PyTorch (eager) of the default runner and of OpenVINO's default
+    compiled model, on auto's check set."""
+    import openvino as ov
+
+    batches, description = check_images(default.info, net)
+    compiled = ov.Core().compile_model(str(exported_onnx(net)), "CPU")
+    same_default = same_ov = total = 0
+    for images in batches:
+        with torch.no_grad():
+            expected = net(images).argmax(1)
+        same_default += int((default.logits(images).argmax(1) == expected).sum())
+        same_ov += int((torch.from_numpy(compiled(images.numpy())[0]).argmax(1) == expected).sum())
+        total += len(images)
+    return same_default / total, same_ov / total, description
 
 
 def measure(fns: dict, rounds: int) -> dict[str, float]:
@@ -99,8 +138,8 @@ def main() -> int:
     torch.set_num_threads(threads)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     print(f"machine: {describe_machine(threads)}")
-    print(f"batch {args.batch}, {args.size}x{args.size}, float32 unless int8; images/second, median of "
-          f"{args.repeats} interleaved rounds\n")
+    print(f"batch {args.batch}, {args.size}x{args.size}; images/second, median of {args.repeats} interleaved "
+          f"rounds\n")
     results, ok = {}, True
     int8_models = {m for m in args.int8.split(",") if m}
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,16 +152,24 @@ def main() -> int:
         for name in args.models.split(","):
             folder = tmp / name
             folder.mkdir()
-            fns = contestants(name, x, folder, threads, calibration if name in int8_models else None)
+            net, default, fns = contestants(name, x, folder, threads, calibration if name in int8_models else None)
             seconds = measure(fns, args.repeats)
             speed = {k: args.batch / s for k, s in seconds.items()}
-            results[name] = speed
+            agree_default, agree_ov, check_set = agreements(net, default)
+            results[name] = {"images_per_second": speed, "auto": default.choice.summary() if default.choice else None,
+                             "agreement": {"vz default": agree_default, "openvino default": agree_ov}}
             fp32 = {k: v for k, v in speed.items() if k.startswith("vz ") and "int8" not in k}
-            best = max(fp32, key=fp32.get)
-            print(f"{name}")
+            best = max((k for k in fp32 if k != "vz default"), key=fp32.get)
+            print(f"{name}: default = {default.backend.value} {default.precision.value}")
+            if default.choice is not None:
+                print(f"  {default.choice.summary()}")
             for k, v in speed.items():
                 print(f"  {k:<18} {v:8.1f} img/s")
-            checks = [(f"fastest float32 ({best}) / plain ort", fp32[best] / speed["plain ort"], 1.0),
+            print(f"  top-1 agreement with float32 PyTorch on {check_set}: vz default {agree_default:.1%}, "
+                  f"openvino default {agree_ov:.1%}")
+            checks = [("vz default / openvino default", speed["vz default"] / speed["openvino default"], 0.95),
+                      ("vz default top-1 agreement", agree_default, 0.995),
+                      (f"fastest float32 ({best}) / plain ort", fp32[best] / speed["plain ort"], 1.0),
                       (f"fastest float32 ({best}) / eager", fp32[best] / speed["eager"], 1.3)]
             int8 = {k: v for k, v in speed.items() if "int8" in k}
             if int8:
@@ -131,11 +178,12 @@ def main() -> int:
             for label, ratio, target in checks:
                 passed = ratio >= target
                 ok &= passed
-                print(f"  {label:<52} {ratio:5.2f}x  (target >= {target}: {'ok' if passed else 'MISSED'})")
+                print(f"  {label:<52} {ratio:5.3f}{'' if 'agreement' in label else 'x'}  "
+                      f"(target >= {target}: {'ok' if passed else 'MISSED'})")
             print(flush=True)
     if args.json:
         args.json.write_text(json.dumps({"machine": describe_machine(threads), "batch": args.batch,
-                                         "images_per_second": results}, indent=2))
+                                         "models": results}, indent=2))
     return 0 if ok else 1
 
 

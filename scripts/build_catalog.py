@@ -99,7 +99,10 @@ VIDEO_CLIPS = {
 }
 
 # Builder arguments implied by published task weights (torchvision's builders set them when loading).
-TASK_BUILDER_KWARGS: dict[tuple[str, str], dict] = {}
+TASK_BUILDER_KWARGS: dict[tuple[str, str], dict] = {
+    # torchvision's builder sets its FrozenBatchNorm2d eps to 0 after loading these (trained that way)
+    ("retinanet_resnet50_fpn", "COCO_V1"): {"frozen_bn_eps": 0.0},
+}
 
 
 def task_preprocess(p: dict, clips: tuple | None = None) -> dict:

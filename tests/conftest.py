@@ -26,11 +26,28 @@ def parity_outputs():
     return np.load(PARITY / "outputs.npz")
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a test module of small inputs: as fast as more threads, and much faster
+    on a busy machine (no threads spinning at barriers for a descheduled sibling). A module asks for
+    it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_torch_home(tmp_path_factory, monkeypatch):
-    """Never read or write the user's real weights cache from tests."""
+    """Never read or write the user's real weights cache from tests. `auto` does not measure
+    (`VISIONZOO_AUTOTUNE=0`: torch float32 for a model, as the rule says), since each model a test
+    builds would be measured anew: the tests of the measurement (test_autotune.py) switch it on."""
     home = tmp_path_factory.getbasetemp() / "torch_home"
     monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setenv("VISIONZOO_AUTOTUNE", "0")
+    monkeypatch.delenv("VISIONZOO_NATIVE_BF16", raising=False)
     import torch.hub
 
     monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)

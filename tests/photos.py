@@ -5,7 +5,9 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
+
+from visionzoo.data import samples
 
 # photographs of everyday scenes: a cat, a cup, people, a rocket, a motorbike, a cameraman
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg", "motorcycle_left.png", "grace_hopper.jpg",
@@ -29,19 +31,8 @@ def photos() -> list[Path]:
 
 
 def augment(img: Image.Image, rng: random.Random) -> Image.Image:
-    """A plausible other shot of the same scene: crop, flip, small rotation, light and colour changes."""
-    img = img.convert("RGB")
-    w, h = img.size
-    scale = rng.uniform(0.6, 1.0)
-    cw, ch = max(16, int(w * scale)), max(16, int(h * scale))
-    x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-    img = img.crop((x, y, x + cw, y + ch))
-    if rng.random() < 0.5:
-        img = ImageOps.mirror(img)
-    img = img.rotate(rng.uniform(-12, 12), resample=Image.Resampling.BILINEAR, expand=False)
-    img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.75, 1.25))
-    img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.75, 1.25))
-    return ImageEnhance.Color(img).enhance(rng.uniform(0.7, 1.3))
+    """A plausible other shot of the same scene (the package's own augmentation, on RGB)."""
+    return samples.augment(img.convert("RGB"), rng)
 
 
 def write_augmented(folder: Path, copies: int, seed: int = 0, *, originals: bool = True) -> list[Path]:

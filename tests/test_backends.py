@@ -14,8 +14,9 @@ from visionzoo.runtime.torch_opt import optimize_for_inference
 RUNTIMES = [b for b in (Backend.ONNXRUNTIME, Backend.OPENVINO) if b in installed_backends()]
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_lite0", "mobilenet_v3_small", "densenet121",
-                                  "convnext_tiny", "swin_t"])
+@pytest.mark.parametrize("arch", ["resnet18", "efficientnet_lite0", "mobilenet_v3_small",
+                                  *(pytest.param(a, marks=pytest.mark.slow)  # 19-32 s each on a loaded machine
+                                    for a in ("densenet121", "convnext_tiny", "swin_t"))])
 def test_folding_batchnorms_keeps_the_function(arch):
     torch.manual_seed(0)
     net = visionzoo.create_model(arch, weights=None).eval()
@@ -73,6 +74,7 @@ def test_runtime_runners_match_pytorch_on_any_batch_size(backend):
         runner(torch.zeros(1, 3, 200, 200))
 
 
+@pytest.mark.slow  # two exports: 50 s on a loaded machine
 def test_the_export_is_cached_and_keyed_on_the_weights(caplog):
     net = visionzoo.create_model("mobilenet_v3_small", weights=None, num_classes=3).eval()
     first = exported_onnx(net)

@@ -23,3 +23,16 @@ def test_memory_benchmark_lean_build_adds_almost_nothing(tmp_path):
     assert f["lean_mib"] - f["baseline_mib"] < 0.25 * f["file_mib"]
     assert f["lean_touched_mib"] - f["baseline_mib"] < 1.25 * f["file_mib"]
     assert f["naive_mib"] - f["baseline_mib"] > 1.5 * f["file_mib"]
+
+
+@pytest.mark.slow
+def test_hostile_inputs_benchmark_meets_issue_13s_acceptance():
+    """benchmarks/hostile_inputs.py on a small folder (the README's figures are for 1,000 images):
+    every good image predicted, every hostile file reported by name, exit code 3, peak memory
+    within 20% of the good-only run, each run under a 2 GB cap."""
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "hostile_inputs.py"), "--images", "30", "--json"],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode in (0, 1), proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["passed"], json.dumps(result, indent=2)
+    assert result["runs"]["mixed"]["predicted"] == 30 and result["hostile_files"] >= 10

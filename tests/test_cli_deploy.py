@@ -71,6 +71,7 @@ def test_export_onnx(capsys, lite0_onnx):
     assert info.arch == "efficientnet_lite0" and info.num_classes == 1000 and info.classes[967] == "espresso"
 
 
+@pytest.mark.slow  # 22 s on a loaded machine
 def test_export_torchscript_unverified(capsys, tmp_path):
     target = tmp_path / "lite0.ts"
     code, out, err = run(capsys, "export", "efficientnet_lite0", "-f", "torchscript", "-o", target, "--no-verify")
@@ -139,6 +140,7 @@ def test_embed_on_onnxruntime_matches_torch(capsys, tmp_path):
 
 # -- benchmark ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # 24-49 s on a loaded machine
 def test_benchmark_table_and_json(capsys, tmp_path):
     data = tmp_path / "data"
     for cls, src in (("espresso", COFFEE), ("tabby", CHELSEA)):
@@ -188,6 +190,7 @@ def test_benchmark_errors(capsys):
 
 # -- quantize ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # calibration and two runtimes: 79 s on a loaded machine
 def test_quantize_then_predict_with_the_int8_file(capsys, tmp_path, calibration_dir):
     target = tmp_path / "lite0.int8.onnx"
     code, out, err = run(capsys, "quantize", "efficientnet_lite0", "--calibration", calibration_dir, "--out",
@@ -233,6 +236,7 @@ def test_prune_refuses_what_is_not_a_bundle(capsys, tmp_path):
     assert code == cli.EXIT_ERROR and "not a bundle" in err
 
 
+@pytest.mark.slow  # 82 s on a loaded machine
 def test_prune_a_small_bundle_without_finetuning(capsys, tmp_path):
     from visionzoo import create_model, save_bundle
     from visionzoo.weights.records import Preprocess

@@ -20,7 +20,7 @@ import visionzoo
 from visionzoo import InputError
 from visionzoo.data import load_image
 from visionzoo.models.features import FeatureExtractor
-from visionzoo.tasks.embed import read_embeddings, sidecar_path
+from visionzoo.tasks.embed import read_embeddings, read_paths, sidecar_path
 
 from .photos import sample_image
 
@@ -29,13 +29,7 @@ PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycl
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small batches: one thread is as fast, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small inputs: see conftest
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +57,9 @@ def test_embed_npy_with_sidecar(model, few, tmp_path):
         ("bad.jpg", "not an image"), ("missing.png", "no such file or directory; check the path")]
     vectors = np.load(out)
     assert vectors.shape == (3, 1280) and vectors.dtype == np.float32
-    assert sidecar_path(out).read_text().splitlines() == result.paths
+    assert read_paths(sidecar_path(out)) == result.paths
     assert np.array_equal(result.vectors, vectors)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["emb.npy", "emb.paths.txt"]  # work folder removed
+    assert sorted(p.name for p in out.parent.iterdir()) == ["emb.npy", "emb.paths.jsonl"]  # work folder removed
 
     # the vectors are the pooled pre-logits of the preprocessed images
     x = torch.stack([model.preprocess.transforms()(load_image(p)) for p in result.paths])
@@ -115,6 +109,7 @@ def test_bad_arguments_fail_before_any_work(model, few, tmp_path):
     assert not list(tmp_path.glob("*.npy"))
 
 
+@pytest.mark.slow  # two embedding runs (48 s on a loaded machine)
 def test_changed_options_discard_partial_results(model, few, tmp_path):
     out = tmp_path / "emb.npy"
     work = tmp_path / ".emb.npy.embed-work"
@@ -201,3 +196,67 @@ def test_augmented_copies_retrieve_their_original(model, tmp_path):
     wrong = [(Path(q).name, Path(base.paths[j]).name) for q, j in zip(query.paths, nearest, strict=True)
              if Path(q).name.split(".")[0] != Path(base.paths[j]).stem]
     assert not wrong, wrong
+
+
+# -- hostile names and concurrent runs (issue 13) ----------------------------------------------------
+
+def test_any_file_name_survives_the_sidecar(model, tmp_path):
+    """A newline or U+2028 in a name used to shift every row after it; a name that is not UTF-8
+    stopped the whole run. Now every name comes back exactly, in row order."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    photo = sample_image("coffee.png").read_bytes()
+    names = ["new\nline.png", "sep\u2028arator.png", os.fsdecode(b"latin1-\xe9t\xe9.png"), "plain.png",
+             '"quoted", \\back.png']
+    for i, name in enumerate(names):
+        img = Image.open(io.BytesIO(photo)).convert("RGB").rotate(30 * i)  # distinct vectors
+        img.save(folder / name)
+    out = tmp_path / "emb.npy"
+    result = visionzoo.embed(folder, model, out=out, num_workers=0)
+    assert not result.failures and len(result) == len(names)
+    paths, vectors = read_embeddings(out)
+    assert paths == result.paths and sorted(Path(p).name for p in paths) == sorted(names)
+    assert sidecar_path(out).read_bytes().isascii() and len(sidecar_path(out).read_bytes().splitlines()) == len(names)
+    assert os.fsencode(next(p for p in paths if "latin1" in p)).endswith(b"latin1-\xe9t\xe9.png")
+    single = {p: visionzoo.embed([p], model, num_workers=0).vectors[0] for p in paths}
+    for p, v in zip(paths, vectors, strict=True):
+        assert np.allclose(v, single[p], atol=1e-4), p  # each row is its own file's vector
+
+    pytest.importorskip("pyarrow")
+    parquet = visionzoo.embed(folder, model, out=tmp_path / "emb.parquet", num_workers=0)
+    assert [Path(f.path).name for f in parquet.failures] == [os.fsdecode(b"latin1-\xe9t\xe9.png")]
+    assert "not valid UTF-8" in parquet.failures[0].reason and len(parquet) == len(names) - 1
+
+
+def test_old_sidecars_are_still_read(tmp_path):
+    out = tmp_path / "old.npy"
+    np.save(out, np.eye(2, dtype=np.float32))
+    (tmp_path / "old.paths.txt").write_text("a.png\nb.png\n")
+    paths, vectors = read_embeddings(out)
+    assert paths == ["a.png", "b.png"] and vectors.shape == (2, 2)
+
+
+def test_a_second_run_on_the_same_output_is_refused_and_the_first_is_intact(tmp_path):
+    """The issue's `embed many -o o.npy & embed many -o o.npy --normalize`: the first wrote 640
+    rows of which 544 were the second's. Now the second stops at once, naming the first."""
+    folder = tmp_path / "images"
+    _many_images(folder, 120)
+    out = tmp_path / "o.npy"
+    first = _embed_cli(folder, out)
+    work = tmp_path / ".o.npy.embed-work"
+    deadline = time.monotonic() + 300
+    while not list(work.glob("chunk-*.npz")) and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert first.poll() is None, "the first run ended before the second started"
+    second = subprocess.run([sys.executable, "-m", "visionzoo", "embed", str(folder), "--out", str(out),
+                             "--normalize", "--workers", "0"], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert second.returncode == 1 and "Traceback" not in second.stderr
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"pid {first.pid}" in lines[0] and "embed" in lines[0] and "--wait" in lines[0]
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 3, err  # img0003.jpg is broken
+    paths, vectors = read_embeddings(out)
+    assert len(paths) == len(vectors) == 119
+    assert not np.allclose(np.linalg.norm(vectors, axis=1), 1.0)  # its own vectors, not normalised ones
+    assert not work.exists() and not (tmp_path / ".o.npy.lock").exists()

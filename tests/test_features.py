@@ -14,14 +14,7 @@ from .subset import per_family
 ARCHS = visionzoo.list_models(task="classification")  # families merged later are covered without edits here
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny inputs: one thread is faster, and much faster on a busy machine (no threads spinning
-    at barriers for a descheduled sibling)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small inputs: see conftest
 
 
 def _input_size(arch: str) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 import visionzoo
+from visionzoo import cli
 from visionzoo.errors import InputError, TrainingError
 from visionzoo.tasks.prune import bundle_split
 from visionzoo.train.config import Strategy
@@ -33,12 +35,7 @@ from .cli_runner import run_cli as run
 SRC = Path(visionzoo.__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small inputs: see conftest
 
 
 def _env() -> dict[str, str]:
@@ -323,3 +320,56 @@ def test_bad_arguments_are_one_line_errors(digits_small, tmp_path, capsys):
     assert code == 1 and "val_fraction" in err
     code, out, err = run(capsys, "evaluate", tmp_path, digits_small)
     assert code == 1 and "not" in err
+
+
+# -- hostile data and a busy run folder (issue 13) --------------------------------------------------
+
+def test_images_over_the_decode_budget_are_left_out_and_listed(digits_small, tmp_path, capsys):
+    from .hostile import apng_frames, png
+
+    data = tmp_path / "digits"
+    shutil.copytree(digits_small, data)
+    (data / "3" / "deep.png").write_bytes(png(13_000, 13_000, 16, rows=1))  # 1 GB to decode
+    (data / "5" / "frames.png").write_bytes(apng_frames(2**31 - 1))
+    (data / "7" / "notes.png").write_text("not an image")
+    # trained on: only the area of each crop is resized, so no aspect ratio costs memory
+    (data / "9" / "wide.png").write_bytes(png(100_000, 1, fill=255))
+    code, out, err = run(capsys, "finetune", data, "--out", tmp_path / "run", "--strategy", "linear",
+                         "--image-size", "32", "--epochs", "1", "--workers", "0", "--quiet", "--json")
+    assert code == cli.EXIT_PARTIAL, err
+    failed = {Path(f["path"]).name: f["reason"] for f in json.loads(out)["failures"]}
+    assert sorted(failed) == ["deep.png", "frames.png", "notes.png"]
+    assert "memory limit" in failed["deep.png"] and "frame limit" in failed["frames.png"]
+    assert all(f"skipped {data}" in line for line in err.splitlines() if line.startswith("skipped"))
+    assert len([line for line in err.splitlines() if line.startswith("skipped")]) == 3
+    raised = visionzoo.finetune(data, tmp_path / "run2", strategy="linear", image_size=32, epochs=1,
+                                progress=False, num_workers=0, limits="frames=none")
+    assert sorted(Path(f.path).name for f in raised.failures) == ["deep.png", "notes.png"]
+
+
+def test_a_class_left_without_usable_images_is_refused(digits_small, tmp_path):
+    """The class check runs again on what is left once the unusable images are left out."""
+    data = tmp_path / "digits"
+    shutil.copytree(digits_small, data)
+    for image in (data / "3").iterdir():
+        image.write_text("not an image")
+    with pytest.raises(InputError, match="no training images for class 3"):
+        visionzoo.finetune(data, tmp_path / "run", strategy="linear", image_size=32, epochs=1, progress=False,
+                           num_workers=0)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_in_use_is_refused_before_any_work(digits_small, tmp_path):
+    from visionzoo.errors import OutputBusyError
+
+    from .hostile import hold
+
+    holder = hold(tmp_path / "run", 120)
+    try:
+        started = time.monotonic()
+        with pytest.raises(OutputBusyError, match=f"pid {holder.pid}"):
+            visionzoo.finetune(digits_small, tmp_path / "run", strategy="linear", epochs=1, progress=False)
+        assert time.monotonic() - started < 10 and not (tmp_path / "run").exists()
+    finally:
+        holder.kill()
+        holder.wait()

@@ -2,6 +2,7 @@
 input discovery."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,57 @@ def test_fast_path_keeps_the_exact_geometry_in_every_orientation(tmp_path, orien
     assert float((fast - exact).abs().mean()) < 0.003
     # a cropped copy no longer matches its draft geometry and is preprocessed as a plain image
     assert draft_info(reduced.crop((0, 0, 1000, 900))) is None
+
+
+# -- folder walks and symbolic links (issue 13) -------------------------------------------------
+
+@pytest.fixture
+def linked(tmp_path):
+    """A tree with two links that loop (`sub/up -> ..`, `sub/deeper/top -> ../..`), a second name for
+    a folder (`alias -> sub`), a link out of the tree and a broken link."""
+    root = tmp_path / "root"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for p in (root / "a.png", root / "sub" / "b.png", root / "sub" / "deeper" / "c.png", outside / "d.png"):
+        p.write_bytes(b"x")
+    (root / "sub" / "up").symlink_to("..")
+    (root / "sub" / "deeper" / "top").symlink_to("../..")
+    (root / "alias").symlink_to("sub")
+    (root / "elsewhere").symlink_to(outside)
+    (root / "broken").symlink_to("nowhere")
+    return root
+
+
+def test_folder_walks_follow_each_linked_folder_once_and_report_loops(linked):
+    files, failures = expand_inputs([linked])
+    assert sorted(str(p.relative_to(linked)) for p in files) == [
+        "a.png", "elsewhere/d.png", "sub/b.png", "sub/deeper/c.png"]  # each image once, under its own path
+    assert sorted((Path(f.path).relative_to(linked).as_posix(), f.reason.split(" (")[0]) for f in failures) == [
+        ("sub/deeper/top", "symbolic link loop"), ("sub/up", "symbolic link loop")]
+    assert f"leads back to {linked}" in failures[0].reason
+
+
+def test_globs_span_folders_without_looping(linked):
+    files, failures = expand_inputs([str(linked / "**" / "*.png")])
+    assert sorted(str(p.relative_to(linked)) for p in files) == [
+        "a.png", "elsewhere/d.png", "sub/b.png", "sub/deeper/c.png"]
+    assert len(failures) == 2 and all("symbolic link loop" in f.reason for f in failures)
+    files, _ = expand_inputs([str(linked / "sub" / "*.png")])
+    assert [p.name for p in files] == ["b.png"]
+
+
+def test_predict_reports_a_loop_once_under_2gb(tmp_path):
+    """`sub/loop -> ..` made predict run the same image 41 times; two such links never ended."""
+    from .hostile import one_line_errors, run_limited
+
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    photo().save(root / "coffee.png")
+    (root / "sub" / "loop").symlink_to("..")
+    (root / "sub" / "loop2").symlink_to("..")
+    run = run_limited("predict", root, "--format", "jsonl", "--workers", "0", timeout=300)
+    assert run.returncode == 3, run.stderr[-2000:]
+    assert [json.loads(line)["path"] for line in run.stdout.splitlines()] == [str(root / "coffee.png")]
+    loops = [line for line in one_line_errors(run.stderr) if line.startswith("skipped")]
+    assert len(loops) == 2 and all(str(root / "sub") in line for line in loops)

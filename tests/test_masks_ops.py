@@ -17,14 +17,7 @@ masks_module = importlib.import_module("visionzoo.ops.masks")
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: one thread is faster, and much faster on a busy machine (no thread waiting
-    at a barrier for a descheduled sibling)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small inputs: see conftest
 
 
 def reference_paste(masks: torch.Tensor, boxes: torch.Tensor, img_shape: tuple[int, int], padding: int = 1):

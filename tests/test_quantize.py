@@ -3,6 +3,7 @@ bundle keeps its accuracy, linear-heavy networks are quantized dynamically."""
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,10 +12,12 @@ import torch
 import visionzoo
 from visionzoo.errors import InputError
 from visionzoo.runtime.backends import Backend, installed_backends, open_runner
+from visionzoo.runtime.machine import int8_saturates
 from visionzoo.runtime.measure import accuracy, load_labelled
 from visionzoo.tasks.prune import bundle_split
 from visionzoo.tasks.quantize import QuantMode, predictions, quantize
 
+from .hostile import png
 from .photos import write_augmented
 
 pytest.importorskip("onnxruntime")
@@ -33,7 +36,8 @@ def lite0_int8(tmp_path_factory):
 def test_static_quantization_keeps_the_top1_on_real_photos(lite0_int8, tmp_path):
     result = lite0_int8
     assert result.mode is QuantMode.STATIC and result.calibration_images == 140
-    assert result.info.precision == "int8" and result.info.quantization["weights"] == "int8 symmetric, per channel"
+    assert result.info.precision == "int8" and result.info.quantization["weights"] == (
+        "uint8 asymmetric, per channel (this CPU has no VNNI)" if int8_saturates() else "int8 symmetric, per channel")
     assert result.size_int8 < result.size_fp32 / 3
     # other shots of the same scenes than the calibration ones: the originals and new augmentations
     files = write_augmented(tmp_path / "eval", copies=15, seed=7)
@@ -65,8 +69,11 @@ def test_a_finetuned_bundle_loses_at_most_one_point(digits_bundle, tmp_path):
         int8 = accuracy(open_runner(result.path, backend).logits, images, labels)
         print(f"digits: float32 {fp32:.2%}, int8 on {backend.value} {int8:.2%} ({len(labels)} images)")
         # at most 1 point lost on the default backend; ONNX Runtime's int8 kernels lose up to
-        # about 1.5 points on this model (measured over several digits bundles)
-        assert int8 >= fp32 - (0.01 if backend is default else 0.02)
+        # about 1.5 points on this model (measured over several digits bundles). On x86 without
+        # VNNI the weights are uint8 (int8 ones saturate there): measured -1.8 (OpenVINO) and
+        # -2.0 points (ONNX Runtime) on an AVX2 CPU, so the bound there is 2.5 points
+        allowed = 0.025 if int8_saturates() else 0.01 if backend is default else 0.02
+        assert int8 >= fp32 - allowed
     assert result.info.classes == tuple(info.classes)
 
 
@@ -104,7 +111,13 @@ def test_unreadable_calibration_images_are_reported_not_fatal(tmp_path):
     folder = tmp_path / "cal"
     write_augmented(folder, copies=2, seed=3, originals=False)
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    (folder / "wide.png").write_bytes(png(100_000, 1))  # over the decode budget (issue 13)
+    # what a quantization killed before its end leaves: removed by the next run on the same output
+    (tmp_path / ".q.onnx.quantize-abc.part").mkdir()
+    (tmp_path / ".q.onnx.quantize-abc.part" / "prepared.onnx").write_bytes(b"half a graph")
     result = quantize("efficientnet_lite0", folder, tmp_path / "q.onnx", check=False)
     assert result.calibration_images == len(list(folder.glob("*_aug*.jpg")))
-    assert [str(f[0]).endswith("broken.jpg") for f in result.failures] == [True]
+    assert sorted(Path(f.path).name for f in result.failures) == ["broken.jpg", "wide.png"]
+    assert "resize limit" in next(f.reason for f in result.failures if f.path.endswith("wide.png"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal", "q.onnx"]
     assert np.isfinite(open_runner(result.path, "onnxruntime")(torch.zeros(1, 3, 224, 224))[0]).all()

@@ -25,14 +25,7 @@ from visionzoo.models.segmentation import (
     segmentation_model,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small inputs on a shared machine: one thread is faster (no sibling spinning at barriers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small inputs: see conftest
 
 
 def published(name: str, **kwargs) -> SegmentationModel:

@@ -23,14 +23,7 @@ def fixtures():
         yield dict(inputs), {k: v for k, v in outputs.items() if k.split("/")[0] in _CASES}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Big float64 convolutions on a shared 2-core machine: one thread avoids the second one
-    spinning at barriers while descheduled (the elementwise layers slowed 10x)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small inputs: see conftest
 
 
 def test_cases_and_variants_cover_each_other():

@@ -122,7 +122,7 @@ def test_warmup_then_cosine_schedule():
 
 
 def test_config_validation():
-    with pytest.raises(InputError, match="strategy must be one of"):
+    with pytest.raises(InputError, match="unknown strategy .everything.; use one of: linear, partial, full, auto"):
         FinetuneConfig(strategy="everything")
     with pytest.raises(InputError, match="val_fraction"):
         FinetuneConfig(val_fraction=1.5)

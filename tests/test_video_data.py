@@ -219,6 +219,20 @@ def test_embed_videos_is_the_mean_of_the_clip_embeddings(small_video_model, vide
     assert stage.vectors.shape == (1, 256)
 
 
+def test_decode_limits_apply_to_each_frame_of_a_video(small_video_model, video_folder):
+    from visionzoo.data.images import DecodeLimits
+    from visionzoo.tasks.predict import predict
+
+    one = video_folder / "one.mp4"  # 64 x 48 frames: 3,072 pixels
+    with pytest.raises(VideoError, match="over the limit of 3,000"):
+        list(read_clips(one, SMALL, limits=DecodeLimits(max_pixels=3000)))
+    with pytest.raises(VideoError, match="bytes"):
+        list(read_clips(one, SMALL, limits=DecodeLimits(max_bytes=10_000)))
+    assert len(list(read_clips(one, SMALL, clips=1, limits=DecodeLimits(max_pixels=3072)))) == 1
+    results = predict([one], small_video_model, clips=1, num_workers=0, limits=DecodeLimits(max_pixels=3000))
+    assert len(results) == 1 and "3,072 pixels" in results[0].reason and results[0].path == str(one)
+
+
 def test_a_folder_mixing_videos_and_images_is_refused_for_a_video_model(small_video_model, tmp_path):
     from PIL import Image
 
@@ -226,7 +240,7 @@ def test_a_folder_mixing_videos_and_images_is_refused_for_a_video_model(small_vi
 
     V.write_video(tmp_path / "clip.mp4", frames=10, size=(64, 48))
     Image.new("RGB", (16, 16)).save(tmp_path / "photo.png")
-    with pytest.raises(InputError, match="mixes video files .* with image files"):
+    with pytest.raises(InputError, match="mixes image files .* and video files .*separate folders"):
         predict([tmp_path], small_video_model, num_workers=0)
 
 

@@ -36,26 +36,35 @@ def test_video_classifier_exports_and_runs_in_onnx_runtime(tmp_path):
     assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-def test_raft_exports_for_one_frame_size_and_matches_pytorch(tmp_path):
+def test_raft_exports_for_one_frame_size_and_matches_pytorch(tmp_path, monkeypatch):
     import visionzoo
-    from visionzoo.runtime.export import ExportFormat, ExportResult, read_onnx_info
-    from visionzoo.runtime.task_export import describe_export, export_task_onnx
+    from visionzoo.runtime import graphs
+    from visionzoo.runtime.export import describe, read_onnx_info
 
+    monkeypatch.setattr(graphs, "FLOW_UPDATES", 2)  # the graph unrolls every iteration: 2 export in seconds
     model = fill_(visionzoo.create_model("raft_small"), 0).eval()
-    result = export_task_onnx(model, tmp_path / "raft.onnx", flow_size=(128, 136), updates=2)
-    assert result.inputs == {"image1": ("batch", 3, 128, 136), "image2": ("batch", 3, 128, 136)}
+    result = visionzoo.export_model(model, "onnx", tmp_path / "raft.onnx", input_size=128)
     assert result.max_rel_diff["flow"] < 1e-4
+    info = read_onnx_info(result.path)
+    assert info.task.value == "optical_flow" and info.preprocess.resize_hw == (128, 128)
     session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    assert [i.shape for i in session.get_inputs()] == [["batch", 3, 128, 128]] * 2
     g = torch.Generator().manual_seed(3)
-    a, b = (torch.rand(1, 3, 128, 136, generator=g) * 2 - 1 for _ in range(2))
+    a, b = (torch.rand(1, 3, 128, 128, generator=g) * 2 - 1 for _ in range(2))
     (flow,) = session.run(["flow"], {"image1": a.numpy(), "image2": b.numpy()})
     with torch.inference_mode():
         expected = model(a, b, num_flow_updates=2, all_estimates=False)[-1].numpy()
-    assert flow.shape == (1, 2, 128, 136) and np.abs(flow - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert flow.shape == (1, 2, 128, 128) and np.abs(flow - expected).max() <= 1e-4 * np.abs(expected).max()
     with pytest.raises(InputError, match="multiples of 8"):
-        export_task_onnx(model, tmp_path / "bad.onnx", flow_size=(130, 160))
-    text = describe_export(ExportResult(result.path, ExportFormat.ONNX, read_onnx_info(result.path),
-                                        result.max_rel_diff, "torch.onnx"))
-    assert "image1 N x 3 x 128 x 136" in text and "verified" in text
-    with pytest.raises(InputError, match="exports to ONNX"):
-        visionzoo.export_model(model, "torchscript", tmp_path / "raft.pt")
+        visionzoo.export_model(model, "onnx", tmp_path / "bad.onnx", input_size=130)
+    text = describe(result)
+    assert "N x 3 x 128 x 128" in text and "verified" in text
+
+
+def test_video_export_refuses_another_input_size(tmp_path):
+    import visionzoo
+
+    model = fill_(visionzoo.create_model("r3d_18", num_classes=3), 0).eval()
+    model.card = model.card.replace(preprocess=SMALL, classes=("a", "b", "c"))
+    with pytest.raises(InputError, match="clip"):
+        visionzoo.export_model(model, "onnx", tmp_path / "r3d.onnx", input_size=64)

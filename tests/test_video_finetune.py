@@ -109,10 +109,12 @@ def test_video_fine_tuning_mechanics(small_start, tmp_path, capsys):
     assert '"num_images": 8' in out
     code, out, err = run_cli(capsys, "predict", small / "left", "--model", result.bundle, "--format", "jsonl")
     assert code == 0 and len(out.strip().splitlines()) == 4, err
-    with pytest.raises(InputError, match="image classifier and the data are videos"):
+    with pytest.raises(InputError, match="classification model and the data are videos"):
         visionzoo.finetune(small, out=tmp_path / "wrong", model="efficientnet_lite0", strategy="linear", epochs=1,
                            num_workers=0, progress=False)
-    V.corrupt(small / "left" / "broken.mp4")
-    with pytest.raises(InputError, match="unreadable video.*broken.mp4"):
-        visionzoo.finetune(small, out=tmp_path / "broken", model=str(small_start), strategy="linear", epochs=1,
-                           num_workers=0, progress=False)
+    V.corrupt(small / "left" / "broken.mp4")  # left out and listed, as an unreadable image is
+    result = visionzoo.finetune(small, out=tmp_path / "broken", model=str(small_start), strategy="linear", epochs=1,
+                                num_workers=0, progress=False, clip_len=4)
+    assert [(f.path.rsplit("/", 1)[-1], "not a readable video" in f.reason) for f in result.failures] == [
+        ("broken.mp4", True)]
+    assert len(result.classes) == 2

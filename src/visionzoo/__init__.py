@@ -5,6 +5,7 @@
     model = visionzoo.create_model("efficientnet_lite0", pretrained=True)
     preds = visionzoo.predict(["photo.jpg"])
     emb = visionzoo.embed(["photos/"], out="photos.npy")
+    masks = visionzoo.segment(["photos/"], out="masks/")
 
 The workflows (`predict`, `embed`, `finetune`, ...) are imported on first use, so that
 `import visionzoo` stays light.
@@ -40,9 +41,11 @@ get_weights = REGISTRY.get_weights
 _LAZY = {
     "predict": "visionzoo.tasks.predict",
     "embed": "visionzoo.tasks.embed",
+    "detect": "visionzoo.tasks.detect",
+    "segment": "visionzoo.tasks.segment",
     "finetune": "visionzoo.tasks.finetune",
     "evaluate": "visionzoo.tasks.evaluate",
-    "export_model": "visionzoo.runtime.task_export",
+    "export_model": "visionzoo.runtime.export",
     "open_runner": "visionzoo.runtime.backends",
     "InferenceOptions": "visionzoo.runtime.options",
     "quantize": "visionzoo.tasks.quantize",
@@ -69,7 +72,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "DEFAULT_MODEL", "REGISTRY", "CheckpointError", "CheckpointReport", "ImageError", "InferenceOptions", "InputError",
     "LoadReport", "ModelCard", "Preprocess", "Task", "UnknownModelError", "UnknownWeightsError", "VisionZooError",
-    "Weights", "WeightsUnavailableError", "__version__", "benchmark", "create_model", "embed", "evaluate",
+    "Weights", "WeightsUnavailableError", "__version__", "benchmark", "create_model", "detect", "embed", "evaluate",
     "export_model", "finetune", "get_weights", "inspect_checkpoint", "list_models", "list_weights", "load_bundle",
     "load_weights", "open_runner", "predict", "prune", "quantize", "read_bundle", "resolve_model", "save_bundle",
+    "segment",
 ]

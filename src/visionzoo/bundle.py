@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from enum import Enum
@@ -33,7 +34,7 @@ import torch
 
 from .data.preprocess import Preprocess
 from .errors import CheckpointError, InputError
-from .fileutil import sha256_file
+from .fileutil import apply_umask, sha256_file
 from .models.base import VisionModel
 from .version import __version__
 from .weights.io import save_state_dict
@@ -119,6 +120,7 @@ def save_bundle(model: torch.nn.Module, out: str | os.PathLike, *, classes: Sequ
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
     try:
+        apply_umask(tmp)  # mkdtemp makes it private (0700); a bundle folder is like any other folder
         weights = save_state_dict(model.state_dict(), tmp / WEIGHTS_FILE,
                                   metadata={"format": "pt", "architecture": arch})
         meta = {
@@ -173,31 +175,168 @@ def _swap_in(tmp: Path, final: Path) -> None:
 
 
 def read_bundle(path: str | os.PathLike) -> BundleInfo:
-    """Read `bundle.json` (not the weights) of the bundle at `path` (or of a run folder)."""
+    """Read `bundle.json` (not the weights) of the bundle at `path` (or of a run folder).
+
+    Every field is checked against the format (`_SCHEMA`): a file that breaks it is one
+    `CheckpointError` naming the field, never a traceback or a model built from nonsense.
+    """
     folder = find_bundle(path)
     if folder is None:
         raise InputError(f"{path} is not a bundle (no {BUNDLE_JSON}); give a folder written by "
                          f"`visionzoo finetune` or save_bundle")
+    source = folder / BUNDLE_JSON
     try:
-        meta = json.loads((folder / BUNDLE_JSON).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{folder / BUNDLE_JSON} cannot be read ({e}); write the bundle again") from None
+        if source.stat().st_size > MAX_JSON_BYTES:
+            raise CheckpointError(f"{source} is {source.stat().st_size:,} bytes, more than a bundle description "
+                                  f"can be ({MAX_JSON_BYTES:,}); write the bundle again")
+        meta = json.loads(source.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{source} cannot be read ({str(e).splitlines()[0][:200]}); write the bundle "
+                              f"again") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{folder / BUNDLE_JSON} is not a visionzoo bundle description")
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-        raise CheckpointError(f"{folder} was written by a newer visionzoo (bundle format "
-                              f"{meta['format_version']}); upgrade visionzoo to read it")
+        raise CheckpointError(f"{source} is not a visionzoo bundle description")
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise CheckpointError(f"{source}: field 'format_version' must be an integer, got {_shown(version)}; write "
+                              f"the bundle again")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{folder} was written by a newer visionzoo (bundle format {version}); upgrade "
+                              f"visionzoo to read it")
+    for name, (check, required) in _SCHEMA.items():
+        if name not in meta:
+            if required:
+                raise CheckpointError(f"{source} lacks the field '{name}'; write the bundle again")
+            continue
+        problem = check(meta[name])
+        if problem:
+            raise CheckpointError(f"{source}: field '{name}' {problem}, got {_shown(meta[name])}; write the bundle "
+                                  f"again")
+    if "num_classes" in meta and meta["num_classes"] != len(meta["classes"]):
+        raise CheckpointError(f"{source}: field 'num_classes' is {meta['num_classes']} but 'classes' names "
+                              f"{len(meta['classes'])}; write the bundle again")
     try:
-        return BundleInfo(
-            path=folder, architecture=meta["architecture"], classes=tuple(meta["classes"]),
-            preprocess=Preprocess.from_dict(meta["preprocess"]), builder_kwargs=meta.get("builder_kwargs") or {},
-            base_weights=meta.get("base_weights"), training=meta.get("training") or {},
-            metrics=meta.get("metrics") or {}, history=tuple(meta.get("history") or ()),
-            visionzoo_version=meta.get("visionzoo_version", ""), created=meta.get("created", ""),
-            weights_sha256=meta.get("weights_sha256"), structure=meta.get("structure") or {})
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{folder / BUNDLE_JSON} lacks or garbles a field ({e}); write the bundle again") \
-            from None
+        preprocess = Preprocess.from_dict(meta["preprocess"])
+    except InputError as e:
+        raise CheckpointError(f"{source}: field 'preprocess': {e}; write the bundle again") from None
+    return BundleInfo(
+        path=folder, architecture=meta["architecture"], classes=tuple(meta["classes"]), preprocess=preprocess,
+        builder_kwargs=meta.get("builder_kwargs") or {}, base_weights=meta.get("base_weights"),
+        training=meta.get("training") or {}, metrics=meta.get("metrics") or {},
+        history=tuple(meta.get("history") or ()), visionzoo_version=meta.get("visionzoo_version", ""),
+        created=meta.get("created", ""), weights_sha256=meta.get("weights_sha256"),
+        structure=meta.get("structure") or {})
+
+
+# -- the schema of bundle.json: field -> (check returning what is wrong or None, required) ---------------
+
+MAX_JSON_BYTES = 64 << 20  # a description with a million class names fits in a few MB
+MAX_CLASSES = 1_000_000
+MAX_CHANNELS = 1 << 20  # channel counts of a (pruned) layer
+MAX_BUILDER_INT = 4096  # integer builder arguments: image sizes, input channels
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _is_int(v: Any, low: int, high: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
+
+
+def _text(v: Any) -> str | None:
+    return None if isinstance(v, str) else "must be a string"
+
+
+def _name(v: Any) -> str | None:
+    return None if isinstance(v, str) and v.strip() else "must be a non-empty string"
+
+
+def _optional_text(v: Any) -> str | None:
+    return None if v is None or isinstance(v, str) else "must be a string or null"
+
+
+def _object(v: Any) -> str | None:
+    return None if isinstance(v, dict) else "must be an object"
+
+
+def _classes(v: Any) -> str | None:
+    if not isinstance(v, list) or not 1 <= len(v) <= MAX_CLASSES or not all(isinstance(c, str) for c in v):
+        return f"must be a list of 1 to {MAX_CLASSES:,} class names (strings)"
+    return None
+
+
+def _count(v: Any) -> str | None:
+    return None if _is_int(v, 1, MAX_CLASSES) else f"must be an integer from 1 to {MAX_CLASSES:,}"
+
+
+def _history(v: Any) -> str | None:
+    return None if isinstance(v, list) and all(isinstance(h, dict) for h in v) else "must be a list of objects"
+
+
+def _sha256(v: Any) -> str | None:
+    if v is None or (isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)):
+        return None
+    return "must be 64 lowercase hexadecimal digits or null"
+
+
+def _weights_file(v: Any) -> str | None:
+    return None if v == WEIGHTS_FILE else f"must be {WEIGHTS_FILE!r}"
+
+
+def _builder_kwargs(v: Any) -> str | None:
+    """Plain values only; whether the architecture takes them is checked when it is built."""
+    if not isinstance(v, dict):
+        return "must be an object of argument names and values"
+    for key, value in v.items():
+        ok = (isinstance(value, (bool, str)) or value is None or _is_int(value, 0, MAX_BUILDER_INT)
+              or (isinstance(value, float) and math.isfinite(value)))
+        if not ok:
+            return (f"must hold booleans, strings, finite numbers or integers from 0 to {MAX_BUILDER_INT} "
+                    f"(argument {key!r})")
+    return None
+
+
+def _structure_field(v: Any) -> str | None:
+    from .models.structure import CHANNEL_ATTRS
+
+    if not isinstance(v, dict):
+        return "must be an object"
+    modules = v.get("modules", {})
+    if not isinstance(modules, dict):
+        return "must hold 'modules' as an object of layer names"
+    for layer, attrs in modules.items():
+        if not isinstance(attrs, dict):
+            return f"must give the layer {layer!r} an object of channel counts"
+        for attr, value in attrs.items():
+            values = value if isinstance(value, list) else [value]
+            if attr not in CHANNEL_ATTRS or not values or not all(_is_int(x, 1, MAX_CHANNELS) for x in values):
+                return (f"must give layer {layer!r} channel attributes ({', '.join(CHANNEL_ATTRS)}) of integers "
+                        f"from 1 to {MAX_CHANNELS:,}; {attr!r} is not")
+    if "num_features" in v and not _is_int(v["num_features"], 1, MAX_CHANNELS):
+        return f"must hold 'num_features' as an integer from 1 to {MAX_CHANNELS:,}"
+    chs = v.get("feature_chs", [])
+    if not isinstance(chs, list) or not all(_is_int(c, 1, MAX_CHANNELS) for c in chs):
+        return f"must hold 'feature_chs' as a list of integers from 1 to {MAX_CHANNELS:,}"
+    return None
+
+
+_SCHEMA: dict[str, tuple[Callable[[Any], str | None], bool]] = {
+    "architecture": (_name, True),
+    "classes": (_classes, True),
+    "preprocess": (_object, True),
+    "num_classes": (_count, False),
+    "builder_kwargs": (_builder_kwargs, False),
+    "base_weights": (_optional_text, False),
+    "weights_file": (_weights_file, False),
+    "weights_sha256": (_sha256, False),
+    "training": (_object, False),
+    "metrics": (_object, False),
+    "history": (_history, False),
+    "visionzoo_version": (_text, False),
+    "created": (_text, False),
+    "structure": (_structure_field, False),
+}
 
 
 def verify_bundle_weights(info: BundleInfo) -> None:

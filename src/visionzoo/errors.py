@@ -53,6 +53,10 @@ class MissingDependencyError(VisionZooError, ImportError):
     """An optional package a feature needs is not installed; the message names the extra to install."""
 
 
+class OutputBusyError(VisionZooError):
+    """An output that another run is writing (it holds the output's lock); the message names that run."""
+
+
 class ExportError(VisionZooError):
     """An exported model that cannot be written or does not reproduce the PyTorch model's outputs."""
 

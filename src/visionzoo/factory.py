@@ -11,17 +11,18 @@ classes and preprocessing.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .bundle import BundleInfo, find_bundle, read_bundle, verify_bundle_weights
 from .card import ModelCard
 from .data.preprocess import Preprocess
 from .enums import Task
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, VisionZooError
 from .models.base import VisionModel, ZooModel
 from .registry import REGISTRY, Architecture, split_name
 from .weights import hub
@@ -68,6 +69,7 @@ def create_model(name: str | os.PathLike, weights: WeightsArg = None, num_classe
     if out_indices is not None and not features_only:
         raise InputError("out_indices selects feature maps; pass features_only=True with it")
     _check_num_classes(num_classes)
+    _check_in_chans(kwargs.get("in_chans"))
     bundle, expect_arch = _bundle_arg(name, weights)
     if bundle is not None:
         model = load_bundle(bundle, num_classes, expect_arch=expect_arch, **kwargs)
@@ -91,7 +93,8 @@ def resolve_model(model: str | os.PathLike | VisionModel) -> VisionModel:
         if find_bundle(text) is not None:
             return load_bundle(text)
         _, tag = split_name(text)
-        return create_model(text, weights=None if tag else "DEFAULT")
+        # without features_only, create_model returns the model itself
+        return cast(VisionModel, create_model(text, weights=None if tag else "DEFAULT"))
     raise InputError(f"model must be a name, a bundle folder or a visionzoo model, got {type(model).__name__}")
 
 
@@ -112,14 +115,36 @@ def load_bundle(path: str | os.PathLike, num_classes: int | None = None, *, expe
                          f"pass the bundle as the model name instead")
     if verify:
         verify_bundle_weights(info)
+    arch = REGISTRY.get_architecture(info.architecture)
+    _check_builder_kwargs(arch, info.builder_kwargs, info.path)
     build_kwargs = {**info.builder_kwargs, **kwargs}
-    if info.structure:
-        model = _load_restructured(info, build_kwargs)
-    else:
-        model = _build(REGISTRY.get_architecture(info.architecture), info.weights_path, None, kwargs=build_kwargs)
+    try:
+        _check_in_chans(build_kwargs.get("in_chans"))
+        if info.structure:
+            model = _load_restructured(info, build_kwargs)
+        else:
+            model = _build(arch, info.weights_path, None, kwargs=build_kwargs)
+    except (TypeError, ValueError, AttributeError, RuntimeError, ArithmeticError, LookupError) as e:
+        # a bundle is data: whatever it makes the builder trip over is the bundle's fault, in one line
+        if isinstance(e, InputError):
+            raise CheckpointError(f"bundle {info.path}: {e}; write the bundle again") from None
+        if isinstance(e, VisionZooError):
+            raise
+        raise CheckpointError(f"bundle {info.path}: its architecture cannot be built from bundle.json "
+                              f"({_one_line(e)}); write the bundle again") from None
     if model.num_classes != info.num_classes:
         raise CheckpointError(f"bundle {info.path}: the weights have {model.num_classes} outputs but "
                               f"bundle.json names {info.num_classes} classes; write the bundle again")
+    smallest = max(arch.default_weights.min_size) if arch.default_weights is not None else 1
+    size = (model.image_size if isinstance(model, ZooModel) else None) or info.preprocess.crop_size
+    if size is None and isinstance(model, ZooModel):
+        raise CheckpointError(f"bundle {info.path}: its preprocessing has no crop_size, but {arch.name} takes "
+                              f"images of one size; write the bundle again")
+    if size is not None and size < smallest:
+        raise CheckpointError(f"bundle {info.path}: its crop of {info.preprocess.crop_size} pixels is smaller than "
+                              f"{arch.name} takes ({smallest}); write the bundle again")
+    if info.structure:
+        _check_runs(model, info)
     model.card = ModelCard(task=model.task, architecture=info.architecture, preprocess=info.preprocess,
                            classes=info.classes, source=str(info.path), bundle=info,
                            builder_kwargs=_recordable(build_kwargs))
@@ -134,6 +159,11 @@ def _check_num_classes(num_classes: object) -> None:
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or num_classes < 0):
         raise InputError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+
+
+def _check_in_chans(in_chans: object) -> None:
+    if in_chans is not None and (isinstance(in_chans, bool) or not isinstance(in_chans, int) or in_chans < 1):
+        raise InputError(f"in_chans must be an integer >= 1, got {in_chans!r}")
 
 
 def _architecture_and_weights(name: str, weights: WeightsArg, pretrained: bool) -> tuple[Architecture, WeightsArg]:
@@ -241,7 +271,10 @@ def _composition(arch: Architecture, kwargs: dict[str, Any], *, with_checkpoint:
 
 
 def _head_preprocess(arch: Architecture, backbone: Preprocess) -> Preprocess:
-    """A composed head's recipe with its backbone weights' normalisation (and interpolation)."""
+    """A composed head's recipe with its backbone weights' normalisation (and interpolation); a detector's
+    recipe is kept as it is (it only scales to [0, 1]: the detector normalises with the backbone's values)."""
+    if arch.default_preprocess.kind == "ObjectDetection":
+        return arch.default_preprocess
     return dataclasses.replace(arch.default_preprocess, mean=backbone.mean, std=backbone.std,
                                interpolation=backbone.interpolation)
 
@@ -300,7 +333,7 @@ def _resolve_weights(arch: Architecture, weights: WeightsArg, progress: bool
     return record, read_checkpoint(path), str(path)
 
 
-def _bundle_arg(name: object, weights: WeightsArg) -> tuple[str | os.PathLike | None, str | None]:
+def _bundle_arg(name: str | os.PathLike, weights: WeightsArg) -> tuple[str | os.PathLike | None, str | None]:
     """(bundle folder, architecture it must hold) for `create_model(bundle)` or
     `create_model(arch, weights=bundle)`; (None, None) when no bundle is named."""
     if isinstance(name, (str, os.PathLike)) and weights in (None, True, "DEFAULT") and find_bundle(name):
@@ -308,6 +341,39 @@ def _bundle_arg(name: object, weights: WeightsArg) -> tuple[str | os.PathLike | 
     if isinstance(weights, (str, os.PathLike)) and weights != "DEFAULT" and find_bundle(weights):
         return weights, split_name(os.fspath(name))[0]
     return None, None
+
+
+def _check_builder_kwargs(arch: Architecture, kwargs: Mapping[str, Any], source: Path) -> None:
+    """Refuse `builder_kwargs` (from a bundle) that the architecture's builder does not take, or whose
+    type differs from the default's, with one line naming the argument. A head on any classifier
+    (`arch.composed`) is built by its `compose` function; its `backbone` (the classifier's name) is
+    checked where the head is put on it (`_composition`)."""
+    if arch.compose is not None:
+        params = inspect.signature(arch.compose).parameters
+        kwargs = {k: v for k, v in kwargs.items() if k != "backbone"}
+    else:
+        params = inspect.signature(arch.model_class).parameters  # the constructor's, without self
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    names = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY or
+             (p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and p.default is not inspect.Parameter.empty)]
+    for key, value in kwargs.items():
+        if key not in names or key == "num_classes":
+            raise CheckpointError(f"{source}: builder_kwargs names {key!r}, which {arch.name} does not take "
+                                  f"(it takes {', '.join(n for n in names if n != 'num_classes')}); write the "
+                                  f"bundle again")
+        default = params[key].default
+        expected = (bool if isinstance(default, bool) else int if isinstance(default, int)
+                    else (int, float) if isinstance(default, float) else str if isinstance(default, str) else None)
+        if expected is not None and (not isinstance(value, expected) or (expected is not bool
+                                                                         and isinstance(value, bool))):
+            raise CheckpointError(f"{source}: builder_kwargs {key!r} must be like its default {default!r}, got "
+                                  f"{value!r}; write the bundle again")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[-1] if text else type(e).__name__)[:300]
 
 
 def _looks_like_path(value: str) -> bool:
@@ -333,6 +399,24 @@ def _load_restructured(info: BundleInfo, kwargs: Mapping[str, Any]) -> VisionMod
                               f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}); write the "
                               f"bundle again")
     return model
+
+
+def _check_runs(model: VisionModel, info: BundleInfo) -> None:
+    """One forward pass of a pruned network on an input of the bundle's size: recorded channel counts
+    can fit the weights and still contradict each other (groups, a layer's input); such a bundle is
+    refused now, in one line, rather than in the middle of a run."""
+    import torch
+
+    if not isinstance(model, ZooModel):  # bundles hold classifiers; nothing else records a structure
+        return
+    size = model.image_size or info.preprocess.crop
+    try:
+        channels = cast(int, model.get_submodule(model.first_conv).in_channels)  # what the network says it takes
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, channels, size, size))
+    except (RuntimeError, ValueError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"bundle {info.path}: its network does not run on {size}x{size} inputs "
+                              f"({_one_line(e)}); write the bundle again") from None
 
 
 __all__ = ["create_model", "load_bundle", "resolve_model"]

@@ -1,4 +1,5 @@
-"""Classification metrics, once for every workflow: top-k hits, confusion matrices, per-class scores.
+"""Metrics, once for every workflow: top-k hits, confusion matrices, per-class scores; and for
+segmentation, pixel confusion matrices, intersection over union and pixel accuracy.
 
 Training (validation each epoch), `evaluate`, `benchmark`, `prune` and `quantize` all count with
 these, so a number means the same thing wherever it is printed.
@@ -50,3 +51,39 @@ def agreement(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> flo
     """The share of positions where two label vectors agree (NaN when empty)."""
     a, b = np.asarray(a), np.asarray(b)
     return float((a == b).mean()) if a.size else float("nan")
+
+
+# -- segmentation ----------------------------------------------------------------------------------
+
+def pixel_confusion(labels: torch.Tensor, predictions: torch.Tensor, num_classes: int,
+                    ignore_index: int = 255) -> torch.Tensor:
+    """`confusion[true, predicted]` pixel counts (int64, on the labels' device) of two label maps of
+    one shape; pixels labelled `ignore_index` are left out."""
+    if labels.shape != predictions.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} and predictions {tuple(predictions.shape)} differ in shape")
+    y = labels.reshape(-1).long()
+    keep = y != ignore_index
+    y, p = y[keep], predictions.reshape(-1).long().to(y.device)[keep]
+    return torch.bincount(y * num_classes + p, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def class_iou(confusion: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Per class: intersection over union of the predicted and the true pixels; NaN for a class
+    neither present nor predicted (its IoU is undefined, not 0)."""
+    cm = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    return np.divide(tp, union, out=np.full_like(tp, np.nan), where=union > 0)
+
+
+def mean_iou(confusion: np.ndarray | torch.Tensor) -> float:
+    """mIoU: the mean IoU over the classes present in the labels or the predictions (NaN if none)."""
+    iou = class_iou(confusion)
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+
+def pixel_accuracy(confusion: np.ndarray | torch.Tensor) -> float:
+    """The share of labelled pixels predicted right (NaN without labelled pixels)."""
+    cm = np.asarray(confusion, dtype=np.float64)
+    total = cm.sum()
+    return float(np.trace(cm) / total) if total else float("nan")

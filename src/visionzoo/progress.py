@@ -18,7 +18,7 @@ class Bar:
 
 
 @contextlib.contextmanager
-def progress_bar(enabled: bool, label: str, total: float | None, *, completed: float = 0, bytes_: bool = False,
+def progress_bar(enabled: bool, label: str, total: float | None, *, completed: int = 0, bytes_: bool = False,
                  extra: str | None = None, transient: bool = True, terminal_only: bool = False,
                  **fields: Any) -> Iterator[Bar]:
     """A progress bar on stderr while the block runs, or a no-op `Bar` when not `enabled`.

@@ -20,17 +20,21 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .enums import Task, parse_enum
 from .errors import UnknownModelError, UnknownWeightsError
 from .weights.records import DEFAULT_PREPROCESS, Preprocess, Weights
 
+if TYPE_CHECKING:
+    from .models.base import VisionModel
+
 # Model families built so far: modules of `visionzoo.models` with `VARIANTS` and `MODEL_CLASS` (and,
 # for heads that go on any backbone, `COMPOSED` and `compose`).
 FAMILIES = ("alexnet", "convnext", "densenet", "efficientnet", "googlenet", "inception", "maxvit", "mnasnet",
             "mobilenetv2", "mobilenetv3", "regnet", "resnet", "shufflenetv2", "squeezenet", "swin_transformer", "vgg",
-            "vision_transformer", "segmentation", "raft", "video_resnet", "s3d", "mvit", "swin3d")
+            "vision_transformer", "segmentation", "raft", "video_resnet", "s3d", "mvit", "swin3d",
+            "detection.retinanet", "detection.fcos", "detection.ssd", "detection.ssdlite", "detection.composed")
 CATALOG = Path(__file__).parent / "weights" / "data" / "catalog.json"
 DEFAULT_MODEL = "efficientnet_lite0"  # the model every workflow uses unless told otherwise: offline, packaged
 
@@ -41,7 +45,7 @@ class Architecture:
 
     name: str
     family: str
-    model_class: type
+    model_class: type[VisionModel]
     config: Any
     weights: tuple[Weights, ...]  # published weights, default first
     default_preprocess: Preprocess  # for use without weights (from the default weights if any)

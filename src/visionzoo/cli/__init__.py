@@ -1,7 +1,7 @@
 """The `visionzoo` command: parse arguments, call a task, print the result.
 
-Each command lives in the module of its kind (`images`: predict, embed, explain; `flow`: flow; `zoo`: models, info,
-download, inspect; `train`: finetune, evaluate; `deploy`: export, quantize, prune, benchmark,
+Each command lives in the module of its kind (`images`: predict, embed, segment, detect, explain; `flow`: flow;
+`zoo`: models, info, download, inspect; `train`: finetune, evaluate; `deploy`: export, quantize, prune, benchmark,
 serve); what they share (options, exit codes, printing) is in `common`.
 
 Exit codes:
@@ -25,8 +25,8 @@ from . import deploy, flow, images, train, zoo
 from .common import EXIT_ERROR, EXIT_NOTHING, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, err
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Pre-trained vision models: list, download, inspect, predict, embed, explain, flow, fine-tune, "
-                       "evaluate, export, quantize, prune, benchmark, serve.")
+                  help="Pre-trained vision models: list, download, inspect, predict, embed, segment, detect, explain, "
+                       "flow, fine-tune, evaluate, export, quantize, prune, benchmark, serve.")
 
 
 @app.callback()
@@ -41,9 +41,9 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log what 
         os.environ[ENV_OFFLINE] = "1"  # the environment, so worker processes are offline too
 
 
-for command in (images.predict, images.embed, images.explain, flow.flow, zoo.models, zoo.info, zoo.download,
-                zoo.inspect, train.finetune, train.evaluate, deploy.export, deploy.quantize, deploy.prune,
-                deploy.benchmark, deploy.serve):
+for command in (images.predict, images.embed, images.segment, images.detect, images.explain, flow.flow, zoo.models,
+                zoo.info, zoo.download, zoo.inspect, train.finetune, train.evaluate, deploy.export, deploy.quantize,
+                deploy.prune, deploy.benchmark, deploy.serve):
     app.command(command.__name__)(command)
 
 
@@ -52,6 +52,11 @@ def main() -> None:
 
     Usage errors (exit 2) and `typer.Exit` codes are handled by typer itself.
     """
+    # file names that are not valid UTF-8 are printed as the bytes they are, not refused
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="surrogateescape")
     try:
         app()
     except VisionZooError as e:

@@ -15,7 +15,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ..data.images import DEFAULT_MAX_PIXELS
 from ..runtime.backends import Backend
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_PARTIAL, EXIT_NOTHING = 0, 1, 2, 3, 4
@@ -34,6 +33,7 @@ class OutputFormat(str, Enum):
 class RunPrecision(str, Enum):
     """Inference precisions a user can ask for (int8 is a property of a quantized file)."""
 
+    auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
 
@@ -52,14 +52,22 @@ WORKERS_HELP = ("Decoding processes (default: one per spare CPU core; 0 decodes 
                 "--engine ray: model actors (default: as many as the load asks, up to half the CPUs).")
 EXACT_HELP = ("Decode every image at full size: torchvision's preprocessing exactly. By default large "
               "JPEGs are decoded at a reduced scale first (much faster, nearly identical inputs).")
-MAX_PIXELS_HELP = "Refuse images with more pixels than this (decompression bombs); 0 for no limit."
+MAX_PIXELS_HELP = "Refuse images with more pixels than this (decompression bombs); 0 for no limit. Same as " \
+    "--decode-limits pixels=N."
+DECODE_LIMITS_HELP = ("The budget of each image decode, checked from the header before decoding: pixels (as stored, "
+                      "default 178956970), resized (pixels once resized to the model's input, default 16777216), "
+                      "bytes (memory of the decoded image and its RGB copy, default 512MiB), frames (that an "
+                      "animation declares, default 10000). E.g. 'pixels=300M,bytes=2GiB'; none lifts a limit.")
 MODEL_HELP = "NAME or NAME.TAG (default weights unless a tag is given), or a bundle folder."
 RUN_MODEL_HELP = ("NAME or NAME.TAG (default weights unless a tag is given), a bundle folder, or an .onnx file "
                   "from `visionzoo export` / `visionzoo quantize`.")
-BACKEND_HELP = ("torch, onnxruntime or openvino; auto: torch for a model, the fastest installed runtime for an "
-                ".onnx file. The runtimes export the model to ONNX once (cached).")
-THREADS_HELP = "Compute threads of the model, on every backend (default: one per core)."
-PRECISION_HELP = "fp32, or bf16 (torch and openvino backends; fast on CPUs with AVX512-BF16/AMX)."
+BACKEND_HELP = ("torch, onnxruntime or openvino; auto: the fastest installed one whose top-1 agrees with float32 "
+                "PyTorch, measured once per model and machine (cached; --verbose says what it chose and why). The "
+                "runtimes export the model to ONNX once (cached).")
+THREADS_HELP = ("Compute threads of the model, on every backend (default: the cores the decoding workers leave; "
+                "workers + threads <= cores).")
+PRECISION_HELP = ("fp32, bf16 (torch and openvino backends; fast on CPUs with AVX512-BF16/AMX), or auto: bf16 when "
+                  "the hardware runs it natively and it is faster with the same answers, else fp32.")
 
 
 # options several commands share, declared once
@@ -71,7 +79,12 @@ WeightsFile = Annotated[Optional[str], typer.Option("--weights", "-w", help="A l
 BatchSize = Annotated[int, typer.Option("--batch-size", "-b", min=1)]
 Workers = Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help=WORKERS_HELP)]
 Exact = Annotated[bool, typer.Option("--exact", help=EXACT_HELP)]
-MaxPixels = Annotated[int, typer.Option("--max-pixels", min=0, help=MAX_PIXELS_HELP)]
+MaxPixels = Annotated[Optional[int], typer.Option("--max-pixels", min=0, help=MAX_PIXELS_HELP)]
+WAIT_HELP = "When another run is writing the same output, wait for it to finish instead of stopping with an " \
+    "error that names it."
+Wait = Annotated[bool, typer.Option("--wait", help=WAIT_HELP)]
+DecodeLimitsText = Annotated[Optional[str], typer.Option("--decode-limits", metavar="KEY=VALUE,...",
+                                                         help=DECODE_LIMITS_HELP)]
 Device = Annotated[str, typer.Option("--device", help="Torch device to run the model on (cpu, cuda, cuda:1, mps).")]
 BackendChoice = Annotated[Backend, typer.Option("--backend", help=BACKEND_HELP)]
 Threads = Annotated[Optional[int], typer.Option("--threads", min=1, help=THREADS_HELP)]
@@ -119,17 +132,31 @@ def exit_for_failures(done: int, failures: Sequence[Failed], verb: str) -> None:
     raise typer.Exit(EXIT_NOTHING if done == 0 else EXIT_PARTIAL)
 
 
-def with_inference_options(command: Callable[..., None]) -> Callable[..., None]:
+def decode_limits(text: str | None, max_pixels: int | None = None):
+    """--decode-limits (applied to the defaults), then --max-pixels (0: no pixel limit) over it."""
+    from ..data.images import DEFAULT_LIMITS, DecodeLimits
+
+    limits = DecodeLimits.parse(text) if text else DEFAULT_LIMITS
+    if max_pixels is not None:
+        limits = DecodeLimits.parse(f"pixels={max_pixels}", limits)
+    return limits
+
+
+def with_inference_options(command: Callable[..., None] | None = None, *,
+                           batch_size: int = 32) -> Callable[..., Any]:
     """`command` with the options every inference command shares (--batch-size, --workers, --exact,
-    --max-pixels, --device, --backend, --threads, --precision) added to its signature; it receives
-    them as one `options: InferenceOptions` (and torch's own thread count is set for --threads)."""
+    --max-pixels, --decode-limits, --device, --backend, --threads, --precision) added to its signature; it
+    receives them as one `options: InferenceOptions` (and torch's own thread count is set for --threads).
+    `@with_inference_options(batch_size=N)` gives the command another default batch size."""
+    if command is None:
+        return functools.partial(with_inference_options, batch_size=batch_size)
     shared = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
         for name, annotation, default in (
-            ("batch_size", BatchSize, 32), ("workers", Workers, None), ("exact", Exact, False),
-            ("max_pixels", MaxPixels, DEFAULT_MAX_PIXELS), ("device", Device, "cpu"),
+            ("batch_size", BatchSize, batch_size), ("workers", Workers, None), ("exact", Exact, False),
+            ("max_pixels", MaxPixels, None), ("limits", DecodeLimitsText, None), ("device", Device, "cpu"),
             ("backend", BackendChoice, Backend.AUTO), ("threads", Threads, None),
-            ("precision", PrecisionChoice, RunPrecision.fp32))]
+            ("precision", PrecisionChoice, RunPrecision.auto))]
     names = [p.name for p in shared]
 
     @functools.wraps(command)
@@ -139,7 +166,7 @@ def with_inference_options(command: Callable[..., None]) -> Callable[..., None]:
         given = {name: kwargs.pop(name) for name in names}
         set_torch_threads(given["threads"])
         options = InferenceOptions(batch_size=given["batch_size"], num_workers=given["workers"],
-                                   fast=not given["exact"], max_pixels=given["max_pixels"] or None,
+                                   fast=not given["exact"], limits=decode_limits(given["limits"], given["max_pixels"]),
                                    device=given["device"], backend=given["backend"], threads=given["threads"],
                                    precision=given["precision"].value)
         command(options=options, **kwargs)

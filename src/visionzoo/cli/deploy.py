@@ -20,12 +20,15 @@ from .common import (
     MODEL_HELP,
     RUN_MODEL_HELP,
     BackendChoice,
+    DecodeLimitsText,
     Exact,
     MaxPixels,
     PrecisionChoice,
     RunPrecision,
     Runtime,
     Threads,
+    Wait,
+    decode_limits,
     err,
     out,
     report_failure,
@@ -41,17 +44,19 @@ def export(
                                           "(torch.export)."),
     out_file: Path = typer.Option(..., "--out", "-o", help="The file to write."),
     input_size: Optional[int] = typer.Option(None, "--input-size", min=8, help="Square input size (default: the "
-                                             "preprocessing's crop); the batch size stays free."),
+                                             "preprocessing's crop; RAFT: N x N frames instead of 360 x 640); the "
+                                             "batch size stays free."),
     tolerance: float = typer.Option(TOLERANCE, "--tolerance", min=0.0, help="Largest accepted difference from "
                                     "PyTorch, relative to each output's range."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Run the written file and compare it with "
                                 "PyTorch (no file is left when it differs)."),
+    wait: Wait = False,
 ) -> None:
     """Export a model (with its classes and preprocessing) to ONNX, TorchScript or PT2, verified against PyTorch."""
-    from ..runtime.task_export import describe_export, export_model  # every task: video clips, flow pairs too
+    from ..runtime.export import describe, export_model
 
-    result = export_model(model, fmt, out_file, input_size=input_size, verify=verify, tolerance=tolerance)
-    say(describe_export(result))
+    result = export_model(model, fmt, out_file, input_size=input_size, verify=verify, tolerance=tolerance, wait=wait)
+    say(describe(result))
 
 
 def quantize(
@@ -72,12 +77,15 @@ def quantize(
                                "calibration images."),
     seed: int = typer.Option(0, "--seed", help="Seed of the calibration sample."),
     workers: Optional[int] = typer.Option(None, "--workers", "-j", min=0, help="Image decoding processes."),
+    limits: DecodeLimitsText = None,
+    max_pixels: MaxPixels = None,
+    wait: Wait = False,
 ) -> None:
     """Quantize a model to int8 (ONNX, QDQ) on your own images; run it with --backend onnxruntime or openvino."""
     from ..tasks.quantize import quantize as run
 
     result = run(model, calibration, out_file, backend=backend.value, mode=mode.value, num_images=num_images,
-                 seed=seed, check=check, num_workers=workers)
+                 seed=seed, check=check, num_workers=workers, limits=decode_limits(limits, max_pixels), wait=wait)
     for f in result.failures[:10]:
         report_failure(f)
     if len(result.failures) > 10:
@@ -117,7 +125,8 @@ def prune(
 
 def benchmark(
     model: str = typer.Argument(..., help=RUN_MODEL_HELP),
-    batch: str = typer.Option("1,32", "--batch", help="Batch sizes, comma-separated."),
+    batch: Optional[str] = typer.Option(None, "--batch", help="Batch sizes, comma-separated (default 1,32; 1,4 for "
+                                        "segmentation models)."),
     backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated: torch, onnxruntime, "
                                            "openvino (default: every installed one)."),
     precision: str = typer.Option("fp32", "--precision", help="Comma-separated: fp32, bf16 (torch, openvino), "
@@ -160,7 +169,7 @@ def serve(
     port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port (0: any free one)."),
     backend: BackendChoice = Backend.AUTO,
     threads: Threads = None,
-    precision: PrecisionChoice = RunPrecision.fp32,
+    precision: PrecisionChoice = RunPrecision.auto,
     topk: int = typer.Option(5, "--topk", "-k", min=1, max=100, help="Classes returned per image."),
     max_bytes: int = typer.Option(20 * 2**20, "--max-bytes", min=1, help="Largest accepted request body (bytes; "
                                   "checked while reading)."),

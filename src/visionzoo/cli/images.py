@@ -1,8 +1,12 @@
-"""`predict`, `embed` and `explain`: images in, labels, vectors or heat maps out."""
+"""`predict`, `embed`, `segment`, `detect` and `explain`: images in, labels, vectors, masks, boxes or heat maps out."""
 from __future__ import annotations
 
+import csv
 import dataclasses
+import json
+import sys
 from enum import Enum
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -19,10 +23,12 @@ from .common import (
     OutputFormat,
     PredictionWriter,
     VideoPredictionWriter,
+    Wait,
     WeightsFile,
     exit_for_failures,
     model_arg,
     note,
+    out,
     report_failure,
     with_inference_options,
 )
@@ -93,9 +99,9 @@ def predict(
 @with_inference_options
 def embed(
     paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
-    out_file: str = typer.Option(..., "--out", "-o", help="Output file: .npy (with a <stem>.paths.txt list of "
-                                 "paths) or .parquet (path and embedding columns); with --engine ray, a folder "
-                                 "(DIR.parquet) of Parquet files."),
+    out_file: str = typer.Option(..., "--out", "-o", help="Output file: .npy (with <stem>.paths.jsonl, its paths "
+                                 "as one JSON string per line) or .parquet (path and embedding columns); with "
+                                 "--engine ray, a folder (DIR.parquet) of Parquet files."),
     model: ModelArg = DEFAULT_MODEL,
     weights: WeightsFile = None,
     layer: Optional[str] = typer.Option(None, "--layer", "-l", help="Embed an intermediate stage instead (its "
@@ -108,6 +114,7 @@ def embed(
                                  "instead of resuming it."),
     progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="Show a progress bar "
                                             "(default: when stderr is a terminal)."),
+    wait: Wait = False,
     engine: Engine = typer.Option(Engine.local, "--engine", help=ENGINE_HELP),
     address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
     clips: Optional[int] = typer.Option(None, "--clips", min=1, help=CLIPS_HELP + " A video's vector is the mean "
@@ -133,7 +140,7 @@ def embed(
         raise InputError("--address goes with --engine ray")
 
     result = run_embed(paths, model_arg(model, weights), out=out_file, layer=layer, normalize=normalize,
-                       chunk_size=chunk_size, resume=not restart, clips=clips,
+                       chunk_size=chunk_size, resume=not restart, wait=wait, clips=clips,
                        progress=err.is_terminal if progress is None else progress, options=options)
     for failure in result.failures:
         report_failure(failure)
@@ -141,6 +148,96 @@ def embed(
     extra = f" (+ {sidecar_path(written).name})" if written is not None and written.suffix.lower() == ".npy" else ""
     note(f"wrote {len(result)} embeddings of dimension {result.dim} to {written}{extra}")
     exit_for_failures(len(result), result.failures, "embedded")
+
+
+@with_inference_options(batch_size=4)  # photo-sized inputs: 4 images at 520 x 693 already hold 90 MB of scores
+def segment(
+    paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for masks/ (class-index PNGs in the VOC colours, "
+                                 "at each image's size), overlays/ and segments.jsonl."),
+    model: str = typer.Option("lraspp_mobilenet_v3_large", "--model", "-m", help="A segmentation model: NAME or "
+                              "NAME.TAG (`visionzoo models --task segmentation`), a bundle fine-tuned on masks, or "
+                              "an .onnx file from `visionzoo export`."),
+    weights: WeightsFile = None,
+    overlay: bool = typer.Option(True, "--overlay/--no-overlay", help="Also draw each image with its classes "
+                                 "coloured and a legend."),
+    overlay_size: int = typer.Option(1024, "--overlay-size", min=0, help="Longer side of the overlays in pixels "
+                                     "(0: the image's own size)."),
+    fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="How the per-image rows (the "
+                                     "share of each class) are printed; jsonl and csv stream."),
+    *,
+    options: InferenceOptions,
+) -> None:
+    """Segment images: a class mask and an overlay per image, and the share of each class."""
+    from rich.table import Table
+
+    from ..tasks.segment import Segmentation, iter_segment
+
+    runner = options.open(model_arg(model, weights))
+    classes = list(runner.categories or [f"class_{i}" for i in range(runner.num_classes)])
+    failures, done, rows = [], 0, []
+    table = Table("path", "size", "classes (share of pixels)", "mask")
+    writer = csv.writer(sys.stdout) if fmt is OutputFormat.csv else None
+    if writer is not None:
+        writer.writerow(["path", "width", "height", "mask", "overlay", *classes])
+    for result in iter_segment(paths, runner, out_dir, overlay=overlay, overlay_size=overlay_size, options=options):
+        if not isinstance(result, Segmentation):
+            failures.append(result)
+            report_failure(result)
+            continue
+        done += 1
+        if fmt is OutputFormat.table:
+            shares = ", ".join(f"{c} {f:.1%}" for c, f in list(result.fractions.items())[:4])
+            table.add_row(result.path, f"{result.width}x{result.height}", shares, result.mask or "-")
+        elif fmt is OutputFormat.json:
+            rows.append(result.to_dict())
+        elif fmt is OutputFormat.jsonl:
+            sys.stdout.write(json.dumps(result.to_dict()) + "\n")
+            sys.stdout.flush()
+        elif writer is not None:
+            writer.writerow([result.path, result.width, result.height, result.mask, result.overlay or "",
+                             *(f"{result.fractions.get(c, 0.0):.6f}" for c in classes)])
+    if fmt is OutputFormat.table and table.row_count:
+        out.print(table)
+    elif fmt is OutputFormat.json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+    sys.stdout.flush()
+    if done:
+        note(f"wrote {done} masks to {out_dir / 'masks'}" + (f" and overlays to {out_dir / 'overlays'}" if overlay
+                                                               else ""))
+    exit_for_failures(done, failures, "segmented")
+
+
+@with_inference_options
+def detect(
+    paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
+    model: str = typer.Option("ssdlite320_mobilenet_v3_large", "--model", "-m", help="A detector: NAME or NAME.TAG "
+                              "(default weights unless a tag is given) or a bundle folder; see `visionzoo models "
+                              "--task detection`."),
+    weights: WeightsFile = None,
+    threshold: float = typer.Option(0.5, "--threshold", "-t", min=0.0, max=1.0, help="The lowest score reported."),
+    out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Also write each image there as a PNG with "
+                                          "its boxes, labels and scores drawn."),
+    *,
+    options: InferenceOptions,
+) -> None:
+    """Detect objects: one JSON line per image (boxes in its pixels as [x1, y1, x2, y2], label, score)."""
+    import json
+
+    from ..tasks.detect import Detections, iter_detect
+    from .common import out
+
+    failures, done = [], 0
+    for result in iter_detect(paths, model_arg(model, weights), threshold, draw_dir=out_dir, options=options):
+        if isinstance(result, Detections):
+            out.print(json.dumps(result.to_dict()), markup=False, highlight=False, soft_wrap=True)
+            done += 1
+        else:
+            failures.append(result)
+            report_failure(result)
+    if out_dir is not None and done:
+        note(f"drew {done} image{'s' if done != 1 else ''} in {out_dir}")
+    exit_for_failures(done, failures, "detected")
 
 
 def _on_ray(paths: list[str], model, out: str | None, options: InferenceOptions, *, embed: bool, address: str | None,
@@ -160,6 +257,8 @@ def _on_ray(paths: list[str], model, out: str | None, options: InferenceOptions,
     resumed = f"; {result.resumed} already had one" if result.resumed else ""
     note(f"wrote {result.added} rows to {result.out} ({result.rows} in all{resumed})")
     exit_for_failures(result.added - len(result.errors), failures, "embedded" if embed else "predicted")
+
+
 def explain(
     paths: list[str] = typer.Argument(..., help=INPUTS_HELP),
     out_dir: str = typer.Option(..., "--out", "-o", help="Folder for the overlays (<stem>.gradcam.png)."),

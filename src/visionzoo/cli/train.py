@@ -16,7 +16,20 @@ import typer
 from rich.table import Table
 
 from ..train.config import FinetuneConfig
-from .common import EXIT_PARTIAL, OutputFormat, note, out, report_failure, say
+from .common import (
+    DECODE_LIMITS_HELP,
+    EXIT_PARTIAL,
+    MAX_PIXELS_HELP,
+    WAIT_HELP,
+    DecodeLimitsText,
+    MaxPixels,
+    OutputFormat,
+    decode_limits,
+    note,
+    out,
+    report_failure,
+    say,
+)
 
 
 def _config_parameters() -> list[inspect.Parameter]:
@@ -40,41 +53,56 @@ def _cli_type(hint: Any) -> Any:
     return hint
 
 
-def _finetune(data: Optional[Path] = typer.Argument(None, help="ImageFolder tree (one sub-folder per class) or "
-                                                    "path,label CSV."),
+def _finetune(data: Optional[Path] = typer.Argument(None, help="ImageFolder tree (one sub-folder per class), "
+                                                    "path,label CSV, or a segmentation folder (images/ and masks/ of "
+                                                    "class-index PNGs, classes.txt)."),
               *,
               out_dir: Path = typer.Option(Path("runs/finetune"), "--out", "-o",
                                            help="Run folder; the bundle goes to OUT/bundle."),
               train: Optional[Path] = typer.Option(None, "--train", help="Training set (instead of DATA)."),
               val: Optional[Path] = typer.Option(None, "--val", help="Validation set (default: a split of the "
                                                  "training set)."),
+              classes: Optional[str] = typer.Option(None, "--classes", help="Segmentation: the class names in index "
+                                                    "order, comma-separated (instead of DATA/classes.txt)."),
               device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
               resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last "
                                           "checkpoint."),
               quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-epoch lines."),
               as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+              # plain defaults, not Annotated: `_with_config_options` rebuilds the annotations
+              limits: Optional[str] = typer.Option(None, "--decode-limits", metavar="KEY=VALUE,...",
+                                                   help=DECODE_LIMITS_HELP),
+              max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=0, help=MAX_PIXELS_HELP),
+              wait: bool = typer.Option(False, "--wait", help=WAIT_HELP),
               **config: Any) -> None:
-    """Fine-tune a pre-trained model on labelled images; writes a bundle (OUT/bundle).
+    """Fine-tune a pre-trained model on labelled images (or images and masks); writes a bundle (OUT/bundle).
 
     Runs unchanged under `torchrun --nproc-per-node N` (DistributedDataParallel).
     """
     from ..tasks.finetune import finetune as run
 
-    result = run(data, out_dir, train=train, val=val, config=FinetuneConfig(**config), resume=resume,
-                 device=device, progress=not quiet)
+    result = run(data, out_dir, train=train, val=val, classes=classes, config=FinetuneConfig(**config),
+                 resume=resume, device=device, progress=not quiet, limits=decode_limits(limits, max_pixels), wait=wait)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return
+    for failure in result.failures:
+        report_failure(failure)
     if as_json:
         sys.stdout.write(json.dumps({
             "bundle": str(result.bundle), "strategy": result.strategy.value, "reason": result.reason,
             "metrics": result.metrics, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-            "stopped_early": result.stopped_early, "classes": list(result.classes)}, indent=2) + "\n")
-        return
-    m = result.metrics
-    line = f"{result.bundle}  strategy {result.strategy.value}, best epoch {result.best_epoch}"
-    if "val_acc" in m:
-        line += f", val acc {m['val_acc']:.2%}, top-5 {m['val_top5']:.2%}"
-    say(line)
+            "stopped_early": result.stopped_early, "classes": list(result.classes), "task": result.task.value,
+            "failures": [{"path": f.path, "reason": f.reason} for f in result.failures]}, indent=2) + "\n")
+    else:
+        m = result.metrics
+        line = f"{result.bundle}  strategy {result.strategy.value}, best epoch {result.best_epoch}"
+        if "val_acc" in m:
+            line += f", val acc {m['val_acc']:.2%}, top-5 {m['val_top5']:.2%}"
+        elif "val_miou" in m:
+            line += f", val mIoU {m['val_miou']:.2%}, pixel acc {m['val_pixel_acc']:.2%}"
+        say(line)
+    if result.failures:
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 def _with_config_options(func):
@@ -95,30 +123,45 @@ finetune.__name__ = "finetune"
 
 def evaluate(
     model: str = typer.Argument(..., help="Bundle folder (or finetune run folder)."),
-    data: Path = typer.Argument(..., help="ImageFolder tree or path,label CSV with the model's class names (for a "
-                                "video model: class sub-folders of videos)."),
+    data: Path = typer.Argument(..., help="ImageFolder tree or path,label CSV with the model's class names; for a "
+                                "segmentation model, a folder of images/ and masks/; for a video model, class "
+                                "sub-folders of videos."),
     report: Optional[Path] = typer.Option(None, "--out", "-o", help="Write metrics.json and PNG plots here."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table or json."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
     device: str = typer.Option("cpu", "--device"),
+    limits: DecodeLimitsText = None,
+    max_pixels: MaxPixels = None,
     clips: Optional[int] = typer.Option(None, "--clips", min=1, help="Video models: clips per video (default: the "
                                         "recipe's); the mean of their probabilities scores the video."),
 ) -> None:
     """Accuracy, top-5, per-class precision/recall/F1 and the confusion matrix of a model on labelled images
-    (or videos)."""
+    (or videos); for a segmentation model, mIoU, pixel accuracy, per-class IoU and the pixel confusion matrix."""
     from ..errors import InputError
+    from ..tasks.evaluate import SegmentationEvaluation
     from ..tasks.evaluate import evaluate as run
 
     if fmt not in (OutputFormat.table, OutputFormat.json):
         raise InputError(f"--format must be table or json, got {fmt.value!r}")
-    ev = run(model, data, out=report, batch_size=batch_size, num_workers=workers, device=device, clips=clips)
+    ev = run(model, data, out=report, batch_size=batch_size, num_workers=workers, device=device,
+             limits=decode_limits(limits, max_pixels), clips=clips)
     for f in ev.failures:
         report_failure(f)
     for text in ev.notes:
         note(f"note: {text}")
     if fmt is OutputFormat.json:
         sys.stdout.write(json.dumps(ev.to_dict(), indent=2) + "\n")
+    elif isinstance(ev, SegmentationEvaluation):
+        say(f"{ev.model} on {ev.data}: {ev.num_images} images, mIoU {ev.miou:.2%}, pixel accuracy "
+            f"{ev.pixel_accuracy:.2%}")
+        table = Table("class", "IoU", "accuracy", "pixels")
+        for name, iou, acc, row in zip(ev.classes, ev.iou, ev.class_accuracy, ev.confusion, strict=True):
+            table.add_row(name, "-" if iou is None else f"{iou:.4f}", "-" if acc is None else f"{acc:.4f}",
+                          f"{sum(row):,}")
+        out.print(table)
+        for name, path in ev.files.items():
+            say(f"{name}: {path}")
     else:
         say(f"{ev.model} on {ev.data}: {ev.num_images} images, accuracy {ev.accuracy:.2%}, "
             f"top-5 {ev.top5:.2%}, macro F1 {ev.macro_f1:.4f}")

@@ -74,9 +74,25 @@ def info(name: str = typer.Argument(..., help="NAME or NAME.TAG")) -> None:
         rows += [(k, v) for k, v in (("recipe", w.recipe), ("license", w.license)) if v]
         if w.builder_kwargs:
             rows.append(("builder args", ", ".join(f"{k}={v}" for k, v in w.builder_kwargs.items())))
+        if where:
+            rows += _auto_rows(w.name)
         for k, v in rows:
             out.print(f"  {k:<14} {v}", highlight=False, soft_wrap=True)
         out.print()
+
+
+def _auto_rows(name: str) -> list[tuple[str, str]]:
+    """What `auto` chose for these weights on this machine (measured by an earlier run), and why."""
+    from ..factory import create_model
+    from ..models.base import ZooModel
+    from ..runtime.autotune import measured_choices
+
+    net = create_model(name)
+    choices = measured_choices(net) if isinstance(net, ZooModel) else []
+    if not choices:
+        return [("auto here", "not measured yet: the first predict, embed, serve or benchmark of it measures "
+                              "which backend and precision run it fastest with float32's answers")]
+    return [("auto here", f"{c.where()}: {c.label}: {c.reason}") for c in choices]
 
 
 def download(names: list[str] = typer.Argument(..., help="NAME (its default weights) or NAME.TAG, one or more.")

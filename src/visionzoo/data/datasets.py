@@ -18,12 +18,12 @@ import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch.utils.data import Dataset
 
 from ..errors import InputError
-from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_image
+from .images import DEFAULT_LIMITS, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DecodeLimits, load_image
 from .inputs import find_images, read_csv_samples
 
 
@@ -35,11 +35,12 @@ class ImageDataset(Dataset):
         classes: class names; `classes[i]` is the name of label `i`.
         class_to_idx: class name -> index.
         transform: PIL image -> model input (None returns the PIL image).
+        limits: the decode budget of each image (default: `DecodeLimits(max_pixels=max_pixels)`).
     """
 
     def __init__(self, samples: Sequence[tuple[str | os.PathLike, int]], classes: Sequence[str],
                  transform: Callable | None = None, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 reduce_to: int | None = None):
+                 reduce_to: int | None = None, limits: DecodeLimits | None = None):
         self.samples = [(Path(p), int(y)) for p, y in samples]
         self.classes = list(classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
@@ -47,8 +48,14 @@ class ImageDataset(Dataset):
             if not 0 <= y < len(self.classes):
                 raise InputError(f"{p}: label index {y} is outside the {len(self.classes)} classes")
         self.transform = transform
-        self.max_pixels = max_pixels
+        if limits is None:
+            limits = DEFAULT_LIMITS if max_pixels == DEFAULT_MAX_PIXELS else DecodeLimits(max_pixels=max_pixels)
+        self.limits = limits
         self.reduce_to = reduce_to  # see `load_image`: the fast JPEG path for eval transforms
+
+    @property
+    def max_pixels(self) -> int | None:
+        return self.limits.max_pixels
 
     @property
     def targets(self) -> list[int]:
@@ -63,13 +70,12 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        img = load_image(path, max_pixels=self.max_pixels, reduce_to=self.reduce_to)
+        img = load_image(path, limits=self.limits, reduce_to=self.reduce_to)
         return (self.transform(img) if self.transform is not None else img), label
 
     def with_transform(self, transform: Callable | None, *, reduce_to: int | None = None) -> ImageDataset:
         """The same samples and classes with another transform (e.g. training vs evaluation)."""
-        return ImageDataset(self.samples, self.classes, transform, max_pixels=self.max_pixels,
-                            reduce_to=reduce_to)
+        return ImageDataset(self.samples, self.classes, transform, limits=self.limits, reduce_to=reduce_to)
 
     def __repr__(self) -> str:
         return f"ImageDataset({len(self)} images, {len(self.classes)} classes)"
@@ -108,7 +114,8 @@ class ImageDataset(Dataset):
         Relative paths are relative to `root` (default: the CSV's folder). Classes are the
         distinct labels, sorted (numerically when every label is an integer).
         """
-        rows = read_csv_samples(csv_file, root=root, require_label=True)
+        # require_label: every row has a label
+        rows = cast(list[tuple[Path, str]], read_csv_samples(csv_file, root=root, require_label=True))
         labels = {label for _, label in rows}
         classes = _check_classes(classes, _sorted_labels(labels), f"labels in {csv_file}")
         index = {c: i for i, c in enumerate(classes)}

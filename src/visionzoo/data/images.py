@@ -2,8 +2,15 @@
 
 Handles EXIF orientation; modes 1, L, LA, P (with or without transparency), RGBA and
 other alpha modes (composited on white), CMYK, 16-bit (I;16), 32-bit integer (I) and
-float (F); the first frame of animated GIF/WebP and multi-page TIFF; and refuses images
-whose header announces more pixels than a limit (decompression bombs) before decoding.
+float (F); the first frame of animated GIF/WebP and multi-page TIFF.
+
+Every decode has a budget (`DecodeLimits`), checked from the header before any pixel is
+decoded: the pixels as stored (decompression bombs), the pixels once resized to the model's
+input (a 100000x1 image would grow to 25.6 million x 256), the memory of the decoded image
+and its RGB copy (16/32-bit and alpha modes cost more per pixel), and the frames an
+animation declares. A file over budget is refused with an `ImageError` naming the limit;
+the conversions to RGB run in strips of rows, so that none makes a whole-image copy in a
+wider type (a 16-bit image is never held as float64).
 
 The fast path (`reduce_to`): a JPEG much larger than the size it will be resized to is
 decoded at 1/2, 1/4 or 1/8 scale by libjpeg itself (Pillow's draft mode), which skips
@@ -23,8 +30,10 @@ import math
 import os
 import threading
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,12 +45,21 @@ BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white
 # Pillow's own hard limit (2 x its default MAX_IMAGE_PIXELS), about 13,000 x 13,000: large
 # scans pass, a 1 KB PNG that claims 100,000 x 100,000 pixels does not.
 DEFAULT_MAX_PIXELS = 178_956_970
+# the image once its shorter side is resized to the model's input: 2^24 pixels (64 MB as RGB) let a
+# 256-pixel resize keep panoramas up to 256:1 and refuse a 100000x1 strip (25.6 M x 256 = 6.5 G pixels)
+DEFAULT_MAX_RESIZED_PIXELS = 1 << 24
+# the decoded image and its RGB copy: 512 MiB takes any 8-bit photo up to 134 MP (a PNG; JPEGs
+# decode at reduced scale), and refuses a 13000 x 13000 16-bit PNG of 328 KB (1 GB decoded)
+DEFAULT_MAX_BYTES = 512 << 20
+DEFAULT_MAX_FRAMES = 10_000  # frames an animated file may declare (only the first is decoded)
+STRIP_PIXELS = 1 << 22  # conversions to RGB work on strips of rows of about this many pixels
 DRAFT_MARGIN = 2  # a draft-decoded JPEG keeps a shorter side >= 2x the resize target
 _DRAFT_FORMATS = frozenset({"JPEG", "MPO"})  # MPO: the multi-picture JPEG some cameras write
 
 DRAFT_KEY = "visionzoo.draft"  # key in `Image.info` of the DraftInfo of a reduced-scale decode
 
 log = logging.getLogger("visionzoo")
+T = TypeVar("T")
 _PILLOW_LIMIT_LOCK = threading.Lock()
 
 
@@ -60,105 +78,229 @@ def draft_info(img: Image.Image) -> DraftInfo | None:
     return info if isinstance(info, DraftInfo) and info.size == img.size else None
 
 
-def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               reduce_to: int | None = None) -> Image.Image:
-    """Open `path` as an upright RGB image (EXIF orientation applied).
+@dataclass(frozen=True)
+class DecodeLimits:
+    """The budget of one image decode, checked from the file's header before any pixel is decoded.
+
+    Each limit is a positive integer, or None for no limit. `DecodeLimits.parse` reads the
+    command line's `--decode-limits pixels=200M,bytes=1G`.
+    """
+
+    max_pixels: int | None = DEFAULT_MAX_PIXELS  # width x height as stored (decompression bombs)
+    max_resized_pixels: int | None = DEFAULT_MAX_RESIZED_PIXELS  # once resized to the model's input
+    max_bytes: int | None = DEFAULT_MAX_BYTES  # memory of the decoded image and its RGB copy
+    max_frames: int | None = DEFAULT_MAX_FRAMES  # frames an animated file declares
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"decode limit {f.name} must be an integer >= 1 (or None for no limit), "
+                                 f"got {value!r}")
+
+    @classmethod
+    def parse(cls, text: str, base: DecodeLimits | None = None) -> DecodeLimits:
+        """`"pixels=200M,resized=16M,bytes=1G,frames=100"` applied to `base` (default: the defaults).
+
+        Values are integers with an optional k, M or G suffix (powers of 1000; KiB, MiB, GiB are
+        powers of 1024); `none` or 0 lifts a limit.
+        """
+        changes: dict[str, int | None] = {}
+        for item in (part.strip() for part in text.split(",")):
+            if not item:
+                continue
+            key, sep, value = item.partition("=")
+            name = LIMIT_NAMES.get(key.strip().lower())
+            if not sep or name is None:
+                raise InputError(f"decode limit {item!r} is not KEY=VALUE with KEY one of "
+                                 f"{', '.join(LIMIT_NAMES)}; e.g. --decode-limits pixels=200M,bytes=1G")
+            changes[name] = _parse_count(value.strip(), key.strip())
+        return replace(base or cls(), **changes)
+
+    def describe(self) -> str:
+        return ",".join(f"{key}={'none' if getattr(self, name) is None else getattr(self, name)}"
+                        for key, name in LIMIT_NAMES.items())
+
+
+LIMIT_NAMES = {"pixels": "max_pixels", "resized": "max_resized_pixels", "bytes": "max_bytes", "frames": "max_frames"}
+_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+DEFAULT_LIMITS = DecodeLimits()
+
+
+def _parse_count(text: str, key: str) -> int | None:
+    if text.lower() in ("none", "0"):
+        return None
+    number = text.rstrip("kKmMgGiIbB")
+    factor = _SUFFIXES.get(text[len(number):].lower())
+    try:
+        value = float(number) * factor if factor is not None else None
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value) or value < 1:
+        raise InputError(f"decode limit {key}={text!r} is not a positive number (such as 200M, 1GiB, or none)")
+    return int(value)
+
+
+def resized_size(width: int, height: int, shorter: int) -> tuple[int, int]:
+    """(width, height) after scaling the shorter side to `shorter`, as torchvision computes it."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = shorter, int(shorter * long / short)
+    return (new_short, new_long) if width <= height else (new_long, new_short)
+
+
+def load_image(path: str | os.PathLike, *, limits: DecodeLimits | None = None,
+               max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_to: int | None = None,
+               resize_to: int | None = None) -> Image.Image:
+    """Open `path` as an upright RGB image (EXIF orientation applied), within a decode budget.
 
     Args:
-        max_pixels: refuse images with more pixels than this (width x height, read from
-            the header before anything is decoded); None accepts any size.
+        limits: the budget (`DecodeLimits`), checked from the header before anything is
+            decoded; default: `DecodeLimits(max_pixels=max_pixels)`.
+        max_pixels: without `limits`, refuse images with more pixels than this (width x
+            height as stored); None accepts any size.
         reduce_to: the shorter side the caller will resize the image to. A JPEG at least
             `2 * DRAFT_MARGIN` times larger is decoded at a reduced scale that keeps its
             shorter side >= `DRAFT_MARGIN * reduce_to` (the fast path). None decodes at
             full size (the exact path).
+        resize_to: the shorter side the caller will resize the image to, for the budget's
+            `max_resized_pixels` (default: `reduce_to`); None skips that check.
 
     Raises `ImageError` naming the file and the reason for a missing, empty, truncated,
-    corrupt, oversized or non-image file.
+    corrupt, over-budget or non-image file.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(path, "no such file" if not path.exists() else "not a file")
-    if path.stat().st_size == 0:
-        raise ImageError(path, "empty file (0 bytes)")
-    return _decode_any(path, path, max_pixels, reduce_to)
+    path, limits = _checked_file(path, limits, max_pixels)
+    resize_to = resize_to if resize_to is not None else reduce_to
+    return _guarded(path, path, limits, lambda source: _decode_checked(source, path, limits, reduce_to, resize_to))
 
 
-def decode_image(data: bytes, name: str | os.PathLike = "<bytes>", *, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 reduce_to: int | None = None) -> Image.Image:
+def decode_image(data: bytes, name: str | os.PathLike = "<bytes>", *, limits: DecodeLimits | None = None,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS, reduce_to: int | None = None,
+                 resize_to: int | None = None) -> Image.Image:
     """`load_image` for an encoded image already in memory (read by Ray's readers, uploaded, ...):
-    the same decoding, fast path and errors, with `name` standing for the file in them."""
+    the same decoding, decode budget, fast path and errors, with `name` standing for the file in them."""
+    limits = _limits(limits, max_pixels)
     if not data:
         raise ImageError(name, "empty file (0 bytes)")
-    return _decode_any(io.BytesIO(data), name, max_pixels, reduce_to)
+    resize_to = resize_to if resize_to is not None else reduce_to
+    return _guarded(io.BytesIO(data), name, limits,
+                    lambda source: _decode_checked(source, name, limits, reduce_to, resize_to))
 
 
-def image_from_array(array: np.ndarray, name: str | os.PathLike = "<array>") -> Image.Image:
+def image_from_array(array: np.ndarray, name: str | os.PathLike = "<array>", *,
+                     limits: DecodeLimits | None = None, resize_to: int | None = None) -> Image.Image:
     """An RGB image from decoded pixels, as `ray.data.read_images` gives them: H x W grey (uint8, or
     16-bit, integer and float grey scaled as files of those modes are), H x W x 3 RGB or H x W x 4
-    RGBA (uint8; transparency composited on white, as for files)."""
+    RGBA (uint8; transparency composited on white, as for files). The pixels already exist, so of
+    the decode budget only the size once resized (`resize_to`) is checked."""
     arr = np.asarray(array)
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.size == 0 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[-1] in (3, 4))):
         raise ImageError(name, f"not an image array (shape {tuple(arr.shape)}; expected H x W, H x W x 3 "
                          f"or H x W x 4)")
+    _check_resized(name, (arr.shape[1], arr.shape[0]), limits or DEFAULT_LIMITS, resize_to)
     if arr.ndim == 2 and arr.dtype != np.uint8:
-        mode = "I;16" if arr.dtype == np.uint16 else "F" if arr.dtype.kind == "f" else "I"
-        return Image.fromarray(_to_uint8(arr, mode)).convert("RGB")
+        if arr.dtype == np.uint16:
+            return _gray_rgb(_SIXTEEN_TO_EIGHT[arr])
+        values = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        low, high = _value_range("F" if arr.dtype.kind == "f" else "I", float(values.min()), float(values.max()))
+        return _gray_rgb(np.clip((values - low) / (high - low) * 255.0 + 0.5, 0, 255))
     if arr.dtype != np.uint8:
         raise ImageError(name, f"colour pixels must be uint8, got {arr.dtype}")
     return to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
 
 
-def _decode_any(source: Path | io.BytesIO, name: str | os.PathLike, max_pixels: int | None,
-                reduce_to: int | None) -> Image.Image:
+def probe_image(path: str | os.PathLike, *, limits: DecodeLimits | None = None,
+                resize_to: int | None = None) -> tuple[int, int]:
+    """Check `path` against `limits` from its header alone (no pixel is decoded): raises the
+    `ImageError` that `load_image` would raise for a missing, empty, non-image or over-budget
+    file (not for a truncated one: that shows only when decoding). Returns the stored size."""
+    path, limits = _checked_file(path, limits, DEFAULT_MAX_PIXELS)
+    return _guarded(path, path, limits, lambda source: _probe_checked(source, path, limits, resize_to))
+
+
+def _limits(limits: DecodeLimits | None, max_pixels: int | None) -> DecodeLimits:
     if max_pixels is not None and max_pixels < 1:
         raise InputError(f"max_pixels must be >= 1 (or None for no limit), got {max_pixels}")
+    if limits is None:
+        limits = DEFAULT_LIMITS if max_pixels == DEFAULT_MAX_PIXELS else DecodeLimits(max_pixels=max_pixels)
+    return limits
+
+
+def _checked_file(path: str | os.PathLike, limits: DecodeLimits | None,
+                  max_pixels: int | None) -> tuple[Path, DecodeLimits]:
+    path = Path(path)
+    limits = _limits(limits, max_pixels)
+    if not path.is_file():
+        raise ImageError(path, "no such file" if not path.exists() else "not a file")
+    if path.stat().st_size == 0:
+        raise ImageError(path, "empty file (0 bytes)")
+    return path, limits
+
+
+def _guarded(source: Path | io.BytesIO, name: str | os.PathLike, limits: DecodeLimits,
+             work: Callable[[Path | io.BytesIO], T]) -> T:
+    """`work(source)` with every failure turned into an `ImageError` naming `name` and the reason."""
     try:
         try:
-            return _decode(source, name, max_pixels, reduce_to)
+            return _quiet(lambda: work(source))
         except Image.DecompressionBombError:
             # Pillow's own module-wide limit refused the file before ours could decide. When the
             # caller allows more, decode with Pillow's limit lifted to the caller's.
-            if max_pixels is not None and max_pixels <= 2 * (Image.MAX_IMAGE_PIXELS or 0):
+            if limits.max_pixels is not None and limits.max_pixels <= 2 * (Image.MAX_IMAGE_PIXELS or 0):
                 raise
             if isinstance(source, io.BytesIO):
                 source.seek(0)
-            with _pillow_limit(max_pixels):
-                return _decode(source, name, max_pixels, reduce_to)
+            with _pillow_limit(limits.max_pixels):
+                return _quiet(lambda: work(source))
     except ImageError:
         raise
     except UnidentifiedImageError:
         raise ImageError(name, "not an image (unrecognised format)") from None
     except Image.DecompressionBombError:
-        raise ImageError(name, _too_large(None, max_pixels)) from None
+        raise ImageError(name, _too_large(None, limits.max_pixels)) from None
+    except MemoryError:
+        raise ImageError(name, "not enough memory to decode it; lower the decode limits (--decode-limits "
+                               "bytes=...) so that such files are refused before decoding") from None
     except Exception as e:  # noqa: BLE001
         # Pillow's plugins signal corrupt data with many exception types (OSError, SyntaxError,
         # ValueError, EOFError, struct.error, IndexError, ...); every one means "this file is bad",
         # and one bad file must never stop a run over thousands.
-        reason = str(e) or type(e).__name__
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ImageError(name, f"truncated or corrupt image ({reason})") from None
 
 
-def _decode(source: Path | io.BytesIO, name: str | os.PathLike, max_pixels: int | None,
-            reduce_to: int | None) -> Image.Image:
+def _quiet(work: Callable[[], T]) -> T:
     with warnings.catch_warnings():
         # our limit governs; Pillow's warning for sizes between its two thresholds is noise here
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return _decode_checked(source, name, max_pixels, reduce_to)
+        return work()
 
 
-def _decode_checked(source: Path | io.BytesIO, name: str | os.PathLike, max_pixels: int | None,
-                    reduce_to: int | None) -> Image.Image:
+def _probe_checked(source: Path | io.BytesIO, name: str | os.PathLike, limits: DecodeLimits,
+                   resize_to: int | None) -> tuple[int, int]:
+    with Image.open(source) as img:
+        check_header(name, img, limits, resize_to)
+        orientation = _orientation(img, name, decoded=False)
+        _check_bytes(name, img, limits, orientation or 1)
+        return img.size
+
+
+def _decode_checked(source: Path | io.BytesIO, name: str | os.PathLike, limits: DecodeLimits,
+                    reduce_to: int | None, resize_to: int | None) -> Image.Image:
     with Image.open(source) as img:
         width, height = img.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise ImageError(name, _too_large((width, height), max_pixels))
+        check_header(name, img, limits, resize_to)
         region = None
         if reduce_to is not None and img.format in _DRAFT_FORMATS:
             region = _draft(img, reduce_to)
+        orientation = _orientation(img, name, decoded=False)
+        _check_bytes(name, img, limits, orientation or 1)
         img.load()  # the first frame of an animation or the first page of a TIFF
-        orientation = _apply_exif_orientation(img, name)
+        if orientation is None:  # its EXIF block follows the pixels: known only now
+            orientation = _orientation(img, name, decoded=True) or 1
+            _check_bytes(name, img, limits, orientation)
+        orientation = _transpose(img, name, orientation)
         rgb = to_rgb(img)
         if region is not None:
             reduced = img.size if orientation in (1, 2, 3, 4) else img.size[::-1]  # as stored
@@ -167,10 +309,76 @@ def _decode_checked(source: Path | io.BytesIO, name: str | os.PathLike, max_pixe
         return rgb
 
 
+def check_header(path: str | os.PathLike, img: Image.Image, limits: DecodeLimits, resize_to: int | None) -> None:
+    """Refuse an opened (not yet decoded) image whose header breaks `limits`: pixels as stored,
+    pixels once resized so that the shorter side is `resize_to`, frames declared."""
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise ImageError(path, f"the header announces an empty image ({width}x{height})")
+    if limits.max_pixels is not None and width * height > limits.max_pixels:
+        raise ImageError(path, _too_large((width, height), limits.max_pixels))
+    _check_resized(path, (width, height), limits, resize_to)
+    frames = declared_frames(img)
+    if limits.max_frames is not None and frames > limits.max_frames:
+        raise ImageError(path, f"over the frame limit (it declares {frames:,} frames; the limit is "
+                               f"{limits.max_frames:,}: --decode-limits frames=N)")
+
+
+def _check_resized(name: str | os.PathLike, size: tuple[int, int], limits: DecodeLimits,
+                   resize_to: int | None) -> None:
+    if resize_to is None or limits.max_resized_pixels is None:
+        return
+    width, height = size
+    new_w, new_h = resized_size(width, height, resize_to)
+    if new_w * new_h > limits.max_resized_pixels:
+        raise ImageError(name, f"over the resize limit ({width}x{height} would become {new_w}x{new_h} = "
+                               f"{new_w * new_h:,} pixels once resized to the model's input; the limit is "
+                               f"{limits.max_resized_pixels:,}: --decode-limits resized=N)")
+
+
+def declared_frames(img: Image.Image) -> int:
+    """The frames an opened image declares in its header (APNG, animated WebP, MPO). GIF and TIFF
+    declare none: counting theirs means reading the whole file, and only the first is decoded."""
+    counted_lazily = isinstance(getattr(type(img), "n_frames", None), property)
+    frames = 1 if counted_lazily else getattr(img, "n_frames", 1)
+    return frames if isinstance(frames, int) and frames >= 1 else 1
+
+
+# bytes per pixel of Pillow's modes in memory (every other mode: 4)
+_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2, "BGR;15": 2,
+                    "BGR;16": 2, "BGR;24": 3}
+
+
+def decode_bytes(mode: str, size: tuple[int, int], orientation: int = 1) -> int:
+    """The peak memory of decoding a `mode` image of `size` into upright RGB: the decoded pixels,
+    their transposed copy for an EXIF orientation, and the RGB copy (made strip by strip from
+    16/32-bit and alpha modes, so never in a wider type)."""
+    stored = _BYTES_PER_PIXEL.get(mode, 4)
+    per_pixel = stored
+    if orientation in _ORIENTATION:
+        per_pixel = max(per_pixel, 2 * stored)
+    if mode != "RGB":
+        per_pixel = max(per_pixel, stored + 4)  # Pillow holds RGB in 4 bytes per pixel
+    return size[0] * size[1] * per_pixel
+
+
+def _check_bytes(path: str | os.PathLike, img: Image.Image, limits: DecodeLimits, orientation: int) -> None:
+    if limits.max_bytes is None:
+        return
+    need = decode_bytes(img.mode, img.size, orientation)
+    if need > limits.max_bytes:
+        raise ImageError(path, f"over the memory limit (decoding {img.size[0]}x{img.size[1]} in mode {img.mode} "
+                               f"needs {_mib(need)}; the limit is {_mib(limits.max_bytes)}: --decode-limits bytes=N)")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
 def _too_large(size: tuple[int, int] | None, max_pixels: int | None) -> str:
     found = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels, " if size else ""
     return (f"refused as a possible decompression bomb ({found}over the limit of {max_pixels:,}); "
-            f"raise the limit (max_pixels=, --max-pixels) if you trust the file")
+            f"raise the limit (--decode-limits pixels=N, --max-pixels) if you trust the file")
 
 
 @contextlib.contextmanager
@@ -206,7 +414,8 @@ def _draft(img: Image.Image, reduce_to: int) -> tuple[float, float, float, float
     result = img.draft(img.mode, (max(1, math.ceil(width * factor)), max(1, math.ceil(height * factor))))
     if result is None or img.size == (width, height):
         return None
-    return tuple(float(v) for v in result[1])
+    left, top, right, bottom = result[1]
+    return float(left), float(top), float(right), float(bottom)
 
 
 # EXIF orientation -> the transposition that makes the image upright (as `ImageOps.exif_transpose`)
@@ -215,17 +424,30 @@ _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_18
                 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 
 
-def _apply_exif_orientation(img: Image.Image, name: str | os.PathLike) -> int:
-    """Make `img` upright in place; returns the EXIF orientation that was applied (1: none)."""
+def _orientation(img: Image.Image, name: str | os.PathLike, decoded: bool) -> int | None:
+    """The EXIF orientation to apply (1: none), or None for a PNG not `decoded` yet whose EXIF block
+    may follow the pixels (Pillow would decode the image to find it)."""
+    if not decoded and img.format == "PNG" and "exif" not in img.info:
+        return None
     try:
         orientation = img.getexif().get(0x0112, 1)
-        if orientation in _ORIENTATION:
-            ImageOps.exif_transpose(img, in_place=True)
-            return orientation
     except Exception as e:  # noqa: BLE001
         # a malformed EXIF block does not make the pixels unusable: keep them as stored
         log.info("%s: ignoring unreadable EXIF orientation (%s)", name, e)
-    return 1
+        return 1
+    return orientation if orientation in _ORIENTATION else 1
+
+
+def _transpose(img: Image.Image, name: str | os.PathLike, orientation: int) -> int:
+    """Make `img` upright in place; returns the orientation applied (1: none)."""
+    if orientation not in _ORIENTATION:
+        return 1
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception as e:  # noqa: BLE001
+        log.info("%s: ignoring unreadable EXIF orientation (%s)", name, e)
+        return 1
+    return orientation
 
 
 def _orient(box: tuple[float, float, float, float], canvas: tuple[int, int], full: tuple[int, int],
@@ -253,33 +475,73 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
     16-bit images map their full range (0..65535) to 0..255; 32-bit integer and float
     images are scaled from the range their values use (0..255, 0..65535 or 0..1 when the
-    values fit one, else their own minimum..maximum).
+    values fit one, else their own minimum..maximum). Deep and alpha modes are converted
+    in strips of rows: the only whole-image copy made is the RGB result.
     """
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(img), img.mode), "L").convert("RGB")
+    if img.mode in _DEEP_MODES:
+        return _deep_to_rgb(img)
     has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
         img.mode in ("P", "L", "1") and "transparency" in img.info)
     if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return _strips_to_rgb(img, _composite_on_white)
     return img.convert("RGB")
 
 
-def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
-    arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-    if mode.startswith("I;16"):
-        low, high = 0.0, 65535.0
-    else:
-        lo, hi = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
-        if mode == "F" and lo >= 0 and hi <= 1:
-            low, high = 0.0, 1.0
-        elif lo >= 0 and hi <= 255:
-            low, high = 0.0, 255.0
-        elif lo >= 0 and hi <= 65535:
-            low, high = 0.0, 65535.0
-        else:
-            low, high = lo, max(hi, lo + 1e-12)
-    return np.clip((arr - low) / (high - low) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+_DEEP_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+# 16-bit value -> round(v / 65535 * 255) = round(v / 257), computed exactly in integers, once
+_SIXTEEN_TO_EIGHT = ((np.arange(65536, dtype=np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _strips(img: Image.Image) -> list[tuple[int, int, int, int]]:
+    """Boxes of whole rows covering `img`, about `STRIP_PIXELS` pixels each."""
+    width, height = img.size
+    rows = max(1, STRIP_PIXELS // max(width, 1))
+    return [(0, top, width, min(top + rows, height)) for top in range(0, height, rows)]
+
+
+def _strips_to_rgb(img: Image.Image, convert) -> Image.Image:
+    out = Image.new("RGB", img.size)
+    for box in _strips(img):
+        out.paste(convert(img.crop(box)), box[:2])
+    return out
+
+
+def _composite_on_white(strip: Image.Image) -> Image.Image:
+    rgba = strip.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, BACKGROUND + (255,))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def _deep_to_rgb(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit (integer, float) images to RGB, through a float64 copy of one strip at a time."""
+    if img.mode.startswith("I;16"):
+        return _strips_to_rgb(img, lambda s: _gray_rgb(_SIXTEEN_TO_EIGHT[np.asarray(s)]))
+    lo, hi = math.inf, -math.inf
+    for box in _strips(img):
+        arr = _finite(img.crop(box))
+        if arr.size:
+            lo, hi = min(lo, float(arr.min())), max(hi, float(arr.max()))
+    low, high = _value_range(img.mode, lo, hi) if lo <= hi else (0.0, 255.0)
+    return _strips_to_rgb(img, lambda s: _gray_rgb(np.clip((_finite(s) - low) / (high - low) * 255.0 + 0.5, 0, 255)))
+
+
+def _finite(strip: Image.Image) -> np.ndarray:
+    with np.errstate(invalid="ignore"):  # NaN and infinities become 0 here, on purpose
+        return np.nan_to_num(np.asarray(strip).astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _value_range(mode: str, lo: float, hi: float) -> tuple[float, float]:
+    """The range of values that maps to 0..255: the first standard range holding [lo, hi], else [lo, hi]."""
+    if mode == "F" and lo >= 0 and hi <= 1:
+        return 0.0, 1.0
+    if lo >= 0 and hi <= 255:
+        return 0.0, 255.0
+    if lo >= 0 and hi <= 65535:
+        return 0.0, 65535.0
+    return lo, max(hi, lo + 1e-12)
+
+
+def _gray_rgb(values: np.ndarray) -> Image.Image:
+    return Image.fromarray(values.astype(np.uint8), "L").convert("RGB")

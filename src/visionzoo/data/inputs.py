@@ -11,13 +11,21 @@ An input is one of:
     file's folder);
   - a `.csv` file with a `path` column (a labelled dataset, see `datasets.py`): the
     images it lists, relative to the CSV's folder.
+
+Folder searches (and `**` in globs) follow symbolic links to folders, each folder once (by
+device and inode): a link back to a folder on the way down (a loop, such as `sub/up -> ..`)
+is reported as a failure and not entered, and a second link to a folder already searched is
+skipped, so that every image is found once and every search ends.
 """
 from __future__ import annotations
 
 import csv
+import fnmatch
 import glob
+import logging
 import os
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +37,9 @@ from .video import VIDEO_EXTENSIONS
 MEDIA_EXTENSIONS = {"image": IMAGE_EXTENSIONS, "video": VIDEO_EXTENSIONS}
 ALL_MEDIA = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
 
+log = logging.getLogger("visionzoo")
+FolderKey = tuple[int, int]  # (device, inode): a folder, whatever the links that lead to it
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -38,7 +49,7 @@ class Failure:
     reason: str
 
 
-def expand_inputs(items: Iterable[str | os.PathLike], *,
+def expand_inputs(items: Iterable[str | os.PathLike] | str | os.PathLike, *,
                   kinds: Iterable[str] = ("image",)) -> tuple[list[Path], list[Failure]]:
     """Files, folders, globs, `@LIST` files and CSV datasets -> image files (or the `kinds` of media
     file the model takes: "image", "video").
@@ -70,7 +81,7 @@ def expand_inputs(items: Iterable[str | os.PathLike], *,
         if text.startswith("@") and not from_list and not path.exists():
             _expand_list(Path(text[1:]).expanduser(), expand, failures)
         elif path.is_dir():
-            media = sorted(find_images(path, ALL_MEDIA))  # one walk: the model's files and any others
+            media = sorted(find_images(path, failures, ALL_MEDIA))  # one walk: the model's files and any others
             found = [p for p in media if p.suffix.lower() in extensions]
             _check_other_media(path, kinds, found, [p for p in media if p.suffix.lower() not in extensions])
             if not found:
@@ -83,7 +94,7 @@ def expand_inputs(items: Iterable[str | os.PathLike], *,
         elif path.is_file():
             add(path)
         elif glob.has_magic(text):
-            matches = [Path(m) for m in sorted(glob.glob(text, recursive=True))]
+            matches = sorted(glob_paths(text, failures))
             matches = [m for m in matches if m.is_file()]
             if not matches:
                 failures.append(Failure(text, "pattern matches no files"))
@@ -97,26 +108,144 @@ def expand_inputs(items: Iterable[str | os.PathLike], *,
     return files, failures
 
 
-def find_images(folder: Path, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> Iterable[Path]:
+def find_images(folder: Path, loops: list[Failure] | None = None,
+                extensions: frozenset[str] = IMAGE_EXTENSIONS) -> Iterator[Path]:
     """Image files (or files with other `extensions`) below `folder` at any depth (unsorted),
-    skipping hidden files and folders."""
-    for root, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .ipynb_checkpoints, ...
-        for name in names:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
-                yield Path(root) / name
+    skipping hidden files and folders.
+
+    Symbolic links to folders are followed, each folder once; a link that loops back is not
+    entered and becomes a `Failure` in `loops` (logged when `loops` is None)."""
+    for entry in _walk(Path(folder), loops):
+        if not entry.is_dir() and os.path.splitext(entry.name)[1].lower() in extensions:
+            yield Path(entry.path)
+
+
+def _walk(top: Path, loops: list[Failure] | None) -> Iterator[os.DirEntry]:
+    """The non-hidden entries below `top`, each folder entered once: the real folders first (so that
+    a folder is found under its own path), then the folders that only links lead to."""
+    key = _folder_key(top)
+    if key is None:
+        return
+    seen = {key}
+    folders: list[tuple[Path, dict[FolderKey, Path]]] = [(top, {key: top})]  # to list, with their ancestors
+    links: deque[tuple[os.DirEntry, FolderKey, dict[FolderKey, Path]]] = deque()
+    while folders or links:
+        if not folders:
+            entry, sub, ancestors = links.popleft()
+            if sub in ancestors:
+                _loop(entry, ancestors[sub], loops)
+            elif sub not in seen:  # else: searched already, under another path
+                seen.add(sub)
+                yield entry
+                folders.append((Path(entry.path), {**ancestors, sub: Path(entry.path)}))
+            continue
+        folder, ancestors = folders.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError:  # unreadable or vanished: as os.walk, skip it
+            continue
+        below = []
+        for entry in entries:
+            inner = _entry_folder_key(entry)
+            if inner is None:
+                yield entry
+            elif entry.is_symlink():
+                links.append((entry, inner, ancestors))
+            elif inner not in seen:
+                seen.add(inner)
+                yield entry
+                below.append((Path(entry.path), {**ancestors, inner: Path(entry.path)}))
+        folders.extend(reversed(below))
+
+
+def _folder_key(path: Path) -> FolderKey | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _entry_folder_key(entry: os.DirEntry) -> FolderKey | None:
+    """The folder an entry is or links to; None for anything else (or a broken link)."""
+    try:
+        if not entry.is_dir():
+            return None
+        st = entry.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+def _loop(entry: os.DirEntry, ancestor: Path, loops: list[Failure] | None) -> None:
+    failure = Failure(entry.path, f"symbolic link loop (it leads back to {ancestor}); not followed")
+    if loops is None:
+        log.warning("%s: %s", failure.path, failure.reason)
+    else:
+        loops.append(failure)
+
+
+def glob_paths(pattern: str, loops: list[Failure] | None = None) -> Iterator[Path]:
+    """The files matching a glob `pattern` (`**` spans folders, as `glob.glob(recursive=True)`),
+    with `**` following each symbolic link to a folder once, as folder searches do."""
+    if "**" not in pattern:
+        yield from (Path(m) for m in glob.glob(pattern) if os.path.isfile(m))
+        return
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    found: set[Path] = set()
+    looped: list[Failure] = []
+    for path in _match(Path(*parts[:fixed]), parts[fixed:], looped):
+        if path not in found and path.is_file():
+            found.add(path)
+            yield path
+    for failure in {f.path: f for f in looped}.values():  # a loop met by several `**` walks, once
+        if loops is None:
+            log.warning("%s: %s", failure.path, failure.reason)
+        else:
+            loops.append(failure)
+
+
+def _match(folder: Path, parts: tuple[str, ...], loops: list[Failure]) -> Iterator[Path]:
+    """The paths below `folder` that match the pattern components `parts`."""
+    if not parts:
+        yield folder
+        return
+    head, rest = parts[0], parts[1:]
+    if head == "**":
+        # zero folders, then everything below (each folder once, loops reported) matched against the rest
+        yield from _match(folder, rest, loops)
+        for entry in _walk(folder, loops):
+            if not rest:
+                yield Path(entry.path)
+            elif entry.is_dir():
+                yield from _match(Path(entry.path), rest, loops)
+        return
+    if not glob.has_magic(head):
+        yield from _match(folder / head, rest, loops)
+        return
+    try:
+        with os.scandir(folder) as it:
+            names = sorted(e.name for e in it)
+    except OSError:
+        return
+    hidden_ok = head.startswith(".")
+    for name in fnmatch.filter(names, head):
+        if hidden_ok or not name.startswith("."):
+            yield from _match(folder / name, rest, loops)
 
 
 def _check_other_media(folder: Path, kinds: tuple[str, ...], own: list[Path], others: list[Path]) -> None:
     """A folder holding both files the model takes and media of another kind is refused: which ones
-    did the user mean?"""
+    did the user mean? (The message names no model: `predict` reads folders before it opens one.)"""
     if not (own and others):
         return
     kind = next(k for k, ext in MEDIA_EXTENSIONS.items() if others[0].suffix.lower() in ext)
-    takes = " and ".join(kinds)
-    raise InputError(f"{folder} mixes {takes} files ({len(own)}) with {kind} files ({len(others)}, e.g. "
-                     f"{others[0].name}); this model takes {takes} files only: put the {kind} files in another "
-                     f"folder (a {kind} model takes them)")
+    counts = sorted([(" and ".join(kinds), own), (kind, others)])
+    listed = " and ".join(f"{name} files ({len(paths)}, e.g. {paths[0].name})" for name, paths in counts)
+    raise InputError(f"{folder} mixes {listed}; a model takes one kind (an image model the images, a video model "
+                     f"the videos): put them in separate folders")
 
 
 def _expand_list(list_file: Path, expand, failures: list[Failure]) -> None:

@@ -16,7 +16,11 @@ recipe's `frame_rate` (each sampled frame is the source frame at or before its t
 middle one). A video shorter than a clip repeats its last frame.
 
 Every failure (not a video, corrupt, truncated, no video stream, no frames) is a `VideoError`
-naming the file, which the workflows report and step over.
+naming the file, which the workflows report and step over. The decode budget of images
+(`DecodeLimits`) applies to each frame where it has a meaning: `pixels` (a frame's width x height,
+from the header, before anything is decoded) and `bytes` (a decoded frame and its RGB copy). The
+other two do not: frames are resized to the recipe's size, bounded by `Preprocess` itself, and a
+video's frame count is what lazy decoding makes harmless (memory holds a clip, not the video).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import InputError, VideoError, check_at_least
 from ..optional import require
+from .images import DEFAULT_LIMITS, DecodeLimits
 from .loader import ImageBatch, default_num_workers, fix_mmap_threshold
 from .preprocess import Preprocess
 from .transforms import resized_size
@@ -44,6 +49,9 @@ SEEK_GAP_S = 2.0  # seek (to the keyframe before) instead of decoding through ga
 # frames a header may promise beyond the last one decoded before the file counts as truncated
 # (containers round their duration; a stream can end a frame or two early)
 END_SLACK = 3
+# memory of one decoded frame: up to 3 bytes a pixel as decoded (8-bit 4:4:4; 4:2:0 takes 1.5), and
+# its RGB copy (3)
+FRAME_BYTES_PER_PIXEL = 6
 
 
 def is_video_file(path: str | os.PathLike) -> bool:
@@ -104,9 +112,10 @@ class ClipSampling:
 
 
 class VideoReader:
-    """One video file, decoded lazily. Use as a context manager (or call `close`)."""
+    """One video file, decoded lazily. Use as a context manager (or call `close`). Its frame size is
+    checked against `limits` (see the module docstring) before any frame is decoded."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, limits: DecodeLimits | None = DEFAULT_LIMITS):
         av = _av()
         self.path = str(path)
         try:
@@ -117,6 +126,8 @@ class VideoReader:
             raise VideoError(self.path, f"not a readable video ({_reason(e)})") from None
         try:
             self.info = self._probe()
+            if limits is not None:
+                self._check(limits)
         except BaseException:
             self.container.close()
             raise
@@ -151,6 +162,17 @@ class VideoReader:
             raise VideoError(self.path, "the video stream has no frames")
         self.start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
         return VideoInfo(self.path, fps, frames, width, height)
+
+    def _check(self, limits: DecodeLimits) -> None:
+        width, height = self.info.width, self.info.height
+        pixels = width * height
+        if limits.max_pixels is not None and pixels > limits.max_pixels:
+            raise VideoError(self.path, f"frames of {width}x{height} = {pixels:,} pixels are over the limit of "
+                                        f"{limits.max_pixels:,}; raise it (--decode-limits pixels=N) if you trust "
+                                        f"the file")
+        if limits.max_bytes is not None and pixels * FRAME_BYTES_PER_PIXEL > limits.max_bytes:
+            raise VideoError(self.path, f"a decoded {width}x{height} frame takes {pixels * FRAME_BYTES_PER_PIXEL:,} "
+                                        f"bytes, over the limit of {limits.max_bytes:,} (--decode-limits bytes=N)")
 
     def frames(self, indices: Sequence[int]) -> Iterator[tuple[int, np.ndarray]]:
         """(index, (H, W, 3) uint8 RGB) for each index of `indices` (ascending; repeats yielded
@@ -306,13 +328,13 @@ class Clip:
 
 
 def read_clips(path: str | os.PathLike, preprocess: Preprocess, clips: int | None = None, *,
-               transform: ClipTransform | None = None) -> Iterator[Clip]:
+               transform: ClipTransform | None = None, limits: DecodeLimits | None = DEFAULT_LIMITS) -> Iterator[Clip]:
     """The evenly spaced clips of a video (`clips`, default the recipe's own count), in order, each
     preprocessed. Frames are decoded once even where clips overlap, and only the transformed frames
     of clips not yet complete are held."""
     sampling = ClipSampling.of(preprocess)
     transform = transform or ClipTransform(preprocess)
-    with VideoReader(path) as reader:
+    with VideoReader(path, limits) as reader:
         plan = sampling.clip_indices(reader.info, clips or preprocess.clips or 1)
         wanted = sorted({i for clip in plan for i in clip})
         held: dict[int, torch.Tensor] = {}
@@ -365,10 +387,12 @@ class VideoBatch(ImageBatch):
 class VideoFiles(Dataset):
     """Position i -> (i, (clips, C, T, H, W) tensor, None, spans), or (i, None, reason, []) for a bad file."""
 
-    def __init__(self, paths: Sequence[str | os.PathLike], preprocess: Preprocess, clips: int | None = None):
+    def __init__(self, paths: Sequence[str | os.PathLike], preprocess: Preprocess, clips: int | None = None,
+                 limits: DecodeLimits | None = DEFAULT_LIMITS):
         self.paths = list(paths)
         self.preprocess = preprocess
         self.clips = clips
+        self.limits = limits
         self.transform = ClipTransform(preprocess)
 
     def __len__(self) -> int:
@@ -376,7 +400,8 @@ class VideoFiles(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            got = list(read_clips(self.paths[i], self.preprocess, self.clips, transform=self.transform))
+            got = list(read_clips(self.paths[i], self.preprocess, self.clips, transform=self.transform,
+                                  limits=self.limits))
         except VideoError as e:
             return i, None, e.reason, []
         return i, torch.stack([c.tensor for c in got]), None, [(c.start_time, c.end_time) for c in got]
@@ -391,12 +416,14 @@ def _collate(items) -> VideoBatch:
 
 def video_batches(paths: Sequence[str | os.PathLike], preprocess: Preprocess, *, clips: int | None = None,
                   batch_size: int = 1, num_workers: int | None = None,
-                  index_batches: Sequence[Sequence[int]] | None = None, **_image_options) -> Iterator[VideoBatch]:
+                  index_batches: Sequence[Sequence[int]] | None = None, limits: DecodeLimits | None = DEFAULT_LIMITS,
+                  **_image_options) -> Iterator[VideoBatch]:
     """Yield the videos of `paths` as batches of whole videos (`batch_size` videos each, or the
     given `index_batches`), every video cut into its evenly spaced clips and preprocessed, decoded in
-    `num_workers` processes (None: one per spare core; 0: here). Options that only images have
-    (`fast`, `max_pixels`, `pin_memory`) are accepted and ignored, so this stands in for
-    `image_batches`. Memory: the clips of the batches in flight, whatever the videos' lengths."""
+    `num_workers` processes (None: one per spare core; 0: here), each frame within `limits` (a video
+    over them is a failure). Options that only images have (`fast`, `pin_memory`, `reuse_buffers`)
+    are accepted and ignored, so this stands in for `image_batches`. Memory: the clips of the
+    batches in flight, whatever the videos' lengths."""
     _av()  # a missing PyAV is one clear error, not a failure per file
     check_at_least("batch_size", batch_size, 1)
     check_at_least("num_workers", num_workers, 0, optional=True)
@@ -407,7 +434,7 @@ def video_batches(paths: Sequence[str | os.PathLike], preprocess: Preprocess, *,
         return
     if num_workers is None:
         num_workers = default_num_workers(len(groups))
-    loader = DataLoader(VideoFiles(paths, preprocess, clips), batch_sampler=groups, num_workers=num_workers,
+    loader = DataLoader(VideoFiles(paths, preprocess, clips, limits), batch_sampler=groups, num_workers=num_workers,
                         collate_fn=_collate, worker_init_fn=fix_mmap_threshold if num_workers else None,
                         prefetch_factor=1 if num_workers else None)
     yield from loader

@@ -5,9 +5,12 @@ weights="IMAGENET1K_V2")`; a builder exists for every architecture in the regist
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .base import FeatureInfo, ZooModel
+from .base import FeatureInfo, VisionModel, ZooModel
+
+if TYPE_CHECKING:
+    from .features import FeatureExtractor
 
 
 def __getattr__(name: str):
@@ -25,7 +28,7 @@ def __dir__() -> list[str]:
 
 
 def _builder(arch: str):
-    def build(weights: Any = None, progress: bool = True, **kwargs: Any) -> ZooModel:
+    def build(weights: Any = None, progress: bool = True, **kwargs: Any) -> VisionModel | FeatureExtractor:
         from ..factory import create_model
 
         return create_model(arch, weights=weights, progress=progress, **kwargs)

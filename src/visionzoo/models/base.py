@@ -113,8 +113,9 @@ class VisionModel(nn.Module):
         that owns such buffers implements `init_computed_buffers`; the default visits them.
         """
         for m in self.modules():
-            if m is not self and callable(getattr(m, "init_computed_buffers", None)):
-                m.init_computed_buffers()
+            init = getattr(m, "init_computed_buffers", None)
+            if m is not self and callable(init):
+                init()
 
 
 class ZooModel(VisionModel):

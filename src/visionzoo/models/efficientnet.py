@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, replace
 from enum import Enum
 from functools import partial
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -77,7 +78,14 @@ class EfficientNetConfig:
 
 
 _B = partial(EfficientNetConfig, _B0_STAGES)
-_TF_BN = {"bn_eps": 1e-3, "bn_momentum": 0.01}  # b5-b7 were ported from TensorFlow
+
+
+class _BatchNormArgs(TypedDict):
+    bn_eps: float
+    bn_momentum: float
+
+
+_TF_BN: _BatchNormArgs = {"bn_eps": 1e-3, "bn_momentum": 0.01}  # b5-b7 were ported from TensorFlow
 _LITE = partial(EfficientNetConfig, _B0_STAGES, act_layer=nn.ReLU6, squeeze_excite=False,
                 same_padding=True, bn_eps=1e-3, last_chs=1280, fixed_stem_head=True)
 VARIANTS: dict[str, EfficientNetConfig] = {
@@ -139,8 +147,10 @@ class EfficientNet(ZooModel):
     def __init__(self, cfg: EfficientNetConfig, num_classes: int = 1000, in_chans: int = 3,
                  dropout: float | None = None, stochastic_depth: float | None = None):
         super().__init__()
-        cfg = replace(cfg, **{k: v for k, v in (("dropout", dropout), ("stochastic_depth", stochastic_depth))
-                              if v is not None})
+        if dropout is not None:
+            cfg = replace(cfg, dropout=dropout)
+        if stochastic_depth is not None:
+            cfg = replace(cfg, stochastic_depth=stochastic_depth)
         norm_layer = partial(nn.BatchNorm2d, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
         width = partial(_scale_width, mult=cfg.width_mult)
         stem = cfg.stages[0].in_chs if cfg.fixed_stem_head else width(cfg.stages[0].in_chs)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from .base import FeatureInfo, ZooModel
+from .base import FeatureInfo, VisionModel, ZooModel
 
 
 class _StagesCaptured(Exception):
@@ -30,7 +30,7 @@ class FeatureExtractor(nn.Module):
         feature_info: the `FeatureInfo` (module, channels, reduction) of each returned map.
     """
 
-    def __init__(self, model: ZooModel, out_indices: Sequence[int] | None = None):
+    def __init__(self, model: VisionModel, out_indices: Sequence[int | str] | None = None):
         super().__init__()
         if not isinstance(model, ZooModel):
             raise InputError(f"features_only needs a visionzoo model, got {type(model).__name__}")
@@ -56,47 +56,59 @@ class FeatureExtractor(nn.Module):
         return [info.reduction for info in self.feature_info]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        captured: dict[int, torch.Tensor] = {}
-        wanted = set(self.out_indices)
-
-        def hook_for(index: int):
-            def hook(module, inputs, output):
-                if index not in captured:  # a module called twice: its first call is the stage
-                    captured[index] = self.model.format_stage_output(index, output)
-                    if wanted.issubset(captured):
-                        raise _StagesCaptured
-            return hook
-
-        handles = [self.model.get_submodule(self.model.feature_info[i].module).register_forward_hook(hook_for(i))
-                   for i in sorted(wanted)]
-        try:
-            self.model.forward_features(x)
-        except _StagesCaptured:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        missing = sorted(wanted.difference(captured))
-        if missing:
-            names = ", ".join(self.model.feature_info[i].module for i in missing)
-            raise RuntimeError(f"{self.model.arch or type(self.model).__name__}: forward_features never ran the "
-                               f"stage module(s) {names}; its feature_info does not match its forward")
-        return [captured[i] for i in self.out_indices]
+        return capture_stages(self.model, self.out_indices, x)
 
     def extra_repr(self) -> str:
         return f"out_indices={self.out_indices}, channels={self.channels}, reductions={self.reductions}"
 
 
-def resolve_out_indices(model: ZooModel, out_indices: Sequence[int] | int | str | None) -> tuple[int, ...]:
+def capture_stages(model: ZooModel, out_indices: Sequence[int], x: torch.Tensor) -> list[torch.Tensor]:
+    """The NCHW outputs of the stages `out_indices` (positions in `model.feature_info`, already
+    resolved) of `model` on `x`, in that order; the forward pass stops after the deepest one.
+
+    Models that own their stages under torchvision's names (detection backbones) call this on the
+    model itself, so no wrapper changes the parameter names.
+    """
+    captured: dict[int, torch.Tensor] = {}
+    wanted = set(out_indices)
+    # torch.export follows the module calls; an exception unwinding them would confuse it, so an
+    # exported extractor runs the whole of forward_features
+    stop_early = not torch.compiler.is_exporting()
+
+    def hook_for(index: int):
+        def hook(module, inputs, output):
+            if index not in captured:  # a module called twice: its first call is the stage
+                captured[index] = model.format_stage_output(index, output)
+                if stop_early and wanted.issubset(captured):
+                    raise _StagesCaptured
+        return hook
+
+    handles = [model.get_submodule(model.feature_info[i].module).register_forward_hook(hook_for(i))
+               for i in sorted(wanted)]
+    try:
+        model.forward_features(x)
+    except _StagesCaptured:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = sorted(wanted.difference(captured))
+    if missing:
+        names = ", ".join(model.feature_info[i].module for i in missing)
+        raise RuntimeError(f"{model.arch or type(model).__name__}: forward_features never ran the "
+                           f"stage module(s) {names}; its feature_info does not match its forward")
+    return [captured[i] for i in out_indices]
+
+
+def resolve_out_indices(model: ZooModel, out_indices: Sequence[int | str] | int | str | None) -> tuple[int, ...]:
     """Stage positions from indices (negative count from the deepest) or `feature_info` module names."""
     n = len(model.feature_info)
     if out_indices is None:
         return tuple(range(n))
-    if isinstance(out_indices, (int, str)):
-        out_indices = (out_indices,)
-    resolved = [resolve_stage(model, item) for item in out_indices]
+    items: Sequence[int | str] = (out_indices,) if isinstance(out_indices, (int, str)) else out_indices
+    resolved = [resolve_stage(model, item) for item in items]
     if len(set(resolved)) != len(resolved):
-        raise InputError(f"out_indices {tuple(out_indices)} name a stage twice")
+        raise InputError(f"out_indices {tuple(items)} name a stage twice")
     if not resolved:
         raise InputError("out_indices is empty; name at least one stage")
     return tuple(resolved)

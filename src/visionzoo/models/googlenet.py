@@ -92,6 +92,18 @@ class InceptionAux(nn.Module):
 class GoogLeNet(ZooModel):
     classifier_name = "fc"
     first_conv = "conv1.conv"
+    aux1: InceptionAux | None
+    aux2: InceptionAux | None
+    # the nine inception modules, added by name in __init__
+    inception3a: Inception
+    inception3b: Inception
+    inception4a: Inception
+    inception4b: Inception
+    inception4c: Inception
+    inception4d: Inception
+    inception4e: Inception
+    inception5a: Inception
+    inception5b: Inception
 
     def __init__(self, cfg: GoogLeNetConfig = GoogLeNetConfig(), num_classes: int = 1000, in_chans: int = 3,
                  aux_logits: bool = False, transform_input: bool = False, init_weights: bool = True,
@@ -145,12 +157,12 @@ class GoogLeNet(ZooModel):
         x = self.maxpool2(self.conv3(self.conv2(x)))
         x = self.maxpool3(self.inception3b(self.inception3a(x)))
         x = self.inception4a(x)
-        aux1 = self.aux1(x) if with_aux else None
+        aux1 = self.aux1(x) if with_aux and self.aux1 is not None else None
         x = self.inception4d(self.inception4c(self.inception4b(x)))
-        aux2 = self.aux2(x) if with_aux else None
+        aux2 = self.aux2(x) if with_aux and self.aux2 is not None else None
         x = self.maxpool4(self.inception4e(x))
         x = self.inception5b(self.inception5a(x))
-        return x, ((aux1, aux2) if with_aux else None)
+        return x, ((aux1, aux2) if aux1 is not None and aux2 is not None else None)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward_trunk(x, with_aux=False)[0]
@@ -165,6 +177,7 @@ class GoogLeNet(ZooModel):
         if not self.aux_logits:
             raise InputError("this GoogLeNet has no auxiliary classifiers; build it with aux_logits=True")
         features, aux = self._forward_trunk(x, with_aux=True)
+        assert aux is not None  # aux_logits: the trunk ran both auxiliary heads
         return self.forward_head(features), aux
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -184,7 +197,7 @@ class GoogLeNet(ZooModel):
         return {k: v for k, v in state_dict.items() if not k.startswith(("aux1.", "aux2."))}
 
 
-def _new_linear_like(prev: nn.Linear, num_classes: int) -> nn.Module:
+def _new_linear_like(prev: nn.Linear, num_classes: int) -> nn.Linear | nn.Identity:
     """A new `num_classes` layer after `prev` (Identity for 0), on `prev`'s device and dtype."""
     if num_classes == 0:
         return nn.Identity()

@@ -170,6 +170,12 @@ VARIANTS: dict[str, InceptionV3Config] = {"inception_v3": InceptionV3Config()}
 class InceptionV3(ZooModel):
     classifier_name = "fc"
     first_conv = "Conv2d_1a_3x3.conv"
+    # blocks added by name in __init__ that are used by attribute
+    Mixed_5d: InceptionA
+    Mixed_6e: InceptionC
+    Mixed_7a: InceptionD
+    Mixed_7b: InceptionE
+    Mixed_7c: InceptionE
 
     def __init__(self, cfg: InceptionV3Config = InceptionV3Config(), num_classes: int = 1000, in_chans: int = 3,
                  aux_logits: bool = True, transform_input: bool = False, init_weights: bool = True,
@@ -215,7 +221,7 @@ class InceptionV3(ZooModel):
                     nn.init.ones_(m.weight)
                     nn.init.zeros_(m.bias)
 
-    def _add(self, name: str, module: nn.Module) -> int:
+    def _add(self, name: str, module: InceptionA | InceptionB | InceptionC | InceptionD | InceptionE) -> int:
         self.add_module(name, module)
         return module.out_chs
 
@@ -226,7 +232,7 @@ class InceptionV3(ZooModel):
         x = self.maxpool2(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)))
         for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e"):
             x = getattr(self, name)(x)
-        aux = (self.AuxLogits(x),) if with_aux else None
+        aux = (self.AuxLogits(x),) if with_aux and self.AuxLogits is not None else None
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))
         return x, aux
 
@@ -242,6 +248,7 @@ class InceptionV3(ZooModel):
         if self.AuxLogits is None:
             raise InputError("this Inception v3 has no auxiliary classifier; build it with aux_logits=True")
         features, aux = self._forward_trunk(x, with_aux=True)
+        assert aux is not None  # AuxLogits exists: the trunk ran it
         return self.forward_head(features), aux
 
     def reset_classifier(self, num_classes: int) -> None:

@@ -54,7 +54,7 @@ class MBConv(nn.Module):
             proj: list[nn.Module] = [nn.Conv2d(in_chs, out_chs, 1)]
             if stride == 2:
                 proj.insert(0, nn.AvgPool2d(3, stride=2, padding=1))
-            self.proj = nn.Sequential(*proj)
+            self.proj: nn.Module = nn.Sequential(*proj)
         else:
             self.proj = nn.Identity()
         mid = int(out_chs * cfg.expansion_ratio)
@@ -73,6 +73,8 @@ class MBConv(nn.Module):
 
 class RelativePositionalMultiHeadAttention(nn.Module):
     """Self-attention over the P*P tokens of each partition, plus a learned relative-position bias."""
+
+    relative_position_index: torch.Tensor  # a computed buffer
 
     def __init__(self, dim: int, head_dim: int, partition_size: int, fused: bool = True):
         super().__init__()

@@ -105,8 +105,9 @@ class MobileNetV3(ZooModel):
             if block.stride == 2:  # a stage ends where the next downsampling begins
                 self.feature_info.append(FeatureInfo(f"features.{len(layers) - 1}", channels, reduction))
                 reduction *= 2 if block.dilation == 1 else 1
-            layers.append(InvertedResidual(channels, block, cfg.width_mult, norm_layer))
-            channels = layers[-1].out_channels
+            layer = InvertedResidual(channels, block, cfg.width_mult, norm_layer)
+            layers.append(layer)
+            channels = layer.out_channels
         last_conv = 6 * channels
         layers.append(ConvNormAct(channels, last_conv, 1, norm_layer=norm_layer, act_layer=HS))
         self.feature_info.append(FeatureInfo(f"features.{len(layers) - 1}", last_conv, reduction))

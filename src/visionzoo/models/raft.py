@@ -128,6 +128,10 @@ _BLOCKS = {BlockType.RESIDUAL: ResidualBlock, BlockType.BOTTLENECK: BottleneckBl
 class Encoder(nn.Module):
     """7x7 stem (stride 2), three stages of two blocks (strides 1, 2, 2), 1x1 projection: 1/8 resolution."""
 
+    layer1: nn.Sequential  # the three stages, added by name in __init__
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         block, norm_layer, widths = _BLOCKS[cfg.block], _NORM_LAYERS[cfg.norm], cfg.widths

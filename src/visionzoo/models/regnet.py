@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -31,7 +32,11 @@ class RegNetConfig:
     stem_width: int = 32
 
 
-_Y = {"se_ratio": 0.25}
+class _YArgs(TypedDict):
+    se_ratio: float
+
+
+_Y: _YArgs = {"se_ratio": 0.25}
 VARIANTS: dict[str, RegNetConfig] = {
     "regnet_x_400mf": RegNetConfig(22, 24, 24.48, 2.54, 16),
     "regnet_x_800mf": RegNetConfig(16, 56, 35.73, 2.28, 16),
@@ -125,7 +130,7 @@ class RegNet(ZooModel):
         super().__init__()
         self.stem = ConvNormAct(in_chans, cfg.stem_width, 3, 2)
         self.feature_info = [FeatureInfo("stem", cfg.stem_width, 2)]
-        channels, stages = cfg.stem_width, OrderedDict()
+        channels, stages = cfg.stem_width, OrderedDict[str, nn.Module]()
         for i, stage in enumerate(stage_plan(cfg)):
             name = f"block{i + 1}"
             stages[name] = nn.Sequential(OrderedDict(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import cast
 
 import torch
 from torch import nn
@@ -95,12 +96,17 @@ class Bottleneck(nn.Module):
         return self.relu(out + shortcut)
 
 
-_BLOCKS = {BlockType.BASIC: BasicBlock, BlockType.BOTTLENECK: Bottleneck}
+_BLOCKS: dict[BlockType, type[BasicBlock] | type[Bottleneck]] = {BlockType.BASIC: BasicBlock,
+                                                                BlockType.BOTTLENECK: Bottleneck}
 
 
 class ResNet(ZooModel):
     classifier_name = "fc"
     first_conv = "conv1"
+    layer1: nn.Sequential  # the four stages, added by name in __init__
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(self, cfg: ResNetConfig, num_classes: int = 1000, in_chans: int = 3,
                  zero_init_residual: bool = False,
@@ -147,9 +153,9 @@ class ResNet(ZooModel):
         if zero_init_residual:
             for m in self.modules():
                 if isinstance(m, Bottleneck):
-                    nn.init.zeros_(m.bn3.weight)
+                    nn.init.zeros_(cast(torch.Tensor, m.bn3.weight))  # any norm_layer has a weight
                 elif isinstance(m, BasicBlock):
-                    nn.init.zeros_(m.bn2.weight)
+                    nn.init.zeros_(cast(torch.Tensor, m.bn2.weight))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from ..data.preprocess import Preprocess
 from ..enums import Task, parse_enum
 from ..errors import InputError
 from . import mobilenetv3, resnet
-from .base import VisionModel, ZooModel
+from .base import FeatureInfo, VisionModel, ZooModel
 from .features import FeatureExtractor
 from .layers import ConvNormAct
 from .resnet import Bottleneck
@@ -100,12 +100,16 @@ class SegmentationModel(VisionModel):
     `backbone(x)` returns a list of maps with `channels` channels: `[main]`, or
     `[secondary, main]` where the secondary map feeds the auxiliary head (FCN, DeepLabV3) or
     is LR-ASPP's low-level (stride 8) input.
+
+    `feature_info` lists the backbone's stages (as a classifier's, shallow to deep), named within
+    this model (`backbone.layer3`, `backbone.model.features.5`): what fine-tuning freezes or
+    trains stage by stage, the heads being what runs after the last one.
     """
 
     task: ClassVar[Task] = Task.SEGMENTATION
 
     def __init__(self, backbone: nn.Module, channels: Sequence[int], head: HeadKind | str, num_classes: int = 21,
-                 aux_loss: bool = False):
+                 aux_loss: bool = False, feature_info: Sequence[FeatureInfo] = ()):
         super().__init__()
         head = parse_enum(HeadKind, head, "segmentation head")
         _check_num_classes(num_classes)
@@ -119,12 +123,13 @@ class SegmentationModel(VisionModel):
         self.num_classes = num_classes
         self.backbone = backbone
         if head is HeadKind.LRASPP:
-            self.classifier: nn.Module = LRASPPHead(channels[0], channels[1], num_classes)
+            self.classifier: LRASPPHead | DeepLabHead | FCNHead = LRASPPHead(channels[0], channels[1], num_classes)
         elif head is HeadKind.DEEPLABV3:
             self.classifier = DeepLabHead(channels[-1], num_classes)
         else:
             self.classifier = FCNHead(channels[-1], num_classes)
         self.aux_classifier = FCNHead(channels[0], num_classes) if aux_loss else None
+        self.feature_info = list(feature_info)
 
     @property
     def class_layers(self) -> tuple[str, ...]:
@@ -153,7 +158,7 @@ class SegmentationModel(VisionModel):
         for name in self.class_layers:
             parent_name, _, leaf = name.rpartition(".")
             parent = self.get_submodule(parent_name)
-            old = parent.get_submodule(leaf)
+            old = cast(nn.Conv2d, parent.get_submodule(leaf))  # the heads' class layers are 1x1 convolutions
             new = nn.Conv2d(old.in_channels, num_classes, 1)
             setattr(parent, leaf, new.to(device=old.weight.device, dtype=old.weight.dtype))
         self.num_classes = num_classes
@@ -178,21 +183,29 @@ class PublishedSegmentationModel(SegmentationModel):
 
     def __init__(self, cfg: SegmentationConfig, num_classes: int = 21, aux_loss: bool | None = None):
         aux = cfg.head is not HeadKind.LRASPP if aux_loss is None else bool(aux_loss)
-        layers, channels = _dilated_backbone(cfg.backbone)
+        layers, channels, stages = _dilated_backbone(cfg.backbone)
         taps = cfg.taps if aux or cfg.head is HeadKind.LRASPP else cfg.taps[1:]
-        super().__init__(StageTaps(layers, taps), [channels[t] for t in taps], cfg.head, num_classes, aux)
+        backbone = StageTaps(layers, taps)
+        kept = {f"backbone.{name}" for name, _ in backbone.named_children()}
+        super().__init__(backbone, [channels[t] for t in taps], cfg.head, num_classes, aux,
+                         [info for info in stages if info.module in kept])
 
 
-def _dilated_backbone(name: str) -> tuple[list[tuple[str, nn.Module]], dict[str, int]]:
+def _dilated_backbone(name: str) -> tuple[list[tuple[str, nn.Module]], dict[str, int], list[FeatureInfo]]:
     """The layers of torchvision's segmentation backbone `name` (our classifier built dilated,
-    its class head left out) and the output channels of each layer that can be tapped."""
+    its class head left out), the output channels of each layer that can be tapped, and the
+    classifier's stages named as they will be in the segmentation model (`backbone.<layer>`)."""
     if name in resnet.VARIANTS:
         net = resnet.ResNet(resnet.VARIANTS[name], num_classes=0, replace_stride_with_dilation=(False, True, True))
-        return list(net.named_children()), {info.module: info.num_chs for info in net.feature_info}
+        stages = [replace(info, module=f"backbone.{info.module}") for info in net.feature_info]
+        return list(net.named_children()), {info.module: info.num_chs for info in net.feature_info}, stages
     if name in mobilenetv3.VARIANTS:
-        features = mobilenetv3.MobileNetV3(mobilenetv3.VARIANTS[name], dilated=True).features
-        layers = list(features.named_children())
-        return layers, {n: m.out_channels for n, m in layers}
+        classifier = mobilenetv3.MobileNetV3(mobilenetv3.VARIANTS[name], dilated=True)
+        layers = list(classifier.features.named_children())
+        # its stages are `features.<i>`; the backbone holds `features`' layers themselves
+        stages = [replace(info, module="backbone." + info.module.removeprefix("features."))
+                  for info in classifier.feature_info]
+        return layers, {n: cast(int, m.out_channels) for n, m in layers}, stages
     raise ValueError(f"no dilated segmentation backbone {name!r}")
 
 
@@ -235,9 +248,9 @@ def segmentation_model(backbone: ZooModel, head: HeadKind | str, num_classes: in
     if head is HeadKind.LRASPP:
         low = next((i for i, info in enumerate(infos) if info.reduction == 8), None)
         if low is None or low == deepest:
-            stages = ", ".join(f"{info.module} (/{info.reduction})" for info in infos)
+            listed = ", ".join(f"{info.module} (/{info.reduction})" for info in infos)
             raise InputError(f"LR-ASPP needs a stage at stride 8 before the deepest one, and {name} has none "
-                             f"({stages}); use the fcn or deeplabv3 head")
+                             f"({listed}); use the fcn or deeplabv3 head")
         taps: tuple[int, ...] = (low, deepest)
     elif aux_loss:
         if deepest == 0:
@@ -249,7 +262,9 @@ def segmentation_model(backbone: ZooModel, head: HeadKind | str, num_classes: in
         dilate_(backbone)
     backbone.reset_classifier(0)
     extractor = FeatureExtractor(backbone, taps)
-    return SegmentationModel(extractor, extractor.channels, head, num_classes, aux_loss)
+    # the extractor stops after the deepest tap: its stages are the ones up to there
+    stages = [replace(info, module=f"backbone.model.{info.module}") for info in backbone.feature_info[:max(taps) + 1]]
+    return SegmentationModel(extractor, extractor.channels, head, num_classes, aux_loss, stages)
 
 
 def dilate_(model: ZooModel) -> bool:
@@ -276,7 +291,7 @@ def _dilate_resnet_(net: resnet.ResNet) -> bool:
         return False
     dilation = 1
     for name in ("layer3", "layer4"):
-        stage = net.get_submodule(name)
+        stage = cast(list[Bottleneck], list(net.get_submodule(name).children()))  # checked above: bottlenecks
         if stage[0].conv2.stride == (1, 1):  # built dilated already
             dilation = stage[-1].conv2.dilation[0]
             continue
@@ -284,15 +299,16 @@ def _dilate_resnet_(net: resnet.ResNet) -> bool:
         first_dilation, dilation = dilation, dilation * 2
         for j, block in enumerate(stage):
             _set_dilation(block.conv2, first_dilation if j == 0 else dilation)
-        stage[0].downsample[0].stride = (1, 1)
+        cast(nn.Conv2d, cast(nn.Sequential, stage[0].downsample)[0]).stride = (1, 1)
     net.feature_info = [replace(info, reduction=8) if info.module in ("layer3", "layer4") else info
                         for info in net.feature_info]
     return True
 
 
 def _dilate_mobilenetv3_(net: mobilenetv3.MobileNetV3) -> bool:
-    depthwise = [next(m[0] for m in block.block if isinstance(m, ConvNormAct) and m[0].groups > 1)
-                 for block in net.features if isinstance(block, mobilenetv3.InvertedResidual)]
+    block_convs = [[cast(nn.Conv2d, m[0]) for m in block.block if isinstance(m, ConvNormAct)]
+                   for block in net.features if isinstance(block, mobilenetv3.InvertedResidual)]
+    depthwise = [next(conv for conv in convs if conv.groups > 1) for convs in block_convs]
     if any(conv.dilation != (1, 1) for conv in depthwise):
         return True
     start = max(i for i, conv in enumerate(depthwise) if conv.stride == (2, 2))

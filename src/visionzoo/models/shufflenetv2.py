@@ -73,6 +73,9 @@ class ShuffleUnit(nn.Module):
 
 class ShuffleNetV2(ZooModel):
     classifier_name = "fc"
+    stage2: nn.Sequential  # the three stages, added by name in __init__
+    stage3: nn.Sequential
+    stage4: nn.Sequential
     first_conv = "conv1.0"
 
     def __init__(self, cfg: ShuffleNetV2Config, num_classes: int = 1000, in_chans: int = 3):

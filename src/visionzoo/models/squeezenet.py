@@ -7,6 +7,7 @@ names match torchvision's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -102,7 +103,7 @@ class SqueezeNet(ZooModel):
 def _out_channels(layer: nn.Module) -> int:
     if isinstance(layer, Fire):
         return layer.expand1x1.out_channels + layer.expand3x3.out_channels
-    return layer.out_channels
+    return cast(nn.Conv2d, layer).out_channels  # the stem: a stage ends at a Fire module or the stem conv
 
 
 MODEL_CLASS = SqueezeNet

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from .base import FeatureInfo, ZooModel
 
 # the attributes of torch's layers that hold channel counts (only those that exist on a module are used)
 CHANNEL_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_features", "out_features",
@@ -28,7 +29,7 @@ CHANNEL_ATTRS = ("in_channels", "out_channels", "groups", "num_features", "in_fe
 
 
 def _attrs(module: nn.Module) -> dict[str, Any]:
-    out = {}
+    out: dict[str, Any] = {}
     for name in CHANNEL_ATTRS:
         value = getattr(module, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
@@ -80,15 +81,17 @@ def apply_structure(model: nn.Module, structure: Mapping[str, Any], state_dict: 
                 setattr(owner, leaf, nn.Parameter(fresh, requires_grad=tensor.requires_grad))
             else:
                 owner.register_buffer(leaf, fresh, persistent=leaf not in owner._non_persistent_buffers_set)
+    # attributes of classifiers, not of every model: set by name
     if "num_features" in structure and hasattr(model, "num_features"):
-        model.num_features = int(structure["num_features"])
+        setattr(model, "num_features", int(structure["num_features"]))  # noqa: B010
     chs = structure.get("feature_chs")
-    if chs and len(chs) == len(getattr(model, "feature_info", [])):
-        model.feature_info = [dataclasses.replace(info, num_chs=int(c)) for info, c in zip(model.feature_info, chs,
-                                                                                              strict=True)]
+    infos: list[FeatureInfo] = getattr(model, "feature_info", [])
+    if chs and len(chs) == len(infos):
+        setattr(model, "feature_info", [dataclasses.replace(info, num_chs=int(c))  # noqa: B010
+                                        for info, c in zip(infos, chs, strict=True)])
 
 
-def refresh_interface(model: nn.Module, size: int) -> None:
+def refresh_interface(model: ZooModel, size: int) -> None:
     """Set `num_features` and the `feature_info` channel counts from what the model computes on
     a `size` x `size` input (after its channels were changed in place)."""
     from .features import FeatureExtractor

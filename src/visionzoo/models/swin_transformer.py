@@ -93,6 +93,9 @@ class ShiftedWindowAttention(nn.Module):
     relative-position index is stored flattened, torchvision's layout for images.
     """
 
+    relative_position_index: torch.Tensor  # computed buffers (the table only with v2)
+    relative_coords_table: torch.Tensor
+
     def __init__(self, dim: int, window_size: int | tuple[int, ...], shift_size: int | tuple[int, ...],
                  num_heads: int, v2: bool = False, attention_dropout: float = 0.0, dropout: float = 0.0,
                  fused: bool = True):
@@ -173,7 +176,7 @@ class ShiftedWindowAttention(nn.Module):
         x = window_partition(x, window)  # (B, windows, N, C)
         windows = x.shape[1]
 
-        qkv_bias = self.qkv.bias
+        qkv_bias: torch.Tensor = self.qkv.bias
         if self.v2:  # v2 has no key bias: the middle third is ignored
             q_b, _, v_b = qkv_bias.chunk(3)
             qkv_bias = torch.cat([q_b, torch.zeros_like(q_b), v_b])

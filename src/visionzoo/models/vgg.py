@@ -33,27 +33,33 @@ VARIANTS: dict[str, VGGConfig] = {
 }
 
 
+def vgg_features(cfg: VGGConfig, in_chans: int = 3) -> tuple[nn.Sequential, list[FeatureInfo]]:
+    """The convolutional part (`features`) and its stages (one per max-pool); SSD's trunk uses it alone."""
+    layers: list[nn.Module] = []
+    channels, reduction = in_chans, 1
+    feature_info = []
+    for v in _LAYERS[cfg.depth]:
+        if v == M:
+            layers.append(nn.MaxPool2d(2, 2))
+            reduction *= 2
+            feature_info.append(FeatureInfo(f"features.{len(layers) - 1}", channels, reduction))
+            continue
+        layers.append(nn.Conv2d(channels, v, 3, padding=1))
+        if cfg.batch_norm:
+            layers.append(nn.BatchNorm2d(v))
+        layers.append(nn.ReLU(inplace=True))
+        channels = v
+    return nn.Sequential(*layers), feature_info
+
+
 class VGG(ZooModel):
     classifier_name = "classifier.6"
     first_conv = "features.0"
 
     def __init__(self, cfg: VGGConfig, num_classes: int = 1000, in_chans: int = 3, dropout: float = 0.5):
         super().__init__()
-        layers: list[nn.Module] = []
-        channels, reduction = in_chans, 1
-        self.feature_info = []
-        for v in _LAYERS[cfg.depth]:
-            if v == M:
-                layers.append(nn.MaxPool2d(2, 2))
-                reduction *= 2
-                self.feature_info.append(FeatureInfo(f"features.{len(layers) - 1}", channels, reduction))
-                continue
-            layers.append(nn.Conv2d(channels, v, 3, padding=1))
-            if cfg.batch_norm:
-                layers.append(nn.BatchNorm2d(v))
-            layers.append(nn.ReLU(inplace=True))
-            channels = v
-        self.features = nn.Sequential(*layers)
+        self.features, self.feature_info = vgg_features(cfg, in_chans)
+        channels = self.feature_info[-1].num_chs
         self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
         self.num_features = channels
         self.num_classes = num_classes

@@ -15,6 +15,7 @@ import logging
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -118,7 +119,7 @@ class VisionTransformer(ZooModel):
 
         fan_in = in_chans * p * p
         nn.init.trunc_normal_(self.conv_proj.weight, std=math.sqrt(1 / fan_in))
-        nn.init.zeros_(self.conv_proj.bias)
+        nn.init.zeros_(cast(torch.Tensor, self.conv_proj.bias))  # built with a bias
 
     def _new_classifier(self, num_classes: int) -> nn.Module:
         # ViT heads start at zero (the paper's fine-tuning recipe, and torchvision's init)

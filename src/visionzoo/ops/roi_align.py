@@ -119,12 +119,13 @@ def roi_align_levels(features: Sequence[torch.Tensor], scales: Sequence[float], 
     height, width = sizes[:, 0], sizes[:, 1]
     image_base = bases[levels] + rois[:, 0].long() * height * width
 
+    groups: list[tuple[int, int, torch.Tensor | None]]
     if sampling_ratio > 0:
         groups = [(sampling_ratio, sampling_ratio, None)]
     else:  # ceil(size / bins) samples; an empty, inverted or non-finite region gets none and pools to 0
-        grid_h, grid_w = (torch.where(torch.isfinite(b), torch.ceil(b), 0.0).clamp(0, _MAX_GRID).long()
-                          for b in (bin_h, bin_w))
-        keys, group_of = torch.unique(grid_h * (_MAX_GRID + 1) + grid_w, return_inverse=True)
+        samples_h, samples_w = (torch.where(torch.isfinite(b), torch.ceil(b), 0.0).clamp(0, _MAX_GRID).long()
+                                for b in (bin_h, bin_w))
+        keys, group_of = torch.unique(samples_h * (_MAX_GRID + 1) + samples_w, return_inverse=True)
         groups = [(key // (_MAX_GRID + 1), key % (_MAX_GRID + 1),
                    None if len(keys) == 1 else torch.nonzero(group_of == g).squeeze(1))
                   for g, key in enumerate(keys.tolist())]

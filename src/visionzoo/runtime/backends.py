@@ -3,9 +3,12 @@
     runner = open_runner("efficientnet_lite0", "openvino")      # exported once, cached
     runner = open_runner("lite0.int8.onnx", "onnxruntime")       # an exported or quantized file
     logits, embedding = runner(images)                           # (N, 3, S, S) float32 tensors
+    logits = runner.logits(images)                               # the main output alone
 
 Every runner takes the batches of the one preprocessing pipeline (`data/loader.py`, with
-the recipe in `runner.preprocess`) and returns float32 logits and pooled embeddings.
+the recipe in `runner.preprocess`) and returns float32 tensors: the outputs of the model's
+task graph (`graphs.py`), in order: a classifier's logits and pooled embeddings, a
+segmentation model's per-pixel logits at the input's size.
 
 - `torch`: the model itself with the cheap wins (`torch_opt.py`: BatchNorm folded into
   convolutions, channels-last), run under `torch.inference_mode`.
@@ -15,6 +18,9 @@ the recipe in `runner.preprocess`) and returns float32 logits and pooled embeddi
   static shape lets it choose kernels for that shape),
   in float32 unless `precision="bf16"` (OpenVINO would otherwise pick bf16 on CPUs with
   AVX512-BF16 or AMX, which is not the float32 model).
+- `auto` (backend, precision or both): the fastest installed backend and precision whose
+  top-1 agrees with float32 PyTorch, measured once per model and machine (`autotune.py`);
+  `runner.choice` says what was chosen and why.
 
 A quantized (int8) ONNX file from `quantize` runs on both runtimes the same way.
 """
@@ -25,35 +31,43 @@ import os
 from collections import OrderedDict
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import numpy as np
 import torch
 
-from ..enums import Precision, parse_enum
-from ..errors import InputError
+from ..enums import Precision, Task, parse_enum
+from ..errors import CheckpointError, InputError
 from ..models.base import VisionModel, ZooModel
 from ..optional import available, require
-from .metadata import INPUT_NAME, OUTPUTS, ModelInfo, model_info
+from .metadata import ModelInfo, model_info
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .autotune import Backends, Choice
 
 log = logging.getLogger("visionzoo")
 DEPLOYED_SUFFIXES = (".onnx",)  # model files the runtimes read directly
 
 
 class Backend(str, Enum):
-    AUTO = "auto"  # torch for a model, the fastest installed runtime for a model file
+    AUTO = "auto"  # the fastest that agrees with float32 PyTorch, measured (autotune.py)
     TORCH = "torch"
     ONNXRUNTIME = "onnxruntime"
     OPENVINO = "openvino"
 
 
 class Runner:
-    """A model ready for inference on one backend. Call it with a (N, 3, S, S) float32 batch."""
+    """A model ready for inference on one backend. Call it with a batch of the task graph's inputs
+    (a classifier's: (N, 3, S, S) float32); it returns the graph's outputs."""
 
     backend: Backend
     precision: Precision = Precision.FP32
     info: ModelInfo
     source: str  # the model or file it runs
     path: Path | None = None  # the model file, for the runtimes
+    choice: Choice | None = None  # what `auto` chose and why, when it chose this runner
 
     @property
     def preprocess(self):
@@ -76,29 +90,36 @@ class Runner:
         """The model's size: its file for the runtimes, its parameters and buffers for torch."""
         return self.path.stat().st_size if self.path is not None else 0
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def task(self) -> Task:
+        return self.info.task
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         return self(images)[0]
 
     def embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        if self.info.embedding_dim is None:
+            raise InputError(f"{self.arch} is a {self.task.value} model: it has no embedding output")
         return self(images)[1]
 
     def describe(self) -> str:
         return f"{self.arch} on {self.backend.value} ({self.precision.value}, {self.source})"
 
     def _check(self, images: torch.Tensor) -> None:
-        size = self.info.input_size
-        if images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
-            raise InputError(f"{self.describe()} takes (N, 3, {size}, {size}) batches, got {tuple(images.shape)}; "
-                             f"preprocess with runner.preprocess")
+        self.info.graph.check(self.info, (images,), self.describe())
+
+    def _names(self) -> tuple[list[str], list[str]]:
+        graph = self.info.graph
+        return graph.names(graph.inputs(self.info)), graph.names(graph.outputs(self.info))
 
 
 class TorchRunner(Runner):
     backend = Backend.TORCH
 
-    def __init__(self, net: ZooModel, *, device: str | torch.device = "cpu", optimize: bool = True,
+    def __init__(self, net: VisionModel, *, device: str | torch.device = "cpu", optimize: bool = True,
                  precision: Precision | str = Precision.FP32, copy: bool = True):
         from .torch_opt import optimize_for_inference
 
@@ -107,6 +128,10 @@ class TorchRunner(Runner):
             raise InputError("the torch backend runs float models; run an int8 file from `visionzoo quantize` "
                              "with --backend onnxruntime or openvino")
         self.device = torch.device(device)
+        channels = _input_channels(net)
+        if channels not in (None, 3):
+            raise InputError(f"{net.arch} takes {channels}-channel inputs, but images are decoded to RGB; run a "
+                             f"3-channel model (in_chans=3)")
         self.info = model_info(net)
         self.source = net.weights_source or net.arch or type(net).__name__
         self.optimized = optimize
@@ -128,21 +153,24 @@ class TorchRunner(Runner):
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision is Precision.BF16)
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with torch.inference_mode(), self._autocast():
-            features = self.net.forward_features(self.prepare(images))
-            embedding = self.net.forward_head(features, pre_logits=True).flatten(1)
-            logits = self.net.forward_head(features)
-        return logits.float().cpu(), embedding.float().cpu()
+            outputs = self.info.graph.run(self.net, self.prepare(images))
+        return tuple(t.float().cpu() for t in outputs)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self._autocast():
-            return self.net(self.prepare(images)).float().cpu()
+            return self.info.graph.first(self.net, self.prepare(images)).float().cpu()
 
     def embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        if self.info.embedding_dim is None:
+            return super().embeddings(images)  # refused with the reason
+        net = self.net
+        if not isinstance(net, ZooModel):  # a graph with an embedding is a classifier's (graphs.py)
+            raise RuntimeError(f"{self.arch}: an embedding output without a classifier to compute it")
         with torch.inference_mode(), self._autocast():
-            features = self.net.forward_features(self.prepare(images))
-            return self.net.forward_head(features, pre_logits=True).flatten(1).float().cpu()
+            features = net.forward_features(self.prepare(images))
+            return net.forward_head(features, pre_logits=True).flatten(1).float().cpu()
 
 
 class OnnxRuntimeRunner(Runner):
@@ -167,33 +195,38 @@ class OnnxRuntimeRunner(Runner):
         self.threads = threads or available_cpus()
         self.split_batches = split_batches and self.threads > 1
         self.session = self._session(self.threads)
-        self._single = None  # the single-threaded session and its thread pool, made on first use
-        self._pool = None
+        self._single: Any = None  # the single-threaded session and its thread pool, made on first use
+        self._pool: ThreadPoolExecutor | None = None
 
     def _session(self, threads: int):
         options = self._ort.SessionOptions()
         options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
-        return self._ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        try:
+            return self._ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime raises its own types for any file it refuses
+            raise CheckpointError(f"{self.path}: ONNX Runtime cannot load it ({_one_line(e)})") from None
 
     def _run_split(self, x: np.ndarray) -> list[np.ndarray]:
-        if self._single is None:
+        if self._pool is None:  # made together with the single-threaded session
             from concurrent.futures import ThreadPoolExecutor
 
             self._single = self._session(1)
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="visionzoo-ort")
+        (name,), outputs = self._names()
         parts = np.array_split(x, self.threads)
-        results = list(self._pool.map(lambda part: self._single.run(list(OUTPUTS), {INPUT_NAME: part}), parts))
-        return [np.concatenate([r[i] for r in results]) for i in range(len(OUTPUTS))]
+        results = list(self._pool.map(lambda part: self._single.run(outputs, {name: part}), parts))
+        return [np.concatenate([r[i] for r in results]) for i in range(len(outputs))]
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self._check(images)
         x = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
         if self.split_batches and len(x) >= self.STREAM_MIN * self.threads:
-            logits, embedding = self._run_split(x)
+            results = self._run_split(x)
         else:
-            logits, embedding = self.session.run(list(OUTPUTS), {INPUT_NAME: x})
-        return torch.from_numpy(logits), torch.from_numpy(embedding)
+            (name,), outputs = self._names()
+            results = self.session.run(outputs, {name: x})
+        return tuple(torch.from_numpy(r) for r in results)
 
     def __del__(self):
         if getattr(self, "_pool", None) is not None:
@@ -202,7 +235,7 @@ class OnnxRuntimeRunner(Runner):
 
 class OpenVINORunner(Runner):
     backend = Backend.OPENVINO
-    MAX_SHAPES = 4  # compiled batch shapes kept (the full batch and a last, partial one, mostly)
+    MAX_SHAPES = 4  # compiled input shapes kept (the full batch and a last, partial one, mostly)
 
     def __init__(self, path: str | os.PathLike, info: ModelInfo, *, threads: int | None = None,
                  precision: Precision | str = Precision.FP32):
@@ -211,54 +244,76 @@ class OpenVINORunner(Runner):
         requested = Precision(precision)
         self.precision = Precision.INT8 if info.precision == Precision.INT8.value else requested
         self.core = ov.Core()
-        self.model = self.core.read_model(str(path))
+        try:
+            self.model = self.core.read_model(str(path))
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises its own types for any file it refuses
+            raise CheckpointError(f"{path}: OpenVINO cannot load it ({_one_line(e)})") from None
         self.config = {"NUM_STREAMS": 1, "INFERENCE_PRECISION_HINT": "bf16" if requested is Precision.BF16 else "f32"}
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled: OrderedDict[int, tuple] = OrderedDict()
+        self.compiled: OrderedDict[tuple[int, ...], tuple] = OrderedDict()
 
-    def _request(self, batch: int):
-        if batch in self.compiled:
-            self.compiled.move_to_end(batch)
-            return self.compiled[batch]
+    def _request(self, shape: tuple[int, ...]):
+        if shape in self.compiled:
+            self.compiled.move_to_end(shape)
+            return self.compiled[shape]
         model = self.model.clone()
-        size = self.info.input_size
-        model.reshape({INPUT_NAME: [batch, 3, size, size]})
+        (name,), outputs = self._names()
+        model.reshape({name: list(shape)})
         compiled = self.core.compile_model(model, "CPU", self.config)
-        entry = (compiled.create_infer_request(), [compiled.output(name) for name in OUTPUTS])
-        self.compiled[batch] = entry
+        entry = (compiled.create_infer_request(), [compiled.output(o) for o in outputs])
+        self.compiled[shape] = entry
         if len(self.compiled) > self.MAX_SHAPES:
             self.compiled.popitem(last=False)
         return entry
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         self._check(images)
         x = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
-        request, outputs = self._request(x.shape[0])
-        result = request.infer({INPUT_NAME: x})
+        request, outputs = self._request(tuple(x.shape))
+        (name,), _ = self._names()
+        result = request.infer({name: x})
         return tuple(torch.from_numpy(np.array(result[o], dtype=np.float32)) for o in outputs)
 
 
-def is_model_file(model: object) -> bool:
+def _input_channels(net: VisionModel) -> int | None:
+    """The channels the model's first convolution takes (None when it has none to look at)."""
+    if not isinstance(net, ZooModel):  # only a classifier names its first convolution (`first_conv`)
+        return None
+    try:
+        conv = net.get_submodule(net.first_conv)
+    except AttributeError:
+        return None
+    return conv.in_channels if isinstance(conv, torch.nn.Conv2d) else None
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def is_model_file(model: object) -> TypeGuard[str | os.PathLike]:
     """Whether `model` names an exported model file (rather than a model name or bundle)."""
     return (isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() in DEPLOYED_SUFFIXES
             and Path(model).expanduser().is_file())
 
 
 def open_runner(model, backend: Backend | str = Backend.AUTO, *, threads: int | None = None,
-                device: str | torch.device = "cpu", precision: Precision | str = Precision.FP32,
-                optimize: bool = True) -> Runner:
+                device: str | torch.device = "cpu", precision: Precision | str = Precision.AUTO,
+                optimize: bool = True, batch_size: int = 32) -> Runner:
     """A runner for `model`: a name (`arch[.TAG]`, default weights), a bundle, a visionzoo model,
     an ONNX file written by `export`/`quantize` (with its metadata), or a runner (returned as is).
 
     Args:
-        backend: `torch`, `onnxruntime`, `openvino`, or `auto` (torch for a model; for a file,
-            OpenVINO when installed, else ONNX Runtime).
+        backend: `torch`, `onnxruntime`, `openvino`, or `auto`: the fastest installed one whose
+            top-1 agrees with float32 PyTorch, measured once per model and machine (`autotune.py`).
         threads: compute threads for the runtimes (default: theirs, one per core). The torch
             backend uses torch's global setting (`torch.set_num_threads`).
         device: torch backend only.
-        precision: `fp32`, or `bf16` (torch autocast, OpenVINO inference precision).
+        precision: `fp32`, `bf16` (torch autocast, OpenVINO inference precision), or `auto`
+            (bf16 is measured where the hardware runs it natively).
         optimize: torch backend: fold BatchNorms and use channels-last (False: the model as is).
+        batch_size: the batch size `auto` measures the speed at.
     """
     if isinstance(model, Runner):
         return model
@@ -267,17 +322,18 @@ def open_runner(model, backend: Backend | str = Backend.AUTO, *, threads: int | 
                          f"{type(model).__name__}")
     backend = parse_enum(Backend, backend, "backend")
     precision = parse_enum(Precision, precision, "precision")
-    if precision is Precision.AUTO:
-        precision = Precision.FP32
-    if backend is not Backend.TORCH and torch.device(device).type != "cpu":
+    if backend not in (Backend.TORCH, Backend.AUTO) and torch.device(device).type != "cpu":
         raise InputError(f"the {backend.value} backend runs on the CPU; use --backend torch for device {device}")
     if (isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() in DEPLOYED_SUFFIXES
             and not is_model_file(model)):
         raise InputError(f"{model}: no such model file")
+    if backend is Backend.AUTO or precision is Precision.AUTO:
+        from .autotune import open_auto
+
+        return open_auto(model, backend.value, precision, auto_support(), threads=threads, device=device,
+                         optimize=optimize, batch_size=batch_size)
     if is_model_file(model):
         path = Path(model).expanduser()
-        if backend is Backend.AUTO:
-            backend = Backend.OPENVINO if available("openvino") else Backend.ONNXRUNTIME
         if backend is Backend.TORCH:
             raise InputError(f"{path} is an ONNX file: run it with --backend onnxruntime or openvino "
                              f"(the torch backend takes a model name or bundle)")
@@ -291,8 +347,9 @@ def open_runner(model, backend: Backend | str = Backend.AUTO, *, threads: int | 
 
     from ..factory import resolve_model
 
-    net = resolve_model(model)
-    if backend in (Backend.AUTO, Backend.TORCH):
+    # the runners are written against the classifier interface (ZooModel); nothing else reaches them today
+    net = cast(ZooModel, resolve_model(model))
+    if backend is Backend.TORCH:
         # a model built here from a name is ours to optimise in place; the caller's is copied
         return TorchRunner(net, device=device, optimize=optimize, precision=precision,
                            copy=isinstance(model, VisionModel))
@@ -312,6 +369,13 @@ def _file_runner(path: Path, info: ModelInfo, backend: Backend, threads: int | N
     if precision is Precision.BF16:
         raise InputError("bf16 runs on the torch and openvino backends; ONNX Runtime's CPU kernels are float32")
     return OnnxRuntimeRunner(path, info, threads=threads)
+
+
+def auto_support() -> Backends:
+    """What `auto` (`autotune.py`, which cannot import this module) needs from it."""
+    from .autotune import Backends
+
+    return Backends(open_runner, tuple(b.value for b in installed_backends()), is_model_file)
 
 
 def installed_backends() -> list[Backend]:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -57,15 +58,18 @@ def time_calls(fn: Callable[[], object], batch: int, *, warmup: int = 2, repeats
     return Timing(batch, tuple(times))
 
 
-def interleaved_times(fns: Mapping[str, Callable[[], object]], rounds: int, *, warmup: int = 2
-                      ) -> dict[str, list[float]]:
+KeyT = TypeVar("KeyT")
+
+
+def interleaved_times(fns: Mapping[KeyT, Callable[[], object]], rounds: int, *, warmup: int = 2
+                      ) -> dict[KeyT, list[float]]:
     """Seconds of each call of each function: `warmup` untimed calls each, then `rounds` rounds
     that call every function once in turn, so that a machine that speeds up or slows down
     during the run affects all of them alike."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[KeyT, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             t = time.perf_counter()
@@ -119,8 +123,9 @@ def load_labelled(samples: Sequence[tuple], preprocess, *, limit: int | None = N
     paths = [p for p, _ in samples]
     images, labels = [], []
     for batch in image_batches(paths, preprocess, batch_size=64, num_workers=num_workers, fast=False):
-        if batch.images is not None:
-            images.append(batch.images)
+        stacked = batch.stacked()
+        if stacked is not None:
+            images.append(stacked)
             labels += [samples[i][1] for i in batch.indices]
     if not images:
         return torch.zeros(0, 3, preprocess.crop, preprocess.crop), torch.zeros(0, dtype=torch.long)
@@ -181,7 +186,7 @@ def machine_description(threads: int | None = None) -> dict[str, object]:
 
 def describe_machine(threads: int | None = None) -> str:
     m = machine_description(threads)
-    libs = ", ".join(f"{k} {v}" for k, v in m["libraries"].items())
-    features = "/".join(m["cpu_features"]) or "no AVX2"
+    libs = ", ".join(f"{k} {v}" for k, v in cast(dict[str, str], m["libraries"]).items())
+    features = "/".join(cast(list[str], m["cpu_features"])) or "no AVX2"
     return (f"{m['cpu']} ({features}), {m['available_cpus']} CPUs available, {m['threads']} compute threads; "
             f"{m['os']}; {libs}")

@@ -3,8 +3,9 @@
 The same record travels in every format: ONNX `metadata_props` (one `visionzoo` entry with
 all of it as JSON, plus flat, readable copies of the preprocessing for other tools),
 TorchScript and pt2 extra files (`visionzoo.json`). A file that carries it can be given to
-`predict`, `embed`, `serve` and `benchmark` like a model name: they preprocess with its
-recipe and name its classes.
+`predict`, `embed`, `segment`, `serve` and `benchmark` like a model name: they preprocess with
+its recipe and name its classes. Its `task` chooses the graph's inputs and outputs
+(`graphs.py`).
 """
 from __future__ import annotations
 
@@ -16,14 +17,15 @@ from typing import Any
 from ..data.preprocess import Preprocess
 from ..enums import Task
 from ..errors import CheckpointError, InputError
-from ..models.base import ZooModel
+from ..models.base import VisionModel
 from ..version import __version__
+from .graphs import GraphSpec, graph_for
 
 KEY = "visionzoo"  # the ONNX metadata entry / extra-file stem holding the JSON record
 EXTRA_FILE = "visionzoo.json"
 FORMAT_VERSION = 1
-INPUT_NAME = "images"
-OUTPUTS = ("logits", "embedding")
+INPUT_NAME = "images"  # the input of every single-input graph
+OUTPUTS = ("logits", "embedding")  # a classifier's outputs (see `graphs.py` for every task's)
 
 
 @dataclass(frozen=True)
@@ -32,9 +34,9 @@ class ModelInfo:
 
     arch: str
     preprocess: Preprocess
-    input_size: int  # the (square) input the graph was exported for; the batch size is free
+    input_size: int | None  # the (square) input a classifier's graph was exported for; None: any height and width
     num_classes: int
-    embedding_dim: int
+    embedding_dim: int | None  # width of a classifier's `embedding` output; None for tasks without one
     classes: tuple[str, ...] | None = None
     weights: str | None = None  # the weights record, bundle or file the model came from
     precision: str = "fp32"  # "fp32", or "int8" for a quantized model
@@ -42,13 +44,20 @@ class ModelInfo:
     visionzoo_version: str = ""
     task: Task = Task.CLASSIFICATION
 
+    @property
+    def graph(self) -> GraphSpec:
+        """The inputs and outputs of the task's graph."""
+        return graph_for(self.task)
+
     def to_dict(self) -> dict[str, Any]:
+        inputs = self.graph.names(self.graph.inputs(self))
         return {"format_version": FORMAT_VERSION, "arch": self.arch, "preprocess": self.preprocess.to_dict(),
                 "input_size": self.input_size, "num_classes": self.num_classes,
                 "embedding_dim": self.embedding_dim, "classes": list(self.classes) if self.classes else None,
                 "weights": self.weights, "precision": self.precision, "quantization": dict(self.quantization),
-                "visionzoo_version": self.visionzoo_version, "task": self.task.value, "inputs": INPUT_NAME,
-                "outputs": list(OUTPUTS)}
+                "visionzoo_version": self.visionzoo_version, "task": self.task.value,
+                "inputs": inputs[0] if len(inputs) == 1 else inputs,
+                "outputs": self.graph.names(self.graph.outputs(self))}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -71,8 +80,8 @@ class ModelInfo:
             if int(d.get("format_version", 1)) > FORMAT_VERSION:
                 raise CheckpointError(f"{source} was written by a newer visionzoo; upgrade visionzoo to read it")
             return cls(arch=d["arch"], preprocess=Preprocess.from_dict(d["preprocess"]),
-                       input_size=int(d["input_size"]), num_classes=int(d["num_classes"]),
-                       embedding_dim=int(d["embedding_dim"]),
+                       input_size=_int_or_none(d["input_size"]), num_classes=int(d["num_classes"]),
+                       embedding_dim=_int_or_none(d["embedding_dim"]),
                        classes=tuple(d["classes"]) if d.get("classes") else None, weights=d.get("weights"),
                        precision=d.get("precision", "fp32"), quantization=d.get("quantization") or {},
                        visionzoo_version=d.get("visionzoo_version", ""),
@@ -82,14 +91,16 @@ class ModelInfo:
                 from None
 
 
-def model_info(net: ZooModel) -> ModelInfo:
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+def model_info(net: VisionModel) -> ModelInfo:
     """The record for a visionzoo model (built by `create_model` or loaded from a bundle)."""
     card = net.card
     if card is None:
         raise InputError("the model has no description (preprocessing, classes); build it with "
                          "visionzoo.create_model")
-    size = net.image_size or card.preprocess.crop
-    return ModelInfo(arch=card.architecture, preprocess=card.preprocess, input_size=size,
-                     num_classes=net.num_classes, embedding_dim=net.head_hidden_size,
+    return ModelInfo(arch=card.architecture, preprocess=card.preprocess, num_classes=net.num_classes,
                      classes=card.classes, weights=card.weights_name, visionzoo_version=__version__,
-                     task=card.task)
+                     task=card.task, **graph_for(card.task).describe_model(net))

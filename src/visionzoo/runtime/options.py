@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..data.images import DEFAULT_MAX_PIXELS
+from ..data.images import DEFAULT_LIMITS, DecodeLimits
 from ..enums import Precision, parse_enum
 from ..errors import InputError, check_at_least
 from .backends import Backend, Runner, open_runner
@@ -25,11 +25,11 @@ class InferenceOptions:
     batch_size: int = 32
     num_workers: int | None = None  # decoding processes; None: one per spare core; 0: in the main process
     fast: bool = True  # decode large JPEGs at a reduced scale (False: torchvision's preprocessing exactly)
-    max_pixels: int | None = DEFAULT_MAX_PIXELS  # refuse larger images (decompression bombs); None: no limit
+    limits: DecodeLimits = DEFAULT_LIMITS  # the budget of each image decode (`max_pixels=` sets its pixel limit)
     device: str = "cpu"  # torch device of the torch backend
-    backend: Backend = Backend.AUTO  # torch, onnxruntime, openvino, or auto
-    threads: int | None = None  # compute threads of the runtimes (None: one per core)
-    precision: Precision = Precision.FP32
+    backend: Backend = Backend.AUTO  # torch, onnxruntime, openvino, or auto (measured: runtime/autotune.py)
+    threads: int | None = None  # compute threads of the model (None: the cores decoding leaves, see split_cores)
+    precision: Precision = Precision.AUTO  # fp32, bf16, or auto (bf16 where the hardware runs it natively)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", parse_enum(Backend, self.backend, "backend"))
@@ -38,17 +38,36 @@ class InferenceOptions:
         check_at_least("batch_size", self.batch_size, 1)
         check_at_least("num_workers", self.num_workers, 0, optional=True, note=" (0 decodes in the main process)")
         check_at_least("threads", self.threads, 1, optional=True)
-        check_at_least("max_pixels", self.max_pixels, 1, optional=True, note=" (None: no limit)")
+        if isinstance(self.limits, str):
+            object.__setattr__(self, "limits", DecodeLimits.parse(self.limits))
+        if not isinstance(self.limits, DecodeLimits):
+            raise InputError(f"limits must be a DecodeLimits (or text such as 'pixels=200M,bytes=1G'), "
+                             f"got {type(self.limits).__name__}")
+
+    @property
+    def max_pixels(self) -> int | None:
+        """The pixel limit of the decode budget (refuse larger images; None: no limit)."""
+        return self.limits.max_pixels
 
     @classmethod
     def of(cls, options: InferenceOptions | None = None, **settings: Any) -> InferenceOptions:
-        """`options` (or the defaults) with the keyword `settings` applied; unknown names are refused."""
-        known = {f.name for f in fields(cls)}
+        """`options` (or the defaults) with the keyword `settings` applied; unknown names are refused.
+        `max_pixels=N` sets the pixel limit of `limits`."""
+        known = {f.name for f in fields(cls)} | {"max_pixels"}
         unknown = sorted(set(settings) - known)
         if unknown:
             raise InputError(f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                              f"the inference options are {', '.join(sorted(known))}")
-        return dataclasses.replace(options or cls(), **settings)
+        base = options or cls()
+        if "max_pixels" in settings:
+            max_pixels = settings.pop("max_pixels")
+            if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int)
+                                           or max_pixels < 1):
+                raise InputError(f"max_pixels must be an integer >= 1 (None: no limit), got {max_pixels!r}")
+            limits = settings.get("limits", base.limits)
+            limits = DecodeLimits.parse(limits) if isinstance(limits, str) else limits
+            settings["limits"] = dataclasses.replace(limits, max_pixels=max_pixels)
+        return dataclasses.replace(base, **settings)
 
     @property
     def torch_device(self) -> torch.device:
@@ -56,4 +75,5 @@ class InferenceOptions:
 
     def open(self, model: str | os.PathLike | Any) -> Runner:
         """A runner for `model` (a name, bundle, model, exported file or runner) with these settings."""
-        return open_runner(model, self.backend, threads=self.threads, device=self.device, precision=self.precision)
+        return open_runner(model, self.backend, threads=self.threads, device=self.device, precision=self.precision,
+                           batch_size=self.batch_size)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from typing import TypeVar, cast
 
 import torch
 from torch import fx, nn
@@ -26,10 +27,11 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from ..models.base import VisionModel
 
 log = logging.getLogger("visionzoo")
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 _NORMS = (nn.BatchNorm2d, nn.BatchNorm3d)  # folded into the convolution of the same dimension before them
 
 
-def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, inplace: bool = False) -> nn.Module:
+def optimize_for_inference(model: ModuleT, *, channels_last: bool = True, inplace: bool = False) -> ModuleT:
     """An eval-mode copy of `model` (the model itself with `inplace`) with BatchNorms folded
     into the convolutions before them and, with `channels_last`, NHWC parameters.
 
@@ -43,7 +45,8 @@ def optimize_for_inference(model: nn.Module, *, channels_last: bool = True, inpl
         name = net.arch if isinstance(net, VisionModel) else None
         log.info("%s: folded %d BatchNorm layers into convolutions", name or type(net).__name__, folded)
     if channels_last:
-        net.to(memory_format=channels_last_format(net))
+        # Module.to takes memory_format at run time; torch's stubs list no overload with it
+        net.to(memory_format=channels_last_format(net))  # type: ignore[call-overload]
     return net
 
 
@@ -53,7 +56,7 @@ def channels_last_format(net: nn.Module) -> torch.memory_format:
     return torch.channels_last_3d if video else torch.channels_last
 
 
-def copy_model(model: nn.Module) -> nn.Module:
+def copy_model(model: ModuleT) -> ModuleT:
     """A deep copy of the modules, parameters and buffers; plain attributes (weights records,
     preprocessing, class names: immutable or treated so) are shared, not copied, since some
     (mapping proxies) cannot be."""
@@ -72,7 +75,8 @@ def fold_batchnorms(model: nn.Module) -> int:
     pairs: list[tuple[str, str]] = []
     _find_pairs(model, "", pairs)
     for conv_name, bn_name in pairs:
-        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        # _find_pairs checked the types
+        conv, bn = cast(nn.Conv2d, model.get_submodule(conv_name)), cast(nn.BatchNorm2d, model.get_submodule(bn_name))
         _set_submodule(model, conv_name, fuse_conv_bn_eval(conv, bn))
         _set_submodule(model, bn_name, nn.Identity())
     return len(pairs)
@@ -88,14 +92,16 @@ def _find_pairs(module: nn.Module, prefix: str, pairs: list[tuple[str, str]]) ->
             _find_pairs(child, f"{prefix}{name}.", pairs)
         return
     for node in graph.nodes:
-        if node.op != "call_module" or not isinstance(module.get_submodule(node.target), _NORMS):
+        target = cast(str, node.target)  # a call_module node's target is the module's qualified name
+        if node.op != "call_module" or not isinstance(module.get_submodule(target), _NORMS):
             continue
         source = node.args[0] if node.args else None
         if not isinstance(source, fx.Node) or source.op != "call_module" or len(source.users) != 1:
             continue
-        conv, bn = module.get_submodule(source.target), module.get_submodule(node.target)
+        source_target = cast(str, source.target)
+        conv, bn = module.get_submodule(source_target), cast(nn.BatchNorm2d, module.get_submodule(target))
         if _foldable(conv, bn):
-            pairs.append((prefix + source.target, prefix + node.target))
+            pairs.append((prefix + source_target, prefix + target))
 
 
 class _LeafTracer(fx.Tracer):

@@ -4,7 +4,8 @@
     print(result.to_json())
 
 For every (backend, precision) the runner is opened once, then for every batch size a
-random batch of the model's input size is timed with `measure.time_calls`: `warmup`
+random batch of the model's input size (a segmentation model's: a 4:3 photo after its
+recipe's resize, 520 x 693 for torchvision's weights) is timed with `measure.time_calls`: `warmup`
 untimed calls (OpenVINO compiles each batch shape on its first call), then `repeats`
 timed ones; throughput is taken at the median time, latency reported as p50 and p95.
 
@@ -16,7 +17,10 @@ backend, or benchmark one backend per process for exact figures.
 
 With `data` (an ImageFolder tree or `path,label` CSV with the model's class names),
 the images are decoded and preprocessed once (exact path) and every backend and
-precision scores the same tensors.
+precision scores the same tensors (classifiers; `evaluate` scores segmentation models).
+
+The notes say what `auto` (the default backend and precision of predict, embed and serve)
+chooses at each batch size and why.
 
 `model` is a name (`arch[.TAG]`), a bundle folder, a visionzoo model, or an ONNX file from
 `export`/`quantize` (which runs on onnxruntime and openvino only). Combinations that
@@ -29,14 +33,15 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..enums import Precision, parse_enum
+from ..enums import Precision, Task, parse_enum
 from ..errors import InputError, MissingDependencyError, check_at_least
-from ..models.base import ZooModel
+from ..models.base import VisionModel
 
 
 @dataclass(frozen=True)
@@ -68,13 +73,14 @@ class BenchmarkResult:
     machine: dict[str, Any]
     machine_text: str
     skipped: list[Skipped] = field(default_factory=list)
+    auto: dict[int, dict[str, Any]] = field(default_factory=dict)  # batch size -> what `auto` chose, and why
     data: str | None = None
     data_images: int = 0
     settings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "machine": self.machine, "settings": self.settings,
-                "data": self.data, "data_images": self.data_images,
+                "data": self.data, "data_images": self.data_images, "auto": self.auto,
                 "rows": [asdict(r) for r in self.rows], "skipped": [asdict(s) for s in self.skipped]}
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -117,13 +123,14 @@ class BenchmarkResult:
         return [f"machine: {self.machine_text}", *text, *self.notes()]
 
     def notes(self) -> list[str]:
-        out = [f"skipped {s.backend} {s.precision}: {s.reason}" for s in self.skipped]
+        out = [f"batch {batch}: {choice['summary']}" for batch, choice in self.auto.items()]
+        out += [f"skipped {s.backend} {s.precision}: {s.reason}" for s in self.skipped]
         if self.data is not None:
             out.append(f"accuracy on {self.data_images} images of {self.data}")
         return out
 
 
-def _split(values: str | Iterable[Any] | None) -> list[Any] | None:
+def _split(values: str | int | os.PathLike | Iterable[Any] | None) -> list[Any] | None:
     if values is None:
         return None
     if isinstance(values, str):
@@ -144,16 +151,17 @@ def parse_batches(batches: str | int | Iterable[int]) -> list[int]:
     return list(dict.fromkeys(sizes))
 
 
-def benchmark(model, *, batches: str | Sequence[int] = (1, 32), backends: str | Sequence[str] | None = None,
+def benchmark(model, *, batches: str | Sequence[int] | None = None, backends: str | Sequence[str] | None = None,
               precisions: str | Sequence[str] = ("fp32",), data: str | os.PathLike | None = None,
               threads: int | None = None, repeats: int = 10, warmup: int = 2, limit: int | None = None,
-              num_workers: int | None = None, max_seconds: float = 30.0) -> BenchmarkResult:
+              num_workers: int | None = None, max_seconds: float = 30.0, auto: bool = True) -> BenchmarkResult:
     """Time `model` on every backend and precision at every batch size.
 
     Args:
         model: a name (`arch[.TAG]`), a bundle folder, a visionzoo model, or an ONNX file
             written by `export` or `quantize`.
-        batches: batch sizes (a sequence or a comma-separated string).
+        batches: batch sizes (a sequence or a comma-separated string); default 1 and 32 (1 and 4
+            for segmentation models, whose batches are photo-sized).
         backends: `torch`, `onnxruntime`, `openvino` (default: every installed one that can run
             `model`: not torch for a file).
         precisions: `fp32`, `bf16` (torch and openvino), `int8` (an int8 file from `quantize`).
@@ -164,11 +172,13 @@ def benchmark(model, *, batches: str | Sequence[int] = (1, 32), backends: str | 
         limit: score at most this many images of `data`.
         num_workers: decoding processes for `data`.
         max_seconds: stop repeating (after at least 3 runs) once a batch size took this long.
+        auto: also report what `auto` chooses at each batch size, and why (measured once per
+            model and machine, then read from the cache).
     """
     from ..runtime.backends import Backend, installed_backends, is_model_file
     from ..runtime.measure import describe_machine, machine_description
 
-    sizes = parse_batches(batches)
+    asked = None if batches is None else parse_batches(batches)
     check_at_least("repeats", repeats, 1)
     check_at_least("warmup", warmup, 0)
     check_at_least("threads", threads, 1, optional=True)
@@ -199,15 +209,16 @@ def benchmark(model, *, batches: str | Sequence[int] = (1, 32), backends: str | 
         from ..factory import resolve_model
         from ..runtime.metadata import model_info
 
-        if not isinstance(model, (str, os.PathLike, ZooModel)):
+        if not isinstance(model, (str, os.PathLike, VisionModel)):
             raise InputError(f"model must be a name, a bundle, an ONNX file or a visionzoo model, got "
                              f"{type(model).__name__}")
         source = resolve_model(os.fspath(model) if isinstance(model, os.PathLike) else model)
         info = model_info(source)
-        label = (str(model) if not isinstance(model, ZooModel) else info.arch)
+        label = (str(model) if not isinstance(model, VisionModel) else info.arch)
         if isinstance(model, (str, os.PathLike)) and Path(model).exists():
             label = Path(model).name or str(model)
 
+    sizes = asked or list(info.graph.default_batches)
     images = labels = None
     data_text = None
     if data is not None:
@@ -222,12 +233,30 @@ def benchmark(model, *, batches: str | Sequence[int] = (1, 32), backends: str | 
                              warmup=warmup, max_seconds=max_seconds, images=images, labels=labels)
         except MissingDependencyError as e:
             skipped.append(Skipped(backend.value, precision.value, str(e)))
+    choices = {size: _auto_choice(source, threads, size) for size in sizes} if auto else {}
     return BenchmarkResult(model=label, rows=rows, machine=machine_description(threads),
-                           machine_text=describe_machine(threads), skipped=skipped, data=data_text,
+                           machine_text=describe_machine(threads), skipped=skipped, auto=choices, data=data_text,
                            data_images=0 if images is None else len(images),
                            settings={"batches": sizes, "backends": [b.value for b in wanted],
                                      "precisions": [p.value for p in precs], "repeats": repeats,
                                      "warmup": warmup, "threads": threads, "limit": limit})
+
+
+def _auto_choice(source, threads: int | None, batch: int) -> dict[str, Any]:
+    """What `auto` runs `source` with at this batch size (measured now if not before), and why."""
+    from ..runtime.backends import open_runner
+
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        runner = open_runner(source, threads=threads, batch_size=batch)
+    finally:
+        torch.set_num_threads(saved)
+    choice = runner.choice
+    if choice is None:  # not reached: auto always says why
+        return {"backend": runner.backend.value, "precision": runner.precision.value, "summary": runner.describe()}
+    return {**choice.to_dict(), "summary": choice.summary()}
 
 
 def _plan(backends, precisions, is_file: bool, info) -> tuple[list[tuple[Any, Any]], list[Skipped]]:
@@ -261,6 +290,9 @@ def _labelled(data, info, limit: int | None, num_workers: int | None):
     from ..data.datasets import open_dataset
     from ..runtime.measure import load_labelled
 
+    if info.task is not Task.CLASSIFICATION:
+        raise InputError(f"--data measures the accuracy of classifiers; score a {info.task.value} model with "
+                         f"`visionzoo evaluate MODEL DATA`")
     if not info.classes:
         raise InputError(f"{info.arch} has no class names to score --data against; give a bundle written by "
                          f"`visionzoo finetune`, a model with published weights, or a file exported from them")
@@ -274,7 +306,7 @@ def _labelled(data, info, limit: int | None, num_workers: int | None):
 def _run_one(source, label: str, backend, precision, sizes: list[int], *, threads, repeats, warmup, max_seconds,
              images, labels) -> list[BenchmarkRow]:
     from ..runtime.backends import Backend, open_runner
-    from ..runtime.measure import accuracy, peak_mib, random_batch, reset_peak, rss_mib, time_calls
+    from ..runtime.measure import accuracy, peak_mib, reset_peak, rss_mib, time_calls
 
     saved_threads = torch.get_num_threads()
     if threads and backend is Backend.TORCH:
@@ -289,15 +321,16 @@ def _run_one(source, label: str, backend, precision, sizes: list[int], *, thread
         if images is not None:
             acc = accuracy(runner.logits, images, labels)
         for batch in sizes:
-            x = random_batch(batch, runner.info.input_size)
+            (x,) = runner.info.graph.example_inputs(runner.info, batch)
             tracked = reset_peak() and baseline is not None
-            timing = time_calls(lambda x=x, r=runner: r.logits(x), batch, warmup=warmup, repeats=repeats,
+            timing = time_calls(partial(runner.logits, x), batch, warmup=warmup, repeats=repeats,
                                 min_repeats=min(3, repeats), max_seconds=max_seconds)
             peak = peak_mib() if tracked else None
             rows.append(BenchmarkRow(model=label, backend=backend.value, precision=runner.precision.value,
                                      batch=batch, throughput=timing.throughput, p50_ms=timing.p50_ms,
                                      p95_ms=timing.p95_ms,
-                                     peak_mib=max(0.0, peak - baseline) if peak is not None else None,
+                                     peak_mib=(max(0.0, peak - baseline) if peak is not None and baseline is not None
+                                               else None),
                                      size_mib=size_mib, accuracy=acc, repeats=len(timing.times)))
         del runner
         return rows

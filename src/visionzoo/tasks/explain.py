@@ -64,7 +64,7 @@ class Explanation:
 class Explainer:
     """Grad-CAM for one classifier; `explain_image(img, target)` for a decoded image."""
 
-    def __init__(self, model: ZooModel):
+    def __init__(self, model: VisionModel):
         if not isinstance(model, ZooModel):
             raise InputError(f"Grad-CAM needs a visionzoo classifier, got {type(model).__name__}")
         card = model.card_required
@@ -136,9 +136,12 @@ class Explainer:
 
     def explain_image(self, img: Image.Image, target: int | str | None = None, path: str = "") -> Explanation:
         """Grad-CAM of a decoded image (from `load_image`), mapped onto the full image."""
+        resize, crop = self.card.preprocess.resize_size, self.card.preprocess.crop_size
+        if resize is None or crop is None:
+            raise InputError(f"{self.card.architecture}: Grad-CAM maps its heat back through a resize and a centre "
+                             f"crop, and this preprocessing lacks one")
         heat, index, probability, stage = self.cam(self.transform(img)[None], target)
-        full = _to_image_frame(heat.numpy(), img.size, self.card.preprocess.resize_size,
-                               self.card.preprocess.crop_size)
+        full = _to_image_frame(heat.numpy(), img.size, resize, crop)
         y, x = np.unravel_index(int(full.argmax()), full.shape)
         classes = self.card.classes
         label = classes[index] if classes else f"class_{index}"
@@ -197,7 +200,7 @@ def explain(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     net = resolve_model(model)
-    explainer = Explainer(net)  # type: ignore[arg-type]  # Explainer checks the kind itself
+    explainer = Explainer(net)  # Explainer checks the kind itself
     explainer.resolve_target(target)  # a bad target fails before any image is read
     files, failures = expand_inputs(list(inputs))
     results: list[Explanation | Failure] = list(failures)

@@ -4,14 +4,17 @@
 caller can write results as they come and memory stays bounded over any number of
 files; `predict` collects them. Decoding runs in parallel worker processes
 (`data/loader.py`), with the fast JPEG path unless `fast=False`. The model runs on the
-chosen backend (`runtime/backends.py`: torch, onnxruntime, openvino), every backend fed by
-the same preprocessing.
+chosen backend (`runtime/backends.py`: torch, onnxruntime, openvino; by default the fastest
+that keeps float32's answers, `runtime/autotune.py`), every backend fed by the same
+preprocessing. Decoding workers and the model's threads share the cores without
+oversubscribing them (`runtime/machine.py: split_cores`).
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -23,9 +26,12 @@ from ..errors import InputError
 from ..models.base import ZooModel
 from ..registry import DEFAULT_MODEL
 from ..runtime.backends import Runner
+from ..runtime.machine import CoreBudget, split_cores, torch_threads
 from ..runtime.options import InferenceOptions
 from .labels import Label
 from .video import VIDEO_KINDS, VideoPrediction, iter_predict_videos
+
+log = logging.getLogger("visionzoo")
 
 # fast path: an image decoded at a reduced scale whose two leading classes are closer than
 # this (in probability) is decoded again at full size, so its top-1 is the exact path's
@@ -58,44 +64,59 @@ def iter_predict(inputs: Sequence[str | os.PathLike], model: str | os.PathLike |
         model: a name (`arch[.TAG]`, default weights), a bundle folder, a model instance, an
             ONNX file from `export`/`quantize`, or a `Runner`.
         options: how to decode, batch and run (`InferenceOptions`); its fields may also be
-            given as keywords: `batch_size`, `num_workers` (None: one per spare core; 0:
-            in-process), `fast` (decode large JPEGs at a reduced scale first; images whose two
-            leading classes are near-tied are decoded again at full size, so the top-1 is the
-            exact path's; False gives torchvision's preprocessing exactly), `max_pixels`,
-            `device`, `backend` (`torch`, `onnxruntime`, `openvino` or `auto`), `threads`,
-            `precision` (`fp32` or `bf16`).
+            given as keywords: `batch_size`, `num_workers` (decoding processes; None: the cores
+            the model's threads leave, `split_cores`; 0: in-process), `fast` (decode large JPEGs
+            at a reduced scale first; images whose two leading classes are near-tied are decoded
+            again at full size, so the top-1 is the exact path's; False gives torchvision's
+            preprocessing exactly), `limits` (the decode budget of each image, a `DecodeLimits`),
+            `max_pixels` (its pixel limit), `device`, `backend` (`torch`, `onnxruntime`,
+            `openvino` or `auto`), `threads` (the model's; None: its share of the cores),
+            `precision` (`fp32`, `bf16` or `auto`).
         clips: video models: evenly spaced clips per video (default: as many as the weights were
             evaluated with); `batch_size` then counts clips.
+
+    torch's thread count is process-wide: it is set to the model's share while the generator runs.
     """
     if topk < 1:
         raise InputError(f"topk must be >= 1, got {topk}")
     opts = InferenceOptions.of(options, **settings)
-    runner = opts.open(model)
-    if runner.info.task is Task.VIDEO:
-        files, failures = expand_inputs(list(inputs), kinds=VIDEO_KINDS)
+    items = list(inputs)
+    files, failures = expand_inputs(items)
+    budget = split_cores(workers=opts.num_workers, threads=opts.threads, decoding=len(files) > opts.batch_size)
+    with torch_threads(budget.threads):
+        runner = replace(opts, threads=budget.threads).open(model)
+        log.info("%s; %s", runner.describe(), budget.describe())
+        if runner.info.task is Task.VIDEO:  # the inputs again, as videos (a video is decoded in a worker)
+            files, failures = expand_inputs(items, kinds=VIDEO_KINDS)
+            yield from failures
+            yield from iter_predict_videos(files, runner, topk, clips=clips, options=opts)
+            return
+        if clips is not None:
+            raise InputError(f"clips is for video models; {runner.arch} classifies images")
         yield from failures
-        yield from iter_predict_videos(files, runner, topk, clips=clips, options=opts)
-        return
-    if clips is not None:
-        raise InputError(f"clips is for video models; {runner.arch} classifies images")
-    files, failures = expand_inputs(list(inputs))
-    yield from failures
-    if not files:
-        return
+        if files:
+            yield from _predict_files(files, runner, topk, opts, budget)
+
+
+def _predict_files(files: list, runner: Runner, topk: int, opts: InferenceOptions, budget: CoreBudget
+                   ) -> Iterator[Prediction | Failure]:
     transform = runner.preprocess.transforms()
-    batches = image_batches(files, runner.preprocess, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                            fast=opts.fast, max_pixels=opts.max_pixels, pin_memory=opts.torch_device.type == "cuda")
+    batches = image_batches(files, runner.preprocess, batch_size=opts.batch_size, num_workers=budget.workers,
+                            fast=opts.fast, limits=opts.limits, pin_memory=opts.torch_device.type == "cuda",
+                            reuse_buffers=True)
     with torch.inference_mode():
         for batch in batches:
             results: dict[int, Prediction | Failure] = {i: Failure(str(files[i]), err) for i, err in batch.failures}
-            if batch.images is not None:
+            images = batch.stacked()  # a classifier's preprocessing crops: one size
+            if images is not None:
                 reduced = set(batch.reduced)
                 rows = [row for row, i in enumerate(batch.indices) if i in reduced]
 
                 def exact(row: int, indices: list[int] = batch.indices) -> torch.Tensor | None:
-                    return prepare_image(files[indices[row]], transform, max_pixels=opts.max_pixels)[0]
+                    return prepare_image(files[indices[row]], transform, limits=opts.limits,
+                                         resize_to=runner.preprocess.resize_size)[0]
 
-                tops = classify_batch(runner, batch.images, topk, reduced=rows, exact=exact)
+                tops = classify_batch(runner, images, topk, reduced=rows, exact=exact)
                 for i, top in zip(batch.indices, tops, strict=True):
                     results[i] = Prediction(str(files[i]), top)
             for i in sorted(results):

@@ -31,8 +31,9 @@ import logging
 import os
 import statistics
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
@@ -152,7 +153,6 @@ def prune(bundle: str | os.PathLike, ratio: float = 0.3, *, out: str | os.PathLi
         lr: fine-tuning learning rate (default: `finetune`'s for the full strategy).
         latency_batch: the batch size latency is measured with.
     """
-    from ..factory import create_model
     from ..runtime.backends import TorchRunner
     from .finetune import finetune
 
@@ -169,9 +169,9 @@ def prune(bundle: str | os.PathLike, ratio: float = 0.3, *, out: str | os.PathLi
     _, val_samples, classes = bundle_split(info, data, val)
 
     size = info.preprocess.crop
-    original = create_model(bundle)
+    original = _classifier(bundle)
     images, labels = load_labelled(val_samples, info.preprocess, num_workers=num_workers)
-    pruned_net = prune_model(create_model(bundle), ratio, size, round_to=round_to)
+    pruned_net = prune_model(_classifier(bundle), ratio, size, round_to=round_to)
     pruned_dir = save_bundle(pruned_net, out / PRUNED_SUBDIR, classes=info.classes, preprocess=info.preprocess,
                              architecture=info.architecture, builder_kwargs=info.builder_kwargs,
                              base_weights=str(info.path),
@@ -179,8 +179,8 @@ def prune(bundle: str | os.PathLike, ratio: float = 0.3, *, out: str | os.PathLi
     pruned_accuracy = accuracy(TorchRunner(pruned_net).logits, images, labels) if len(images) else None
 
     if finetune_epochs:
-        options = {"strategy": "full", "epochs": finetune_epochs, "batch_size": batch_size,
-                   "image_size": size, "num_workers": num_workers}
+        options: _FinetuneOptions = {"strategy": "full", "epochs": finetune_epochs, "batch_size": batch_size,
+                                     "image_size": size, "num_workers": num_workers}
         if lr is not None:
             options["lr"] = lr
         result = finetune(train=train_data, val=val_data, out=out, model=str(pruned_dir), progress=progress,
@@ -190,7 +190,7 @@ def prune(bundle: str | os.PathLike, ratio: float = 0.3, *, out: str | os.PathLi
         final_dir = save_bundle(pruned_net, out / RUN_SUBDIR, classes=info.classes, preprocess=info.preprocess,
                                 architecture=info.architecture, builder_kwargs=info.builder_kwargs,
                                 base_weights=str(info.path), training={"pruned_from": str(info.path), "ratio": ratio})
-    final = create_model(final_dir)
+    final = _classifier(final_dir)
 
     before, after = _compare(original, final, size, images, labels, latency_batch)
     report = PruneResult(bundle=final_dir, pruned=pruned_dir, ratio=ratio, before=before, after=after,
@@ -236,6 +236,26 @@ def _training_data(info, data, val) -> tuple[Any, Any, Any]:
     return train_data, val, cfg
 
 
+class _FinetuneOptions(TypedDict, total=False):
+    """The `finetune` options a pruning run sets."""
+
+    strategy: str
+    epochs: int
+    batch_size: int
+    image_size: int
+    num_workers: int | None
+    lr: float
+
+
+def _classifier(bundle: str | os.PathLike) -> ZooModel:
+    from ..factory import create_model
+
+    net = create_model(bundle)
+    if not isinstance(net, ZooModel):
+        raise InputError(f"{bundle} holds a {type(net).__name__}, not a classifier; prune takes classifier bundles")
+    return net
+
+
 def _compare(original: ZooModel, final: ZooModel, size: int, images, labels, batch: int):
     """Stats of both networks; their latencies measured alternately, so that a machine that
     slows down or speeds up during the run affects both alike."""
@@ -243,7 +263,7 @@ def _compare(original: ZooModel, final: ZooModel, size: int, images, labels, bat
 
     runners = [TorchRunner(original), TorchRunner(final)]
     x = random_batch(batch, size)
-    times = interleaved_times({i: (lambda r=r: r.logits(x)) for i, r in enumerate(runners)}, 21, warmup=3)
+    times = interleaved_times({i: partial(r.logits, x) for i, r in enumerate(runners)}, 21, warmup=3)
     stats = []
     for i, (net, runner) in enumerate(zip((original, final), runners, strict=True)):
         macs, params = count_macs(net, size)

@@ -167,6 +167,8 @@ def _decoding_memory(predictor: BatchPredictor, batch_size: int) -> int:
     batch). Reserving them also gives decoding other resources than the model's actors, which
     keeps Ray from fusing the two stages into the actors, where each would wait for the other."""
     side = predictor.runner.preprocess.crop_size or predictor.runner.info.input_size
+    if side is None:  # the predictor takes classifiers only (task_columns), which crop
+        raise RuntimeError(f"{predictor.runner.arch}: a classifier without a crop or input size")
     return DECODING_WORKER_BYTES + 3 * batch_size * 3 * side * side * 4
 
 

@@ -74,7 +74,8 @@ def iter_predict_videos(files: Sequence[Path], runner: Runner, topk: int, *, cli
     check_video_runner(runner)
     check_at_least("clips", clips, 1, optional=True)
     categories = runner.categories
-    for batch in video_batches(files, runner.preprocess, clips=clips, batch_size=1, num_workers=options.num_workers):
+    for batch in video_batches(files, runner.preprocess, clips=clips, batch_size=1, num_workers=options.num_workers,
+                               limits=options.limits):
         for i, reason in batch.failures:
             yield Failure(str(files[i]), reason)
         if batch.images is None:

@@ -15,7 +15,7 @@ import pickle
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -43,7 +43,8 @@ class RunState:
 
 def rng_states() -> dict[str, Any]:
     """The RNG states, as types `torch.load(weights_only=True)` accepts."""
-    np_state = np.random.get_state()
+    # the legacy (default) form: a tuple, not a dict
+    np_state = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     states = {"torch": torch.get_rng_state(), "python": random.getstate(),
               "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
                         int(np_state[3]), float(np_state[4])]}

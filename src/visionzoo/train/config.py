@@ -5,7 +5,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from typing import Any
 
-from ..enums import Precision, parse_enum
+from ..enums import Precision, Task, parse_enum
 from ..errors import InputError
 from ..registry import DEFAULT_MODEL
 
@@ -33,7 +33,10 @@ def option(default: Any, help: str, *flags: str) -> Any:
 class FinetuneConfig:
     """Every choice that shapes a training run (and so must match when a run is resumed)."""
 
-    model: str = option(DEFAULT_MODEL, "NAME[.TAG] to start from (its weights), or a bundle.", "--model", "-m")
+    model: str = option(DEFAULT_MODEL, "NAME[.TAG] to start from (its weights), or a bundle. Segmentation: a "
+                        "segmentation model, or a classifier to put --head on.", "--model", "-m")
+    head: str | None = option(None, "Segmentation: the head put on a classifier given as --model: lraspp, "
+                              "deeplabv3 or fcn (default lraspp).")
     strategy: Strategy = option(Strategy.AUTO, "linear: train the classifier on cached features; partial: also the "
                                 "last --unfreeze stages; full: everything; auto: chosen from the data.",
                                 "--strategy", "-s")
@@ -46,14 +49,20 @@ class FinetuneConfig:
     unfreeze: int = option(2, "partial: how many of the last stages train.")
     warmup_epochs: float | None = option(None, "Linear learning-rate warm-up (default 1; 0 for linear).")
     head_epochs: int = option(0, "partial/full: train the new head alone first for this many epochs.")
-    label_smoothing: float = option(0.1, "Label smoothing of the cross-entropy.")
-    image_size: int | None = option(None, "Crop size (default: the weights' own preprocessing).")
+    label_smoothing: float = option(0.1, "Label smoothing of the cross-entropy (classification).")
+    image_size: int | None = option(None, "Crop size (default: the weights' own preprocessing). Segmentation: also "
+                                    "the shorter side images are resized to.")
     clip_len: int | None = option(None, "Video models: frames per clip (default: the weights' own preprocessing).")
-    augment: bool = option(True, "Random resized crops during training.", "--augment/--no-augment")
+    augment: bool = option(True, "Random resized crops during training (segmentation: rescaled, cropped and "
+                           "flipped with their masks).", "--augment/--no-augment")
     crop_scale: tuple[float, float] = option((0.7, 1.0), "Area fraction (low high) of the random crops: light, most "
-                                             "of the image.")
-    hflip: bool = option(False, "Random horizontal flips (only if mirrored images keep their class).",
-                         "--hflip/--no-hflip")
+                                             "of the image (classification).")
+    scale_range: tuple[float, float] = option((0.5, 2.0), "Segmentation: random rescaling (low high) of each image "
+                                              "and its mask relative to --image-size, before the crop.")
+    hflip: bool | None = option(None, "Random horizontal flips (default: on for segmentation; off for "
+                                "classification, where a mirrored image may change class).", "--hflip/--no-hflip")
+    class_weights: bool = option(False, "Segmentation: weigh each class's pixels by its rarity in the training "
+                                 "masks (median frequency balancing).", "--class-weights/--no-class-weights")
     aug_passes: int = option(0, "linear: extra augmented feature passes on top of the clean one (each once).")
     val_fraction: float = option(0.25, "Held out (stratified) when there is no --val.")
     seed: int = option(0, "Seed of the split, the data order, the augmentations and the new head.")
@@ -71,6 +80,7 @@ class FinetuneConfig:
             raise InputError("training runs in fp32 or bf16 (precision auto, fp32 or bf16); int8 is for "
                              "`visionzoo quantize`")
         object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
+        object.__setattr__(self, "scale_range", tuple(float(v) for v in self.scale_range))
         checks = [
             (self.epochs is None or self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
@@ -85,6 +95,9 @@ class FinetuneConfig:
             (self.clip_len is None or self.clip_len >= 1, "clip_len must be >= 1"),
             (len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
              "crop_scale must be (low, high) with 0 < low <= high <= 1"),
+            (len(self.scale_range) == 2 and 0 < self.scale_range[0] <= self.scale_range[1],
+             "scale_range must be (low, high) with 0 < low <= high"),
+            (self.head is None or self.head in ("fcn", "deeplabv3", "lraspp"), "head must be fcn, deeplabv3 or lraspp"),
             (self.aug_passes >= 0, "aug_passes must be >= 0"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.accumulate >= 1, "accumulate must be >= 1"),
@@ -95,20 +108,27 @@ class FinetuneConfig:
             if not ok:
                 raise InputError(f"{message}; fix the fine-tuning option")
 
-    def resolved(self, strategy: Strategy) -> FinetuneConfig:
-        """This configuration for a concrete strategy, with its defaults filled in."""
+    def resolved(self, strategy: Strategy, task: Task = Task.CLASSIFICATION) -> FinetuneConfig:
+        """This configuration for a concrete strategy and task, with its defaults filled in."""
         if strategy is Strategy.AUTO:
             raise ValueError("resolve AUTO to a concrete strategy first")
         epochs = self.epochs or DEFAULT_EPOCHS[strategy]
         if self.head_epochs >= epochs and strategy is not Strategy.LINEAR:
             raise InputError(f"head_epochs ({self.head_epochs}) must be less than epochs ({epochs})")
-        return replace(self, strategy=strategy, epochs=epochs, lr=self.lr or DEFAULT_LR[strategy],
+        hflip = task is Task.SEGMENTATION if self.hflip is None else self.hflip
+        return replace(self, strategy=strategy, epochs=epochs, lr=self.lr or DEFAULT_LR[strategy], hflip=hflip,
                        warmup_epochs=DEFAULT_WARMUP[strategy] if self.warmup_epochs is None else self.warmup_epochs)
+
+    def settled(self) -> tuple[int, float, float]:
+        """`(epochs, lr, warmup_epochs)` of a `resolved` configuration (where none is None)."""
+        if self.epochs is None or self.lr is None or self.warmup_epochs is None:
+            raise ValueError("FinetuneConfig.settled needs a resolved configuration (FinetuneConfig.resolved)")
+        return self.epochs, self.lr, self.warmup_epochs
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["strategy"], d["precision"] = self.strategy.value, self.precision.value
-        d["crop_scale"] = list(self.crop_scale)
+        d["crop_scale"], d["scale_range"] = list(self.crop_scale), list(self.scale_range)
         return d
 
     @classmethod

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ..data.images import load_image
+from ..data.images import DEFAULT_LIMITS, DecodeLimits, load_image
 from ..data.loader import available_cpus, fix_mmap_threshold
 from ..data.transforms import Interpolation, to_normalized_tensor
 from ..errors import InputError
@@ -36,11 +36,12 @@ def stratified_split(targets: Sequence[int], val_fraction: float, seed: int) -> 
 
     Every class with at least two images keeps at least one in each part.
     """
-    targets = np.asarray(targets)
+    labels = np.asarray(targets)
     rng = np.random.default_rng(seed)
-    train, val = [], []
-    for c in np.unique(targets):
-        idx = np.flatnonzero(targets == c)
+    train: list[int] = []
+    val: list[int] = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]
         n_val = int(round(len(idx) * val_fraction))
         if val_fraction > 0 and len(idx) >= 2:
@@ -96,12 +97,14 @@ class Augment:
 
 class KeyedImages(Dataset):
     """`(index, seed)` -> (image tensor, label): the augmented view for that seed, or the
-    evaluation view when the seed is None."""
+    evaluation view when the seed is None. Images are decoded within `limits`."""
 
-    def __init__(self, samples: Sequence[tuple], preprocess: Preprocess, augment: Augment | None):
+    def __init__(self, samples: Sequence[tuple], preprocess: Preprocess, augment: Augment | None,
+                 limits: DecodeLimits = DEFAULT_LIMITS):
         self.samples = list(samples)
         self.eval_transform = preprocess.transforms()
         self.augment = augment
+        self.limits = limits  # its max_resized_pixels does not apply: only the crop's area is ever resized
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -109,7 +112,7 @@ class KeyedImages(Dataset):
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, int]:
         index, seed = key
         path, label = self.samples[index]
-        img = load_image(path)
+        img = load_image(path, limits=self.limits)
         if seed is None or self.augment is None:
             return self.eval_transform(img), label
         return self.augment(img, torch.Generator().manual_seed(seed)), label
@@ -124,8 +127,10 @@ class EpochSampler(Sampler):
     """
 
     def __init__(self, n: int, dist: Dist, seed: int, shuffle: bool = True, augment: bool = True):
-        self.inner = DistributedSampler(range(n), num_replicas=dist.world, rank=dist.rank, shuffle=shuffle,
-                                        seed=seed, drop_last=False)
+        # torch's stubs want a Dataset; the sampler only takes its len(), which a range of the indices has
+        self.inner: DistributedSampler[int] = DistributedSampler(
+            range(n), num_replicas=dist.world, rank=dist.rank,  # type: ignore[arg-type]
+            shuffle=shuffle, seed=seed, drop_last=False)
         self.seed = seed
         self.augment = augment
         self.epoch = 0
@@ -178,7 +183,7 @@ def loader(dataset: Dataset, sampler: Sampler, batch_size: int, num_workers: int
 
 def check_classes(train_targets: Sequence[int], num_classes: int, classes: Sequence[str]) -> None:
     counts = np.bincount(np.asarray(train_targets, dtype=np.int64), minlength=num_classes)
-    empty = [classes[i] for i in np.flatnonzero(counts == 0)]
+    empty = [classes[int(i)] for i in np.flatnonzero(counts == 0)]
     if empty:
         raise InputError(f"no training images for class{'es' if len(empty) > 1 else ''} "
                          f"{', '.join(empty[:5])}; add images or remove the class folder")

@@ -1,6 +1,7 @@
 """The training loop: epochs of (mixed-precision, accumulated) steps, validation, early
 stopping, a checkpoint after every epoch. Whatever is trained (the whole network, or only
-the classifier on cached features) comes in through a `Job`.
+the classifier on cached features), its loss and its scores come in through a `Job`, so one
+loop trains every task (see `recipe.py`).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +20,21 @@ from ..errors import TrainingError
 from . import distributed as D
 from .checkpoint import RunState
 from .data import sample_seed
+
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]  # (module outputs, targets) -> the batch's mean loss
+HitsFn = Callable[[Any, torch.Tensor], tuple[float, float]]  # (outputs, targets) -> (right, counted)
+
+
+def classification_loss(label_smoothing: float = 0.0) -> LossFn:
+    """Cross-entropy of the logits (in float32) with label smoothing."""
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    return loss
+
+
+def classification_hits(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(images whose top class is right, images)."""
+    return float((logits.argmax(1) == y).sum()), float(len(y))
 
 
 @dataclass
@@ -32,6 +49,9 @@ class Job:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     on_best: Callable[[], None]  # called (on every process) when an epoch is the best so far
     on_epoch_end: Callable[[RunState], None]  # checkpoint; called on every process
+    loss: LossFn  # the training loss of a batch
+    hits: HitsFn = classification_hits  # the running training accuracy (images, or pixels, right)
+    metric: str = "acc"  # the validation metric (higher is better) that picks the best epoch, ties to lower loss
     num_threads: int | None = None  # intra-op threads while training (None: leave torch's setting)
 
 
@@ -56,23 +76,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def fit(job: Job, state: RunState, *, epochs: int, seed: int, accumulate: int, label_smoothing: float,
-        patience: int | None, amp_dtype: torch.dtype | None, dist: D.Dist,
-        progress: bool = True, echo: Callable[[str], None] = print) -> RunState:
+def fit(job: Job, state: RunState, *, epochs: int, seed: int, accumulate: int, patience: int | None,
+        amp_dtype: torch.dtype | None, dist: D.Dist, progress: bool = True,
+        echo: Callable[[str], None] = print) -> RunState:
     """Train from `state.epoch` to `epochs` (or early stop); returns the final state."""
     threads = torch.get_num_threads()
     if job.num_threads is not None:
         torch.set_num_threads(job.num_threads)
     try:
-        return _epochs(job, state, epochs, seed, accumulate, label_smoothing, patience, amp_dtype, dist,
-                       progress and dist.is_main, echo)
+        return _epochs(job, state, epochs, seed, accumulate, patience, amp_dtype, dist, progress and dist.is_main,
+                       echo)
     finally:
         torch.set_num_threads(threads)
 
 
-def _epochs(job: Job, state: RunState, epochs: int, seed: int, accumulate: int, label_smoothing: float,
-            patience: int | None, amp_dtype: torch.dtype | None, dist: D.Dist, show: bool,
-            echo: Callable[[str], None]) -> RunState:
+def _epochs(job: Job, state: RunState, epochs: int, seed: int, accumulate: int, patience: int | None,
+            amp_dtype: torch.dtype | None, dist: D.Dist, show: bool, echo: Callable[[str], None]) -> RunState:
     for epoch in range(state.epoch, epochs):
         if state.stopped_early:
             break
@@ -81,9 +100,9 @@ def _epochs(job: Job, state: RunState, epochs: int, seed: int, accumulate: int, 
         torch.manual_seed(sample_seed(seed, epoch, dist.rank, 1))
         started = time.perf_counter()
         with _Bar(show, f"epoch {epoch + 1}/{epochs}", job.steps_per_epoch) as bar:
-            loss_sum, correct, seen = _train_epoch(job, epoch, accumulate, label_smoothing, amp_dtype, dist, bar)
-        loss_sum, correct, seen = D.all_reduce_sum(dist, [loss_sum, correct, seen])
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1),
+            loss_sum, seen, correct, counted = _train_epoch(job, epoch, accumulate, amp_dtype, dist, bar)
+        loss_sum, seen, correct, counted = D.all_reduce_sum(dist, [loss_sum, seen, correct, counted])
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(counted, 1),
                   "lr": max(g["lr"] for g in job.optimizer.param_groups)}
         val = job.validate()
         if val is not None:
@@ -91,13 +110,15 @@ def _epochs(job: Job, state: RunState, epochs: int, seed: int, accumulate: int, 
         record["time_s"] = round(time.perf_counter() - started, 3)
         state.history.append(record)
         state.epoch = epoch + 1
-        # the best epoch: highest validation accuracy, ties to the lower loss (the last epoch without validation)
-        if val is None or (val["acc"], -val["loss"]) > (state.best_acc, -state.best_loss):
+        # the best epoch: highest validation metric (accuracy, mIoU), ties to the lower loss (the last
+        # epoch without validation); `best_acc` holds the metric's value whatever it is
+        if val is None or (val[job.metric], -val["loss"]) > (state.best_acc, -state.best_loss):
             state.best_epoch = epoch + 1
-            state.best_acc = val["acc"] if val else record["train_acc"]
+            state.best_acc = val[job.metric] if val else record["train_acc"]
             state.best_loss = val["loss"] if val else record["train_loss"]
             job.on_best()
-        if val is not None and patience is not None and state.epoch - state.best_epoch >= patience \
+        if val is not None and patience is not None and state.best_epoch is not None \
+                and state.epoch - state.best_epoch >= patience \
                 and state.epoch < epochs:
             state.stopped_early = True
         job.on_epoch_end(state)
@@ -106,23 +127,25 @@ def _epochs(job: Job, state: RunState, epochs: int, seed: int, accumulate: int, 
     return state
 
 
-def _train_epoch(job: Job, epoch: int, accumulate: int, label_smoothing: float, amp_dtype: torch.dtype | None,
-                 dist: D.Dist, bar: _Bar) -> tuple[float, float, float]:
-    """One pass over this process's batches; returns (summed loss, correct, images)."""
+def _train_epoch(job: Job, epoch: int, accumulate: int, amp_dtype: torch.dtype | None, dist: D.Dist,
+                 bar: _Bar) -> tuple[float, float, float, float]:
+    """One pass over this process's batches; returns (loss summed over images, images, right, counted):
+    the last two count what `job.hits` scores (images, or labelled pixels)."""
     device, n = dist.device, job.steps_per_epoch
     module = job.prepare(epoch)
-    loss_sum = correct = seen = 0.0
+    loss_sum = seen = correct = counted = 0.0
     in_group = 0  # images in the current accumulation group
     job.optimizer.zero_grad(set_to_none=True)
     for step, (x, y) in enumerate(job.batches(epoch)):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         group_end = (step + 1) % accumulate == 0 or step + 1 == n
         # between optimizer steps, DDP need not all-reduce the gradients
-        sync = contextlib.nullcontext() if group_end or not hasattr(module, "no_sync") else module.no_sync()
+        no_sync = getattr(module, "no_sync", None)
+        sync = contextlib.nullcontext() if group_end or no_sync is None else no_sync()
         with sync:
             with autocast(device, amp_dtype):
-                logits = module(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+                outputs = module(x)
+            loss = job.loss(outputs, y)
             _check_finite(loss, epoch, step, job.optimizer, dist)
             # summed over images, divided by the group's image count before the step: accumulating
             # K micro-batches is then exactly one K-times larger batch, a short last one included
@@ -136,10 +159,12 @@ def _train_epoch(job: Job, epoch: int, accumulate: int, label_smoothing: float, 
             job.scheduler.step()
             job.optimizer.zero_grad(set_to_none=True)
         loss_sum += loss.item() * len(y)
-        correct += float((logits.argmax(1) == y).sum())
         seen += len(y)
-        bar.update(loss_sum / seen, correct / seen)
-    return loss_sum, correct, seen
+        right, scored = job.hits(outputs, y)
+        correct += right
+        counted += scored
+        bar.update(loss_sum / seen, correct / max(counted, 1))
+    return loss_sum, seen, correct, counted
 
 
 def _scale_grads(optimizer: torch.optim.Optimizer, factor: float) -> None:
@@ -161,15 +186,19 @@ def _check_finite(loss: torch.Tensor, epoch: int, step: int, optimizer, dist: D.
 
 def _summary(r: dict, state: RunState) -> str:
     text = f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} acc {r['train_acc']:.2%}"
+    validated = "val_acc" in r or "val_miou" in r
     if "val_acc" in r:
         text += f" | val loss {r['val_loss']:.4f} acc {r['val_acc']:.2%}"
         if "val_top5" in r:
             text += f" top-5 {r['val_top5']:.2%}"
+    elif "val_miou" in r:
+        text += f" | val loss {r['val_loss']:.4f} mIoU {r['val_miou']:.2%} pixel acc {r['val_pixel_acc']:.2%}"
     text += f" | {r['time_s']:.1f}s"
-    if state.best_epoch == r["epoch"] and "val_acc" in r:
+    if state.best_epoch == r["epoch"] and validated:
         text += " (best)"
     if state.stopped_early:
-        text += f" | early stop: no better validation accuracy since epoch {state.best_epoch}"
+        metric = "mIoU" if "val_miou" in r else "accuracy"
+        text += f" | early stop: no better validation {metric} since epoch {state.best_epoch}"
     return text
 
 

@@ -22,6 +22,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from ..data.images import DEFAULT_LIMITS, DecodeLimits
 from ..data.preprocess import Preprocess
 from ..models.base import ZooModel
 from .config import Strategy
@@ -45,9 +46,11 @@ class StrategyChoice:
 
 
 def choose_strategy(model: ZooModel, samples: Sequence[tuple], num_classes: int, preprocess: Preprocess, *,
-                    seed: int, unfreeze: int, device: torch.device, num_workers: int = 0) -> StrategyChoice:
+                    seed: int, unfreeze: int, device: torch.device, num_workers: int = 0,
+                    limits: DecodeLimits = DEFAULT_LIMITS) -> StrategyChoice:
     per_class = len(samples) / num_classes
-    feats, pixels, labels = _probe_inputs(model, samples, num_classes, preprocess, seed, device, num_workers)
+    feats, pixels, labels = _probe_inputs(model, samples, num_classes, preprocess, seed, device, num_workers,
+                                          limits)
     train, test = stratified_split(labels.tolist(), 1 / 3, seed)
     if not train or not test:
         return StrategyChoice(Strategy.LINEAR, f"only {len(samples)} training images: too few to probe or to "
@@ -80,7 +83,7 @@ def decide(f_acc: float, p_acc: float, per_class: float, *, held_out: int, unfre
                           f"last {unfreeze} stages but not the whole network", f_acc, p_acc, per_class)
 
 
-def _probe_inputs(model, samples, num_classes, preprocess, seed, device, num_workers):
+def _probe_inputs(model, samples, num_classes, preprocess, seed, device, num_workers, limits):
     """Pre-trained features and pooled pixels of a class-balanced sample of the training images."""
     targets = np.asarray([y for _, y in samples])
     rng = np.random.default_rng(seed)
@@ -89,7 +92,7 @@ def _probe_inputs(model, samples, num_classes, preprocess, seed, device, num_wor
     for c in range(num_classes):
         idx = np.flatnonzero(targets == c)
         chosen += sorted(rng.permutation(idx)[:cap].tolist())
-    dataset = KeyedImages([samples[i] for i in chosen], preprocess, None)
+    dataset = KeyedImages([samples[i] for i in chosen], preprocess, None, limits)
     keys = [(i, None) for i in range(len(chosen))]
     feats, pixels = [], []
     model.eval()

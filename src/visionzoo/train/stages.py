@@ -1,4 +1,5 @@
-"""Which parameters and modules belong to which stage, for any `ZooModel`.
+"""Which parameters and modules belong to which stage, for any `ZooModel` (or any model that lists
+its stages, such as a segmentation model's backbone stages).
 
 A model's `feature_info` names the module that ends each stage, shallow to deep. One
 forward pass with hooks records when every module starts and ends relative to those
@@ -12,12 +13,13 @@ pre-trained) and `full` (a smaller learning rate for each earlier stage).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..models.base import ZooModel
+from ..models.base import FeatureInfo, ZooModel
 
 
 @dataclass(frozen=True)
@@ -34,11 +36,18 @@ class StageMap:
         return {name: k for k, names in enumerate(self.params) for name in names}
 
 
-def map_stages(model: ZooModel, image_size: int, frames: int | None = None) -> StageMap:
-    """Split `model`'s parameters and modules into its `feature_info` stages plus the head (traced on an
-    image of `image_size`, or a clip of `frames` such frames for a video model)."""
-    boundary = {info.module: k for k, info in enumerate(model.feature_info)}
-    n_stages = len(model.feature_info)
+def map_stages(model: nn.Module, image_size: int, stages: Sequence[FeatureInfo] | None = None,
+               frames: int | None = None) -> StageMap:
+    """Split `model`'s parameters and modules into its stages plus the head. The stages are `stages`
+    (default: the model's `feature_info`), named within `model`; traced on an image of `image_size`,
+    or on a clip of `frames` such frames for a video model."""
+    if stages is None:
+        if not isinstance(model, ZooModel):
+            raise RuntimeError(f"map_stages: {type(model).__name__} is not a ZooModel; pass its stages")
+        stages = model.feature_info
+    infos = list(stages)
+    boundary = {info.module: k for k, info in enumerate(infos)}
+    n_stages = len(infos)
     done = 0  # stages finished so far, i.e. the stage now running
     start: dict[str, int] = {}
     end: dict[str, int] = {}
@@ -85,12 +94,14 @@ def map_stages(model: ZooModel, image_size: int, frames: int | None = None) -> S
         # parameters held by a module spanning several stages (a class token, position
         # embeddings) are used when it starts
         params[min(start[name], n_stages)] += own
-        if start[name] == end[name]:
+        if start[name] == end.get(name):  # (a module left by an exception, as a feature extractor stops, never ends)
             modules[min(start[name], n_stages)].append(name)
     return StageMap(tuple(map(tuple, params)), tuple(map(tuple, modules)), tuple(unused))
 
 
 def _input_channels(model: nn.Module) -> int:
+    if not isinstance(model, ZooModel):
+        return 3
     first = model.get_submodule(model.first_conv)
     for attr in ("in_channels", "in_features"):
         if hasattr(first, attr):

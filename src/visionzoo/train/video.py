@@ -1,10 +1,12 @@
 """Fine-tuning video classifiers: a folder of class sub-folders of video files, clips as samples.
 
-What video brings to `tasks/finetune.py` (the strategies, the loop, checkpoints and resume are the
-images' own): the samples (`video_samples`), the recipe clips are evaluated with (the weights'
-scaled to `image_size`, `clip_len` frames), the training dataset (`KeyedClips`: one clip per
-video and step) and its augmentation (`ClipAugment`: a random clip position in time, one random
-resized crop for all its frames, optional flips), and `auto`'s choice.
+`VideoRecipe` is the classification recipe (`classification.py`: the strategies, the jobs, the
+feature cache) with what video changes: the samples (`video_samples`, each file's header read
+first: a file that is not a readable video is left out and listed), the recipe clips are
+evaluated with (the weights' scaled to `image_size`, `clip_len` frames), the training dataset
+(`KeyedClips`: one clip per video and step) and its augmentation (`ClipAugment`: a random clip
+position in time, one random resized crop for all its frames, flips only with `--hflip`: a
+mirrored clip reverses left-right motion), and `auto`'s choice.
 
 Augmentation draws everything from the key's seed, as the image pipeline does, so a resumed run
 sees the same clips. The evaluation view of a video is its middle clip, centre-cropped: what
@@ -24,11 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..data.images import DEFAULT_LIMITS, DecodeLimits
+from ..data.inputs import Failure
 from ..data.preprocess import Preprocess
 from ..data.video import VIDEO_EXTENSIONS, ClipSampling, ClipTransform, VideoReader
+from ..enums import Task
 from ..errors import InputError, VideoError
+from ..models.base import ZooModel
+from . import distributed as D
+from .classification import ClassificationRecipe
 from .config import FinetuneConfig, Strategy
 from .data import check_classes, stratified_split
+from .recipe import RunContext, RunData, fingerprint
+from .stages import StageMap, map_stages
 
 # `auto` for video: no feature probe (it would decode every clip twice); the images' thresholds on
 # the number of clips per class decide
@@ -168,9 +178,11 @@ class KeyedClips(Dataset):
     """`(index, seed)` -> (clip tensor, label): a random training clip for that seed, or the video's middle
     clip through the evaluation recipe when the seed is None. The stand-in of `KeyedImages` for videos."""
 
-    def __init__(self, samples: Sequence[tuple], preprocess: Preprocess, augment: ClipAugment | None):
+    def __init__(self, samples: Sequence[tuple], preprocess: Preprocess, augment: ClipAugment | None,
+                 limits: DecodeLimits = DEFAULT_LIMITS):
         self.samples = list(samples)
         self.preprocess = preprocess
+        self.limits = limits
         self.eval_transform = ClipTransform(preprocess)
         self.augment = augment
 
@@ -181,7 +193,7 @@ class KeyedClips(Dataset):
         index, seed = key
         path, label = self.samples[index]
         try:
-            with VideoReader(path) as reader:
+            with VideoReader(path, self.limits) as reader:
                 info = reader.info
                 if seed is None or self.augment is None:
                     wanted = ClipSampling.of(self.preprocess).clip_indices(info, 1)[0]
@@ -191,20 +203,8 @@ class KeyedClips(Dataset):
                 wanted = self.augment.frames(info.num_frames, info.fps, g)
                 return self.augment([rgb for _, rgb in reader.frames(wanted)], g), label
         except VideoError as e:
-            # training data is checked up front (`check_videos`); a file that breaks later stops the run
+            # training data is checked up front (`VideoRecipe.usable`); a file that breaks later stops the run
             raise InputError(f"{e.path}: {e.reason}; remove or replace it and resume") from None
-
-
-def check_videos(samples: Sequence[tuple]) -> list[tuple[str, str]]:
-    """(path, reason) of every sample whose header does not read as a video: found before training."""
-    bad = []
-    for path, _ in samples:
-        try:
-            with VideoReader(path):
-                pass
-        except VideoError as e:
-            bad.append((e.path, e.reason))
-    return bad
 
 
 def choose_video_strategy(train_samples: Sequence[tuple], num_classes: int, unfreeze: int) -> tuple[Strategy, str]:
@@ -218,3 +218,69 @@ def choose_video_strategy(train_samples: Sequence[tuple], num_classes: int, unfr
     return Strategy.PARTIAL, (f"{per_class:.0f} videos per class: the last {unfreeze} stages and the head train, "
                               f"the earlier stages keep their pre-trained weights")
 
+
+
+class VideoRecipe(ClassificationRecipe):
+    """Classification of videos: clips instead of images (see the module docstring)."""
+
+    task = Task.VIDEO
+
+    def detects(self, data) -> bool:
+        return is_video_dataset(data)
+
+    def data(self, data, train, val, classes, cfg: FinetuneConfig, dist: D.Dist) -> RunData:
+        if classes is not None:
+            raise InputError("--classes names the classes of a segmentation dataset; a video dataset's classes are "
+                             "its sub-folders")
+        train_samples, val_samples, names, sources = video_samples(data, train, val, cfg)
+        return RunData(train_samples, val_samples, names, sources, fingerprint((train_samples, val_samples), names))
+
+    def usable(self, samples: list, limits: DecodeLimits) -> tuple[list, list[Failure]]:
+        """The samples whose header reads as a video within `limits` (frame size), and a `Failure` for each
+        of the others."""
+        kept, failures = [], []
+        for sample in samples:
+            try:
+                with VideoReader(sample[0], limits=limits):
+                    kept.append(sample)
+            except VideoError as e:
+                failures.append(Failure(e.path, e.reason))
+        return kept, failures
+
+    def starting_model(self, cfg: FinetuneConfig, classes: Sequence[str], dist: D.Dist):
+        net, builder_kwargs, weights = super().starting_model(cfg, classes, dist)
+        _own_weights(net)
+        return net, builder_kwargs, weights
+
+    def preprocess(self, net, cfg: FinetuneConfig) -> Preprocess:
+        return video_training_preprocess(net.card_required.preprocess, cfg)
+
+    def choose_strategy(self, ctx: RunContext) -> tuple[Strategy, str]:
+        return choose_video_strategy(ctx.train_samples, len(ctx.classes), ctx.cfg.unfreeze)
+
+    def dataset(self, ctx: RunContext, samples: Sequence[tuple], augment) -> Dataset:
+        return KeyedClips(samples, ctx.pp, augment, ctx.limits)
+
+    def augmentation(self, ctx: RunContext) -> ClipAugment | None:
+        return ClipAugment(ctx.pp, ctx.cfg.crop_scale, hflip=bool(ctx.cfg.hflip)) if ctx.cfg.augment else None
+
+    def stage_map(self, ctx: RunContext) -> StageMap:
+        return map_stages(ctx.net, ctx.pp.crop, frames=ctx.pp.clip_len)
+
+    def eval_batch(self, ctx: RunContext) -> int:
+        return ctx.cfg.batch_size  # a clip is clip_len images: the training batch bounds the memory
+
+    def feature_key(self, ctx: RunContext) -> dict:
+        return {"clip_len": ctx.pp.clip_len}
+
+
+def _own_weights(net: ZooModel) -> None:
+    """Give every parameter and buffer memory of its own. A model loaded from a file holds views of the
+    file's memory map (several dtypes over one storage), which training would write through and which
+    `torch.save` refuses to checkpoint."""
+    with torch.no_grad():
+        for module in net.modules():
+            for p in module.parameters(recurse=False):
+                p.data = p.data.clone()
+            for name, b in module.named_buffers(recurse=False):
+                setattr(module, name, b.clone())

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from ..errors import CheckpointError
 from .lean import LeftOnMeta, build_lean, load_assign
@@ -246,7 +245,7 @@ def realize(plan: LoadPlan, strict: bool = True, what: str | None = None) -> Vis
     return model
 
 
-def load_weights(model: nn.Module, weights: str | Any | Mapping[str, torch.Tensor], *, strict: bool = True,
+def load_weights(model: VisionModel, weights: str | Any | Mapping[str, torch.Tensor], *, strict: bool = True,
                  layout: str | None = None) -> LoadReport:
     """Load a checkpoint (a path or a state dict) into an existing model, renaming and
     adapting as `create_model` does; returns the report (also set as `model.load_report`).

@@ -67,7 +67,7 @@ def load_file(path: str | os.PathLike) -> object:
     if is_safetensors(path):
         try:
             return safetensors_file.read(path)[0]
-        except (safetensors_file.SafetensorsError, OSError, RuntimeError) as e:
+        except (safetensors_file.SafetensorsError, OSError, RuntimeError, MemoryError) as e:
             raise CheckpointError(f"checkpoint {path} is not a valid safetensors file ({e}); "
                                   f"save it again") from None
     allow = getattr(torch.serialization, "safe_globals", None)

@@ -35,6 +35,7 @@ import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -104,12 +105,15 @@ def parameters_on_meta() -> Iterator[None]:
         _local.active = previous
         with _hook_lock:
             _hook_users -= 1
-            if _hook_users == 0:
+            if _hook_users == 0 and _hook_handle is not None:
                 _hook_handle.remove()
                 _hook_handle = None
 
 
-def build_lean(build: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def build_lean(build: Callable[[], ModuleT]) -> tuple[ModuleT, bool]:
     """`(model, lean)`: the model with its parameters on the meta device (`lean` True), or,
     if the family's code cannot run that way, built normally (`lean` False)."""
     try:
@@ -120,7 +124,7 @@ def build_lean(build: Callable[[], nn.Module]) -> tuple[nn.Module, bool]:
         return build(), False
 
 
-def build_meta(build: Callable[[], nn.Module]) -> nn.Module:
+def build_meta(build: Callable[[], ModuleT]) -> ModuleT:
     """The model entirely on the meta device (buffers too): only for its keys and shapes."""
     with torch.device("meta"), _SkipFillsOnMeta():
         return build()

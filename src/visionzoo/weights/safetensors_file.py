@@ -22,10 +22,12 @@ import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import cast
 
 import torch
 
 ALIGN = 64  # PyTorch's CPU allocation alignment
+MAX_HEADER = 100_000_000  # the reference implementation's limit on the header's size
 _NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
           "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
           "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32", "U64": "uint64"}
@@ -38,7 +40,14 @@ class SafetensorsError(ValueError):
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """`(tensors, metadata)` of a safetensors file; aligned tensors are views of the mapped file."""
+    """`(tensors, metadata)` of a safetensors file; aligned tensors are views of the mapped file.
+
+    The header is checked as strictly as the reference implementation checks it, before any
+    tensor is allocated: a JSON object (at most `MAX_HEADER` bytes, no duplicate keys, no
+    floats) of entries with a known dtype, a shape of non-negative integers and two offsets
+    that match it; the tensors' byte ranges must tile the data exactly (no gap, no overlap,
+    nothing after the last), and `__metadata__` must map strings to strings.
+    """
     if sys.byteorder != "little":  # pragma: no cover - the format is little-endian
         from safetensors.torch import load_file
 
@@ -48,51 +57,114 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, st
     tensors: dict[str, torch.Tensor] = {}
     storage = None
     with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n <= 0 or 8 + n > size:
-            raise SafetensorsError(f"header length {n} does not fit a {size}-byte file")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise SafetensorsError(f"header is not JSON ({e})") from None
-        if not isinstance(header, dict):
-            raise SafetensorsError("header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        start = 8 + n
-        for name, info in header.items():
-            dtype, shape, (begin, end) = _entry(name, info)
+        entries, metadata, start = read_header(f, size)
+        for name, (dtype, shape, begin, end) in entries.items():
             numel = math.prod(shape)
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if begin < 0 or end - begin != numel * itemsize or start + end > size:
-                raise SafetensorsError(f"tensor {name!r}: offsets {begin}..{end} do not match its shape "
-                                       f"{shape} {dtype} or the file size")
             offset = start + begin
+            itemsize = torch.empty((), dtype=dtype).element_size()
             if numel and offset % ALIGN == 0:
                 if storage is None:
-                    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+                    # torch's stubs type from_file as returning any storage; on UntypedStorage it makes one
+                    storage = cast(torch.UntypedStorage,
+                                   torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size))
                 tensors[name] = torch.empty(0, dtype=dtype).set_(storage, offset // itemsize, shape,
                                                                  _contiguous_strides(shape))
                 continue
             t = torch.empty(shape, dtype=dtype)
             if numel:
                 f.seek(offset)
-                view = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+                view = t.reshape(-1).view(torch.uint8).numpy().data
                 if f.readinto(view) != end - begin:
                     raise SafetensorsError(f"tensor {name!r}: file ends early")
             tensors[name] = t
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    return tensors, metadata
 
 
-def _entry(name: str, info: object) -> tuple[torch.dtype, list[int], tuple[int, int]]:
+Entry = tuple[torch.dtype, list[int], int, int]  # dtype, shape, begin and end offsets in the data
+
+
+def read_header(f, size: int) -> tuple[dict[str, Entry], dict[str, str], int]:
+    """The checked header of the open safetensors file `f` of `size` bytes: its entries, its
+    metadata and where its data start. Raises `SafetensorsError` naming what is wrong."""
+    head = f.read(8)
+    n = int.from_bytes(head, "little") if len(head) == 8 else -1
+    if n < 2 or n > MAX_HEADER or 8 + n > size:
+        raise SafetensorsError(f"header length {n} does not fit a {size}-byte file (nor the format's limit of "
+                               f"{MAX_HEADER:,} bytes)")
+    raw = f.read(n)
+    if not raw.startswith(b"{"):
+        raise SafetensorsError("header does not start with '{'")
     try:
-        code, shape, offsets = info["dtype"], [int(s) for s in info["shape"]], info["data_offsets"]
-        begin, end = int(offsets[0]), int(offsets[1])
-    except (TypeError, KeyError, ValueError, IndexError):
-        raise SafetensorsError(f"tensor {name!r}: malformed header entry") from None
-    if code not in DTYPES:
+        header = json.loads(raw, object_pairs_hook=_no_duplicates, parse_float=_no_float, parse_constant=_no_float)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise SafetensorsError(f"header is not valid JSON ({str(e).splitlines()[0][:200]})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError("header is not a JSON object")
+    if not _unicode(header):
+        raise SafetensorsError("header holds an escaped lone surrogate, which is not text (JSON text is Unicode)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise SafetensorsError("__metadata__ must be an object whose values are strings")
+    entries = {name: _entry(name, info) for name, info in header.items()}
+    data = size - 8 - n
+    position = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda item: item[1][2:]):
+        if begin != position:
+            what = "overlaps the previous tensor" if begin < position else "leaves a gap after the previous tensor"
+            raise SafetensorsError(f"tensor {name!r}: data offsets {begin}..{end} {what}; the tensors' byte "
+                                   f"ranges must follow each other")
+        position = end
+    if position != data:
+        raise SafetensorsError(f"the tensors cover {position} bytes of data but the file holds {data}")
+    return entries, metadata, 8 + n
+
+
+def _unicode(value: object) -> bool:
+    """Whether every string (and key) in a parsed JSON value is Unicode text: `\\udc00` escapes
+    parse in Python but not in the reference reader."""
+    if isinstance(value, str):
+        return not any("\ud800" <= c <= "\udfff" for c in value)
+    if isinstance(value, dict):
+        return all(_unicode(k) and _unicode(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_unicode(v) for v in value)
+    return True
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return dict(pairs)
+
+
+def _no_float(text: str) -> None:
+    raise ValueError(f"number {text[:30]} is not an integer; safetensors headers hold integers only")
+
+
+def _entry(name: str, info: object) -> Entry:
+    if not isinstance(info, dict):
+        raise SafetensorsError(f"tensor {name!r}: its entry is not an object")
+    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(code, str) or code not in DTYPES:
         raise SafetensorsError(f"tensor {name!r}: unsupported dtype {code!r}")
-    return DTYPES[code], shape, (begin, end)
+    if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+        raise SafetensorsError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_natural(o) for o in offsets):
+        raise SafetensorsError(f"tensor {name!r}: data_offsets {offsets!r} is not two non-negative integers")
+    dtype = DTYPES[code]
+    begin, end = offsets
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if end - begin != nbytes:
+        raise SafetensorsError(f"tensor {name!r}: data offsets {begin}..{end} hold {end - begin} bytes, but its "
+                               f"shape {shape} of {code} needs {nbytes}")
+    return dtype, shape, begin, end
+
+
+def _natural(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _contiguous_strides(shape: list[int]) -> list[int]:
@@ -129,4 +201,4 @@ def write(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike,
         for name in names:
             t = tensors[name]
             if t.numel():
-                f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                f.write(t.reshape(-1).view(torch.uint8).numpy().data)

@@ -1,7 +1,6 @@
 """Convolution blocks: conv-norm-activation and TensorFlow-style "SAME" padding."""
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -26,7 +25,9 @@ class Conv2dSame(nn.Conv2d):
 
     TF pads so that `out = ceil(in / stride)`, putting the odd pixel at the bottom/right.
     That differs from PyTorch's symmetric padding only for strided convolutions, and
-    depends on the input size, so it is computed in `forward`.
+    depends on the input size, so it is computed in `forward`, with arithmetic that the ONNX
+    tracer records (sizes are tensors there) and torch.export keeps symbolic: an exported graph
+    pads each input size as eager PyTorch does, not as the traced size needed.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -34,14 +35,18 @@ class Conv2dSame(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias)
 
     @staticmethod
-    def _pad_amount(size: int, kernel: int, stride: int, dilation: int) -> int:
-        return max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    def _pad_amount(size, kernel: int, stride: int, dilation: int):
+        """Total padding of one axis; `size` is an int, a traced size (a tensor) or a symbolic int."""
+        total = ((size + stride - 1) // stride - 1) * stride + (kernel - 1) * dilation + 1 - size  # ceil division
+        if isinstance(total, torch.Tensor):
+            return total.clamp(min=0)
+        return torch.sym_max(total, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ih, iw = x.shape[-2:]
         pad_h = self._pad_amount(ih, self.kernel_size[0], self.stride[0], self.dilation[0])
         pad_w = self._pad_amount(iw, self.kernel_size[1], self.stride[1], self.dilation[1])
-        if pad_h or pad_w:
+        if not (isinstance(pad_h, int) and isinstance(pad_w, int)) or pad_h or pad_w:
             x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
         return super().forward(x)
 

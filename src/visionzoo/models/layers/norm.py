@@ -15,6 +15,11 @@ class FrozenBatchNorm2d(nn.Module):
     first Faster R-CNN weights), which their builders set after construction.
     """
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps

@@ -18,7 +18,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Message, Receive
 
 from ...data.images import DEFAULT_MAX_PIXELS, load_image
 from ...errors import ImageError, InputError, VisionZooError
@@ -96,7 +97,7 @@ class RequestError(Exception):
 
 
 def error_response(status: int, message: str, *, close: bool = False,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+                   headers: Mapping[str, str] | None = None) -> JSONResponse:
     headers = dict(headers or {})
     if close:
         headers["Connection"] = "close"
@@ -154,6 +155,8 @@ class PredictService:
         one image and a full batch (ONNX Runtime creates its per-core sessions and grows its memory
         arenas to the largest batch now, not on the first busy moment)."""
         size = self.runner.info.input_size
+        if size is None:  # only classifiers are served (handler_for), and a classifier's graph has a size
+            raise RuntimeError(f"{self.runner.arch}: a served graph without an input size")
         for n in self.pad_sizes or sorted({1, self.settings.max_batch}):
             await self.batcher.call(self.handler.run, torch.zeros(n, 3, size, size))
         self.ready = True
@@ -199,13 +202,13 @@ class PredictService:
             return True
         return False
 
-    def _guarded(self, receive: Callable[[], Awaitable[dict]], limit: int):
+    def _guarded(self, receive: Receive, limit: int) -> Receive:
         """`receive` under the body limit and the body deadline (both checked as the bytes arrive)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.body_timeout
         total = 0
 
-        async def guarded() -> dict:
+        async def guarded() -> Message:
             nonlocal total
             left = deadline - loop.time()
             try:
@@ -307,6 +310,7 @@ class PredictService:
                 "backend": r.backend.value, "precision": r.precision.value, "weights": d.get("weights"),
                 "accuracy": _accuracy(d.get("weights")), "source": str(r.source),
                 "quantization": d.get("quantization") or None,
+                "auto": r.choice.summary() if r.choice is not None else None,
                 "explain": self.settings.explain and (isinstance(r, TorchRunner) or self._explain_source is not None),
                 "settings": asdict(self.settings), "visionzoo_version": __version__}
 
@@ -342,7 +346,7 @@ def _explain_source(model: Any) -> Any:
     return None
 
 
-def create_app(model: Any, *, backend: str = "auto", threads: int | None = None, precision: str = "fp32",
+def create_app(model: Any, *, backend: str = "auto", threads: int | None = None, precision: str = "auto",
                settings: ServeSettings | None = None) -> Starlette:
     """The server's ASGI application for `model` (a name, bundle, model, exported file or `Runner`).
 
@@ -351,7 +355,8 @@ def create_app(model: Any, *, backend: str = "auto", threads: int | None = None,
     from ...runtime.backends import open_runner
 
     settings = settings or ServeSettings()
-    runner = open_runner(model, backend, threads=threads, precision=precision)
+    # `auto` measures at the largest batch the server forms (the batches that cost the most)
+    runner = open_runner(model, backend, threads=threads, precision=precision, batch_size=settings.max_batch)
     service = PredictService(runner, settings, explain_source=_explain_source(model) if settings.explain else None)
     return build_app(service)
 

@@ -77,7 +77,7 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def serve(model: Any, host: str = "127.0.0.1", port: int = DEFAULT_PORT, *, backend: str = "auto",
-          threads: int | None = None, precision: str = "fp32", settings: ServeSettings | None = None,
+          threads: int | None = None, precision: str = "auto", settings: ServeSettings | None = None,
           on_ready: Callable[[Any], None] | None = None) -> None:
     """Serve `model` over HTTP until Ctrl-C or SIGTERM, then shut down gracefully.
 
@@ -162,7 +162,7 @@ class ServerThread:
 
 
 def start_server(model: Any, host: str = "127.0.0.1", port: int = 0, *, backend: str = "auto",
-                 threads: int | None = None, precision: str = "fp32",
+                 threads: int | None = None, precision: str = "auto",
                  settings: ServeSettings | None = None) -> ServerThread:
     """Start serving `model` in a background thread (port 0: a free one, see `.url`); returns once
     the socket listens. Stop it with `.stop()` or use it as a context manager."""

@@ -1,0 +1,195 @@
+"""Detect objects: files, folders, globs, lists in; boxes, class names and scores out, bad files reported.
+
+`iter_detect` streams one result per input (a `Detections` or a `Failure`), so any number of files
+takes bounded memory; `detect` collects them. Boxes are in each image's own pixels,
+`[x1, y1, x2, y2]`; labels are the weights' class names (COCO's 91, with its "N/A" gaps, for the
+published detectors). With `draw_dir`, each image is also written there as a PNG with its boxes,
+labels and scores drawn in colours that stay readable on any background. The detectors run in
+PyTorch (the torch backend).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ..data.inputs import Failure, expand_inputs
+from ..data.loader import prepare_image
+from ..enums import Precision, Task
+from ..errors import InputError
+from ..factory import resolve_model
+from ..fileutil import atomic_path
+from ..models.base import VisionModel
+from ..runtime.backends import Backend
+from ..runtime.options import InferenceOptions
+
+DEFAULT_DETECTOR = "ssdlite320_mobilenet_v3_large"
+# distinct, saturated colours; the label's text is black or white, whichever contrasts more
+PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40))
+
+
+@dataclass(frozen=True)
+class Box:
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    index: int  # the class index the model predicts (COCO's category id for the published detectors)
+    label: str
+    score: float
+
+    def to_dict(self) -> dict:
+        return {"box": [self.x1, self.y1, self.x2, self.y2], "index": self.index, "label": self.label,
+                "score": self.score}
+
+
+@dataclass(frozen=True)
+class Detections:
+    path: str
+    width: int
+    height: int
+    boxes: tuple[Box, ...]  # highest score first
+    drawn: str | None = None  # the annotated PNG, when one was written
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"path": self.path, "width": self.width, "height": self.height,
+                             "detections": [b.to_dict() for b in self.boxes]}
+        if self.drawn is not None:
+            d["drawn"] = self.drawn
+        return d
+
+
+def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | VisionModel = DEFAULT_DETECTOR,
+                threshold: float = 0.5, *, draw_dir: str | os.PathLike | None = None,
+                options: InferenceOptions | None = None, **settings: Any) -> Iterator[Detections | Failure]:
+    """Yield `Detections` or a `Failure` for every input, files in input order.
+
+    Args:
+        inputs: files, folders, globs, `@LIST` files, CSV datasets (see `expand_inputs`).
+        model: a detector's name (`arch[.TAG]`, default weights), a bundle folder or a model instance.
+        threshold: the lowest score reported (the model's own `score_thresh` filters before NMS).
+        draw_dir: also write each image with its boxes drawn, as `<draw_dir>/<name>.png`.
+        options: `InferenceOptions` (or its fields as keywords): `batch_size` (images per forward pass),
+            `max_pixels`, `device`, `threads`; the backend must be torch (or auto) and the precision
+            fp32 (or auto, which is fp32 for detectors).
+    """
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise InputError(f"threshold must be a score between 0 and 1, got {threshold!r}")
+    opts = InferenceOptions.of(options, **settings)
+    if opts.backend not in (Backend.AUTO, Backend.TORCH):
+        raise InputError(f"detect runs detectors on the torch backend only, not {opts.backend.value}; "
+                         f"drop --backend or pass --backend torch")
+    if opts.precision not in (Precision.AUTO, Precision.FP32):  # auto is fp32 for detectors today
+        raise InputError(f"detect runs detectors in fp32 only, not {opts.precision.value}; drop --precision")
+    net = resolve_model(model)
+    if net.task is not Task.DETECTION:
+        raise InputError(f"{net.arch or type(net).__name__} is a {net.task.value} model; detect needs a detector "
+                         f"(`visionzoo models --task detection`)")
+    card = net.card_required
+    net = net.to(opts.torch_device).eval()
+    transform = card.preprocess.transforms()
+    classes = card.classes
+    files, failures = expand_inputs(list(inputs))
+    yield from failures
+    names = _drawing_names(files) if draw_dir is not None else {}
+    with torch.inference_mode():
+        for start in range(0, len(files), opts.batch_size):
+            chunk = list(range(start, min(start + opts.batch_size, len(files))))
+            results: dict[int, Detections | Failure] = {}
+            ready: list[tuple[int, torch.Tensor]] = []
+            for i in chunk:
+                image, reason, _ = prepare_image(files[i], transform, limits=opts.limits)
+                if image is None:
+                    results[i] = Failure(str(files[i]), reason or "could not be read")
+                else:
+                    ready.append((i, image))
+            if ready:
+                outputs = net([image.to(opts.torch_device) for _, image in ready])
+                for (i, image), out in zip(ready, outputs, strict=True):
+                    boxes = _boxes(out, threshold, classes)
+                    drawn = None
+                    if draw_dir is not None:
+                        drawn = str(Path(draw_dir) / names[i])
+                        _save_png(draw_detections(image, boxes), drawn)
+                    results[i] = Detections(str(files[i]), int(image.shape[-1]), int(image.shape[-2]), boxes, drawn)
+            for i in chunk:
+                yield results[i]
+
+
+def detect(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+           model: str | os.PathLike | VisionModel = DEFAULT_DETECTOR, threshold: float = 0.5, *,
+           draw_dir: str | os.PathLike | None = None, options: InferenceOptions | None = None,
+           **settings: Any) -> list[Detections | Failure]:
+    """Detect objects in images. Returns one `Detections` (or `Failure`, for a bad input) per file; the
+    arguments are `iter_detect`'s."""
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    return list(iter_detect(inputs, model, threshold, draw_dir=draw_dir, options=options, **settings))
+
+
+def _boxes(out: dict[str, torch.Tensor], threshold: float, classes: Sequence[str] | None) -> tuple[Box, ...]:
+    keep = out["scores"] >= threshold
+    rows = zip(out["boxes"][keep].tolist(), out["labels"][keep].tolist(), out["scores"][keep].tolist(), strict=True)
+    return tuple(Box(x1, y1, x2, y2, label, _class_name(classes, label), score)
+                 for (x1, y1, x2, y2), label, score in rows)
+
+
+def _class_name(classes: Sequence[str] | None, index: int) -> str:
+    return classes[index] if classes is not None and 0 <= index < len(classes) else f"class_{index}"
+
+
+def _drawing_names(files: Sequence[Path]) -> dict[int, str]:
+    """A PNG name per input: its stem, numbered where two inputs share one."""
+    names: dict[int, str] = {}
+    seen: set[str] = set()
+    for i, f in enumerate(files):
+        name, n = f"{f.stem}.png", 1
+        while name in seen:
+            n += 1
+            name = f"{f.stem}_{n}.png"
+        seen.add(name)
+        names[i] = name
+    return names
+
+
+def _save_png(image: Image.Image, path: str) -> None:
+    with atomic_path(path) as tmp:  # a reader never sees half an image
+        image.save(tmp, format="PNG")
+
+
+def draw_detections(image: torch.Tensor, boxes: Sequence[Box]) -> Image.Image:
+    """The image (CHW in [0, 1]) with `boxes` drawn: each box outlined in its class's colour over a dark
+    rim, and its label and score on a filled tag of that colour, so both read on light and dark areas."""
+    pixels = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    canvas = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+    draw = ImageDraw.Draw(canvas)
+    width = max(2, round(min(canvas.size) / 250))
+    font = _font(max(11, round(min(canvas.size) / 40)))
+    for box in reversed(boxes):  # the best drawn last, on top
+        colour = PALETTE[box.index % len(PALETTE)]
+        xy = (box.x1, box.y1, box.x2, box.y2)
+        draw.rectangle(xy, outline=(0, 0, 0), width=width + 2)
+        draw.rectangle((xy[0] + 1, xy[1] + 1, xy[2] - 1, xy[3] - 1), outline=colour, width=width)
+        text = f"{box.label} {box.score:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tag_h = bottom - top + 4
+        y = box.y1 - tag_h if box.y1 - tag_h >= 0 else box.y1
+        draw.rectangle((box.x1, y, box.x1 + right - left + 6, y + tag_h), fill=colour, outline=(0, 0, 0))
+        luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        draw.text((box.x1 + 3 - left, y + 2 - top), text, fill=(0, 0, 0) if luminance > 140 else (255, 255, 255),
+                  font=font)
+    return canvas
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow before 10.1: one bitmap size
+        return ImageFont.load_default()

@@ -1,0 +1,191 @@
+"""What a task brings to fine-tuning: a `Recipe` (its data, model, strategy choice, training job and
+bundle description), and the run context every recipe works with.
+
+`tasks/finetune.py` runs any recipe the same way: check the data, refuse or resume an existing
+run, build the starting model, choose the strategy, train the recipe's `Job` with `loop.fit`
+(checkpoint after every epoch, exact resume), write the bundle. A task plugs in by writing one
+recipe (`classification.py`, `segmentation.py`, `video.py`) and listing it in `RECIPES`; detection is
+next.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..data.images import DEFAULT_LIMITS, DecodeLimits, probe_image
+from ..data.inputs import Failure
+from ..data.preprocess import Preprocess
+from ..enums import Precision, Task
+from ..errors import ImageError
+from ..models.base import VisionModel
+from . import distributed as D
+from .config import FinetuneConfig, Strategy
+from .loop import HitsFn, LossFn, classification_hits, lr_schedule
+
+
+@dataclass
+class RunData:
+    """A run's examples: the training and validation samples, the class names, where they came from."""
+
+    train_samples: list
+    val_samples: list
+    classes: list[str]
+    sources: dict[str, Any]
+    fingerprint: str  # of the samples and classes: a resumed run must see the same data
+    extra: dict[str, Any] = field(default_factory=dict)  # what else the recipe found (pixel counts, ...)
+    limits: DecodeLimits = DEFAULT_LIMITS  # the decode budget of each image
+    failures: list[Failure] = field(default_factory=list)  # images left out (unreadable, over the budget)
+
+
+@dataclass
+class RunContext(RunData):
+    """What every part of one fine-tuning run needs: the data, the model, and how it trains."""
+
+    run_dir: Path = Path()
+    cfg: FinetuneConfig = field(default_factory=FinetuneConfig)
+    dist: D.Dist = field(default_factory=D.Dist)
+    say: Callable[[str], None] = print
+    net: Any = None  # the model being fine-tuned (a VisionModel)
+    pp: Preprocess = field(default_factory=lambda: Preprocess(None, None))  # the training recipe (sizes, normalisation)
+    amp: torch.dtype | None = None  # bfloat16 autocast, or None
+    workers: int = 0
+
+
+@dataclass
+class JobParts:
+    """A recipe's training job (see `loop.Job`), less the run's checkpoint callbacks."""
+
+    prepare: Callable[[int], nn.Module]
+    batches: Callable[[int], Any]
+    steps: int
+    validate: Callable[[], dict[str, float] | None]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    trained: nn.Module  # what changes: the network, or only its classifier (classification's linear)
+    loss: LossFn
+    hits: HitsFn = classification_hits
+    num_threads: int | None = None
+
+
+class Recipe(ABC):
+    """How one task fine-tunes."""
+
+    task: ClassVar[Task]
+    metric: ClassVar[str]  # the validation metric that picks the best epoch: a key of `validate`'s result
+
+    @abstractmethod
+    def detects(self, data: str | os.PathLike | None) -> bool:
+        """Whether `data` is laid out as this task's dataset."""
+
+    @abstractmethod
+    def data(self, data, train, val, classes: Sequence[str] | str | None, cfg: FinetuneConfig,
+             dist: D.Dist) -> RunData:
+        """The run's samples, checked (every error before anything is written)."""
+
+    @abstractmethod
+    def starting_model(self, cfg: FinetuneConfig, classes: Sequence[str], dist: D.Dist
+                       ) -> tuple[VisionModel, dict[str, Any], str | None]:
+        """(model with new class heads on the run's device, builder arguments a bundle records, the
+        name of the weights it starts from)."""
+
+    @abstractmethod
+    def preprocess(self, net: VisionModel, cfg: FinetuneConfig) -> Preprocess:
+        """The recipe images are evaluated with (the bundle's); its sizes set the training crops."""
+
+    @abstractmethod
+    def train_size(self, pp: Preprocess) -> int:
+        """The side of the square training inputs."""
+
+    @abstractmethod
+    def choose_strategy(self, ctx: RunContext) -> tuple[Strategy, str]:
+        """`auto`: the strategy, and one sentence saying why."""
+
+    @abstractmethod
+    def job(self, ctx: RunContext) -> JobParts: ...
+
+    def keep(self, found: RunData, train: list, val: list) -> None:
+        """`found` reduced to the samples `train` and `val` (in order), when images that cannot be used
+        were left out: the run fingerprints what it trains on, and data that no longer trains (a class
+        left without examples) is refused."""
+        found.train_samples, found.val_samples = train, val
+        found.fingerprint = fingerprint((train, val), found.classes)
+
+    def usable(self, samples: list, limits: DecodeLimits) -> tuple[list, list[Failure]]:
+        """The samples whose image passes `probe_image` (readable header, within `limits`), and a
+        `Failure` for each of the others: one bad file is left out instead of stopping the run.
+
+        `max_resized_pixels` does not apply: training resizes only the area of each crop (a
+        random crop, or the centre crop's area, see `transforms.resize_and_crop`), whatever the
+        image's aspect ratio."""
+        kept, failures = [], []
+        for sample in samples:
+            try:
+                probe_image(sample[0], limits=limits)
+                kept.append(sample)
+            except ImageError as e:
+                failures.append(Failure(str(sample[0]), e.reason))
+        return kept, failures
+
+    def describe(self, metrics: dict[str, Any]) -> str:
+        """The best epoch's validation result, for the closing line."""
+        if "val_acc" in metrics:
+            return f", val acc {metrics['val_acc']:.2%}"
+        return ""
+
+
+def fingerprint(samples: Sequence[Sequence[Any]], classes: Sequence[str]) -> str:
+    """A digest of (train samples, val samples) and the class names: paths as absolute paths."""
+    h = hashlib.sha256(json.dumps(list(classes)).encode())
+    for part in samples:
+        h.update(b"|")
+        for item in part:
+            h.update(("\t".join(os.path.abspath(v) if isinstance(v, Path) else str(v) for v in item) + "\n").encode())
+    return h.hexdigest()[:16]
+
+
+def make_optimizer(groups: list[dict], cfg: FinetuneConfig, steps_per_epoch: int):
+    """AdamW over `groups`, with the warm-up and cosine schedule (the new head alone first for
+    `head_epochs`, except for linear)."""
+    epochs, lr, warmup_epochs = cfg.settled()
+    optimizer = torch.optim.AdamW(groups, lr=lr)
+    per_epoch = math.ceil(steps_per_epoch / cfg.accumulate)
+    head_steps = cfg.head_epochs * per_epoch if cfg.strategy is not Strategy.LINEAR else 0
+    total = epochs * per_epoch
+    # a warm-up longer than half the (post-head) run would leave no time at the full rate
+    warmup = min(round(warmup_epochs * per_epoch), (total - head_steps) // 2)
+    schedule = lr_schedule(total, warmup, head_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def ddp(module: nn.Module, dist: D.Dist) -> nn.Module:
+    if not dist.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+
+
+def amp_dtype(precision: Precision, device: torch.device, crop_size: int) -> torch.dtype | None:
+    """bfloat16 autocast, or None for fp32. `auto`: on GPUs that support bf16; on CPUs with native
+    bf16 instructions (AVX512-BF16, AMX) for crops of 128 px and more, where it was measured to
+    train ~25% faster (EfficientNet-Lite0, one thread: 15.7 -> 20.1 img/s at 128 px, 5.8 -> 7.1
+    at 224 px, but only 59 -> 62 at 48 px); fp32 otherwise."""
+    if precision is Precision.BF16:
+        return torch.bfloat16
+    if precision is Precision.FP32:
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    native = any(getattr(torch.cpu, name, lambda: False)()
+                 for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return torch.bfloat16 if device.type == "cpu" and native and crop_size >= 128 else None

@@ -1,0 +1,97 @@
+"""A segmentation dataset with exact masks: shapes painted onto real photos.
+
+    write_shapes(folder, count=120, seed=0)     # folder/images/*.jpg, folder/masks/*.png, folder/classes.txt
+
+Each image is a random crop (flipped half the time) of one of the sample photos
+(`tests/photos.py`), resized to `size`, with one to four shapes painted on it: disks,
+rectangles and triangles (the classes), later shapes covering earlier ones. As objects of a
+real class tend to look alike, each class has its own range of hues (any saturation and
+brightness within it), so that a few minutes of training on a CPU can learn the classes.
+The mask is painted with the same geometry, without antialiasing on either, so every
+pixel's class is exact: 0 (background) where the photo shows, else the class of the
+top-most shape. A held-out split is the same recipe drawn with another seed.
+"""
+from __future__ import annotations
+
+import colorsys
+import math
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .photos import photos
+
+CLASSES = ("background", "disk", "rectangle", "triangle")
+# what learns them in a few minutes on two CPU cores: LR-ASPP on EfficientNet-Lite0 (ImageNet weights), 128 x 128
+# images, every layer trained for three epochs with one learning rate (measured: 0.84 mIoU on held-out images)
+RECIPE = {"model": "efficientnet_lite0", "strategy": "full", "epochs": 3, "image_size": 128, "batch_size": 8,
+          "lr": 3e-3, "warmup_epochs": 0.3, "lr_decay": 1.0, "scale_range": (1.0, 1.0), "num_workers": 0}
+IGNORE = 255
+HUES = {"disk": (-0.08, 0.08), "rectangle": (0.25, 0.42), "triangle": (0.55, 0.72)}  # red, green, blue
+
+
+def write_shapes(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (128, 128), *,
+                 max_shapes: int = 4, ignore_border: bool = False) -> Path:
+    """`count` images (width x height `size`) with their masks and `classes.txt` in `folder`.
+
+    With `ignore_border`, each shape's outline is marked 255 (ignore) in the mask, as VOC marks
+    object borders."""
+    rng = random.Random(seed)
+    sources = [Image.open(p).convert("RGB") for p in photos()]
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(parents=True, exist_ok=True)
+    (folder / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    for i in range(count):
+        image = _background(rng.choice(sources), size, rng)
+        mask = Image.new("L", size, 0)
+        for _ in range(rng.randint(1, max_shapes)):
+            label = rng.randint(1, len(CLASSES) - 1)
+            colour = _colour(CLASSES[label], rng)
+            shape = _shape(CLASSES[label], size, rng)
+            for canvas, fill in ((image, colour), (mask, label)):
+                _paint(ImageDraw.Draw(canvas), shape, fill)
+            if ignore_border:
+                _paint(ImageDraw.Draw(mask), shape, None, outline=IGNORE)
+        stem = f"shape_{seed}_{i:04d}"
+        image.save(folder / "images" / f"{stem}.jpg", quality=92)
+        mask.save(folder / "masks" / f"{stem}.png")
+    return folder
+
+
+def _background(photo: Image.Image, size: tuple[int, int], rng: random.Random) -> Image.Image:
+    """A random crop of `photo` with the aspect ratio of `size`, resized to it, flipped half the time."""
+    w, h = photo.size
+    aspect = size[0] / size[1]
+    scale = rng.uniform(0.3, 1.0)
+    cw = min(w, h * aspect) * scale
+    ch = cw / aspect
+    left, top = rng.uniform(0, w - cw), rng.uniform(0, h - ch)
+    img = photo.resize(size, Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else img
+
+
+def _colour(kind: str, rng: random.Random) -> tuple[int, int, int]:
+    hue = rng.uniform(*HUES[kind]) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, rng.uniform(0.5, 1.0), rng.uniform(0.45, 1.0))
+    return round(r * 255), round(g * 255), round(b * 255)
+
+
+def _shape(kind: str, size: tuple[int, int], rng: random.Random) -> tuple[str, list[tuple[float, float]]]:
+    """(drawing primitive, points) of a shape of `kind` about 1/8 to 1/3 of the image across."""
+    w, h = size
+    r = rng.uniform(0.12, 0.25) * min(w, h)
+    cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+    if kind == "disk":
+        return "ellipse", [(cx - r, cy - r), (cx + r, cy + r)]
+    if kind == "rectangle":
+        rw, rh = r * rng.uniform(0.7, 1.3), r * rng.uniform(0.7, 1.3)
+        return "rectangle", [(cx - rw, cy - rh), (cx + rw, cy + rh)]
+    turn = rng.uniform(0, 2 * math.pi)
+    return "polygon", [(cx + r * math.cos(turn + k * 2 * math.pi / 3), cy + r * math.sin(turn + k * 2 * math.pi / 3))
+                       for k in range(3)]
+
+
+def _paint(draw: ImageDraw.ImageDraw, shape: tuple[str, list[tuple[float, float]]], fill, outline=None) -> None:
+    primitive, points = shape
+    getattr(draw, primitive)(points, fill=fill, outline=outline)
