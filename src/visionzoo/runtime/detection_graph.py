@@ -32,12 +32,15 @@ another order by the runtime's NMS. Boxes and labels agree, scores to float32 ro
 """
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from ..models.detection.anchors import AnchorGenerator
 from ..models.detection.base import DetectionModel
 from ..models.detection.fcos import FCOS
 from ..models.detection.retinanet import RetinaNet
@@ -85,6 +88,12 @@ def register_onnx_nms() -> None:
 def _size(x: torch.Tensor) -> torch.Tensor:
     """(height, width) of `x` as an int64 tensor that a trace keeps symbolic."""
     return torch._shape_as_tensor(x)[-2:]
+
+
+def _as_int(size: torch.Tensor) -> int:
+    """A size computed as a tensor, where torch's signatures say int: tracing keeps the tensor (and so the
+    size symbolic); eagerly, the operators read a one-element tensor as its value."""
+    return cast(int, size)
 
 
 def _clip(boxes: torch.Tensor, height: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
@@ -137,7 +146,8 @@ class DetectorGraph(nn.Module):
         limits = torch.tensor([float(transform.min_size[-1]), float(transform.max_size)], dtype=torch.float64)
         scale = torch.min(limits / torch.stack((hw.min(), hw.max())))
         out = torch.floor(hw * scale).to(torch.int64)
-        return F.interpolate(image[None], size=(out[0], out[1]), mode="bilinear", align_corners=False)[0]
+        size = (_as_int(out[0]), _as_int(out[1]))
+        return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
 
     def _pad(self, image: torch.Tensor) -> torch.Tensor:
         stride = self.model.transform.size_divisible
@@ -145,7 +155,7 @@ class DetectorGraph(nn.Module):
             return image
         hw = _size(image)
         pad = (hw + stride - 1) // stride * stride - hw
-        return F.pad(image, (0, pad[1], 0, pad[0]))
+        return F.pad(image, (0, _as_int(pad[1]), 0, _as_int(pad[0])))
 
     # -- candidates -----------------------------------------------------------------------------------
 
@@ -153,12 +163,13 @@ class DetectorGraph(nn.Module):
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         model = self.model
         assert isinstance(model, (RetinaNet, FCOS))  # (checked in __init__)
-        anchors = model.anchor_generator(ImageBatch(padded, [(0, 0)]), features)[0]
-        per_location = model.anchor_generator.num_anchors_per_location()
+        generator = cast(AnchorGenerator, model.anchor_generator)
+        anchors = generator(ImageBatch(padded, [(0, 0)]), features)[0]
+        per_location = generator.num_anchors_per_location()
         boxes, scores, labels = [], [], []
         start = 0
         for level, f in enumerate(features):
-            out = model.head([f])  # this level's outputs alone: (1, H * W * A, columns)
+            out = cast(nn.Module, model.head)([f])  # this level's outputs alone: (1, H * W * A, columns)
             count = f.shape[-2] * f.shape[-1] * per_location[level]
             level_anchors = anchors[start:start + count]
             start = start + count
@@ -167,7 +178,7 @@ class DetectorGraph(nn.Module):
                 probs = torch.sqrt(probs * torch.sigmoid(out["bbox_ctrness"][0]))
             flat = probs.flatten()
             k = torch.clamp(torch._shape_as_tensor(flat)[0], max=model.topk_candidates)
-            top_scores, top = flat.topk(k)
+            top_scores, top = flat.topk(_as_int(k))
             above = top_scores > model.score_thresh
             top_scores, top = top_scores[above], top[above]
             anchor_idx = torch.div(top, model.num_classes, rounding_mode="floor")
