@@ -292,6 +292,8 @@ def _write_pt2(graph: nn.Module, sample: tuple[torch.Tensor, ...], path: Path, i
 def load_torch_export(path: str | os.PathLike, fmt: ExportFormat | str) -> tuple[nn.Module, ModelInfo]:
     """(callable module, record) of a TorchScript or PT2 file written by `export_model`."""
     fmt = parse_enum(ExportFormat, fmt, "export format")
+    from . import detection_graph  # noqa: F401  (registers the NMS operator that a detector's graph calls)
+
     extra = {EXTRA_FILE: ""}
     if fmt is ExportFormat.TORCHSCRIPT:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
