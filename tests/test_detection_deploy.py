@@ -60,7 +60,7 @@ def decisive(net: nn.Module, seed: int = 0, *, whole: bool = True) -> nn.Module:
                                       (net.head.regression_head, 4, 0.2)):
             convs = _output_convs(head, columns)
             seen: dict[nn.Conv2d, list[torch.Tensor]] = {conv: [] for conv in convs}
-            hooks = [conv.register_forward_hook(lambda m, i, o: seen[m].append(o)) for conv in convs]
+            hooks = [conv.register_forward_hook(lambda m, i, o, seen=seen: seen[m].append(o)) for conv in convs]
             net([photo("chelsea.png", (240, 320))])
             for hook in hooks:
                 hook.remove()
