@@ -258,9 +258,9 @@ def test_benchmark_times_a_detector_on_a_runtime(capsys, ssdlite_onnx, tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, kwargs", [
-    ("retinanet_resnet50_fpn", {"min_size": 480, "max_size": 640}),
-    ("retinanet_resnet50_fpn_v2", {"min_size": 480, "max_size": 640}),
-    ("fcos_resnet50_fpn", {"min_size": 480, "max_size": 640}),
+    ("retinanet_resnet50_fpn", {"min_size": 320, "max_size": 480}),
+    ("retinanet_resnet50_fpn_v2", {"min_size": 320, "max_size": 480}),
+    ("fcos_resnet50_fpn", {"min_size": 320, "max_size": 480}),
     ("ssd300_vgg16", {}),
     ("fcos", {"backbone": "efficientnet_lite0", "pretrained_backbone": True, "num_classes": 5, "min_size": 192}),
     ("ssdlite", {"backbone": "efficientnet_lite0", "pretrained_backbone": True, "num_classes": 5, "size": 256}),
