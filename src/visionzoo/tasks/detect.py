@@ -144,7 +144,13 @@ def _on_runtime(model: str | os.PathLike | VisionModel, opts: InferenceOptions
                            tuple[str, ...] | None]:
     """(run, preprocessing, class names) of the detector's exported graph on ONNX Runtime or OpenVINO."""
     source: str | os.PathLike | VisionModel = model
-    if not is_model_file(model):
+    if is_model_file(model):
+        from ..runtime.export import read_onnx_info
+
+        info = read_onnx_info(model)
+        if info is not None:  # (a file without the record is refused by open_runner)
+            _check_detector(info.task, str(model))  # before `auto` measures anything
+    else:
         source = resolve_model(model)
         _check_detector(source.task, source.arch or type(source).__name__)  # before exporting anything
     runner = open_runner(source, opts.backend, threads=opts.threads, device=opts.device, precision=Precision.FP32)
