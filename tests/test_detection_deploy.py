@@ -281,3 +281,18 @@ def test_openvino_runs_a_composed_detector_of_any_size(lite0_retinanet):
     for name, size in PHOTOS:
         image = photo(name, size)
         assert_same_detections(runner(image[None]), lite0_retinanet, image)
+
+
+@pytest.mark.slow
+def test_cli_export_of_a_detector_bundle_then_detect_with_the_file(capsys, ssdlite, folder, tmp_path):
+    from visionzoo.bundle import save_bundle
+
+    classes = [f"thing{i}" for i in range(ssdlite.num_classes)]
+    bundle = save_bundle(ssdlite, tmp_path / "bundle", classes=classes, preprocess=ssdlite.card.preprocess)
+    code, out, err = run(capsys, "export", bundle, "--out", tmp_path / "det.onnx")
+    assert code == 0, err
+    assert "input 1 x 3 x height x width" in out + err and "verified" in out + err
+    code, out, err = run(capsys, "detect", folder / "coffee.png", "--model", tmp_path / "det.onnx", "--threshold", "0")
+    assert code == 0, err
+    (row,) = map(json.loads, out.splitlines())
+    assert len(row["detections"]) == 50 and all(d["label"] == classes[d["index"]] for d in row["detections"])
