@@ -105,8 +105,9 @@ class FinetuneConfig:
             (self.head is None or self.head in SEGMENTATION_HEADS + DETECTION_HEADS,
              f"head must be one of {', '.join(SEGMENTATION_HEADS)} (segmentation) or {', '.join(DETECTION_HEADS)} "
              f"(detection)"),
-            (self.fpn_channels is None or (self.fpn_channels >= 32 and self.fpn_channels % 32 == 0),
-             "fpn_channels must be a multiple of 32 (the heads' group normalisation)"),
+            # (the heads normalise 32 groups of channels: a group of one channel on a 1 x 1 level cannot train)
+            (self.fpn_channels is None or (self.fpn_channels >= 64 and self.fpn_channels % 32 == 0),
+             "fpn_channels must be a multiple of 32, at least 64 (the heads' group normalisation)"),
             (self.aug_passes >= 0, "aug_passes must be >= 0"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.accumulate >= 1, "accumulate must be >= 1"),
