@@ -101,13 +101,15 @@ _Scores = TypeVar("_Scores", Evaluation, SegmentationEvaluation)
 def evaluate(model: str | os.PathLike | VisionModel, data: str | os.PathLike, *,
              out: str | os.PathLike | None = None, batch_size: int = 64, num_workers: int | None = None,
              device: str | torch.device = "cpu", plots: bool = True,
-             limits: DecodeLimits | str | None = None) -> Evaluation | SegmentationEvaluation | DetectionEvaluation:
+             limits: DecodeLimits | str | None = None
+             ) -> Evaluation | SegmentationEvaluation | DetectionEvaluation:
     """Score `model` (a bundle folder, a run folder, a model name or instance) on `data`: for a
     classifier an ImageFolder tree or a `path,label` CSV whose class names the model knows (an
     `Evaluation`); for a segmentation model a folder of `images/` and `masks/` (a
     `SegmentationEvaluation`); for a detector a COCO instances JSON or a box CSV (a
-    `DetectionEvaluation`: COCO mAP, see `evaluate_detection.py`). Images that cannot be read or break the decode `limits` (a
-    `DecodeLimits`, or text such as "pixels=200M,bytes=1G") are left out and listed in `failures`."""
+    `DetectionEvaluation`: COCO mAP, see `evaluate_detection.py`). Images that cannot be read
+    or break the decode `limits` (a `DecodeLimits`, or text such as "pixels=200M,bytes=1G") are
+    left out and listed in `failures`."""
     limits = DecodeLimits.parse(limits) if isinstance(limits, str) else limits or DEFAULT_LIMITS
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")

@@ -9,13 +9,13 @@
 The task follows the data: a COCO instances JSON (or a folder holding `instances.json`) or a
 `path,x1,y1,x2,y2,label` CSV fine-tunes a detector (`train/detection.py`), a folder with
 `images/` and `masks/` (class-index PNGs) a segmentation model (`train/segmentation.py`), any
-other folder or CSV a classifier (`train/classification.py`). Each task is a `Recipe` (`train/recipe.py`): its data, starting
-model, strategy choice, training job and validation metric; this module runs any of them the
-same way. Strategies (see `train/config.py`): `linear` trains the new head alone (a classifier's
-on features computed once), `partial` also the last `unfreeze` stages, with the earlier stages
-frozen and in eval mode (BatchNorm statistics kept), `full` everything, each earlier stage
-with a `lr_decay` times smaller learning rate, after a warm-up, with cosine decay; `auto`
-chooses and says why.
+other folder or CSV a classifier (`train/classification.py`). Each task is a `Recipe`
+(`train/recipe.py`): its data, starting model, strategy choice, training job and validation
+metric; this module runs any of them the same way. Strategies (see `train/config.py`):
+`linear` trains the new head alone (a classifier's on features computed once), `partial` also
+the last `unfreeze` stages, with the earlier stages frozen and in eval mode (BatchNorm
+statistics kept), `full` everything, each earlier stage with a `lr_decay` times smaller
+learning rate, after a warm-up, with cosine decay; `auto` chooses and says why.
 
 Every epoch ends with a checkpoint; `resume=True` continues a killed run exactly (the data
 order and augmentations are functions of the seed and epoch). Errors in the data (a missing

@@ -183,7 +183,10 @@ def _detection_model(name: str, head: str | None, num_classes: int, image_size: 
     if is_bundle(name):
         task = REGISTRY.get_architecture(read_bundle(name).architecture).task
         if task is Task.CLASSIFICATION:
-            return _on_classifier(head, create_model(name), num_classes, image_size, fpn_channels)
+            classifier = create_model(name)
+            if not isinstance(classifier, ZooModel):
+                raise InputError(f"{name} is not a classifier bundle")
+            return _on_classifier(head, classifier, num_classes, image_size, fpn_channels)
         if task is not Task.DETECTION:
             raise InputError(f"{name} is a {task.value} bundle; boxes fine-tune detectors or classifiers")
         if head is not None:
@@ -218,8 +221,8 @@ def _on_classifier(head: str | None, backbone: str | ZooModel, num_classes: int,
                                                                 "max_size": round(image_size * MAX_SIZE_RATIO)}
     if fpn_channels is not None:
         sizes["fpn_channels"] = fpn_channels
-    pretrained = {"pretrained_backbone": True} if isinstance(backbone, str) else {}
-    net = _model(create_model(kind, backbone=backbone, num_classes=num_classes, **pretrained, **sizes))
+    net = _model(create_model(kind, backbone=backbone, num_classes=num_classes,
+                              **{"pretrained_backbone": isinstance(backbone, str), **sizes}))
     return net, sizes
 
 
@@ -294,7 +297,8 @@ class KeyedBoxes(Dataset):
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         index, seed = key
         image, boxes, labels, _ = self.samples[index]
-        return self.augment(load_image(image, limits=self.limits), torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        return self.augment(load_image(image, limits=self.limits),
+                            torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                             torch.tensor(labels, dtype=torch.int64), torch.Generator().manual_seed(seed or 0))
 
 
@@ -418,9 +422,10 @@ def score_boxes(net: DetectionModel, batches: Iterable[list[tuple[torch.Tensor, 
 
 def evaluate_boxes(net: DetectionModel, batches, num_classes: int, dist: D.Dist, amp) -> dict[str, float]:
     """Validation: `score_boxes` gathered from all processes, scored with COCO mAP."""
-    results, loss_sum, images = score_boxes(net, batches, dist.device, amp)
+    results, loss_sum, count = score_boxes(net, batches, dist.device, amp)
+    images = float(count)
     if dist.enabled:
-        gathered = [None] * dist.world
+        gathered: list[Any] = [None] * dist.world
         torch.distributed.all_gather_object(gathered, results)
         results = [r for part in gathered for r in (part or [])]
         loss_sum, images = D.all_reduce_sum(dist, [loss_sum, images])
@@ -452,7 +457,9 @@ def coco_map(results: Sequence[dict[str, Any]], num_classes: int) -> CocoScores:
     """Score `score_boxes` results (labels 1..num_classes) with pycocotools' `COCOeval`."""
     coco_mod = require("pycocotools.coco")
     eval_mod = require("pycocotools.cocoeval")
-    images, annotations, detections = [], [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    detections: list[dict[str, Any]] = []
     for r in results:
         images.append({"id": r["image_id"], "width": r["width"], "height": r["height"]})
         for box, label in zip(r["gt_boxes"], r["gt_labels"], strict=True):
