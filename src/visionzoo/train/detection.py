@@ -17,7 +17,8 @@ cropped at random with its boxes moved along, clipped, and dropped when mostly c
 detector resizes its inputs to `image_size` itself (RetinaNet/FCOS: the shorter side, its
 `min_size`; SSDlite on a classifier: the fixed size), so a small `image_size` trains and
 detects fast. Its own losses train it (focal and box losses for RetinaNet, FCOS's three, SSD's
-hard-negative-mined ones). Validation runs the detector on each held-out image at its own size,
+hard-negative-mined ones), in float32 on CPUs (bfloat16 autocast only when asked for with
+`precision`) and as `precision` says on GPUs. Validation runs the detector on each held-out image at its own size,
 as `detect` does, and scores the boxes with pycocotools' `COCOeval`: AP at IoU 0.5 picks the
 best epoch.
 """
@@ -40,7 +41,7 @@ from ..data.detection import BACKGROUND, BoxAugment, open_box_dataset
 from ..data.images import DEFAULT_LIMITS, DecodeLimits, load_image
 from ..data.loader import fix_mmap_threshold
 from ..data.preprocess import Preprocess
-from ..enums import Task
+from ..enums import Precision, Task
 from ..errors import InputError
 from ..factory import create_model
 from ..models.base import FeatureInfo, VisionModel, ZooModel
@@ -342,6 +343,10 @@ def no_hits(outputs: Any, batch: Any) -> tuple[float, float]:
 
 def _job(ctx: RunContext, size: int) -> JobParts:
     net, cfg, dist = _detector(ctx.net), ctx.cfg, ctx.dist
+    if dist.device.type == "cpu" and cfg.precision is Precision.AUTO:
+        # fp32 on CPUs: the matching and the box losses compare and subtract box coordinates, which bfloat16's
+        # 8 bits of mantissa blur at a few hundred pixels (`--precision bf16` still asks for it)
+        ctx.amp = None
     stages = map_stages(net, size, backbone_stages(net))
     n = stages.num_stages
     if cfg.strategy is Strategy.FULL:
