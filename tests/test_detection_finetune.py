@@ -268,6 +268,36 @@ def test_a_tiny_run_writes_a_detection_bundle_that_evaluate_and_detect_load(smal
     assert found[0].width == 64 and all(b.label in DETECTION_CLASSES for b in found[0].boxes)
 
 
+def test_linear_trains_the_heads_only_and_a_bundle_restarts_with_other_classes(small_boxes, tmp_path):
+    run = {**TINY_RUN, "strategy": "linear", "epochs": 1}
+    result = visionzoo.finetune(small_boxes / "instances.json", tmp_path / "linear", **run, progress=False)
+    start = visionzoo.create_model("fcos", backbone="efficientnet_lite0", pretrained_backbone=True, num_classes=4,
+                                   fpn_channels=64)
+    tuned = load_file(result.bundle / "model.safetensors")
+    for name, value in start.state_dict().items():
+        if name.startswith("backbone.body."):  # the classifier's weights and BatchNorm statistics as pre-trained
+            torch.testing.assert_close(tuned[name], value, rtol=0, atol=0, msg=name)
+    assert not torch.equal(tuned["head.classification_head.cls_logits.weight"],
+                           start.state_dict()["head.classification_head.cls_logits.weight"])
+    assert not torch.equal(tuned["backbone.fpn.layer_blocks.0.0.weight"],
+                           start.state_dict()["backbone.fpn.layer_blocks.0.0.weight"])
+    # the bundle as the starting model, on data with two of its three classes: new class heads, the rest kept
+    lines = (small_boxes / "boxes.csv").read_text().splitlines()
+    two = tmp_path / "two.csv"
+    two.write_text("\n".join(line.replace("images/", f"{small_boxes}/images/") for line in lines
+                              if not line.endswith("triangle")) + "\n")
+    again = visionzoo.finetune(two, tmp_path / "again", **{**run, "model": str(result.bundle), "head": None,
+                                                           "fpn_channels": None}, progress=False)
+    assert again.classes == (BACKGROUND, "disk", "rectangle")
+    weights = load_file(again.bundle / "model.safetensors")
+    assert weights["head.classification_head.cls_logits.weight"].shape[0] == 3
+    torch.testing.assert_close(weights["backbone.body.features.0.0.weight"], tuned["backbone.body.features.0.0.weight"])
+    with pytest.raises(InputError, match="--fpn-channels sizes a RetinaNet or FCOS head put on a classifier"):
+        visionzoo.finetune(two, tmp_path / "bad", **{**run, "model": str(result.bundle), "head": None}, progress=False)
+    with pytest.raises(InputError, match="--head lraspp is not a detection head"):
+        visionzoo.finetune(two, tmp_path / "bad", **{**run, "head": "lraspp"}, progress=False)
+
+
 _KILLABLE = textwrap.dedent("""
     import sys, time
     import torch

@@ -176,11 +176,11 @@ def _detection_model(name: str, head: str | None, num_classes: int, image_size: 
     that rebuild it: a detection bundle or model (its weights), or `head` on a classifier (a name with
     its weights, or a classifier bundle). `image_size` sets the size the detector resizes images to;
     `fpn_channels` the pyramid's width of a head put on a classifier."""
+    if head is not None and head not in HEADS:
+        raise InputError(f"--head {head} is not a detection head; use one of {', '.join(HEADS)}")
     if fpn_channels is not None and not (head in (None, "retinanet", "fcos") and _is_classifier(name)):
         raise InputError("--fpn-channels sizes a RetinaNet or FCOS head put on a classifier; drop it for "
                          f"{head or name}")
-    if head is not None and head not in HEADS:
-        raise InputError(f"--head {head} is a segmentation head; a detector's head is one of {', '.join(HEADS)}")
     if is_bundle(name):
         task = REGISTRY.get_architecture(read_bundle(name).architecture).task
         if task is Task.CLASSIFICATION:
