@@ -10,10 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -32,6 +28,7 @@ from visionzoo.train.config import Strategy
 from visionzoo.train.detection import coco_map
 
 from .cli_runner import run_cli as run
+from .killing import kill_in_epoch_2
 from .shapes import DETECTION_CLASSES, DETECTION_RECIPE, write_boxes
 
 SRC = Path(visionzoo.__file__).resolve().parents[1]
@@ -298,57 +295,13 @@ def test_linear_trains_the_heads_only_and_a_bundle_restarts_with_other_classes(s
         visionzoo.finetune(two, tmp_path / "bad", **{**run, "head": "lraspp"}, progress=False)
 
 
-_KILLABLE = textwrap.dedent("""
-    import sys, time
-    import torch
-    torch.set_num_threads(1)
-    import visionzoo
-    import visionzoo.train.checkpoint as C
-    marker, data, out = sys.argv[1:4]
-    real_save = C.save_checkpoint
-    real_step = torch.optim.AdamW.step
-    steps = [0]
-
-    def save(*args, **kwargs):
-        real_save(*args, **kwargs)
-        steps[0] = 1  # epoch 1 is on disk: count the steps of epoch 2
-
-    def step(self, *args, **kwargs):
-        if steps[0]:
-            steps[0] += 1
-            if steps[0] == 2:
-                open(marker, "w").write("in epoch 2")
-                time.sleep(600)
-        return real_step(self, *args, **kwargs)
-
-    C.save_checkpoint = save
-    torch.optim.AdamW.step = step
-    visionzoo.finetune(data, out, **RUN, progress=False)
-""")
-RESUME_RUN = {**TINY_RUN, "epochs": 2}
+RESUME_RUN = {**TINY_RUN, "epochs": 2, "batch_size": 4}  # (3 steps an epoch: killed in the middle of epoch 2)
 
 
 @pytest.mark.slow  # three short runs and a subprocess
 def test_a_run_killed_in_epoch_2_resumes_to_the_same_weights(small_boxes, tmp_path):
-    script = tmp_path / "killable.py"
-    script.write_text(_KILLABLE.replace("**RUN", f"**{RESUME_RUN!r}"))
-    marker = tmp_path / "marker"
-    data = str(small_boxes / "instances.json")
-    proc = subprocess.Popen([sys.executable, str(script), str(marker), data, str(tmp_path / "run")],
-                            env=_env(), stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 600
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "the run never reached epoch 2"
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
-    assert json.loads((tmp_path / "run" / "history.json").read_text())[-1]["epoch"] == 1
-    assert not (tmp_path / "run" / "bundle").exists()
+    data = small_boxes / "instances.json"
+    kill_in_epoch_2(data, tmp_path / "run", RESUME_RUN, tmp_path, timeout=600)
     resumed = visionzoo.finetune(data, tmp_path / "run", **RESUME_RUN, resume=True, progress=False)
     straight = visionzoo.finetune(data, tmp_path / "straight", **RESUME_RUN, progress=False)
     assert resumed.best_epoch == straight.best_epoch

@@ -52,9 +52,9 @@ from . import distributed as D
 from .config import FinetuneConfig, Strategy
 from .data import EpochSampler, ShardKeys, sample_seed
 from .loop import autocast
-from .recipe import JobParts, Recipe, RunContext, RunData, ddp, fingerprint, make_optimizer
+from .recipe import JobParts, Recipe, RunContext, RunData, StagedUnfreeze, fingerprint, make_optimizer
 from .segmentation import random_split
-from .stages import freeze, map_stages, param_groups, set_train_mode
+from .stages import map_stages, param_groups
 
 log = logging.getLogger("visionzoo")
 DEFAULT_HEAD = "fcos"  # the head put on a classifier: anchor-free, the fastest to learn in our measurements
@@ -364,21 +364,8 @@ def _job(ctx: RunContext, size: int) -> JobParts:
                               collate_fn=collate_boxes, persistent_workers=ctx.workers > 0,
                               generator=torch.Generator(), worker_init_fn=fix_mmap_threshold if ctx.workers else None)
     optimizer, scheduler = make_optimizer(groups, cfg, len(train_loader))
-    forward = _TrainingForward(net)
-    current: dict[str, Any] = {"trainable": None, "frozen": [], "module": None}
-
-    def prepare(epoch: int) -> nn.Module:
-        trainable = {n} if epoch < cfg.head_epochs else main
-        if trainable != current["trainable"]:
-            current["module"] = None
-            current["frozen"] = freeze(net, stages, trainable)
-            current["module"], current["trainable"] = ddp(forward, dist), trainable
-        set_train_mode(net, current["frozen"])
-        return current["module"]
-
-    def batches(epoch: int):
-        sampler.set_epoch(epoch)
-        return train_loader
+    staged = StagedUnfreeze(net, stages, main, cfg.head_epochs, dist, sampler, train_loader,
+                            forward=_TrainingForward(net))
 
     val_loader = None
     if ctx.val_samples:
@@ -394,8 +381,8 @@ def _job(ctx: RunContext, size: int) -> JobParts:
         net.eval()
         return evaluate_boxes(net, val_loader, num_classes, dist, ctx.amp)
 
-    return JobParts(prepare=prepare, batches=batches, steps=len(train_loader), validate=validate, optimizer=optimizer,
-                    scheduler=scheduler, trained=net, loss=detection_loss, hits=no_hits)
+    return JobParts(prepare=staged.prepare, batches=staged.batches, steps=len(train_loader), validate=validate,
+                    optimizer=optimizer, scheduler=scheduler, trained=net, loss=detection_loss, hits=no_hits)
 
 
 def score_boxes(net: DetectionModel, batches: Iterable[list[tuple[torch.Tensor, tuple]]], device: torch.device,
