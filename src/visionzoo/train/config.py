@@ -39,7 +39,8 @@ class FinetuneConfig:
     """Every choice that shapes a training run (and so must match when a run is resumed)."""
 
     model: str = option(DEFAULT_MODEL, "NAME[.TAG] to start from (its weights), or a bundle. Segmentation: a "
-                        "segmentation model, or a classifier to put --head on.", "--model", "-m")
+                        "segmentation model, or a classifier to put --head on; detection: a detector, or a classifier "
+                        "to put --head on.", "--model", "-m")
     head: str | None = option(None, "The head put on a classifier given as --model. Segmentation: lraspp, "
                               "deeplabv3 or fcn (default lraspp); detection: fcos, retinanet or ssdlite (default "
                               "fcos).")
