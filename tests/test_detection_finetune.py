@@ -265,6 +265,18 @@ def test_a_tiny_run_writes_a_detection_bundle_that_evaluate_and_detect_load(smal
     assert found[0].width == 64 and all(b.label in DETECTION_CLASSES for b in found[0].boxes)
 
 
+def test_an_ssdlite_head_trains_at_its_fixed_size(small_boxes, tmp_path):
+    """SSDlite numbers its classes from the background (label 0) and takes one fixed input size."""
+    run = {**TINY_RUN, "head": "ssdlite", "fpn_channels": None, "epochs": 1}
+    result = visionzoo.finetune(small_boxes / "boxes.csv", tmp_path / "ssdlite", **run, progress=False)
+    meta = json.loads((result.bundle / "bundle.json").read_text())
+    assert meta["architecture"] == "ssdlite" and meta["builder_kwargs"]["size"] == 64
+    net = visionzoo.create_model(result.bundle)
+    assert net.transform.fixed_size == (64, 64) and net.num_classes == 4
+    found = visionzoo.detect(small_boxes / "images" / "box_3_0002.jpg", result.bundle, threshold=0.0)[0]
+    assert found.boxes and all(b.label in DETECTION_CLASSES for b in found.boxes)
+
+
 def test_linear_trains_the_heads_only_and_a_bundle_restarts_with_other_classes(small_boxes, tmp_path):
     run = {**TINY_RUN, "strategy": "linear", "epochs": 1}
     result = visionzoo.finetune(small_boxes / "instances.json", tmp_path / "linear", **run, progress=False)
