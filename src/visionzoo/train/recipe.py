@@ -168,8 +168,9 @@ class StagedUnfreeze:
     """
 
     def __init__(self, net: nn.Module, stages: StageMap, main: set[int], head_epochs: int, dist: D.Dist,
-                 sampler: EpochSampler, train_loader: Iterable):
+                 sampler: EpochSampler, train_loader: Iterable, forward: nn.Module | None = None):
         self.net, self.stages, self.main, self.head_epochs, self.dist = net, stages, main, head_epochs, dist
+        self.forward = net if forward is None else forward  # what the loop calls: `net`, or a module around it
         self.sampler, self.train_loader = sampler, train_loader
         self._trainable: set[int] | None = None
         self._frozen: list[str] = []
@@ -181,7 +182,7 @@ class StagedUnfreeze:
             self._module = None  # drop the old DDP wrapper (and its gradient hooks) first
             self._frozen = freeze(self.net, self.stages, trainable)
             # DDP tracks the parameters that require gradients when it is built
-            self._module, self._trainable = ddp(self.net, self.dist), trainable
+            self._module, self._trainable = ddp(self.forward, self.dist), trainable
         set_train_mode(self.net, self._frozen)
         return self._module
 
