@@ -6,6 +6,9 @@
     ev = evaluate("runs/shapes", "shapes_test/", out="runs/shapes/eval")    # images/ + masks/
     ev.miou, ev.pixel_accuracy, ev.iou, ev.confusion                         # pixel counts
 
+    ev = evaluate("runs/boxes", "boxes_test/instances.json", out="runs/boxes/eval")  # or a box CSV
+    ev.ap, ev.ap50, ev.ap75, ev.class_ap, ev.files["pr_curve"]               # COCO mAP (pycocotools)
+
 Images are preprocessed exactly as in validation during training (the bundle's recipe,
 no fast decoding path); a segmentation model's labels are scored at each mask's own size,
 as `segment` writes them. A video model is scored on a folder of class sub-folders of videos,
@@ -44,6 +47,7 @@ from ..metrics import ClassMetrics, class_iou, confusion_matrix, mean_iou, per_c
 from ..models.base import VisionModel, ZooModel
 from ..train.segmentation import score_masks
 from ..train.video import labelled_videos
+from .evaluate_detection import DetectionEvaluation, evaluate_detection
 
 log = logging.getLogger("visionzoo")
 
@@ -100,20 +104,26 @@ _Scores = TypeVar("_Scores", Evaluation, SegmentationEvaluation)
 
 def evaluate(model: str | os.PathLike | VisionModel, data: str | os.PathLike, *,
              out: str | os.PathLike | None = None, batch_size: int = 64, num_workers: int | None = None,
-             device: str | torch.device = "cpu", plots: bool = True, limits: DecodeLimits | str | None = None,
-             clips: int | None = None) -> Evaluation | SegmentationEvaluation:
+             device: str | torch.device = "cpu", plots: bool = True,
+             limits: DecodeLimits | str | None = None, clips: int | None = None
+             ) -> Evaluation | SegmentationEvaluation | DetectionEvaluation:
     """Score `model` (a bundle folder, a run folder, a model name or instance) on `data`: for a
     classifier an ImageFolder tree or a `path,label` CSV whose class names the model knows (an
     `Evaluation`); for a segmentation model a folder of `images/` and `masks/` (a
-    `SegmentationEvaluation`); for a video model a folder of class sub-folders of videos, `clips` per
-    video, `batch_size` counting clips (an `Evaluation`). Images that cannot be read or break the decode `limits` (a
-    `DecodeLimits`, or text such as "pixels=200M,bytes=1G") are left out and listed in `failures`."""
+    `SegmentationEvaluation`); for a detector a COCO instances JSON or a box CSV (a
+    `DetectionEvaluation`: COCO mAP, see `evaluate_detection.py`); for a video model a folder of
+    class sub-folders of videos, `clips` per video, `batch_size` counting clips (an `Evaluation`).
+    Images that cannot be read or break the decode `limits` (a `DecodeLimits`, or text such as
+    "pixels=200M,bytes=1G") are left out and listed in `failures`."""
     limits = DecodeLimits.parse(limits) if isinstance(limits, str) else limits or DEFAULT_LIMITS
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if not isinstance(model, VisionModel) and Path(model).exists() and not is_bundle(model):
         raise InputError(f"{model} is not a bundle (no bundle.json); give a folder written by `visionzoo finetune`")
     net = resolve_model(model)
+    if net.task is Task.DETECTION:
+        return evaluate_detection(net, model, data, out=out, batch_size=batch_size, num_workers=num_workers,
+                                  device=torch.device(device), plots=plots, limits=limits)
     if net.task is Task.SEGMENTATION:
         return _evaluate_segmentation(net, model, data, out=out, batch_size=batch_size, num_workers=num_workers,
                                       device=torch.device(device), plots=plots, limits=limits)
