@@ -63,6 +63,7 @@ from .recipe import (
     one_source,
     split_data,
     starting_point,
+    trainable_stages,
 )
 from .stages import map_stages, param_groups
 
@@ -341,12 +342,7 @@ def _job(ctx: RunContext, size: int) -> JobParts:
         ctx.amp = None
     stages = map_stages(net, size, backbone_stages(net))
     n = stages.num_stages
-    if cfg.strategy is Strategy.FULL:
-        main = set(range(n + 1))
-    elif cfg.strategy is Strategy.PARTIAL:
-        main = set(range(max(0, n - cfg.unfreeze), n + 1))
-    else:
-        main = {n}  # linear: the heads (and the pyramid) alone
+    main = trainable_stages(cfg.strategy, n, cfg.unfreeze)
     groups = param_groups(net, stages, cfg.settled()[1], cfg.lr_decay, cfg.weight_decay, main)
     augment = BoxAugment(size, size, cfg.scale_range, hflip=bool(cfg.hflip), random=cfg.augment)
     train_set = KeyedBoxes(ctx.train_samples, augment, ctx.limits)

@@ -212,6 +212,16 @@ def ddp(module: nn.Module, dist: D.Dist) -> nn.Module:
     return DistributedDataParallel(module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
 
 
+def trainable_stages(strategy: Strategy, num_stages: int, unfreeze: int) -> set[int]:
+    """The stages a strategy trains after the heads' first epochs (stage `num_stages` is the heads):
+    all of them (`full`), the last `unfreeze` and the heads (`partial`), or the heads alone (`linear`)."""
+    if strategy is Strategy.FULL:
+        return set(range(num_stages + 1))
+    if strategy is Strategy.PARTIAL:
+        return set(range(max(0, num_stages - unfreeze), num_stages + 1))
+    return {num_stages}
+
+
 class StagedUnfreeze:
     """The training job's `prepare` and `batches` for staged unfreezing, shared by every recipe.
 

@@ -61,6 +61,7 @@ from .recipe import (
     one_source,
     split_data,
     starting_point,
+    trainable_stages,
 )
 from .stages import map_stages, param_groups
 
@@ -299,12 +300,7 @@ def _job(ctx: RunContext) -> JobParts:
     size = int(pp.resize_size or 520)
     stages = map_stages(net, size, net.feature_info)
     n = stages.num_stages
-    if cfg.strategy is Strategy.FULL:
-        main = set(range(n + 1))
-    elif cfg.strategy is Strategy.PARTIAL:
-        main = set(range(max(0, n - cfg.unfreeze), n + 1))
-    else:
-        main = {n}  # linear: the heads alone
+    main = trainable_stages(cfg.strategy, n, cfg.unfreeze)
     groups = param_groups(net, stages, cfg.settled()[1], cfg.lr_decay, cfg.weight_decay, main)
     augment = JointAugment(pp, size, cfg.scale_range, hflip=bool(cfg.hflip), random=cfg.augment)
     train_set = KeyedMasks(ctx.train_samples, augment, len(ctx.classes), ctx.limits)
