@@ -19,11 +19,10 @@ and, when the bundle has a training history, `training_curves.png` (plots need m
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,12 +41,12 @@ from ..data.video import video_batches
 from ..enums import Task
 from ..errors import ImageError, InputError
 from ..factory import resolve_model
-from ..fileutil import atomic_path
 from ..metrics import ClassMetrics, class_iou, confusion_matrix, mean_iou, per_class, pixel_accuracy, topk_hits
 from ..models.base import VisionModel, ZooModel
 from ..train.segmentation import score_masks
 from ..train.video import labelled_videos
 from .evaluate_detection import DetectionEvaluation, evaluate_detection
+from .reports import write_report
 
 log = logging.getLogger("visionzoo")
 
@@ -190,28 +189,17 @@ def evaluate(model: str | os.PathLike | VisionModel, data: str | os.PathLike, *,
 
 def _write(ev: _Scores, out: Path, history, plots: bool) -> _Scores:
     out.mkdir(parents=True, exist_ok=True)
-    files, notes = {}, []
-    if plots:
-        try:
-            from . import _plots
-        except ImportError:
-            notes.append("plots skipped: matplotlib is not installed (pip install \"visionzoo[plots]\")")
-        else:
-            unit = "pixels" if isinstance(ev, SegmentationEvaluation) else "images"
-            files["confusion_matrix"] = str(_plots.confusion_matrix(ev.confusion, ev.classes,
-                                                                    out / "confusion_matrix.png", unit=unit))
-            if isinstance(ev, SegmentationEvaluation):
-                files["class_iou"] = str(_plots.class_scores(ev.iou, ev.classes, out / "class_iou.png",
-                                                             title=f"IoU per class (mIoU {ev.miou:.2%})"))
-            if history:
-                files["training_curves"] = str(_plots.training_curves(history, out / "training_curves.png"))
-            else:
-                notes.append("no training curves: the model has no training history")
-    files["metrics"] = str(out / "metrics.json")
-    ev = replace(ev, files=files, notes=tuple(notes))
-    with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(ev.to_dict(), indent=2) + "\n")
-    return ev
+
+    def figures(_plots) -> dict[str, str]:
+        unit = "pixels" if isinstance(ev, SegmentationEvaluation) else "images"
+        drawn = {"confusion_matrix": str(_plots.confusion_matrix(ev.confusion, ev.classes,
+                                                                 out / "confusion_matrix.png", unit=unit))}
+        if isinstance(ev, SegmentationEvaluation):
+            drawn["class_iou"] = str(_plots.class_scores(ev.iou, ev.classes, out / "class_iou.png",
+                                                         title=f"IoU per class (mIoU {ev.miou:.2%})"))
+        return drawn
+
+    return write_report(ev, out, {}, [], plots=plots, history=history, figures=figures)
 
 
 # -- segmentation ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from ..fileutil import atomic_path
 from ..models.base import VisionModel
 from ..models.detection import DetectionModel
 from ..train.detection import coco_map, score_boxes
+from .reports import write_report
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ class _Images(Dataset):
 def _write(ev: DetectionEvaluation, out: Path, results, dataset: BoxDataset, recall, curves, history,
            plots: bool) -> DetectionEvaluation:
     out.mkdir(parents=True, exist_ok=True)
-    files, notes = {}, []
+    files: dict[str, str] = {}
     detections = [{"image_id": r["image_id"], "category_id": dataset.category_ids[int(label) - 1],
                    "bbox": [round(float(b[0]), 2), round(float(b[1]), 2), round(float(b[2] - b[0]), 2),
                             round(float(b[3] - b[1]), 2)], "score": round(float(s), 5)}
@@ -134,20 +135,9 @@ def _write(ev: DetectionEvaluation, out: Path, results, dataset: BoxDataset, rec
     with atomic_path(out / "detections.json") as tmp:
         tmp.write_text(json.dumps(detections) + "\n")
     files["detections"] = str(out / "detections.json")
-    if plots:
-        try:
-            from . import _plots
-        except ImportError:
-            notes.append("plots skipped: matplotlib is not installed (pip install \"visionzoo[plots]\")")
-        else:
-            files["pr_curve"] = str(_plots.precision_recall(recall, curves, out / "pr_curve.png",
-                                                            title=f"precision-recall at IoU 0.5 (AP50 {ev.ap50:.3f})"))
-            if history:
-                files["training_curves"] = str(_plots.training_curves(history, out / "training_curves.png"))
-            else:
-                notes.append("no training curves: the model has no training history")
-    files["metrics"] = str(out / "metrics.json")
-    ev = replace(ev, files=files, notes=tuple(notes))
-    with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(ev.to_dict(), indent=2) + "\n")
-    return ev
+
+    def figures(_plots) -> dict[str, str]:
+        return {"pr_curve": str(_plots.precision_recall(recall, curves, out / "pr_curve.png",
+                                                        title=f"precision-recall at IoU 0.5 (AP50 {ev.ap50:.3f})"))}
+
+    return write_report(ev, out, files, [], plots=plots, history=history, figures=figures)

@@ -52,8 +52,19 @@ from . import distributed as D
 from .config import FinetuneConfig, Strategy
 from .data import EpochSampler, ShardKeys, sample_seed
 from .loop import autocast
-from .recipe import JobParts, Recipe, RunContext, RunData, StagedUnfreeze, fingerprint, make_optimizer
-from .segmentation import random_split
+from .recipe import (
+    JobParts,
+    Recipe,
+    RunContext,
+    RunData,
+    StagedUnfreeze,
+    fingerprint,
+    make_optimizer,
+    one_source,
+    split_data,
+    starting_point,
+    trainable_stages,
+)
 from .stages import map_stages, param_groups
 
 log = logging.getLogger("visionzoo")
@@ -77,25 +88,14 @@ class DetectionRecipe(Recipe):
         return is_box_dataset(data)
 
     def data(self, data, train, val, classes, cfg: FinetuneConfig, dist: D.Dist) -> RunData:
-        if data is not None and train is not None:
-            raise InputError("give the data either as DATA or as --train (with an optional --val), not both")
+        source = one_source(data, train)
         if classes is not None:
             raise InputError("--classes names a segmentation dataset's classes; a detection dataset names its own "
                              "(COCO categories, or the CSV's labels)")
-        source = data if data is not None else train
         found = open_box_dataset(source)
         names = list(found.classes)
-        if val is not None:
-            val_set = open_box_dataset(val, names)
-            train_set = found
-            sources: dict[str, Any] = {"train": str(source), "val": str(val)}
-        elif cfg.val_fraction > 0:
-            train_idx, val_idx = random_split(len(found), cfg.val_fraction, cfg.seed)
-            train_set, val_set = found.subset(train_idx), found.subset(val_idx)
-            sources = {"train": str(source), "val": f"{cfg.val_fraction:g} of train, random, seed {cfg.seed}"}
-        else:
-            train_set, val_set = found, found.subset([])
-            sources = {"train": str(source), "val": None}
+        given = open_box_dataset(val, names) if val is not None else None
+        train_set, val_set, sources = split_data(found, given, source, val, cfg)
         train_samples = [s.row() for s in train_set.samples]
         val_samples = [s.row() for s in val_set.samples]
         _check_boxes(train_samples, names, source)
@@ -112,15 +112,8 @@ class DetectionRecipe(Recipe):
                        ) -> tuple[VisionModel, dict[str, Any], str | None]:
         torch.manual_seed(sample_seed(cfg.seed, 0))  # the new heads' initial weights come from the seed
         net, sizes = _detection_model(cfg.model, cfg.head, len(classes), cfg.image_size, cfg.fpn_channels)
-        card = net.card_required
-        if card.bundle is not None and list(card.bundle.classes) != list(classes):
-            net.reset_classifier(len(classes))  # a bundle for other classes: keep all but its class layers
-        kwargs = {**card.builder_kwargs, **sizes}
-        base = card.bundle.base_weights if card.bundle is not None else None
-        backbone = card.builder_kwargs.get("backbone")
-        weights = card.weights.name if card.weights else base or card.source or (f"{backbone}.DEFAULT" if backbone
-                                                                                   else None)
-        return net.to(dist.device), kwargs, weights
+        weights = starting_point(net, classes)
+        return net.to(dist.device), {**net.card_required.builder_kwargs, **sizes}, weights
 
     def preprocess(self, net: VisionModel, cfg: FinetuneConfig) -> Preprocess:
         transform = _detector(net).transform
@@ -349,12 +342,7 @@ def _job(ctx: RunContext, size: int) -> JobParts:
         ctx.amp = None
     stages = map_stages(net, size, backbone_stages(net))
     n = stages.num_stages
-    if cfg.strategy is Strategy.FULL:
-        main = set(range(n + 1))
-    elif cfg.strategy is Strategy.PARTIAL:
-        main = set(range(max(0, n - cfg.unfreeze), n + 1))
-    else:
-        main = {n}  # linear: the heads (and the pyramid) alone
+    main = trainable_stages(cfg.strategy, n, cfg.unfreeze)
     groups = param_groups(net, stages, cfg.settled()[1], cfg.lr_decay, cfg.weight_decay, main)
     augment = BoxAugment(size, size, cfg.scale_range, hflip=bool(cfg.hflip), random=cfg.augment)
     train_set = KeyedBoxes(ctx.train_samples, augment, ctx.limits)
