@@ -252,7 +252,8 @@ class RCNN(DetectionModel):
 
     @property
     def class_layers(self) -> tuple[str, ...]:
-        layers = ["roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"]
+        # (the box regression, 4 per class, is replaced with them)
+        layers = ["roi_heads.box_predictor.cls_score"]
         if self.roi_heads.has_mask:
             layers.append("roi_heads.mask_predictor.mask_fcn_logits")
         return tuple(layers)
