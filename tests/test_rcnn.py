@@ -53,7 +53,8 @@ def scene(num_keypoints: int = 17):
             m[y1:y2, x1:x2] = 1
             image[:, y1:y2, x1:x2] += 0.7
         centre = (image_boxes[:, :2] + image_boxes[:, 2:]) / 2
-        spread = torch.linspace(-0.3, 0.3, num_keypoints)[None, :, None] * (image_boxes[:, None, 2:] - image_boxes[:, None, :2])
+        sizes = image_boxes[:, None, 2:] - image_boxes[:, None, :2]
+        spread = torch.linspace(-0.3, 0.3, num_keypoints)[None, :, None] * sizes
         keypoints = torch.cat([centre[:, None] + spread, torch.ones(len(image_boxes), num_keypoints, 1)], dim=2)
         targets.append({"boxes": image_boxes, "labels": torch.ones(len(image_boxes), dtype=torch.int64),
                         "masks": masks, "keypoints": keypoints})
@@ -161,5 +162,6 @@ def test_registered_with_their_weights_records():
     keypoints = visionzoo.get_weights("keypointrcnn_resnet50_fpn")
     assert keypoints.tag == "COCO_V1" and dict(keypoints.builder_kwargs) == {"frozen_bn_eps": 0.0}
     assert keypoints.keypoint_names is not None and len(keypoints.keypoint_names) == 17
+    assert keypoints.keypoint_names == rcnn.COCO_PERSON_KEYPOINTS
     assert {a for pair in rcnn.COCO_PERSON_SKELETON for a in pair} == set(keypoints.keypoint_names)
     assert visionzoo.get_weights("maskrcnn_resnet50_fpn").metrics["mask_map"] == 34.6

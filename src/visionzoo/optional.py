@@ -17,6 +17,8 @@ _EXTRAS = {
     "pyarrow": ("reading and writing .parquet files", "parquet"),
     "pyarrow.parquet": ("reading and writing .parquet files", "parquet"),
     "matplotlib": ("plots", "plots"),
+    "pycocotools": ("instance masks in COCO's run-length encoding (pycocotools)", "detection"),
+    "pycocotools.mask": ("instance masks in COCO's run-length encoding (pycocotools)", "detection"),
     "ray": ("running on a Ray cluster (--engine ray)", "ray"),
     "ray.data": ("running on a Ray cluster (--engine ray)", "ray"),
     "starlette": ("the HTTP server", "serve"),

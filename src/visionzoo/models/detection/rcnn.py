@@ -85,7 +85,13 @@ VARIANTS: dict[str, RCNNConfig] = {
     "keypointrcnn_resnet50_fpn": RCNNConfig(Kind.KEYPOINT, num_classes=2, min_size=(640, 672, 704, 736, 768, 800)),
 }
 
-# COCO's person keypoints: the pairs of `keypoint_names` (catalog) joined when drawing a skeleton
+# COCO's person keypoints, in the published Keypoint R-CNN's order (the catalog's `keypoint_names`), and the
+# pairs of them joined when drawing a skeleton
+COCO_PERSON_KEYPOINTS: tuple[str, ...] = (
+    "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder", "left_elbow",
+    "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle",
+    "right_ankle",
+)
 COCO_PERSON_SKELETON: tuple[tuple[str, str], ...] = (
     ("left_ankle", "left_knee"), ("left_knee", "left_hip"), ("right_ankle", "right_knee"),
     ("right_knee", "right_hip"), ("left_hip", "right_hip"), ("left_shoulder", "left_hip"),

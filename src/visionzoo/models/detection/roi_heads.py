@@ -23,8 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...ops import BoxCoder, MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, remove_small_boxes
-from ...ops import heatmaps_to_keypoints, roi_align
+from ...ops import (
+    BoxCoder,
+    MultiScaleRoIAlign,
+    batched_nms,
+    box_iou,
+    clip_boxes_to_image,
+    heatmaps_to_keypoints,
+    remove_small_boxes,
+    roi_align,
+)
 from ..layers import ConvNormAct
 from .matching import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher
 from .rpn import sample_balanced
