@@ -268,16 +268,15 @@ class RCNN(DetectionModel):
         """New box predictor (and mask logits) for `num_classes` classes, the background included."""
         num_classes = check_num_classes(num_classes, 2)
         old = self.roi_heads.box_predictor.cls_score
-        like = dict(device=old.weight.device, dtype=old.weight.dtype)
-        self.roi_heads.box_predictor = FastRCNNPredictor(old.in_features, num_classes).to(**like)  # type: ignore[arg-type]
+        device, dtype = old.weight.device, old.weight.dtype
+        self.roi_heads.box_predictor = FastRCNNPredictor(old.in_features, num_classes).to(device=device, dtype=dtype)
         predictor = self.roi_heads.mask_predictor
         if isinstance(predictor, MaskRCNNPredictor):
             logits = predictor.mask_fcn_logits
-            assert isinstance(logits, nn.Conv2d)
-            new = nn.Conv2d(logits.in_channels, num_classes, 1)
+            new = nn.Conv2d(next(logits.parameters()).shape[1], num_classes, 1)
             nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(new.bias)
-            predictor.mask_fcn_logits = new.to(**like)  # type: ignore[arg-type]
+            nn.init.zeros_(new.bias)  # type: ignore[arg-type]
+            predictor.mask_fcn_logits = new.to(device=device, dtype=dtype)
         self.num_classes = num_classes
         self._forget_classes_unless(num_classes)
 
