@@ -272,8 +272,7 @@ class RCNN(DetectionModel):
         self.roi_heads.box_predictor = FastRCNNPredictor(old.in_features, num_classes).to(device=device, dtype=dtype)
         predictor = self.roi_heads.mask_predictor
         if isinstance(predictor, MaskRCNNPredictor):
-            logits = predictor.mask_fcn_logits
-            new = nn.Conv2d(next(logits.parameters()).shape[1], num_classes, 1)
+            new = nn.Conv2d(predictor.dim_reduced, num_classes, 1)
             nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
             nn.init.zeros_(new.bias)  # type: ignore[arg-type]
             predictor.mask_fcn_logits = new.to(device=device, dtype=dtype)

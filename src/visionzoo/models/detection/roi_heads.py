@@ -117,12 +117,15 @@ class MaskRCNNHeads(nn.Sequential):
 class MaskRCNNPredictor(nn.Sequential):
     """2x upsampling (`conv5_mask`, a stride-2 transposed convolution) and one mask logit per class."""
 
+    dim_reduced: int
+
     def __init__(self, in_channels: int, dim_reduced: int, num_classes: int):
         super().__init__(OrderedDict([
             ("conv5_mask", nn.ConvTranspose2d(in_channels, dim_reduced, 2, 2, 0)),
             ("relu", nn.ReLU(inplace=True)),
             ("mask_fcn_logits", nn.Conv2d(dim_reduced, num_classes, 1, 1, 0)),
         ]))
+        self.dim_reduced = dim_reduced
         _kaiming_fan_out(self)
 
 
