@@ -129,6 +129,20 @@ def test_training_without_objects_and_with_bad_targets():
         tiny("faster", num_classes=1)
 
 
+@pytest.mark.parametrize("kind", ["mask", "keypoint"])
+def test_no_detections_give_empty_outputs_of_the_right_shapes(kind):
+    model = tiny(kind, box_score_thresh=1.0).eval()  # no softmax score is above 1
+    images, _ = scene()
+    with torch.inference_mode():
+        detections = model(images)
+    for det, image in zip(detections, images, strict=True):
+        assert det["boxes"].shape == (0, 4) and det["scores"].shape == (0,) and det["labels"].shape == (0,)
+        if kind == "mask":
+            assert det["masks"].shape == (0, 1, *image.shape[1:])
+        else:
+            assert det["keypoints"].shape == (0, 17, 3) and det["keypoints_scores"].shape == (0, 17)
+
+
 def test_keypoints_to_heatmap_cells():
     rois = torch.tensor([[0.0, 0.0, 56.0, 28.0]])
     kps = torch.tensor([[[0.5, 0.5, 1.0], [56.0, 28.0, 1.0], [10.0, 10.0, 0.0], [60.0, 5.0, 1.0]]])
