@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -31,17 +28,9 @@ from visionzoo.tasks.prune import bundle_split
 from visionzoo.train.config import Strategy
 
 from .cli_runner import run_cli as run
-
-SRC = Path(visionzoo.__file__).resolve().parents[1]
-
+from .killing import kill_in_epoch_2, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small inputs: see conftest
-
-
-def _env() -> dict[str, str]:
-    """Subprocesses import this checkout's visionzoo, on one thread like the tests."""
-    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -206,55 +195,11 @@ def test_gradient_accumulation_matches_a_larger_batch(digits_small, tmp_path):
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-5)
 
 
-_KILLABLE = textwrap.dedent("""
-    # a fine-tuning run that freezes (for the test to SIGKILL it) after 2 steps of epoch 2
-    import sys, time
-    import torch
-    import visionzoo
-    import visionzoo.train.checkpoint as C
-
-    marker, data, out = sys.argv[1:]
-    epochs_saved, steps = [0], [0]
-    real_save, real_step = C.save_checkpoint, torch.optim.AdamW.step
-
-    def save(*args, **kwargs):
-        real_save(*args, **kwargs)
-        epochs_saved[0] += 1
-
-    def step(self, *args, **kwargs):
-        if epochs_saved[0] == 1:
-            steps[0] += 1
-            if steps[0] == 3:
-                open(marker, "w").write("in epoch 2")
-                time.sleep(600)
-        return real_step(self, *args, **kwargs)
-
-    C.save_checkpoint = save
-    torch.optim.AdamW.step = step
-    visionzoo.finetune(data, out, **RUN, progress=False)
-""")
 RESUME_RUN = {"strategy": "full", "epochs": 3, "head_epochs": 1, "image_size": 32, "batch_size": 16}
 
 
 def test_a_run_killed_in_epoch_2_resumes_to_the_same_weights(digits_small, tmp_path):
-    script = tmp_path / "killable.py"
-    script.write_text(_KILLABLE.replace("**RUN", f"**{RESUME_RUN!r}"))
-    marker = tmp_path / "marker"
-    proc = subprocess.Popen([sys.executable, str(script), str(marker), str(digits_small), str(tmp_path / "run")],
-                            env=_env(), stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "the run never reached epoch 2"
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
-    assert json.loads((tmp_path / "run" / "history.json").read_text())[-1]["epoch"] == 1
-    assert not (tmp_path / "run" / "bundle").exists()
+    kill_in_epoch_2(digits_small, tmp_path / "run", RESUME_RUN, tmp_path)
     with pytest.raises(InputError, match="pass --resume"):
         visionzoo.finetune(digits_small, tmp_path / "run", **RESUME_RUN, progress=False)
 
@@ -276,7 +221,7 @@ def test_torchrun_with_two_processes_writes_a_loadable_bundle(digits_small, tmp_
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "visionzoo", "finetune", str(digits_small), "--out", str(out), "--strategy", strategy,
            "--epochs", "2", "--image-size", "32", "--batch-size", "16", "--workers", "0", "--quiet"]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("strategy " + strategy) == 1, proc.stdout  # only rank 0 reports
     meta = json.loads((out / "bundle" / "bundle.json").read_text())

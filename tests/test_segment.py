@@ -170,6 +170,15 @@ def test_cli_segment_reports_bad_files_and_goes_on(capsys, seg_bundle, photos_di
     assert code == 4
 
 
+def test_predict_and_embed_refuse_a_segmenter_in_one_line(capsys, seg_bundle, photos_dir):
+    """A segmentation model given to `predict` names its task and the command that runs it."""
+    code, out, err = run(capsys, "predict", photos_dir / "coffee.jpg", "--model", seg_bundle, "-j", "0")
+    assert code == 1 and out == "", err  # EXIT_ERROR: a usage error, not a bad image
+    assert "segmentation model" in err and "visionzoo segment" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(InputError, match="segmentation model.*no embedding"):
+        visionzoo.embed([photos_dir / "coffee.jpg"], model=seg_bundle, num_workers=0)
+
+
 def test_a_bundle_of_a_head_on_a_classifier_loads_and_its_arguments_are_checked(seg_bundle, tmp_path):
     """The head's own builder (not the model class) says which arguments a composed bundle may record."""
     net = visionzoo.create_model(seg_bundle)

@@ -8,11 +8,6 @@ on one intra-op thread, as in test_finetune.py: the CI machine is shared.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -32,17 +27,10 @@ from visionzoo.train.config import Strategy
 from visionzoo.train.segmentation import EvalMasks, JointAugment, KeyedMasks, class_weights, random_split
 
 from .cli_runner import run_cli as run
+from .killing import kill_in_epoch_2
 from .shapes import CLASSES, RECIPE, write_shapes
 
-SRC = Path(visionzoo.__file__).resolve().parents[1]
-
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small inputs: see conftest
-
-
-def _env() -> dict[str, str]:
-    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -245,57 +233,13 @@ def test_linear_trains_the_heads_only_and_auto_says_why(small_shapes, tmp_path):
     assert auto.strategy is Strategy.LINEAR and "only 18 training images" in auto.reason
 
 
-_KILLABLE = textwrap.dedent("""
-    import sys, time
-    import torch
-    torch.set_num_threads(1)
-    import visionzoo
-    import visionzoo.train.checkpoint as C
-    marker, data, out = sys.argv[1:4]
-    real_save = C.save_checkpoint
-    real_step = torch.optim.AdamW.step
-    steps = [0]
-
-    def save(*args, **kwargs):
-        real_save(*args, **kwargs)
-        steps[0] = 1  # epoch 1 is on disk: count the steps of epoch 2
-
-    def step(self, *args, **kwargs):
-        if steps[0]:
-            steps[0] += 1
-            if steps[0] == 3:
-                open(marker, "w").write("in epoch 2")
-                time.sleep(600)
-        return real_step(self, *args, **kwargs)
-
-    C.save_checkpoint = save
-    torch.optim.AdamW.step = step
-    visionzoo.finetune(data, out, **RUN, progress=False)
-""")
 RESUME_RUN = {"strategy": "full", "epochs": 3, "image_size": 64, "batch_size": 6, "num_workers": 0,
               "scale_range": (0.75, 1.25), "class_weights": True}
 
 
 @pytest.mark.slow  # three short runs and a subprocess: 50 s measured on the shared machine
 def test_a_run_killed_in_epoch_2_resumes_to_the_same_weights(small_shapes, tmp_path):
-    script = tmp_path / "killable.py"
-    script.write_text(_KILLABLE.replace("**RUN", f"**{RESUME_RUN!r}"))
-    marker = tmp_path / "marker"
-    proc = subprocess.Popen([sys.executable, str(script), str(marker), str(small_shapes), str(tmp_path / "run")],
-                            env=_env(), stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 600
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "the run never reached epoch 2"
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
-    assert json.loads((tmp_path / "run" / "history.json").read_text())[-1]["epoch"] == 1
-    assert not (tmp_path / "run" / "bundle").exists()
+    kill_in_epoch_2(small_shapes, tmp_path / "run", RESUME_RUN, tmp_path, timeout=600)
     resumed = visionzoo.finetune(small_shapes, tmp_path / "run", **RESUME_RUN, resume=True, progress=False)
     straight = visionzoo.finetune(small_shapes, tmp_path / "straight", **RESUME_RUN, progress=False)
     assert resumed.best_epoch == straight.best_epoch

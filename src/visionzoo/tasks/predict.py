@@ -21,6 +21,7 @@ import torch
 
 from ..data.inputs import Failure, expand_inputs
 from ..data.loader import image_batches, prepare_image
+from ..enums import Task
 from ..errors import InputError
 from ..models.base import ZooModel
 from ..registry import DEFAULT_MODEL
@@ -85,10 +86,24 @@ def iter_predict(inputs: Sequence[str | os.PathLike], model: str | os.PathLike |
     budget = split_cores(workers=opts.num_workers, threads=opts.threads, decoding=len(files) > opts.batch_size)
     with torch_threads(budget.threads):
         runner = replace(opts, threads=budget.threads).open(model)
+        _check_classifier(runner)
         log.info("%s; %s", runner.describe(), budget.describe())
         yield from failures
         if files:
             yield from _predict_files(files, runner, topk, opts, budget)
+
+
+# the command that runs a model of each task that `predict` does not take
+OTHER_COMMANDS = {Task.SEGMENTATION: "visionzoo segment", Task.DETECTION: "visionzoo detect"}
+
+
+def _check_classifier(runner: Runner) -> None:
+    """Refuse, in one line, a model whose outputs are not class scores (a segmenter, a detector)."""
+    if runner.task in OTHER_COMMANDS:
+        raise InputError(f"{runner.arch} is a {runner.task.value} model and predict classifies images: "
+                         f"run it with `{OTHER_COMMANDS[runner.task]}`")
+    if runner.task is Task.OPTICAL_FLOW:
+        raise InputError(f"{runner.arch} is an optical-flow model (two frames in, motion out), not a classifier")
 
 
 def _predict_files(files: list, runner: Runner, topk: int, opts: InferenceOptions, budget: CoreBudget

@@ -50,8 +50,8 @@ from .data import (
 )
 from .loop import autocast, classification_loss
 from .probe import choose_strategy
-from .recipe import JobParts, Recipe, RunContext, RunData, ddp, fingerprint, make_optimizer
-from .stages import freeze, map_stages, param_groups, set_train_mode
+from .recipe import JobParts, Recipe, RunContext, RunData, StagedUnfreeze, ddp, fingerprint, make_optimizer
+from .stages import map_stages, param_groups
 
 log = logging.getLogger("visionzoo")
 
@@ -155,21 +155,7 @@ def _network_job(ctx: RunContext) -> JobParts:
     per_rank = cfg.batch_size // dist.world
     train_loader = loader(train_set, sampler, per_rank, workers, dist.device)
     optimizer, scheduler = make_optimizer(groups, cfg, len(train_loader))
-    current: dict[str, Any] = {"trainable": None, "frozen": [], "module": None}
-
-    def prepare(epoch: int) -> nn.Module:
-        trainable = {n} if epoch < cfg.head_epochs else main
-        if trainable != current["trainable"]:
-            current["module"] = None  # drop the old DDP wrapper (and its gradient hooks) first
-            current["frozen"] = freeze(net, stages, trainable)
-            # DDP tracks the parameters that require gradients when it is built
-            current["module"], current["trainable"] = ddp(net, dist), trainable
-        set_train_mode(net, current["frozen"])
-        return current["module"]
-
-    def batches(epoch: int):
-        sampler.set_epoch(epoch)
-        return train_loader
+    staged = StagedUnfreeze(net, stages, main, cfg.head_epochs, dist, sampler, train_loader)
 
     val_loader = None
     if val_samples:
@@ -182,8 +168,9 @@ def _network_job(ctx: RunContext) -> JobParts:
         net.eval()
         return _evaluate_batches(((net(x.to(dist.device)), y) for x, y in val_loader), dist, amp)
 
-    return JobParts(prepare=prepare, batches=batches, steps=len(train_loader), validate=validate, optimizer=optimizer,
-                    scheduler=scheduler, trained=net, loss=classification_loss(cfg.label_smoothing))
+    return JobParts(prepare=staged.prepare, batches=staged.batches, steps=len(train_loader), validate=validate,
+                    optimizer=optimizer, scheduler=scheduler, trained=net,
+                    loss=classification_loss(cfg.label_smoothing))
 
 
 def _evaluate_batches(outputs, dist: D.Dist, amp) -> dict[str, float]:

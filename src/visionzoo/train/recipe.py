@@ -13,7 +13,7 @@ import json
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,7 +28,9 @@ from ..enums import Precision, Task
 from ..models.base import VisionModel
 from . import distributed as D
 from .config import FinetuneConfig, Strategy
+from .data import EpochSampler
 from .loop import HitsFn, LossFn, classification_hits, lr_schedule
+from .stages import StageMap, freeze, set_train_mode
 
 
 @dataclass
@@ -155,6 +157,37 @@ def ddp(module: nn.Module, dist: D.Dist) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+
+
+class StagedUnfreeze:
+    """The training job's `prepare` and `batches` for staged unfreezing, shared by every recipe.
+
+    The heads (stage `n`, the last) train alone for the first `head_epochs` epochs, then the stages
+    in `main` do. Freezing changes which parameters need gradients, so the DDP wrapper is rebuilt
+    (after dropping the old one and its gradient hooks) whenever the trainable set changes.
+    """
+
+    def __init__(self, net: nn.Module, stages: StageMap, main: set[int], head_epochs: int, dist: D.Dist,
+                 sampler: EpochSampler, train_loader: Iterable):
+        self.net, self.stages, self.main, self.head_epochs, self.dist = net, stages, main, head_epochs, dist
+        self.sampler, self.train_loader = sampler, train_loader
+        self._trainable: set[int] | None = None
+        self._frozen: list[str] = []
+        self._module: nn.Module | None = None
+
+    def prepare(self, epoch: int) -> nn.Module:
+        trainable = {self.stages.num_stages} if epoch < self.head_epochs else self.main
+        if trainable != self._trainable or self._module is None:
+            self._module = None  # drop the old DDP wrapper (and its gradient hooks) first
+            self._frozen = freeze(self.net, self.stages, trainable)
+            # DDP tracks the parameters that require gradients when it is built
+            self._module, self._trainable = ddp(self.net, self.dist), trainable
+        set_train_mode(self.net, self._frozen)
+        return self._module
+
+    def batches(self, epoch: int) -> Iterable:
+        self.sampler.set_epoch(epoch)
+        return self.train_loader
 
 
 def amp_dtype(precision: Precision, device: torch.device, crop_size: int) -> torch.dtype | None:

@@ -50,8 +50,8 @@ from . import distributed as D
 from .config import FinetuneConfig, Strategy
 from .data import EpochSampler, ShardKeys, loader, sample_seed
 from .loop import autocast
-from .recipe import JobParts, Recipe, RunContext, RunData, ddp, fingerprint, make_optimizer
-from .stages import freeze, map_stages, param_groups, set_train_mode
+from .recipe import JobParts, Recipe, RunContext, RunData, StagedUnfreeze, fingerprint, make_optimizer
+from .stages import map_stages, param_groups
 
 log = logging.getLogger("visionzoo")
 DEFAULT_HEAD = "lraspp"  # the head put on a classifier: light, and precise at stride 8 on any backbone
@@ -326,20 +326,7 @@ def _job(ctx: RunContext) -> JobParts:
     train_loader = loader(train_set, sampler, per_rank, ctx.workers, dist.device)
     optimizer, scheduler = make_optimizer(groups, cfg, len(train_loader))
     weights = class_weights(ctx.extra["class_pixels"]).to(dist.device) if cfg.class_weights else None
-    current: dict[str, Any] = {"trainable": None, "frozen": [], "module": None}
-
-    def prepare(epoch: int) -> nn.Module:
-        trainable = {n} if epoch < cfg.head_epochs else main
-        if trainable != current["trainable"]:
-            current["module"] = None
-            current["frozen"] = freeze(net, stages, trainable)
-            current["module"], current["trainable"] = ddp(net, dist), trainable
-        set_train_mode(net, current["frozen"])
-        return current["module"]
-
-    def batches(epoch: int):
-        sampler.set_epoch(epoch)
-        return train_loader
+    staged = StagedUnfreeze(net, stages, main, cfg.head_epochs, dist, sampler, train_loader)
 
     def loss(outputs: dict[str, torch.Tensor], y: torch.Tensor) -> torch.Tensor:
         return segmentation_loss({k: v.float() for k, v in outputs.items()}, y, class_weights=weights)
@@ -358,8 +345,8 @@ def _job(ctx: RunContext) -> JobParts:
         net.eval()
         return evaluate_masks(net, val_loader, len(ctx.classes), dist, ctx.amp, weights)
 
-    return JobParts(prepare=prepare, batches=batches, steps=len(train_loader), validate=validate, optimizer=optimizer,
-                    scheduler=scheduler, trained=net, loss=loss, hits=pixel_hits)
+    return JobParts(prepare=staged.prepare, batches=staged.batches, steps=len(train_loader), validate=validate,
+                    optimizer=optimizer, scheduler=scheduler, trained=net, loss=loss, hits=pixel_hits)
 
 
 def score_masks(net: nn.Module, batches, num_classes: int, device: torch.device, amp,
