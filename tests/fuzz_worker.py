@@ -53,6 +53,11 @@ def main() -> None:
         stdout.flush()
 
 
+def _peak_address_space() -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmPeak:")).split()[1]) * 1024
+
+
 def _address_space() -> int:
     with open("/proc/self/status") as f:
         return int(next(line for line in f if line.startswith("VmSize:")).split()[1]) * 1024
@@ -73,7 +78,11 @@ class Target:
         except self.expected as e:
             message = str(e)
             if "\n" in message or "not enough memory" in message:
-                return {"outcome": "crash", "error": type(e).__name__, "message": message}
+                # the reader hid the cause (`from None`); its context still says where memory ran out
+                cause = e.__cause__ or e.__context__
+                where = "".join(traceback.format_exception(cause))[-3000:] if cause is not None else ""
+                return {"outcome": "crash", "error": type(e).__name__, "message": message, "traceback": where,
+                        "vm_peak": _peak_address_space()}
             return {"outcome": "refused", "error": type(e).__name__, "message": message}
         except BaseException as e:  # noqa: BLE001 - every other outcome is what the fuzzing looks for
             return {"outcome": "crash", "error": type(e).__name__, "message": str(e)[:500],

@@ -10,10 +10,19 @@ brightness within it), so that a few minutes of training on a CPU can learn the 
 The mask is painted with the same geometry, without antialiasing on either, so every
 pixel's class is exact: 0 (background) where the photo shows, else the class of the
 top-most shape. A held-out split is the same recipe drawn with another seed.
+
+    write_boxes(folder, count=160, seed=0)      # folder/images/*.jpg, folder/instances.json, folder/boxes.csv
+
+is the detection set: the same shapes on the same photos, placed without overlapping so that
+every shape is seen whole, each with its exact box (the extent of its geometry), written both
+as COCO instances (categories 1-3) and as a `path,x1,y1,x2,y2,label` CSV; an image may hold
+no shape (a negative: a row with empty box fields).
 """
 from __future__ import annotations
 
 import colorsys
+import csv
+import json
 import math
 import random
 from pathlib import Path
@@ -95,3 +104,56 @@ def _shape(kind: str, size: tuple[int, int], rng: random.Random) -> tuple[str, l
 def _paint(draw: ImageDraw.ImageDraw, shape: tuple[str, list[tuple[float, float]]], fill, outline=None) -> None:
     primitive, points = shape
     getattr(draw, primitive)(points, fill=fill, outline=outline)
+
+
+DETECTION_CLASSES = ("disk", "rectangle", "triangle")
+# what learns them in a few minutes on two CPU cores: FCOS (a 64-channel pyramid) on EfficientNet-Lite0 (ImageNet
+# weights), 96 x 96 images, the heads and the last two stages trained for three epochs (measured on held-out
+# images: AP50 0.96 after three epochs, 0.98 after four; about 30 s an epoch on the shared machine)
+DETECTION_RECIPE = {"model": "efficientnet_lite0", "head": "fcos", "fpn_channels": 64, "strategy": "partial",
+                    "epochs": 3, "image_size": 96, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.5,
+                    "scale_range": (0.8, 1.25), "num_workers": 0}
+
+
+def write_boxes(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (160, 160), *,
+                max_shapes: int = 3, negatives: float = 0.05) -> Path:
+    """`count` images with 1 to `max_shapes` non-overlapping shapes each (a `negatives` fraction
+    with none), their COCO `instances.json` and `boxes.csv` in `folder`."""
+    rng = random.Random(seed)
+    sources = [Image.open(p).convert("RGB") for p in photos()]
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    images, annotations, rows = [], [], []
+    for i in range(count):
+        image = _background(rng.choice(sources), size, rng)
+        placed: list[tuple[float, float, float, float]] = []
+        wanted = 0 if rng.random() < negatives else rng.randint(1, max_shapes)
+        stem = f"box_{seed}_{i:04d}.jpg"
+        for _ in range(wanted * 20):  # attempts: a shape that would touch another is drawn again
+            if len(placed) == wanted:
+                break
+            label = rng.randint(1, len(DETECTION_CLASSES))
+            kind = DETECTION_CLASSES[label - 1]
+            shape = _shape(kind, size, rng)
+            xs, ys = [x for x, _ in shape[1]], [y for _, y in shape[1]]
+            box = (max(0.0, min(xs)), max(0.0, min(ys)), min(float(size[0]), max(xs)), min(float(size[1]), max(ys)))
+            if any(box[0] < b[2] + 2 and b[0] < box[2] + 2 and box[1] < b[3] + 2 and b[1] < box[3] + 2
+                   for b in placed):
+                continue
+            placed.append(box)
+            _paint(ImageDraw.Draw(image), shape, _colour(kind, rng))
+            annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label,
+                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                                "area": (box[2] - box[0]) * (box[3] - box[1]), "iscrowd": 0})
+            rows.append([f"images/{stem}", *(f"{v:.2f}" for v in box), kind])
+        if not placed:
+            rows.append([f"images/{stem}", "", "", "", "", ""])
+        image.save(folder / "images" / stem, quality=92)
+        images.append({"id": i + 1, "file_name": stem, "width": size[0], "height": size[1]})
+    categories = [{"id": k + 1, "name": name} for k, name in enumerate(DETECTION_CLASSES)]
+    (folder / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                       "categories": categories}))
+    with open(folder / "boxes.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "x1", "y1", "x2", "y2", "label"])
+        writer.writerows(rows)
+    return folder

@@ -156,6 +156,32 @@ def test_out_of_memory_is_one_failure(tmp_path, monkeypatch):
         load_image(path)
 
 
+# found by fuzzing (2026-12-01): a 202-byte PNG whose IDAT chunk claims 1.9 GB. Pillow reads the rest
+# of the chunk by its declared length, and a buffered file read allocates that length up front.
+LYING_IDAT = bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000021000000021000000000a32736687400009149444154789c01860079ff"
+    "00b0017385fc969c4377c44577acfa6b1a0c8494e29173ec111660e2fd7e87baf575898baaade32a5186702f14f9874a"
+    "03cd6ef556407e9e68b770652e3c11523f88a6020d92d3deea147f7379c112dc12bde0c95aa754455bf9ed2dda2fe379"
+    "f788af7e0b1a7522dd7286e2e43ea64e52445043822d4b79a13bce3a4b25bbdbd42b3e6e45dc7ec241779c56862b0000"
+    "000049454e44ae426082")
+
+
+def test_a_chunk_length_that_lies_costs_no_memory(tmp_path):
+    path = tmp_path / "lying.png"
+    path.write_bytes(LYING_IDAT)
+    script = textwrap.dedent("""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))  # 1 GiB: the claimed chunk does not fit
+        from visionzoo.data.images import load_image
+        from visionzoo.data.masks import read_mask
+        print(load_image(sys.argv[1]).size, read_mask(sys.argv[1], 65536).shape)
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(SRC)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["(33,", "2)", "(2,", "33)"]
+
+
 def test_decoding_a_deep_png_costs_what_the_budget_says(tmp_path):
     """A 4000 x 4000 16-bit PNG: the peak is the decoded pixels plus the RGB copy (96 MB), not the
     float64 copies of the whole image (128 MB each) that the conversion used to make."""

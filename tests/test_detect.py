@@ -68,8 +68,10 @@ def test_detect_gives_the_models_boxes_in_each_images_pixels_and_draws_them(dete
 def test_detect_refuses_what_it_cannot_do(detector, folder):
     with pytest.raises(InputError, match="threshold"):
         detect(folder, detector, threshold=1.5)
-    with pytest.raises(InputError, match="torch backend"):
-        detect(folder, detector, backend="onnxruntime")
+    with pytest.raises(InputError, match="fp32 only"):
+        detect(folder, detector, precision="bf16")
+    with pytest.raises(InputError, match="no such model file"):
+        detect(folder, folder / "missing.onnx")
     with pytest.raises(InputError, match="needs a detector"):
         detect(folder, visionzoo.create_model("resnet18"))
 

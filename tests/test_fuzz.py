@@ -83,9 +83,20 @@ def worker():
     w.close()
 
 
-def _check(result: dict, data: bytes) -> None:
-    assert result["outcome"] != "crash", (f"{result.get('error')}: {result.get('message')}\n"
-                                          f"{result.get('traceback', '')}\ninput ({len(data)} bytes): {data[:200]!r}")
+def _check(result: dict, data: bytes, worker: Worker | None = None) -> None:
+    if result["outcome"] != "crash":
+        return
+    again = ""
+    if worker is not None and "not enough memory" in str(result.get("message")):
+        # out of memory: is it this file, or a state the worker was left in by an earlier one?
+        fresh = Worker()
+        try:
+            again = f"\nthe same file in a fresh worker: {fresh.ask('image', data)}"
+        finally:
+            fresh.close()
+    raise AssertionError(f"{result.get('error')}: {result.get('message')}\n{result.get('traceback', '')}\n"
+                         f"address space {result.get('vm')} bytes, peak {result.get('vm_peak')}{again}\n"
+                         f"input ({len(data)} bytes): {data[:200]!r}")
 
 
 # -- image files ----------------------------------------------------------------------------------
@@ -157,7 +168,7 @@ def crafted_pngs(draw) -> bytes:
 
 def _images(worker, data: bytes) -> None:
     result = worker.ask("image", data)
-    _check(result, data)
+    _check(result, data, worker)
     if result["outcome"] == "ok":
         width, height = result["size"]
         assert width * height <= 50_000_000  # the worker's pixel limit

@@ -24,7 +24,8 @@ from visionzoo.data.preprocess import Preprocess
 from visionzoo.enums import Task
 from visionzoo.errors import ImageError, InputError
 from visionzoo.train.config import Strategy
-from visionzoo.train.segmentation import EvalMasks, JointAugment, KeyedMasks, class_weights, random_split
+from visionzoo.train.recipe import random_split
+from visionzoo.train.segmentation import EvalMasks, JointAugment, KeyedMasks, class_weights
 
 from .cli_runner import run_cli as run
 from .killing import kill_in_epoch_2

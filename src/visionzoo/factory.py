@@ -123,7 +123,10 @@ def load_bundle(path: str | os.PathLike, num_classes: int | None = None, *, expe
         if info.structure:
             model = _load_restructured(info, build_kwargs)
         else:
-            model = _build(arch, info.weights_path, None, kwargs=build_kwargs)
+            # a detector's class layers have (anchors x classes) outputs: its head size is the bundle's, not
+            # one read from the checkpoint
+            sized = info.num_classes if arch.task is Task.DETECTION and num_classes is None else None
+            model = _build(arch, info.weights_path, sized, kwargs=build_kwargs)
     except (TypeError, ValueError, AttributeError, RuntimeError, ArithmeticError, LookupError) as e:
         # a bundle is data: whatever it makes the builder trip over is the bundle's fault, in one line
         if isinstance(e, InputError):

@@ -54,8 +54,10 @@ def _cli_type(hint: Any) -> Any:
 
 
 def _finetune(data: Optional[Path] = typer.Argument(None, help="ImageFolder tree (one sub-folder per class), "
-                                                    "path,label CSV, or a segmentation folder (images/ and masks/ of "
-                                                    "class-index PNGs, classes.txt)."),
+                                                    "path,label CSV, a segmentation folder (images/ and masks/ of "
+                                                    "class-index PNGs, classes.txt), or boxes: a COCO instances JSON "
+                                                    "(or a folder holding instances.json) or a path,x1,y1,x2,y2,label "
+                                                    "CSV."),
               *,
               out_dir: Path = typer.Option(Path("runs/finetune"), "--out", "-o",
                                            help="Run folder; the bundle goes to OUT/bundle."),
@@ -100,6 +102,8 @@ def _finetune(data: Optional[Path] = typer.Argument(None, help="ImageFolder tree
             line += f", val acc {m['val_acc']:.2%}, top-5 {m['val_top5']:.2%}"
         elif "val_miou" in m:
             line += f", val mIoU {m['val_miou']:.2%}, pixel acc {m['val_pixel_acc']:.2%}"
+        elif "val_ap50" in m:
+            line += f", val AP {m['val_ap']:.4f}, AP50 {m['val_ap50']:.4f}"
         say(line)
     if result.failures:
         raise typer.Exit(EXIT_PARTIAL)
@@ -124,7 +128,8 @@ finetune.__name__ = "finetune"
 def evaluate(
     model: str = typer.Argument(..., help="Bundle folder (or finetune run folder)."),
     data: Path = typer.Argument(..., help="ImageFolder tree or path,label CSV with the model's class names; for a "
-                                "segmentation model, a folder of images/ and masks/."),
+                                "segmentation model, a folder of images/ and masks/; for a detector, a COCO "
+                                "instances JSON or a path,x1,y1,x2,y2,label CSV."),
     report: Optional[Path] = typer.Option(None, "--out", "-o", help="Write metrics.json and PNG plots here."),
     fmt: OutputFormat = typer.Option(OutputFormat.table, "--format", "-f", help="table or json."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1),
@@ -134,10 +139,12 @@ def evaluate(
     max_pixels: MaxPixels = None,
 ) -> None:
     """Accuracy, top-5, per-class precision/recall/F1 and the confusion matrix of a model on labelled images;
-    for a segmentation model, mIoU, pixel accuracy, per-class IoU and the pixel confusion matrix."""
+    for a segmentation model, mIoU, pixel accuracy, per-class IoU and the pixel confusion matrix; for a
+    detector, COCO mAP (AP, AP50, AP75, per size and per class; pycocotools) and a precision-recall plot."""
     from ..errors import InputError
     from ..tasks.evaluate import SegmentationEvaluation
     from ..tasks.evaluate import evaluate as run
+    from ..tasks.evaluate_detection import DetectionEvaluation
 
     if fmt not in (OutputFormat.table, OutputFormat.json):
         raise InputError(f"--format must be table or json, got {fmt.value!r}")
@@ -149,6 +156,16 @@ def evaluate(
         note(f"note: {text}")
     if fmt is OutputFormat.json:
         sys.stdout.write(json.dumps(ev.to_dict(), indent=2) + "\n")
+    elif isinstance(ev, DetectionEvaluation):
+        say(f"{ev.model} on {ev.data}: {ev.num_images} images, {ev.num_boxes} boxes, AP {ev.ap:.4f}, AP50 "
+            f"{ev.ap50:.4f}, AP75 {ev.ap75:.4f}, AP small/medium/large "
+            + "/".join("-" if v is None else f"{v:.4f}" for v in (ev.ap_small, ev.ap_medium, ev.ap_large)))
+        table = Table("class", "AP", "AP50")
+        for name, ap, ap50 in zip(ev.classes, ev.class_ap, ev.class_ap50, strict=True):
+            table.add_row(name, "-" if ap is None else f"{ap:.4f}", "-" if ap50 is None else f"{ap50:.4f}")
+        out.print(table)
+        for name, path in ev.files.items():
+            say(f"{name}: {path}")
     elif isinstance(ev, SegmentationEvaluation):
         say(f"{ev.model} on {ev.data}: {ev.num_images} images, mIoU {ev.miou:.2%}, pixel accuracy "
             f"{ev.pixel_accuracy:.2%}")

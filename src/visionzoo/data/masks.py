@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
-from .images import IMAGE_EXTENSIONS
+from .images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, BoundedFile
 from .inputs import find_images
 
 IMAGES, MASKS, CLASSES_FILE = "images", "masks", "classes.txt"
@@ -131,14 +131,17 @@ def read_mask(path: str | os.PathLike, num_classes: int) -> np.ndarray:
     """A mask's class indices as a (H, W) uint8 array, checked against `num_classes` (255 = ignore)."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        with BoundedFile(path) as f, Image.open(f) as img:
             if img.mode not in _MASK_MODES:
                 raise InputError(f"{path}: a {img.mode} image is not a class-index mask; save one class index per "
                                  f"pixel as a greyscale or palette PNG")
+            if img.width * img.height > DEFAULT_MAX_PIXELS:
+                raise InputError(f"{path}: a {img.width}x{img.height} mask is over {DEFAULT_MAX_PIXELS:,} pixels; "
+                                 f"resize the image and its mask")
             labels = np.asarray(img)
     except InputError:
         raise
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError, MemoryError, Image.DecompressionBombError) as e:
         raise InputError(f"{path}: cannot read the mask ({e})") from None
     found = np.unique(labels)
     beyond = found[(found >= num_classes) & (found != IGNORE_INDEX)]
@@ -152,7 +155,7 @@ def upright_size(path: Path) -> tuple[int, int]:
     """(width, height) of an image as `load_image` will decode it (EXIF orientation applied), read
     from its header only."""
     try:
-        with Image.open(path) as img:
+        with BoundedFile(path) as f, Image.open(f) as img:
             size = img.size
             try:
                 orientation = img.getexif().get(0x0112, 1)

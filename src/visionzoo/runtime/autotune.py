@@ -160,7 +160,14 @@ def open_auto(model, backend: str, precision: Precision, backends: Backends, *, 
     `choice` says what was chosen and why. The arguments are `open_runner`'s."""
     settings = _Settings(backend, precision, threads, torch.device(device), batch_size, optimize, backends)
     if backends.is_file(model):
-        return _FileTuner(Path(model).expanduser(), settings).run()
+        from .export import read_onnx_info
+
+        path = Path(model).expanduser()
+        info = read_onnx_info(path)
+        if info is not None and info.task is not Task.CLASSIFICATION:
+            choice = _rule(settings, is_file=True, why="auto measures classifiers; this model is not one")
+            return _attach(backends.open(path, choice.backend, threads=threads, precision=choice.precision), choice)
+        return _FileTuner(path, settings).run()
     from ..factory import resolve_model
 
     net = resolve_model(model)

@@ -8,7 +8,8 @@
 Every runner takes the batches of the one preprocessing pipeline (`data/loader.py`, with
 the recipe in `runner.preprocess`) and returns float32 tensors: the outputs of the model's
 task graph (`graphs.py`), in order: a classifier's logits and pooled embeddings, a
-segmentation model's per-pixel logits at the input's size.
+segmentation model's per-pixel logits at the input's size, a detector's boxes, scores and
+(int64) labels for one image.
 
 - `torch`: the model itself with the cheap wins (`torch_opt.py`: BatchNorm folded into
   convolutions, channels-last), run under `torch.inference_mode`.
@@ -154,7 +155,7 @@ class TorchRunner(Runner):
     def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         with torch.inference_mode(), self._autocast():
             outputs = self.info.graph.run(self.net, self.prepare(images))
-        return tuple(t.float().cpu() for t in outputs)
+        return tuple((t.float() if t.is_floating_point() else t).cpu() for t in outputs)  # (labels stay int64)
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode(), self._autocast():
@@ -252,12 +253,15 @@ class OpenVINORunner(Runner):
         self.compiled: OrderedDict[tuple[int, ...], tuple] = OrderedDict()
 
     def _request(self, shape: tuple[int, ...]):
+        if not self.info.graph.static_shapes:
+            shape = ()  # one compilation for every input size (detection: see GraphSpec.static_shapes)
         if shape in self.compiled:
             self.compiled.move_to_end(shape)
             return self.compiled[shape]
         model = self.model.clone()
         (name,), outputs = self._names()
-        model.reshape({name: list(shape)})
+        if shape:
+            model.reshape({name: list(shape)})
         compiled = self.core.compile_model(model, "CPU", self.config)
         entry = (compiled.create_infer_request(), [compiled.output(o) for o in outputs])
         self.compiled[shape] = entry
@@ -271,7 +275,12 @@ class OpenVINORunner(Runner):
         request, outputs = self._request(tuple(x.shape))
         (name,), _ = self._names()
         result = request.infer({name: x})
-        return tuple(torch.from_numpy(np.array(result[o], dtype=np.float32)) for o in outputs)
+        return tuple(torch.from_numpy(_float32_or_int64(result[o])) for o in outputs)
+
+
+def _float32_or_int64(array: np.ndarray) -> np.ndarray:
+    """An output as the runners return it: float32, or int64 for integer outputs (a detector's labels)."""
+    return np.array(array, dtype=np.int64 if np.issubdtype(array.dtype, np.integer) else np.float32)
 
 
 def _input_channels(net: VisionModel) -> int | None:

@@ -42,7 +42,7 @@ from ..errors import CheckpointError, ExportError, InputError
 from ..fileutil import atomic_path, exclusive
 from ..models.base import VisionModel, ZooModel
 from ..optional import require
-from .graphs import GraphSpec
+from .graphs import GraphSpec, relative_difference  # noqa: F401  (re-exported: its home was here)
 from .metadata import EXTRA_FILE, ModelInfo, model_info
 
 log = logging.getLogger("visionzoo")
@@ -292,6 +292,8 @@ def _write_pt2(graph: nn.Module, sample: tuple[torch.Tensor, ...], path: Path, i
 def load_torch_export(path: str | os.PathLike, fmt: ExportFormat | str) -> tuple[nn.Module, ModelInfo]:
     """(callable module, record) of a TorchScript or PT2 file written by `export_model`."""
     fmt = parse_enum(ExportFormat, fmt, "export format")
+    from . import detection_graph  # noqa: F401  (registers the NMS operator that a detector's graph calls)
+
     extra = {EXTRA_FILE: ""}
     if fmt is ExportFormat.TORCHSCRIPT:
         module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
@@ -325,8 +327,8 @@ def check_export(graph: nn.Module, path: Path, fmt: ExportFormat, info: ModelInf
         with torch.inference_mode():
             expected = [t.float().numpy() for t in graph(*xs)]
             got = run(*xs)
-        for name, g, e in zip(outputs, got, expected, strict=True):
-            found[name].append(relative_difference(g, e))
+        for name, diff in zip(outputs, spec.differences(list(got), expected), strict=True):
+            found[name].append(diff)
     diffs = {name: float(np.max(values)) for name, values in found.items()}  # NaN if any is
     worst = max(diffs, key=lambda k: (np.isnan(diffs[k]), diffs[k]))
     if not diffs[worst] <= tolerance:  # also catches NaN
@@ -336,14 +338,6 @@ def check_export(graph: nn.Module, path: Path, fmt: ExportFormat, info: ModelInf
     return diffs
 
 
-def relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
-    """max |got - expected| / max |expected|: the error relative to the output's range."""
-    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
-    if got.shape != expected.shape:
-        return float("inf")
-    scale = float(np.abs(expected).max()) if expected.size else 0.0
-    err = float(np.abs(got - expected).max()) if expected.size else 0.0
-    return err / scale if scale > 0 else err
 
 
 def describe(result: ExportResult) -> str:

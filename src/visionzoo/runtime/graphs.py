@@ -7,11 +7,12 @@ each task describes its graph once, here, instead of `if task == ...` branches i
 |----------------|-------------------------------------|--------------------------------------------------|
 | classification | images (N, 3, S, S), S fixed        | logits (N, classes), embedding (N, D)            |
 | segmentation   | images (N, 3, H, W), H and W free   | logits (N, classes, H, W): at the input's size   |
+| detection      | images (1, 3, H, W), H and W free   | boxes (K, 4), scores (K,), labels (K,) after NMS |
 
 A dimension is a fixed size or the name of a free axis (`"batch"`, `"height"`, ...), which
 becomes a dynamic axis of the ONNX graph and is checked by running the written file on other
-sizes than the ones it was traced with. The next tasks add a spec of their own (detection:
-boxes, scores and labels after NMS; video: 5-D clips; optical flow: two image inputs).
+sizes than the ones it was traced with. The next tasks add a spec of their own (video: 5-D
+clips; optical flow: two image inputs).
 `graph_for(task)` gives a task's spec.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,6 +83,9 @@ class GraphSpec(ABC):
     check_variants: ClassVar[tuple[tuple[int, int], ...]] = ((3, 1),)  # (batch, variant) pairs checked
     trace_batch: ClassVar[int] = 2
     default_batches: ClassVar[tuple[int, ...]] = (1, 32)  # what `benchmark` times by default
+    # whether a runtime should compile the graph for each input shape it meets (OpenVINO): a graph whose
+    # output sizes depend on the data gains little from it and would be recompiled for every image size
+    static_shapes: ClassVar[bool] = True
 
     def names(self, which: tuple[TensorSpec, ...]) -> list[str]:
         return [t.name for t in which]
@@ -109,6 +114,11 @@ class GraphSpec(ABC):
             wanted = ", ".join(f"({s.describe(', ')})" for s in specs)
             got = ", ".join(str(tuple(x.shape)) for x in inputs)
             raise InputError(f"{who} takes {wanted} batches, got {got}; preprocess with runner.preprocess")
+
+    def differences(self, got: list[np.ndarray], expected: list[np.ndarray]) -> list[float]:
+        """Per output, the largest difference between a runtime's outputs and PyTorch's, relative to the
+        output's range (the export check)."""
+        return [relative_difference(g, e) for g, e in zip(got, expected, strict=True)]
 
     def run(self, net: nn.Module, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Every output, eagerly (what the torch backend returns)."""
@@ -203,7 +213,77 @@ class SegmentationGraph(GraphSpec):
         return net(*inputs)["out"]
 
 
-GRAPHS: dict[Task, GraphSpec] = {spec.task: spec for spec in (ClassificationGraph(), SegmentationGraph())}
+class DetectionGraph(GraphSpec):
+    """One image of any size in ([0, 1], not normalised); the detections after NMS out, in its pixels
+    (`detection_graph.py`). One image per run: the number of detections differs from image to image."""
+
+    task = Task.DETECTION
+    # traced at 240x320; checked on a portrait image and a small odd-sized one
+    _SIZES = ((240, 320), (300, 200), (131, 97))
+    check_variants = ((1, 1), (1, 2))
+    trace_batch = 1
+    default_batches = (1,)
+    static_shapes = False
+
+    def describe_model(self, net: VisionModel) -> dict[str, Any]:
+        return {"input_size": None, "embedding_dim": None}
+
+    def inputs(self, info: ModelInfo) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("images", (1, 3, "height", "width")),)
+
+    def outputs(self, info: ModelInfo) -> tuple[TensorSpec, ...]:
+        return (TensorSpec("boxes", ("detections", 4)), TensorSpec("scores", ("detections",)),
+                TensorSpec("labels", ("detections",)))
+
+    def module(self, net: VisionModel) -> nn.Module:
+        from ..models.detection import DetectionModel
+        from .detection_graph import DetectorGraph, register_onnx_nms
+
+        if not isinstance(net, DetectionModel):
+            raise InputError(f"a {net.task.value} model has no detection graph")
+        register_onnx_nms()
+        return DetectorGraph(net)
+
+    def input_shapes(self, info: ModelInfo, batch: int, variant: int = 0) -> tuple[tuple[int, ...], ...]:
+        height, width = self._SIZES[variant]
+        return ((batch, 3, height, width),)
+
+    def trace_inputs(self, info: ModelInfo) -> tuple[torch.Tensor, ...]:
+        return (self._photo_like(self.input_shapes(info, 1)[0], 0),)
+
+    def check_inputs(self, info: ModelInfo) -> list[tuple[torch.Tensor, ...]]:
+        return [(self._photo_like(self.input_shapes(info, 1, variant)[0], 1 + k),)
+                for k, (_, variant) in enumerate(self.check_variants)]
+
+    def example_inputs(self, info: ModelInfo, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        return (self._photo_like((batch, 3, 480, 640), seed),)  # a VGA photo, as the detection benchmarks use
+
+    @staticmethod
+    def _photo_like(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        """Pixels in [0, 1], as decoded images are (the graph normalises them itself)."""
+        return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+
+    def differences(self, got: list[np.ndarray], expected: list[np.ndarray]) -> list[float]:
+        from .detection_graph import compare_detections
+
+        return list(compare_detections(tuple(got), tuple(expected)))
+
+    def first(self, net: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.run(net, *inputs)[0]
+
+
+GRAPHS: dict[Task, GraphSpec] = {spec.task: spec for spec in (ClassificationGraph(), SegmentationGraph(),
+                                                             DetectionGraph())}
+
+
+def relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
+    """max |got - expected| / max |expected|: the error relative to the output's range."""
+    got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
+    if got.shape != expected.shape:
+        return float("inf")
+    scale = float(np.abs(expected).max()) if expected.size else 0.0
+    err = float(np.abs(got - expected).max()) if expected.size else 0.0
+    return err / scale if scale > 0 else err
 
 
 def graph_for(task: Task) -> GraphSpec:

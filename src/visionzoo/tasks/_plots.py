@@ -1,5 +1,5 @@
-"""PNG plots for `evaluate`: the confusion matrix, per-class scores and the training curves (matplotlib,
-no display)."""
+"""PNG plots for `evaluate`: the confusion matrix, per-class scores, precision-recall curves and the training
+curves (matplotlib, no display)."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -66,13 +66,37 @@ def class_scores(scores: Sequence[float | None], classes: Sequence[str], path: P
     return _save(fig, path)
 
 
+def precision_recall(recall: Sequence[float], curves: Mapping[str, Sequence[float | None]], path: Path,
+                     title: str) -> Path:
+    """Precision against recall, a line per class (COCO's interpolated curves: None past the highest
+    recall reached)."""
+    fig, ax = plt.subplots(figsize=(6.5, 5), dpi=100)
+    for name, precision in list(curves.items())[:MAX_LABELLED]:
+        values = [np.nan if v is None else v for v in precision]
+        ax.plot(recall, values, label=name if len(name) <= 18 else name[:17] + "…")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def training_curves(history: Sequence[Mapping], path: Path) -> Path:
     epochs = [h["epoch"] for h in history]
     segmentation = any("val_miou" in h for h in history)  # scored by mIoU, not accuracy
-    score = "val_miou" if segmentation else "val_acc"
+    detection = any("val_ap50" in h for h in history)  # scored by COCO AP
+    score = "val_miou" if segmentation else "val_ap50" if detection else "val_acc"
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
     curves = [("train_loss", "train", ax_loss), ("val_loss", "validation", ax_loss)]
-    if segmentation:
+    if detection:
+        curves += [("val_ap", "validation AP", ax_acc), ("val_ap50", "validation AP50", ax_acc),
+                   ("val_ap75", "validation AP75", ax_acc)]
+    elif segmentation:
         curves += [("train_acc", "train pixel accuracy", ax_acc),
                    ("val_pixel_acc", "validation pixel accuracy", ax_acc), ("val_miou", "validation mIoU", ax_acc)]
     else:
@@ -85,7 +109,10 @@ def training_curves(history: Sequence[Mapping], path: Path) -> Path:
     if any(v is not None for v in val):
         best = int(np.nanargmax([v if v is not None else np.nan for v in val]))
         ax_acc.axvline(epochs[best], color="grey", linestyle=":", label=f"best (epoch {epochs[best]})")
-    if segmentation:
+    if detection:
+        ax_loss.set_title("detection loss (training: on augmented crops)")
+        ax_acc.set_title("COCO AP")
+    elif segmentation:
         ax_loss.set_title("loss (training: on augmented crops)")
         ax_acc.set_title("mIoU and pixel accuracy")
     else:

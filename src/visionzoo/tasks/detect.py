@@ -5,7 +5,10 @@ takes bounded memory; `detect` collects them. Boxes are in each image's own pixe
 `[x1, y1, x2, y2]`; labels are the weights' class names (COCO's 91, with its "N/A" gaps, for the
 published detectors). With `draw_dir`, each image is also written there as a PNG with its boxes,
 labels and scores drawn in colours that stay readable on any background. The detectors run in
-PyTorch (the torch backend).
+PyTorch (the torch backend), or as their exported ONNX graph (`runtime/detection_graph.py`: the
+resize, heads, decoding and NMS all in the file, exported once and cached) on ONNX Runtime or
+OpenVINO; an exported `.onnx` detector can be given as the model. `auto` is torch for a model and
+OpenVINO (else ONNX Runtime) for a file, as for the other non-classifiers (`runtime/autotune.py`).
 
 Mask R-CNN's instance masks (probabilities thresholded at 0.5) are reported in COCO's run-length
 encoding (pycocotools, the `detection` extra) and drawn as one translucent, outlined overlay per
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..data.inputs import Failure, expand_inputs
 from ..data.loader import prepare_image
+from ..data.preprocess import Preprocess
 from ..enums import Precision, Task
 from ..errors import InputError
 from ..factory import resolve_model
@@ -34,7 +38,7 @@ from ..fileutil import atomic_path
 from ..models.base import VisionModel
 from ..models.detection.rcnn import COCO_PERSON_KEYPOINTS, COCO_PERSON_SKELETON
 from ..optional import require
-from ..runtime.backends import Backend
+from ..runtime.backends import Backend, is_model_file, open_runner
 from ..runtime.options import InferenceOptions
 
 DEFAULT_DETECTOR = "ssdlite320_mobilenet_v3_large"
@@ -104,26 +108,33 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
         model: a detector's name (`arch[.TAG]`, default weights), a bundle folder or a model instance.
         threshold: the lowest score reported (the model's own `score_thresh` filters before NMS).
         draw_dir: also write each image with its boxes drawn, as `<draw_dir>/<name>.png`.
-        options: `InferenceOptions` (or its fields as keywords): `batch_size` (images per forward pass),
-            `max_pixels`, `device`, `threads`; the backend must be torch (or auto) and the precision
-            fp32 (or auto, which is fp32 for detectors).
+        options: `InferenceOptions` (or its fields as keywords): `batch_size` (images per forward pass
+            of the torch backend; the runtimes take one image at a time), `max_pixels`, `device`,
+            `threads`, `backend` (torch, onnxruntime, openvino or auto); the precision must be fp32
+            (or auto, which is fp32 for detectors).
     """
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise InputError(f"threshold must be a score between 0 and 1, got {threshold!r}")
     opts = InferenceOptions.of(options, **settings)
-    if opts.backend not in (Backend.AUTO, Backend.TORCH):
-        raise InputError(f"detect runs detectors on the torch backend only, not {opts.backend.value}; "
-                         f"drop --backend or pass --backend torch")
     if opts.precision not in (Precision.AUTO, Precision.FP32):  # auto is fp32 for detectors today
         raise InputError(f"detect runs detectors in fp32 only, not {opts.precision.value}; drop --precision")
-    net = resolve_model(model)
-    if net.task is not Task.DETECTION:
-        raise InputError(f"{net.arch or type(net).__name__} is a {net.task.value} model; detect needs a detector "
-                         f"(`visionzoo models --task detection`)")
-    card = net.card_required
-    net = net.to(opts.torch_device).eval()
-    transform = card.preprocess.transforms()
-    classes = card.classes
+    run: Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]]
+    card: Any = None  # (names the keypoints of a model in PyTorch; exported graphs give boxes only)
+    if is_model_file(model) or opts.backend in (Backend.ONNXRUNTIME, Backend.OPENVINO):
+        run, preprocess, classes = _on_runtime(model, opts)
+    else:
+        if isinstance(model, (str, os.PathLike)) and Path(model).suffix.lower() == ".onnx":
+            raise InputError(f"{model}: no such model file")
+        net = resolve_model(model)
+        _check_detector(net.task, net.arch or type(net).__name__)
+        card = net.card_required
+        net = net.to(opts.torch_device).eval()
+        preprocess, classes = card.preprocess, card.classes
+
+        def run(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+            return net([image.to(opts.torch_device) for image in images])
+
+    transform = preprocess.transforms()
     files, failures = expand_inputs(list(inputs))
     yield from failures
     names = _drawing_names(files) if draw_dir is not None else {}
@@ -139,7 +150,7 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
                 else:
                     ready.append((i, image))
             if ready:
-                outputs = net([image.to(opts.torch_device) for _, image in ready])
+                outputs = run([image for _, image in ready])
                 for (i, image), out in zip(ready, outputs, strict=True):
                     boxes = _with_instances(_boxes(out, threshold, classes), out, threshold, card)
                     drawn = None
@@ -149,6 +160,39 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
                     results[i] = Detections(str(files[i]), int(image.shape[-1]), int(image.shape[-2]), boxes, drawn)
             for i in chunk:
                 yield results[i]
+
+
+def _check_detector(task: Task, name: str) -> None:
+    if task is not Task.DETECTION:
+        raise InputError(f"{name} is a {task.value} model; detect needs a detector (`visionzoo models --task "
+                         f"detection`)")
+
+
+def _on_runtime(model: str | os.PathLike | VisionModel, opts: InferenceOptions
+                ) -> tuple[Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]], Preprocess,
+                           tuple[str, ...] | None]:
+    """(run, preprocessing, class names) of the detector's exported graph on ONNX Runtime or OpenVINO."""
+    source: str | os.PathLike | VisionModel = model
+    if is_model_file(model):
+        from ..runtime.export import read_onnx_info
+
+        info = read_onnx_info(model)
+        if info is not None:  # (a file without the record is refused by open_runner)
+            _check_detector(info.task, str(model))  # before `auto` measures anything
+    else:
+        source = resolve_model(model)
+        _check_detector(source.task, source.arch or type(source).__name__)  # before exporting anything
+    runner = open_runner(source, opts.backend, threads=opts.threads, device=opts.device, precision=Precision.FP32)
+    _check_detector(runner.task, runner.arch)
+
+    def run(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        results = []
+        for image in images:  # one image per run: the graph's detections per image vary in number
+            boxes, scores, labels = runner(image[None].float())
+            results.append({"boxes": boxes, "scores": scores, "labels": labels.long()})
+        return results
+
+    return run, runner.preprocess, runner.categories
 
 
 def detect(inputs: Sequence[str | os.PathLike] | str | os.PathLike,

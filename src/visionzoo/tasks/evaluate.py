@@ -6,6 +6,9 @@
     ev = evaluate("runs/shapes", "shapes_test/", out="runs/shapes/eval")    # images/ + masks/
     ev.miou, ev.pixel_accuracy, ev.iou, ev.confusion                         # pixel counts
 
+    ev = evaluate("runs/boxes", "boxes_test/instances.json", out="runs/boxes/eval")  # or a box CSV
+    ev.ap, ev.ap50, ev.ap75, ev.class_ap, ev.files["pr_curve"]               # COCO mAP (pycocotools)
+
 Images are preprocessed exactly as in validation during training (the bundle's recipe,
 no fast decoding path); a segmentation model's labels are scored at each mask's own size,
 as `segment` writes them. With `out`, writes `metrics.json`, `confusion_matrix.png`
@@ -15,10 +18,9 @@ they are skipped with a note).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,10 +38,11 @@ from ..data.preprocess import Preprocess
 from ..enums import Task
 from ..errors import ImageError, InputError
 from ..factory import resolve_model
-from ..fileutil import atomic_path
 from ..metrics import ClassMetrics, class_iou, confusion_matrix, mean_iou, per_class, pixel_accuracy, topk_hits
 from ..models.base import VisionModel, ZooModel
 from ..train.segmentation import score_masks
+from .evaluate_detection import DetectionEvaluation, evaluate_detection
+from .reports import write_report
 
 log = logging.getLogger("visionzoo")
 
@@ -97,18 +100,24 @@ _Scores = TypeVar("_Scores", Evaluation, SegmentationEvaluation)
 def evaluate(model: str | os.PathLike | VisionModel, data: str | os.PathLike, *,
              out: str | os.PathLike | None = None, batch_size: int = 64, num_workers: int | None = None,
              device: str | torch.device = "cpu", plots: bool = True,
-             limits: DecodeLimits | str | None = None) -> Evaluation | SegmentationEvaluation:
+             limits: DecodeLimits | str | None = None
+             ) -> Evaluation | SegmentationEvaluation | DetectionEvaluation:
     """Score `model` (a bundle folder, a run folder, a model name or instance) on `data`: for a
     classifier an ImageFolder tree or a `path,label` CSV whose class names the model knows (an
     `Evaluation`); for a segmentation model a folder of `images/` and `masks/` (a
-    `SegmentationEvaluation`). Images that cannot be read or break the decode `limits` (a
-    `DecodeLimits`, or text such as "pixels=200M,bytes=1G") are left out and listed in `failures`."""
+    `SegmentationEvaluation`); for a detector a COCO instances JSON or a box CSV (a
+    `DetectionEvaluation`: COCO mAP, see `evaluate_detection.py`). Images that cannot be read
+    or break the decode `limits` (a `DecodeLimits`, or text such as "pixels=200M,bytes=1G") are
+    left out and listed in `failures`."""
     limits = DecodeLimits.parse(limits) if isinstance(limits, str) else limits or DEFAULT_LIMITS
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     if not isinstance(model, VisionModel) and Path(model).exists() and not is_bundle(model):
         raise InputError(f"{model} is not a bundle (no bundle.json); give a folder written by `visionzoo finetune`")
     net = resolve_model(model)
+    if net.task is Task.DETECTION:
+        return evaluate_detection(net, model, data, out=out, batch_size=batch_size, num_workers=num_workers,
+                                  device=torch.device(device), plots=plots, limits=limits)
     if net.task is Task.SEGMENTATION:
         return _evaluate_segmentation(net, model, data, out=out, batch_size=batch_size, num_workers=num_workers,
                                       device=torch.device(device), plots=plots, limits=limits)
@@ -159,28 +168,17 @@ def evaluate(model: str | os.PathLike | VisionModel, data: str | os.PathLike, *,
 
 def _write(ev: _Scores, out: Path, history, plots: bool) -> _Scores:
     out.mkdir(parents=True, exist_ok=True)
-    files, notes = {}, []
-    if plots:
-        try:
-            from . import _plots
-        except ImportError:
-            notes.append("plots skipped: matplotlib is not installed (pip install \"visionzoo[plots]\")")
-        else:
-            unit = "pixels" if isinstance(ev, SegmentationEvaluation) else "images"
-            files["confusion_matrix"] = str(_plots.confusion_matrix(ev.confusion, ev.classes,
-                                                                    out / "confusion_matrix.png", unit=unit))
-            if isinstance(ev, SegmentationEvaluation):
-                files["class_iou"] = str(_plots.class_scores(ev.iou, ev.classes, out / "class_iou.png",
-                                                             title=f"IoU per class (mIoU {ev.miou:.2%})"))
-            if history:
-                files["training_curves"] = str(_plots.training_curves(history, out / "training_curves.png"))
-            else:
-                notes.append("no training curves: the model has no training history")
-    files["metrics"] = str(out / "metrics.json")
-    ev = replace(ev, files=files, notes=tuple(notes))
-    with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(ev.to_dict(), indent=2) + "\n")
-    return ev
+
+    def figures(_plots) -> dict[str, str]:
+        unit = "pixels" if isinstance(ev, SegmentationEvaluation) else "images"
+        drawn = {"confusion_matrix": str(_plots.confusion_matrix(ev.confusion, ev.classes,
+                                                                 out / "confusion_matrix.png", unit=unit))}
+        if isinstance(ev, SegmentationEvaluation):
+            drawn["class_iou"] = str(_plots.class_scores(ev.iou, ev.classes, out / "class_iou.png",
+                                                         title=f"IoU per class (mIoU {ev.miou:.2%})"))
+        return drawn
+
+    return write_report(ev, out, {}, [], plots=plots, history=history, figures=figures)
 
 
 # -- segmentation ------------------------------------------------------------------------------

@@ -3,17 +3,19 @@
     result = finetune("pets/", out="runs/pets")                      # strategy chosen from the data
     result = finetune(train="pets/train", val="pets/val", out="runs/pets", strategy="full", epochs=5)
     result = finetune("shapes/", out="runs/shapes", model="efficientnet_lite0", head="lraspp")  # masks
+    result = finetune("boxes/instances.json", out="runs/boxes", model="efficientnet_lite0", head="fcos")  # boxes
     model = visionzoo.create_model(result.bundle)
 
-The task follows the data: a folder with `images/` and `masks/` (class-index PNGs) fine-tunes
-a segmentation model (`train/segmentation.py`), any other folder or CSV a classifier
-(`train/classification.py`). Each task is a `Recipe` (`train/recipe.py`): its data, starting
-model, strategy choice, training job and validation metric; this module runs any of them the
-same way. Strategies (see `train/config.py`): `linear` trains the new head alone (a classifier's
-on features computed once), `partial` also the last `unfreeze` stages, with the earlier stages
-frozen and in eval mode (BatchNorm statistics kept), `full` everything, each earlier stage
-with a `lr_decay` times smaller learning rate, after a warm-up, with cosine decay; `auto`
-chooses and says why.
+The task follows the data: a COCO instances JSON (or a folder holding `instances.json`) or a
+`path,x1,y1,x2,y2,label` CSV fine-tunes a detector (`train/detection.py`), a folder with
+`images/` and `masks/` (class-index PNGs) a segmentation model (`train/segmentation.py`), any
+other folder or CSV a classifier (`train/classification.py`). Each task is a `Recipe`
+(`train/recipe.py`): its data, starting model, strategy choice, training job and validation
+metric; this module runs any of them the same way. Strategies (see `train/config.py`):
+`linear` trains the new head alone (a classifier's on features computed once), `partial` also
+the last `unfreeze` stages, with the earlier stages frozen and in eval mode (BatchNorm
+statistics kept), `full` everything, each earlier stage with a `lr_decay` times smaller
+learning rate, after a warm-up, with cosine decay; `auto` chooses and says why.
 
 Every epoch ends with a checkpoint; `resume=True` continues a killed run exactly (the data
 order and augmentations are functions of the seed and epoch). Errors in the data (a missing
@@ -49,6 +51,7 @@ from ..train import distributed as D
 from ..train.classification import ClassificationRecipe, extract_features, training_samples
 from ..train.config import FinetuneConfig, Strategy
 from ..train.data import default_workers
+from ..train.detection import DetectionRecipe
 from ..train.loop import Job, fit
 from ..train.recipe import Recipe, RunContext, RunData, amp_dtype
 from ..train.segmentation import SegmentationRecipe
@@ -57,7 +60,7 @@ log = logging.getLogger("visionzoo")
 # options that may change when a run is resumed (they do not change what is computed)
 RESUMABLE_CHANGES = {"num_workers"}
 # the tasks that fine-tune, most specific data layout first (classification takes any other)
-RECIPES: tuple[Recipe, ...] = (SegmentationRecipe(), ClassificationRecipe())
+RECIPES: tuple[Recipe, ...] = (DetectionRecipe(), SegmentationRecipe(), ClassificationRecipe())
 
 
 @dataclass(frozen=True)

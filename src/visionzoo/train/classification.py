@@ -50,7 +50,17 @@ from .data import (
 )
 from .loop import autocast, classification_loss
 from .probe import choose_strategy
-from .recipe import JobParts, Recipe, RunContext, RunData, StagedUnfreeze, ddp, fingerprint, make_optimizer
+from .recipe import (
+    JobParts,
+    Recipe,
+    RunContext,
+    RunData,
+    StagedUnfreeze,
+    ddp,
+    fingerprint,
+    make_optimizer,
+    trainable_stages,
+)
 from .stages import map_stages, param_groups
 
 log = logging.getLogger("visionzoo")
@@ -141,10 +151,7 @@ def _network_job(ctx: RunContext) -> JobParts:
     cfg, dist, amp, workers = ctx.cfg, ctx.dist, ctx.amp, ctx.workers
     stages = map_stages(net, pp.crop)
     n = stages.num_stages
-    if cfg.strategy is Strategy.FULL:
-        main = set(range(n + 1))
-    else:
-        main = set(range(max(0, n - cfg.unfreeze), n + 1))
+    main = trainable_stages(cfg.strategy, n, cfg.unfreeze)  # full or partial (linear is its own job)
     if stages.unused:
         log.info("%d parameters never run in a forward pass stay frozen (%s, ...)", len(stages.unused),
                  stages.unused[0])

@@ -17,9 +17,14 @@ class Strategy(str, Enum):
     AUTO = "auto"  # chosen from the data (see `train/probe.py`)
 
 
+SEGMENTATION_HEADS = ("fcn", "deeplabv3", "lraspp")
+DETECTION_HEADS = ("retinanet", "fcos", "ssdlite")
 # per-strategy defaults for the options left as None
 DEFAULT_EPOCHS = {Strategy.LINEAR: 30, Strategy.PARTIAL: 10, Strategy.FULL: 10}
 DEFAULT_LR = {Strategy.LINEAR: 3e-3, Strategy.PARTIAL: 1e-3, Strategy.FULL: 1e-3}
+# detection: fresh box heads under AdamW diverged at 1e-3 (RetinaNet on EfficientNet-Lite0, whose head has no
+# normalisation); 3e-4 trained every head we tried
+DETECTION_LR = {Strategy.LINEAR: 3e-4, Strategy.PARTIAL: 3e-4, Strategy.FULL: 3e-4}
 DEFAULT_WARMUP = {Strategy.LINEAR: 0.0, Strategy.PARTIAL: 1.0, Strategy.FULL: 1.0}
 
 
@@ -34,16 +39,21 @@ class FinetuneConfig:
     """Every choice that shapes a training run (and so must match when a run is resumed)."""
 
     model: str = option(DEFAULT_MODEL, "NAME[.TAG] to start from (its weights), or a bundle. Segmentation: a "
-                        "segmentation model, or a classifier to put --head on.", "--model", "-m")
-    head: str | None = option(None, "Segmentation: the head put on a classifier given as --model: lraspp, "
-                              "deeplabv3 or fcn (default lraspp).")
+                        "segmentation model, or a classifier to put --head on; detection: a detector, or a classifier "
+                        "to put --head on.", "--model", "-m")
+    head: str | None = option(None, "The head put on a classifier given as --model. Segmentation: lraspp, "
+                              "deeplabv3 or fcn (default lraspp); detection: fcos, retinanet or ssdlite (default "
+                              "fcos).")
+    fpn_channels: int | None = option(None, "Detection: the width of the feature pyramid and of the RetinaNet/FCOS "
+                                      "heads put on a classifier (default 256; 64 trains several times faster).")
     strategy: Strategy = option(Strategy.AUTO, "linear: train the classifier on cached features; partial: also the "
                                 "last --unfreeze stages; full: everything; auto: chosen from the data.",
                                 "--strategy", "-s")
     epochs: int | None = option(None, "Default: 30 linear, 10 otherwise.", "--epochs", "-e")
     batch_size: int = option(32, "Global batch (all processes together), per optimizer micro-step.",
                              "--batch-size", "-b")
-    lr: float | None = option(None, "Head learning rate. Default: 3e-3 linear, 1e-3 otherwise.")
+    lr: float | None = option(None, "Head learning rate. Default: 3e-3 linear, 1e-3 otherwise; 3e-4 for "
+                              "detection.")
     weight_decay: float = option(0.01, "AdamW weight decay (not on biases and normalisation weights).")
     lr_decay: float = option(0.7, "Learning-rate factor per earlier stage (each stage gets this times the next's).")
     unfreeze: int = option(2, "partial: how many of the last stages train.")
@@ -51,14 +61,16 @@ class FinetuneConfig:
     head_epochs: int = option(0, "partial/full: train the new head alone first for this many epochs.")
     label_smoothing: float = option(0.1, "Label smoothing of the cross-entropy (classification).")
     image_size: int | None = option(None, "Crop size (default: the weights' own preprocessing). Segmentation: also "
-                                    "the shorter side images are resized to.")
+                                    "the shorter side images are resized to. Detection: the detector's input size "
+                                    "(RetinaNet/FCOS: its min_size; SSDlite on a classifier: its fixed size).")
     augment: bool = option(True, "Random resized crops during training (segmentation: rescaled, cropped and "
                            "flipped with their masks).", "--augment/--no-augment")
     crop_scale: tuple[float, float] = option((0.7, 1.0), "Area fraction (low high) of the random crops: light, most "
                                              "of the image (classification).")
-    scale_range: tuple[float, float] = option((0.5, 2.0), "Segmentation: random rescaling (low high) of each image "
-                                              "and its mask relative to --image-size, before the crop.")
-    hflip: bool | None = option(None, "Random horizontal flips (default: on for segmentation; off for "
+    scale_range: tuple[float, float] = option((0.5, 2.0), "Segmentation, detection: random rescaling (low high) of "
+                                              "each image and its mask or boxes relative to --image-size, before the "
+                                              "crop.")
+    hflip: bool | None = option(None, "Random horizontal flips (default: on for segmentation and detection; off for "
                                 "classification, where a mirrored image may change class).", "--hflip/--no-hflip")
     class_weights: bool = option(False, "Segmentation: weigh each class's pixels by its rarity in the training "
                                  "masks (median frequency balancing).", "--class-weights/--no-class-weights")
@@ -95,7 +107,12 @@ class FinetuneConfig:
              "crop_scale must be (low, high) with 0 < low <= high <= 1"),
             (len(self.scale_range) == 2 and 0 < self.scale_range[0] <= self.scale_range[1],
              "scale_range must be (low, high) with 0 < low <= high"),
-            (self.head is None or self.head in ("fcn", "deeplabv3", "lraspp"), "head must be fcn, deeplabv3 or lraspp"),
+            (self.head is None or self.head in SEGMENTATION_HEADS + DETECTION_HEADS,
+             f"head must be one of {', '.join(SEGMENTATION_HEADS)} (segmentation) or {', '.join(DETECTION_HEADS)} "
+             f"(detection)"),
+            # (the heads normalise 32 groups of channels: a group of one channel on a 1 x 1 level cannot train)
+            (self.fpn_channels is None or (self.fpn_channels >= 64 and self.fpn_channels % 32 == 0),
+             "fpn_channels must be a multiple of 32, at least 64 (the heads' group normalisation)"),
             (self.aug_passes >= 0, "aug_passes must be >= 0"),
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (self.accumulate >= 1, "accumulate must be >= 1"),
@@ -113,8 +130,12 @@ class FinetuneConfig:
         epochs = self.epochs or DEFAULT_EPOCHS[strategy]
         if self.head_epochs >= epochs and strategy is not Strategy.LINEAR:
             raise InputError(f"head_epochs ({self.head_epochs}) must be less than epochs ({epochs})")
-        hflip = task is Task.SEGMENTATION if self.hflip is None else self.hflip
-        return replace(self, strategy=strategy, epochs=epochs, lr=self.lr or DEFAULT_LR[strategy], hflip=hflip,
+        heads = {Task.SEGMENTATION: SEGMENTATION_HEADS, Task.DETECTION: DETECTION_HEADS}.get(task)
+        if self.head is not None and heads is not None and self.head not in heads:
+            raise InputError(f"--head {self.head} is not a {task.value} head; use one of {', '.join(heads)}")
+        hflip = task in (Task.SEGMENTATION, Task.DETECTION) if self.hflip is None else self.hflip
+        default_lr = (DETECTION_LR if task is Task.DETECTION else DEFAULT_LR)[strategy]
+        return replace(self, strategy=strategy, epochs=epochs, lr=self.lr or default_lr, hflip=hflip,
                        warmup_epochs=DEFAULT_WARMUP[strategy] if self.warmup_epochs is None else self.warmup_epochs)
 
     def settled(self) -> tuple[int, float, float]:

@@ -186,8 +186,11 @@ def _check_finite(loss: torch.Tensor, epoch: int, step: int, optimizer, dist: D.
 
 def _summary(r: dict, state: RunState) -> str:
     text = f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} acc {r['train_acc']:.2%}"
-    validated = "val_acc" in r or "val_miou" in r
-    if "val_acc" in r:
+    validated = "val_acc" in r or "val_miou" in r or "val_ap50" in r
+    if "val_ap50" in r:  # detection (no running accuracy of boxes)
+        text = f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} | val loss {r['val_loss']:.4f} AP " \
+               f"{r['val_ap']:.3f} AP50 {r['val_ap50']:.3f} AP75 {r['val_ap75']:.3f}"
+    elif "val_acc" in r:
         text += f" | val loss {r['val_loss']:.4f} acc {r['val_acc']:.2%}"
         if "val_top5" in r:
             text += f" top-5 {r['val_top5']:.2%}"
@@ -197,7 +200,7 @@ def _summary(r: dict, state: RunState) -> str:
     if state.best_epoch == r["epoch"] and validated:
         text += " (best)"
     if state.stopped_early:
-        metric = "mIoU" if "val_miou" in r else "accuracy"
+        metric = "mIoU" if "val_miou" in r else "AP50" if "val_ap50" in r else "accuracy"
         text += f" | early stop: no better validation {metric} since epoch {state.best_epoch}"
     return text
 

@@ -16,8 +16,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,6 +26,7 @@ from ..data.images import DEFAULT_LIMITS, DecodeLimits
 from ..data.inputs import Failure
 from ..data.preprocess import Preprocess
 from ..enums import Precision, Task
+from ..errors import InputError
 from ..models.base import VisionModel
 from . import distributed as D
 from .config import FinetuneConfig, Strategy
@@ -32,6 +34,14 @@ from .data import EpochSampler
 from .loop import HitsFn, LossFn, classification_hits, lr_schedule
 from .stages import StageMap, freeze, set_train_mode
 
+
+class _Splittable(Protocol):
+    def __len__(self) -> int: ...
+
+    def subset(self, indices: Sequence[int]) -> Any: ...
+
+
+S = TypeVar("S", bound=_Splittable)
 
 @dataclass
 class RunData:
@@ -127,6 +137,49 @@ class Recipe(ABC):
         return ""
 
 
+def one_source(data, train):
+    """The training data given as DATA or as --train (not both)."""
+    if data is not None and train is not None:
+        raise InputError("give the data either as DATA or as --train (with an optional --val), not both")
+    return data if data is not None else train
+
+
+def random_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, validation indices): a random `val_fraction` held out (at least one image each
+    when there are two or more), chosen by `seed`."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = int(round(n * val_fraction))
+    if val_fraction > 0 and n >= 2:
+        n_val = min(max(n_val, 1), n - 1)
+    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
+
+
+def split_data(found: S, val_set: S | None, source, val, cfg: FinetuneConfig) -> tuple[S, S, dict[str, Any]]:
+    """(training set, validation set, where each came from): the validation data given, else a random
+    `val_fraction` of the training data chosen by the seed, else none. `found` and `val_set` are
+    datasets with `len()` and `subset(indices)`."""
+    if val_set is not None:
+        return found, val_set, {"train": str(source), "val": str(val)}
+    if cfg.val_fraction > 0:
+        train_idx, val_idx = random_split(len(found), cfg.val_fraction, cfg.seed)
+        return (found.subset(train_idx), found.subset(val_idx),
+                {"train": str(source), "val": f"{cfg.val_fraction:g} of train, random, seed {cfg.seed}"})
+    return found, found.subset([]), {"train": str(source), "val": None}
+
+
+def starting_point(net: VisionModel, classes: Sequence[str]) -> str | None:
+    """Fit a starting bundle to the run's classes (new class layers when they differ, all else kept)
+    and name the weights the run starts from."""
+    card = net.card_required
+    if card.bundle is not None and list(card.bundle.classes) != list(classes):
+        net.reset_classifier(len(classes))
+    if card.weights:
+        return card.weights.name
+    base = card.bundle.base_weights if card.bundle is not None else None
+    backbone = card.builder_kwargs.get("backbone")
+    return base or card.source or (f"{backbone}.DEFAULT" if backbone else None)
+
+
 def fingerprint(samples: Sequence[Sequence[Any]], classes: Sequence[str]) -> str:
     """A digest of (train samples, val samples) and the class names: paths as absolute paths."""
     h = hashlib.sha256(json.dumps(list(classes)).encode())
@@ -159,6 +212,16 @@ def ddp(module: nn.Module, dist: D.Dist) -> nn.Module:
     return DistributedDataParallel(module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
 
 
+def trainable_stages(strategy: Strategy, num_stages: int, unfreeze: int) -> set[int]:
+    """The stages a strategy trains after the heads' first epochs (stage `num_stages` is the heads):
+    all of them (`full`), the last `unfreeze` and the heads (`partial`), or the heads alone (`linear`)."""
+    if strategy is Strategy.FULL:
+        return set(range(num_stages + 1))
+    if strategy is Strategy.PARTIAL:
+        return set(range(max(0, num_stages - unfreeze), num_stages + 1))
+    return {num_stages}
+
+
 class StagedUnfreeze:
     """The training job's `prepare` and `batches` for staged unfreezing, shared by every recipe.
 
@@ -168,8 +231,9 @@ class StagedUnfreeze:
     """
 
     def __init__(self, net: nn.Module, stages: StageMap, main: set[int], head_epochs: int, dist: D.Dist,
-                 sampler: EpochSampler, train_loader: Iterable):
+                 sampler: EpochSampler, train_loader: Iterable, forward: nn.Module | None = None):
         self.net, self.stages, self.main, self.head_epochs, self.dist = net, stages, main, head_epochs, dist
+        self.forward = net if forward is None else forward  # what the loop calls: `net`, or a module around it
         self.sampler, self.train_loader = sampler, train_loader
         self._trainable: set[int] | None = None
         self._frozen: list[str] = []
@@ -181,7 +245,7 @@ class StagedUnfreeze:
             self._module = None  # drop the old DDP wrapper (and its gradient hooks) first
             self._frozen = freeze(self.net, self.stages, trainable)
             # DDP tracks the parameters that require gradients when it is built
-            self._module, self._trainable = ddp(self.net, self.dist), trainable
+            self._module, self._trainable = ddp(self.forward, self.dist), trainable
         set_train_mode(self.net, self._frozen)
         return self._module
 

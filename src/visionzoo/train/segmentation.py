@@ -50,7 +50,19 @@ from . import distributed as D
 from .config import FinetuneConfig, Strategy
 from .data import EpochSampler, ShardKeys, loader, sample_seed
 from .loop import autocast
-from .recipe import JobParts, Recipe, RunContext, RunData, StagedUnfreeze, fingerprint, make_optimizer
+from .recipe import (
+    JobParts,
+    Recipe,
+    RunContext,
+    RunData,
+    StagedUnfreeze,
+    fingerprint,
+    make_optimizer,
+    one_source,
+    split_data,
+    starting_point,
+    trainable_stages,
+)
 from .stages import map_stages, param_groups
 
 log = logging.getLogger("visionzoo")
@@ -68,25 +80,17 @@ class SegmentationRecipe(Recipe):
         return data is not None and is_mask_folder(data)
 
     def data(self, data, train, val, classes, cfg: FinetuneConfig, dist: D.Dist) -> RunData:
-        if data is not None and train is not None:
-            raise InputError("give the data either as DATA or as --train (with an optional --val), not both")
-        source = data if data is not None else train
+        source = one_source(data, train)
         folder = open_mask_folder(source, classes)
         names = folder.classes
+        given = None
         if val is not None:
             val_names = read_classes(val, names if classes is not None or not _has_classes_file(val) else None)
             if val_names != names:
                 raise InputError(f"{val}: its classes {list(val_names)[:5]} are not the training data's "
                                  f"{list(names)[:5]}; give both the same classes.txt")
-            train_set, val_set = folder, open_mask_folder(val, names)
-            sources: dict[str, Any] = {"train": str(source), "val": str(val)}
-        elif cfg.val_fraction > 0:
-            train_idx, val_idx = random_split(len(folder), cfg.val_fraction, cfg.seed)
-            train_set, val_set = folder.subset(train_idx), folder.subset(val_idx)
-            sources = {"train": str(source), "val": f"{cfg.val_fraction:g} of train, random, seed {cfg.seed}"}
-        else:
-            train_set, val_set = folder, folder.subset([])
-            sources = {"train": str(source), "val": None}
+            given = open_mask_folder(val, names)
+        train_set, val_set, sources = split_data(folder, given, source, val, cfg)
         pixels = train_set.class_pixels
         _check_pixels(pixels, names, source)
         train_samples = [(s.image, s.mask) for s in train_set.samples]
@@ -109,14 +113,8 @@ class SegmentationRecipe(Recipe):
                        ) -> tuple[VisionModel, dict[str, Any], str | None]:
         torch.manual_seed(sample_seed(cfg.seed, 0))  # the new heads' initial weights come from the seed
         net = _segmentation_model(cfg.model, cfg.head, len(classes))
-        card = net.card_required
-        if card.bundle is not None and list(card.bundle.classes) != list(classes):
-            net.reset_classifier(len(classes))  # a bundle for other classes: keep all but its class layers
-        base = card.bundle.base_weights if card.bundle is not None else None
-        backbone = card.builder_kwargs.get("backbone")
-        weights = card.weights.name if card.weights else base or card.source or (f"{backbone}.DEFAULT" if backbone
-                                                                                   else None)
-        return net.to(dist.device), dict(card.builder_kwargs), weights
+        weights = starting_point(net, classes)
+        return net.to(dist.device), dict(net.card_required.builder_kwargs), weights
 
     def preprocess(self, net: VisionModel, cfg: FinetuneConfig) -> Preprocess:
         base = net.card_required.preprocess
@@ -149,16 +147,6 @@ def _has_classes_file(folder) -> bool:
     from ..data.masks import CLASSES_FILE
 
     return (Path(folder).expanduser() / CLASSES_FILE).is_file()
-
-
-def random_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train indices, validation indices): a random `val_fraction` held out (at least one image each
-    when there are two or more), chosen by `seed`."""
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * val_fraction))
-    if val_fraction > 0 and n >= 2:
-        n_val = min(max(n_val, 1), n - 1)
-    return sorted(order[n_val:].tolist()), sorted(order[:n_val].tolist())
 
 
 def _check_pixels(pixels: np.ndarray, names: Sequence[str], source) -> None:
@@ -312,12 +300,7 @@ def _job(ctx: RunContext) -> JobParts:
     size = int(pp.resize_size or 520)
     stages = map_stages(net, size, net.feature_info)
     n = stages.num_stages
-    if cfg.strategy is Strategy.FULL:
-        main = set(range(n + 1))
-    elif cfg.strategy is Strategy.PARTIAL:
-        main = set(range(max(0, n - cfg.unfreeze), n + 1))
-    else:
-        main = {n}  # linear: the heads alone
+    main = trainable_stages(cfg.strategy, n, cfg.unfreeze)
     groups = param_groups(net, stages, cfg.settled()[1], cfg.lr_decay, cfg.weight_decay, main)
     augment = JointAugment(pp, size, cfg.scale_range, hflip=bool(cfg.hflip), random=cfg.augment)
     train_set = KeyedMasks(ctx.train_samples, augment, len(ctx.classes), ctx.limits)

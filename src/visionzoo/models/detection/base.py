@@ -55,6 +55,21 @@ class DetectionModel(VisionModel):
         detections = self.postprocess_detections(outputs, anchors, batch, features)
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
+    def detect_with_losses(self, images: Sequence[torch.Tensor], targets: Sequence[Target]
+                           ) -> tuple[list[Target], dict[str, torch.Tensor]]:
+        """(detections, losses) of one pass in the current mode: what validation needs (the training
+        losses of held-out images, and what the model detects on them) without running the network twice."""
+        images = as_image_list(images, len(self.transform.image_mean))
+        checked = check_targets(targets, images, self.num_classes, self.first_label)
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch, scaled = self.transform(images, checked)
+        features = self.backbone(batch.tensors)
+        outputs = self.head(features)
+        anchors = self.anchor_generator(batch, features)
+        losses = self.compute_loss(scaled or [], outputs, anchors, features)
+        detections = self.postprocess_detections(outputs, anchors, batch, features)
+        return self.transform.postprocess(detections, batch.image_sizes, original_sizes), losses
+
     def compute_loss(self, targets: list[Target], outputs: dict[str, torch.Tensor], anchors: list[torch.Tensor],
                      features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError

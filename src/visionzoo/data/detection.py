@@ -1,0 +1,399 @@
+"""Detection datasets: images with boxes, as COCO instances or as a CSV of boxes, checked before anything trains.
+
+    shapes/instances.json      COCO: "images" (id, file_name, width, height), "annotations" (id, image_id,
+                               category_id, bbox [x, y, width, height] in pixels, iscrowd), "categories"
+                               (id, name); file names relative to the JSON's folder or its images/
+    shapes/boxes.csv           path,x1,y1,x2,y2,label: one row per box (paths relative to the CSV's folder);
+                               a row with empty box and label fields lists an image without objects
+
+`open_box_dataset` reads either and checks every entry: invalid JSON, a missing key, duplicate
+ids, an annotation of an unknown image or category, a box without area or outside its image, an
+image listed but missing or unreadable each raise an `InputError` naming the file and the entry.
+Image sizes come from the headers (no pixel is decoded); images are decoded later within the
+run's `DecodeLimits`. Crowd annotations (`iscrowd` 1) are not trained on. Boxes are stored as
+(x1, y1, x2, y2) in the upright image's pixels and labels as 1-based class indices: 0 is the
+background, so the classes of a bundle are `("__background__", *names)`.
+
+`BoxAugment` draws the training views: a random rescale, a horizontal flip and a random square
+crop of an image with its boxes moved along, clipped to the crop, and dropped when too little
+of them is left.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from ..errors import InputError
+from .masks import upright_size
+
+BACKGROUND = "__background__"
+CSV_HEADER = ("path", "x1", "y1", "x2", "y2", "label")
+COCO_NAMES = ("instances.json", "annotations.json")  # what a COCO dataset folder holds
+EDGE_TOLERANCE = 1.0  # pixels a box may reach beyond its image (rounding in exported annotations); clipped
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class BoxSample:
+    image: Path
+    boxes: tuple[Box, ...]  # (x1, y1, x2, y2) in the upright image's pixels
+    labels: tuple[int, ...]  # class indices, 1-based (0 is the background)
+    image_id: int  # the COCO image id (CSV: the image's position, from 1)
+
+    def row(self) -> tuple[Path, tuple[Box, ...], tuple[int, ...], int]:
+        """(image, boxes, labels, image_id): how a fine-tuning run keeps (and fingerprints) a sample."""
+        return self.image, self.boxes, self.labels, self.image_id
+
+
+@dataclass(frozen=True)
+class BoxDataset:
+    """The checked samples of a detection dataset."""
+
+    source: Path  # the annotation file
+    samples: tuple[BoxSample, ...]
+    classes: tuple[str, ...]  # class names, without the background
+    category_ids: tuple[int, ...]  # each class's COCO category id (CSV: 1, 2, ...)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def subset(self, indices: Sequence[int]) -> BoxDataset:
+        return BoxDataset(self.source, tuple(self.samples[i] for i in indices), self.classes, self.category_ids)
+
+    def box_counts(self) -> list[int]:
+        """Boxes of each class over all samples."""
+        counts = [0] * len(self.classes)
+        for sample in self.samples:
+            for label in sample.labels:
+                counts[label - 1] += 1
+        return counts
+
+
+def annotation_file(path: str | os.PathLike | None) -> Path | None:
+    """The annotation file `path` names for detection: a COCO JSON, a box CSV (its header starts
+    `path,x1,y1,x2,y2`), or a folder holding `instances.json` or `annotations.json`; None otherwise."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return next((p / name for name in COCO_NAMES if (p / name).is_file()), None)
+    if p.suffix.lower() == ".json" and p.is_file():
+        return p
+    if p.suffix.lower() in (".csv", ".tsv", ".txt") and p.is_file():
+        try:
+            with open(p, newline="", encoding="utf-8") as f:
+                header = next(csv.reader(f), [])
+        except (OSError, UnicodeDecodeError, csv.Error):
+            return None
+        return p if tuple(h.strip().lower() for h in header[:5]) == CSV_HEADER[:5] else None
+    return None
+
+
+def is_box_dataset(path: str | os.PathLike | None) -> bool:
+    return annotation_file(path) is not None
+
+
+def open_box_dataset(path: str | os.PathLike, classes: Sequence[str] | None = None) -> BoxDataset:
+    """The dataset `path` names (see `annotation_file`), checked. `classes`: the class names the boxes
+    must use, in the model's order (evaluation), instead of the dataset's own."""
+    file = annotation_file(path)
+    if file is None:
+        raise InputError(f"{path}: not a detection dataset; give a COCO instances JSON (or a folder holding "
+                         f"instances.json) or a CSV with the header {','.join(CSV_HEADER)}")
+    if file.suffix.lower() == ".json":
+        found = _read_coco(file)
+    else:
+        found = _read_csv(file)
+    return found if classes is None else _relabelled(found, list(classes))
+
+
+def _relabelled(found: BoxDataset, classes: list[str]) -> BoxDataset:
+    """`found` with its labels renumbered to `classes` (which must include every class it uses)."""
+    unknown = [name for name in found.classes if name not in classes]
+    if unknown:
+        raise InputError(f"{found.source}: class {unknown[0]!r} is not one of the model's classes "
+                         f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); evaluate on data "
+                         f"with the classes the model was trained on")
+    index = {k + 1: classes.index(name) + 1 for k, name in enumerate(found.classes)}
+    samples = tuple(BoxSample(s.image, s.boxes, tuple(index[v] for v in s.labels), s.image_id) for s in found.samples)
+    ids = tuple(found.category_ids[found.classes.index(name)] if name in found.classes else -1 for name in classes)
+    return BoxDataset(found.source, samples, tuple(classes), ids)
+
+
+# -- COCO -------------------------------------------------------------------------------------
+
+def _read_coco(file: Path) -> BoxDataset:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{file}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); fix the file "
+                         f"or export it again") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{file}: cannot read the annotation file ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{file}: a COCO annotation file holds an object with images, annotations and categories")
+    images = _entries(file, data, "images")
+    annotations = _entries(file, data, "annotations")
+    categories = _entries(file, data, "categories")
+    if not categories:
+        raise InputError(f"{file}: categories is empty; list the classes as {{\"id\": 1, \"name\": ...}}")
+    category_index: dict[int, int] = {}
+    names: list[str] = []
+    for k, cat in enumerate(categories):
+        where = f"{file}: categories[{k}]"
+        cid = _id(cat, "id", where, category_index)
+        name = cat.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise InputError(f"{where}: needs a non-empty name")
+        if name in names:
+            raise InputError(f"{where}: the name {name!r} is used by two categories; give each class its own name")
+        category_index[cid] = len(names) + 1
+        names.append(name)
+    folder = file.parent
+    image_index: dict[int, int] = {}
+    paths: list[Path] = []
+    sizes: list[tuple[int, int]] = []
+    for k, img in enumerate(images):
+        where = f"{file}: images[{k}]"
+        iid = _id(img, "id", where, image_index)
+        name = img.get("file_name")
+        if not isinstance(name, str) or not name:
+            raise InputError(f"{where} (id {iid}): needs a file_name")
+        path = _image_path(folder, name)
+        if path is None:
+            raise InputError(f"{where} (id {iid}): the image {name} is missing (looked in {folder} and "
+                             f"{folder / 'images'}); add it or remove the entry")
+        size = _size(path, where, iid)
+        listed = img.get("width"), img.get("height")
+        if listed != (None, None) and tuple(listed) != size:
+            raise InputError(f"{where} (id {iid}): lists {listed[0]}x{listed[1]} but {path} is {size[0]}x{size[1]}; "
+                             f"fix width and height")
+        image_index[iid] = len(paths)
+        paths.append(path)
+        sizes.append(size)
+    boxes: list[list[Box]] = [[] for _ in paths]
+    labels: list[list[int]] = [[] for _ in paths]
+    seen: dict[int, int] = {}
+    for k, ann in enumerate(annotations):
+        where = f"{file}: annotations[{k}]"
+        aid = _id(ann, "id", where, seen)
+        seen[aid] = k
+        where = f"{where} (id {aid})"
+        image_id, category_id = ann.get("image_id"), ann.get("category_id")
+        if image_id not in image_index or isinstance(image_id, bool):
+            raise InputError(f"{where}: image_id {image_id!r} is not one of the images' ids; fix it or list the image")
+        if category_id not in category_index or isinstance(category_id, bool):
+            raise InputError(f"{where}: unknown category_id {category_id!r} (the categories are "
+                             f"{sorted(category_index)[:8]}); fix it or add the category")
+        if ann.get("iscrowd", 0):
+            continue  # a crowd region is not one object: not a training box
+        i = image_index[image_id]
+        bbox = ann.get("bbox")
+        if not isinstance(bbox, list) or len(bbox) != 4 or not all(_number(v) for v in bbox):
+            raise InputError(f"{where}: bbox must be [x, y, width, height] in pixels, got {bbox!r:.60}")
+        x, y, w, h = (float(v) for v in bbox)
+        boxes[i].append(_checked_box((x, y, x + w, y + h), sizes[i], f"{where}: bbox {bbox}", paths[i]))
+        labels[i].append(category_index[category_id])
+    samples = tuple(BoxSample(p, tuple(b), tuple(lab), iid)
+                    for (iid, i), p, b, lab in zip(image_index.items(), paths, boxes, labels, strict=True))
+    return BoxDataset(file, samples, tuple(names), tuple(category_index))
+
+
+def _entries(file: Path, data: dict, key: str) -> list[dict]:
+    value = data.get(key)
+    if not isinstance(value, list):
+        raise InputError(f"{file}: no {key} list; a COCO annotation file holds images, annotations and categories")
+    for k, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise InputError(f"{file}: {key}[{k}] is not an object")
+    return value
+
+
+def _id(entry: dict, key: str, where: str, seen: dict[int, Any]) -> int:
+    value = entry.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InputError(f"{where}: needs an integer {key}, got {value!r:.40}")
+    if value in seen:
+        raise InputError(f"{where}: duplicate {key} {value}; ids must be unique")
+    return value
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _image_path(folder: Path, name: str) -> Path | None:
+    for base in (folder, folder / "images"):
+        if (base / name).is_file():
+            return base / name
+    return None
+
+
+def _size(path: Path, where: str, image_id: int | str) -> tuple[int, int]:
+    try:
+        return upright_size(path)
+    except InputError as e:
+        raise InputError(f"{where} ({image_id}): {e}") from None
+
+
+def _checked_box(box: Box, size: tuple[int, int], where: str, image: Path) -> Box:
+    """`box` clipped to the image when it reaches at most `EDGE_TOLERANCE` beyond it; else an error."""
+    x1, y1, x2, y2 = box
+    width, height = size
+    if not (x2 > x1 and y2 > y1):
+        raise InputError(f"{where}: the box has no area; boxes need a positive width and height")
+    tol = EDGE_TOLERANCE
+    if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
+        raise InputError(f"{where}: the box is outside the {width}x{height} image {image.name}; fix the coordinates "
+                         f"(pixels of the image as stored, EXIF orientation applied)")
+    clipped = (max(0.0, x1), max(0.0, y1), min(float(width), x2), min(float(height), y2))
+    if not (clipped[2] > clipped[0] and clipped[3] > clipped[1]):
+        raise InputError(f"{where}: the box has no area inside the {width}x{height} image {image.name}")
+    return clipped
+
+
+# -- CSV --------------------------------------------------------------------------------------
+
+def _read_csv(file: Path) -> BoxDataset:
+    folder = file.parent
+    rows: list[tuple[int, Path, Box | None, str | None]] = []
+    try:
+        with open(file, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = [h.strip().lower() for h in next(reader, [])]
+            if tuple(header) != CSV_HEADER:
+                raise InputError(f"{file}: line 1: the header must be {','.join(CSV_HEADER)}, got {','.join(header)}")
+            for line, row in enumerate(reader, start=2):
+                if not row or all(not v.strip() for v in row):
+                    continue
+                rows.append(_csv_row(file, line, row, folder))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(f"{file}: cannot read the CSV ({e})") from None
+    if not rows:
+        raise InputError(f"{file}: no rows; list one box per row as {','.join(CSV_HEADER)}")
+    names = sorted({label for *_, label in rows if label is not None})
+    if not names:
+        raise InputError(f"{file}: no boxes, only images without objects; label at least one box")
+    order: dict[Path, int] = {}
+    sizes: dict[Path, tuple[int, int]] = {}
+    boxes: list[list[Box]] = []
+    labels: list[list[int]] = []
+    for line, path, box, label in rows:
+        if path not in order:
+            if not path.is_file():
+                raise InputError(f"{file}: line {line}: the image {path} is missing; add it or remove the row")
+            sizes[path] = _size(path, f"{file}: line {line}", path.name)
+            order[path] = len(order)
+            boxes.append([])
+            labels.append([])
+        if box is None or label is None:
+            continue
+        boxes[order[path]].append(_checked_box(box, sizes[path], f"{file}: line {line}", path))
+        labels[order[path]].append(names.index(label) + 1)
+    samples = tuple(BoxSample(p, tuple(boxes[i]), tuple(labels[i]), i + 1) for p, i in order.items())
+    return BoxDataset(file, samples, tuple(names), tuple(range(1, len(names) + 1)))
+
+
+def _csv_row(file: Path, line: int, row: list[str], folder: Path) -> tuple[int, Path, Box | None, str | None]:
+    where = f"{file}: line {line}"
+    if len(row) != len(CSV_HEADER):
+        raise InputError(f"{where}: {len(row)} fields; each row is {','.join(CSV_HEADER)}")
+    name, *coords, label = (v.strip() for v in row)
+    if not name:
+        raise InputError(f"{where}: no image path")
+    path = Path(name).expanduser()
+    path = path if path.is_absolute() else folder / path
+    if not any(coords) and not label:
+        return line, path, None, None  # an image without objects
+    if not all(coords) or not label:
+        raise InputError(f"{where}: give all of x1,y1,x2,y2,label for a box, or none of them for an image "
+                         f"without objects")
+    try:
+        values = tuple(float(v) for v in coords)
+    except ValueError:
+        raise InputError(f"{where}: the coordinates {','.join(coords)} are not numbers") from None
+    if not all(math.isfinite(v) for v in values):
+        raise InputError(f"{where}: the coordinates {','.join(coords)} are not finite")
+    return line, path, (values[0], values[1], values[2], values[3]), label
+
+
+# -- augmentation -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BoxAugment:
+    """A random rescale, flip and square crop of an image with its boxes, drawn from an explicit generator.
+
+    The image's shorter side is scaled to `base * U(scale)`, flipped half the time with `hflip`, and
+    a random `crop` x `crop` window is cut (the image padded with black where it is smaller).
+    The boxes follow; each is clipped to the window and dropped when less than `min_side` pixels
+    wide or high, or less than `min_visible` of its area is left inside. Without `random`, the
+    scale is 1, nothing is flipped and the window is centred.
+    """
+
+    base: int  # the shorter side before the random factor
+    crop: int
+    scale: tuple[float, float] = (0.75, 1.25)
+    hflip: bool = True
+    random: bool = True
+    min_side: float = 2.0
+    min_visible: float = 0.4
+
+    def __call__(self, img: Image.Image, boxes: torch.Tensor, labels: torch.Tensor, g: torch.Generator
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image CHW in [0, 1], boxes (N, 4) in its pixels, labels (N,))."""
+        u = torch.rand(4, generator=g, dtype=torch.float64).tolist()
+        factor = self.scale[0] + u[0] * (self.scale[1] - self.scale[0]) if self.random else 1.0
+        ratio = self.base * factor / min(img.width, img.height)
+        size = (max(1, round(img.width * ratio)), max(1, round(img.height * ratio)))
+        sx, sy = size[0] / img.width, size[1] / img.height
+        img = img.resize(size, Image.Resampling.BILINEAR)
+        boxes = boxes.to(torch.float32) * torch.tensor([sx, sy, sx, sy])
+        if self.random and self.hflip and u[1] < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            boxes = torch.stack((size[0] - boxes[:, 2], boxes[:, 1], size[0] - boxes[:, 0], boxes[:, 3]), 1)
+        left, top = self._offset(u[2], size[0]), self._offset(u[3], size[1])
+        canvas = Image.new("RGB", (self.crop, self.crop))
+        canvas.paste(img.crop((max(left, 0), max(top, 0), min(left + self.crop, size[0]),
+                               min(top + self.crop, size[1]))), (max(-left, 0), max(-top, 0)))
+        boxes, labels = crop_boxes(boxes, labels, (left, top, left + self.crop, top + self.crop),
+                                   (min(size[0], left + self.crop) - left, min(size[1], top + self.crop) - top),
+                                   self.min_side, self.min_visible)
+        x = torch.from_numpy(_rgb_array(canvas)).permute(2, 0, 1).float().div_(255)
+        return x, boxes, labels
+
+    def _offset(self, u: float, size: int) -> int:
+        """Where the window starts along an axis of `size` pixels (negative: it overhangs the image)."""
+        if not self.random:
+            return (size - self.crop) // 2
+        return int(u * (size - self.crop + 1)) if size >= self.crop else -int(u * (self.crop - size + 1))
+
+
+def crop_boxes(boxes: torch.Tensor, labels: torch.Tensor, window: tuple[int, int, int, int],
+               inside: tuple[int, int], min_side: float, min_visible: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`boxes` (N, 4) moved into `window` (left, top, right, bottom) and clipped to the part of it the
+    image covers (`inside`: its width and height from the window's corner); boxes with a side under
+    `min_side` or under `min_visible` of their area left are dropped, with their labels."""
+    left, top = window[0], window[1]
+    shifted = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
+    low_x, low_y = max(0, -left), max(0, -top)
+    clipped = torch.stack((shifted[:, 0].clamp(low_x, inside[0]), shifted[:, 1].clamp(low_y, inside[1]),
+                           shifted[:, 2].clamp(low_x, inside[0]), shifted[:, 3].clamp(low_y, inside[1])), 1)
+    w, h = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
+    area = ((shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1])).clamp(min=1e-6)
+    keep = (w >= min_side) & (h >= min_side) & (w * h >= min_visible * area)
+    return clipped[keep], labels[keep]
+
+
+def _rgb_array(img: Image.Image):
+    import numpy as np
+
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()

@@ -1,0 +1,485 @@
+"""Fine-tuning a detector on boxes: the detection `Recipe`, and COCO mAP scoring.
+
+Data: a COCO instances JSON or a `path,x1,y1,x2,y2,label` CSV (see `data/detection.py`), a
+random `val_fraction` of the images held out unless a separate validation set is given. The
+model: a detector of the zoo with new class heads (its published weights, or a detection
+bundle), or a classifier of the zoo with a RetinaNet, FCOS or SSDlite head put on it (`--head`,
+default FCOS) and its own pre-trained weights. Labels are 1-based, 0 is the background: a
+bundle's classes are `("__background__", *names)`, as torchvision's COCO detectors number
+theirs. The strategies are classification's, over the backbone's stages: `linear` trains the
+heads (and the feature pyramid, or SSDlite's extra stages) with the whole classifier frozen,
+`partial` also its last `unfreeze` stages, `full` everything; `auto` chooses from the number
+of training images.
+
+Training sees square `image_size` crops: each image rescaled so that its shorter side is
+`image_size` times a random factor from `scale_range`, flipped (`hflip`, on by default), and
+cropped at random with its boxes moved along, clipped, and dropped when mostly cut off. The
+detector resizes its inputs to `image_size` itself (RetinaNet/FCOS: the shorter side, its
+`min_size`; SSDlite on a classifier: the fixed size), so a small `image_size` trains and
+detects fast. Its own losses train it (focal and box losses for RetinaNet, FCOS's three, SSD's
+hard-negative-mined ones), in float32 on CPUs (bfloat16 autocast only when asked for with
+`precision`) and as `precision` says on GPUs. Validation runs the detector on each held-out image at its own size,
+as `detect` does, and scores the boxes with pycocotools' `COCOeval`: AP at IoU 0.5 picks the
+best epoch.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..bundle import is_bundle, read_bundle
+from ..data.detection import BACKGROUND, BoxAugment, open_box_dataset
+from ..data.images import DEFAULT_LIMITS, DecodeLimits, load_image
+from ..data.loader import fix_mmap_threshold
+from ..data.preprocess import Preprocess
+from ..enums import Precision, Task
+from ..errors import InputError
+from ..factory import create_model
+from ..models.base import FeatureInfo, VisionModel, ZooModel
+from ..models.detection import DetectionModel
+from ..optional import require
+from ..registry import REGISTRY, split_name
+from . import distributed as D
+from .config import FinetuneConfig, Strategy
+from .data import EpochSampler, ShardKeys, sample_seed
+from .loop import autocast
+from .recipe import (
+    JobParts,
+    Recipe,
+    RunContext,
+    RunData,
+    StagedUnfreeze,
+    fingerprint,
+    make_optimizer,
+    one_source,
+    split_data,
+    starting_point,
+    trainable_stages,
+)
+from .stages import map_stages, param_groups
+
+log = logging.getLogger("visionzoo")
+DEFAULT_HEAD = "fcos"  # the head put on a classifier: anchor-free, the fastest to learn in our measurements
+HEADS = ("retinanet", "fcos", "ssdlite")
+FEW_IMAGES = 30  # auto: below this many training images only the heads train
+MANY_IMAGES = 1000  # auto: from this many, every layer trains
+MAX_SIZE_RATIO = 1333 / 800  # RetinaNet/FCOS: the longer side's limit relative to min_size, as torchvision's
+
+
+class DetectionRecipe(Recipe):
+    task = Task.DETECTION
+    metric = "ap50"
+
+    def __init__(self) -> None:
+        self._size: int | None = None  # the side of the training crops, set with the model's preprocessing
+
+    def detects(self, data) -> bool:
+        from ..data.detection import is_box_dataset
+
+        return is_box_dataset(data)
+
+    def data(self, data, train, val, classes, cfg: FinetuneConfig, dist: D.Dist) -> RunData:
+        source = one_source(data, train)
+        if classes is not None:
+            raise InputError("--classes names a segmentation dataset's classes; a detection dataset names its own "
+                             "(COCO categories, or the CSV's labels)")
+        found = open_box_dataset(source)
+        names = list(found.classes)
+        given = open_box_dataset(val, names) if val is not None else None
+        train_set, val_set, sources = split_data(found, given, source, val, cfg)
+        train_samples = [s.row() for s in train_set.samples]
+        val_samples = [s.row() for s in val_set.samples]
+        _check_boxes(train_samples, names, source)
+        all_classes = [BACKGROUND, *names]
+        return RunData(train_samples, val_samples, all_classes, sources,
+                       fingerprint((train_samples, val_samples), all_classes),
+                       {"source": source, "category_ids": list(found.category_ids)})
+
+    def keep(self, found: RunData, train: list, val: list) -> None:
+        _check_boxes(train, found.classes[1:], found.extra["source"])
+        super().keep(found, train, val)
+
+    def starting_model(self, cfg: FinetuneConfig, classes: Sequence[str], dist: D.Dist
+                       ) -> tuple[VisionModel, dict[str, Any], str | None]:
+        torch.manual_seed(sample_seed(cfg.seed, 0))  # the new heads' initial weights come from the seed
+        net, sizes = _detection_model(cfg.model, cfg.head, len(classes), cfg.image_size, cfg.fpn_channels)
+        weights = starting_point(net, classes)
+        return net.to(dist.device), {**net.card_required.builder_kwargs, **sizes}, weights
+
+    def preprocess(self, net: VisionModel, cfg: FinetuneConfig) -> Preprocess:
+        transform = _detector(net).transform
+        fixed = transform.fixed_size
+        self._size = int(fixed[0]) if fixed is not None else int(transform.min_size[-1])
+        return net.card_required.preprocess  # (images in [0, 1]: the detector normalises and resizes them)
+
+    def train_size(self, pp: Preprocess) -> int:
+        if self._size is None:
+            raise RuntimeError("DetectionRecipe.train_size before preprocess")
+        return self._size
+
+    def choose_strategy(self, ctx: RunContext) -> tuple[Strategy, str]:
+        n = len(ctx.train_samples)
+        if n < FEW_IMAGES:
+            return Strategy.LINEAR, (f"only {n} training images: too few to adapt the backbone without "
+                                     f"overfitting, so only the detection heads are trained")
+        if n < MANY_IMAGES:
+            return Strategy.PARTIAL, (f"{n} training images: the heads and the backbone's last {ctx.cfg.unfreeze} "
+                                      f"stages are fine-tuned, the earlier stages keep their pre-trained features")
+        return Strategy.FULL, f"{n} training images: every layer is fine-tuned"
+
+    def job(self, ctx: RunContext) -> JobParts:
+        return _job(ctx, self.train_size(ctx.pp))
+
+    def describe(self, metrics: dict[str, Any]) -> str:
+        if "val_ap50" in metrics:
+            return f", val AP {metrics['val_ap']:.3f}, AP50 {metrics['val_ap50']:.3f}"
+        return ""
+
+
+def _check_boxes(samples: Sequence[tuple], names: Sequence[str], source) -> None:
+    """Refuse training data without a box of some class."""
+    counts = np.zeros(len(names), dtype=np.int64)
+    for _, _, labels, _ in samples:
+        for label in labels:
+            counts[label - 1] += 1
+    missing = [names[int(i)] for i in np.flatnonzero(counts == 0)]
+    if missing:
+        raise InputError(f"no training boxes of class{'es' if len(missing) > 1 else ''} {', '.join(missing[:5])} "
+                         f"in {source}; add images showing it or remove it from the categories")
+
+
+def _detector(net: nn.Module) -> DetectionModel:
+    if not isinstance(net, DetectionModel):
+        raise RuntimeError(f"expected a detector, got {type(net).__name__}")
+    return net
+
+
+def _detection_model(name: str, head: str | None, num_classes: int, image_size: int | None,
+                     fpn_channels: int | None = None) -> tuple[VisionModel, dict[str, Any]]:
+    """The model to fine-tune with `num_classes` outputs (background included), and the size arguments
+    that rebuild it: a detection bundle or model (its weights), or `head` on a classifier (a name with
+    its weights, or a classifier bundle). `image_size` sets the size the detector resizes images to;
+    `fpn_channels` the pyramid's width of a head put on a classifier."""
+    if head is not None and head not in HEADS:
+        raise InputError(f"--head {head} is not a detection head; use one of {', '.join(HEADS)}")
+    if fpn_channels is not None and not (head in (None, "retinanet", "fcos") and _is_classifier(name)):
+        raise InputError("--fpn-channels sizes a RetinaNet or FCOS head put on a classifier; drop it for "
+                         f"{head or name}")
+    if is_bundle(name):
+        task = REGISTRY.get_architecture(read_bundle(name).architecture).task
+        if task is Task.CLASSIFICATION:
+            classifier = create_model(name)
+            if not isinstance(classifier, ZooModel):
+                raise InputError(f"{name} is not a classifier bundle")
+            return _on_classifier(head, classifier, num_classes, image_size, fpn_channels)
+        if task is not Task.DETECTION:
+            raise InputError(f"{name} is a {task.value} bundle; boxes fine-tune detectors or classifiers")
+        if head is not None:
+            raise InputError(f"--head puts a head on a classifier; {name} is a detection bundle already")
+        return _sized(_model(create_model(name)), image_size)
+    arch = REGISTRY.get_architecture(split_name(name)[0])
+    if arch.task is Task.CLASSIFICATION:
+        return _on_classifier(head, name, num_classes, image_size, fpn_channels)
+    if arch.task is not Task.DETECTION:
+        raise InputError(f"{name} is a {arch.task.value} model; boxes fine-tune detectors or classifiers")
+    if arch.composed:
+        raise InputError(f"{name} is a head for any classifier: name the classifier with --model and the head "
+                         f"with --head {name}")
+    if head is not None:
+        raise InputError(f"--head puts a head on a classifier; {name} is a detector already")
+    tagged = split_name(name)[1] is not None
+    net = _model(create_model(name, weights=None if tagged else "DEFAULT", num_classes=num_classes))
+    return _sized(net, image_size)
+
+
+def _is_classifier(name: str) -> bool:
+    arch = read_bundle(name).architecture if is_bundle(name) else split_name(name)[0]
+    return REGISTRY.get_architecture(arch).task is Task.CLASSIFICATION
+
+
+def _on_classifier(head: str | None, backbone: str | ZooModel, num_classes: int, image_size: int | None,
+                   fpn_channels: int | None) -> tuple[VisionModel, dict[str, Any]]:
+    kind = head or DEFAULT_HEAD
+    sizes: dict[str, Any] = {}
+    if image_size is not None:
+        sizes = {"size": image_size} if kind == "ssdlite" else {"min_size": image_size,
+                                                                "max_size": round(image_size * MAX_SIZE_RATIO)}
+    if fpn_channels is not None:
+        sizes["fpn_channels"] = fpn_channels
+    net = _model(create_model(kind, backbone=backbone, num_classes=num_classes,
+                              **{"pretrained_backbone": isinstance(backbone, str), **sizes}))
+    return net, sizes
+
+
+def _sized(net: VisionModel, image_size: int | None) -> tuple[VisionModel, dict[str, Any]]:
+    """A built detector resized to `image_size` (RetinaNet/FCOS: its `min_size`); a fixed-size one (SSD)
+    only accepts its own size."""
+    transform = _detector(net).transform
+    if image_size is None:
+        return net, {}
+    if transform.fixed_size is not None:
+        if tuple(transform.fixed_size) != (image_size, image_size):
+            raise InputError(f"{net.arch} takes fixed {transform.fixed_size[0]}x{transform.fixed_size[1]} inputs; "
+                             f"drop --image-size, or put an SSDlite head on a classifier (--head ssdlite) to choose")
+        return net, {}
+    max_size = round(image_size * MAX_SIZE_RATIO)
+    transform.min_size, transform.max_size = (image_size,), max_size
+    return net, {"min_size": image_size, "max_size": max_size}
+
+
+def _model(net: Any) -> VisionModel:
+    if not isinstance(net, DetectionModel):  # (create_model wraps a model only with features_only)
+        raise RuntimeError(f"create_model returned a {type(net).__name__}, not a detector")
+    return net
+
+
+def backbone_stages(net: DetectionModel) -> list[FeatureInfo]:
+    """The stages of the classifier under `net`'s heads, named within `net` (none where the backbone
+    is not a zoo classifier's stages)."""
+    body = getattr(net.backbone, "body", None)
+    if not isinstance(body, ZooModel):
+        return []
+    prefix = "backbone.body."
+    used = getattr(net.backbone, "out_indices", None)
+    infos = list(body.feature_info)
+    if used:  # stages after the last one the heads read never run
+        infos = infos[:max(used) + 1]
+    return [FeatureInfo(prefix + info.module, info.num_chs, info.reduction) for info in infos]
+
+
+# -- data ------------------------------------------------------------------------------------
+
+class BoxBatch:
+    """A training batch: the images and their targets. The loop moves it with `.to` and counts it with `len`."""
+
+    def __init__(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]]):
+        self.images, self.targets = images, targets
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> BoxBatch:
+        return BoxBatch([x.to(device, non_blocking=non_blocking) for x in self.images],
+                        [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in self.targets])
+
+
+def collate_boxes(items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[BoxBatch, BoxBatch]:
+    batch = BoxBatch([x for x, _, _ in items], [{"boxes": b, "labels": lab} for _, b, lab in items])
+    return batch, batch  # (the loop's (inputs, targets): the detector needs both at once)
+
+
+class KeyedBoxes(Dataset):
+    """`(index, seed)` -> (image tensor in [0, 1], boxes, labels): the augmented crop for that seed."""
+
+    def __init__(self, samples: Sequence[tuple], augment: BoxAugment, limits: DecodeLimits = DEFAULT_LIMITS):
+        self.samples = list(samples)
+        self.augment = augment
+        self.limits = limits
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        index, seed = key
+        image, boxes, labels, _ = self.samples[index]
+        return self.augment(load_image(image, limits=self.limits),
+                            torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                            torch.tensor(labels, dtype=torch.int64), torch.Generator().manual_seed(seed or 0))
+
+
+class EvalBoxes(Dataset):
+    """`(index, None)` -> (image in [0, 1] at its own size, the sample): what `detect` feeds the model."""
+
+    def __init__(self, samples: Sequence[tuple], preprocess: Preprocess, limits: DecodeLimits = DEFAULT_LIMITS):
+        self.samples = list(samples)
+        self.transform = preprocess.transforms()
+        self.limits = limits
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, tuple]:
+        sample = self.samples[key[0]]
+        return self.transform(load_image(sample[0], limits=self.limits)), sample
+
+
+class _TrainingForward(nn.Module):
+    """The detector in training: a batch in, its losses out."""
+
+    def __init__(self, net: DetectionModel):
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch: BoxBatch) -> dict[str, torch.Tensor]:
+        return self.net(batch.images, batch.targets)
+
+
+def detection_loss(losses: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
+    """The detector's losses summed (classification, box regression, centre-ness), in float32."""
+    return sum((v.float() for v in losses.values()), torch.zeros(()))
+
+
+def no_hits(outputs: Any, batch: Any) -> tuple[float, float]:
+    return 0.0, 0.0  # (no running accuracy for boxes: validation's AP says how training goes)
+
+
+# -- the job -----------------------------------------------------------------------------------
+
+def _job(ctx: RunContext, size: int) -> JobParts:
+    net, cfg, dist = _detector(ctx.net), ctx.cfg, ctx.dist
+    if dist.device.type == "cpu" and cfg.precision is Precision.AUTO:
+        # fp32 on CPUs: the matching and the box losses compare and subtract box coordinates, which bfloat16's
+        # 8 bits of mantissa blur at a few hundred pixels (`--precision bf16` still asks for it)
+        ctx.amp = None
+    stages = map_stages(net, size, backbone_stages(net))
+    n = stages.num_stages
+    main = trainable_stages(cfg.strategy, n, cfg.unfreeze)
+    groups = param_groups(net, stages, cfg.settled()[1], cfg.lr_decay, cfg.weight_decay, main)
+    augment = BoxAugment(size, size, cfg.scale_range, hflip=bool(cfg.hflip), random=cfg.augment)
+    train_set = KeyedBoxes(ctx.train_samples, augment, ctx.limits)
+    sampler = EpochSampler(len(ctx.train_samples), dist, cfg.seed, augment=True)
+    per_rank = cfg.batch_size // dist.world
+    train_loader = DataLoader(train_set, sampler=sampler, batch_size=per_rank, num_workers=ctx.workers,
+                              collate_fn=collate_boxes, persistent_workers=ctx.workers > 0,
+                              generator=torch.Generator(), worker_init_fn=fix_mmap_threshold if ctx.workers else None)
+    optimizer, scheduler = make_optimizer(groups, cfg, len(train_loader))
+    staged = StagedUnfreeze(net, stages, main, cfg.head_epochs, dist, sampler, train_loader,
+                            forward=_TrainingForward(net))
+
+    val_loader = None
+    if ctx.val_samples:
+        val_loader = DataLoader(EvalBoxes(ctx.val_samples, ctx.pp, ctx.limits),
+                                sampler=ShardKeys(len(ctx.val_samples), dist, None), batch_size=8,
+                                num_workers=ctx.workers, collate_fn=list, persistent_workers=ctx.workers > 0,
+                                worker_init_fn=fix_mmap_threshold if ctx.workers else None)
+    num_classes = len(ctx.classes) - 1
+
+    def validate():
+        if val_loader is None:
+            return None
+        net.eval()
+        return evaluate_boxes(net, val_loader, num_classes, dist, ctx.amp)
+
+    return JobParts(prepare=staged.prepare, batches=staged.batches, steps=len(train_loader), validate=validate,
+                    optimizer=optimizer, scheduler=scheduler, trained=net, loss=detection_loss, hits=no_hits)
+
+
+def score_boxes(net: DetectionModel, batches: Iterable[list[tuple[torch.Tensor, tuple]]], device: torch.device,
+                amp) -> tuple[list[dict[str, Any]], float, int]:
+    """(detections, summed loss, images) of `net` (in eval mode) over lists of (image, sample) pairs:
+    per image `image_id`, `width`, `height`, the ground truth (`gt_boxes`, `gt_labels`) and the
+    detections (`boxes` x1 y1 x2 y2, `scores`, `labels`) as numpy arrays."""
+    results: list[dict[str, Any]] = []
+    loss_sum, images = 0.0, 0
+    with torch.inference_mode(), autocast(device, amp):
+        for items in batches:
+            if not items:
+                continue
+            xs = [x.to(device) for x, _ in items]
+            targets = [{"boxes": torch.tensor(s[1], dtype=torch.float32, device=device).reshape(-1, 4),
+                        "labels": torch.tensor(s[2], dtype=torch.int64, device=device)} for _, s in items]
+            detections, losses = net.detect_with_losses(xs, targets)
+            loss_sum += float(detection_loss(losses, None).cpu()) * len(items)
+            images += len(items)
+            for x, (_, sample), det in zip(xs, items, detections, strict=True):
+                results.append({"image_id": sample[3], "width": int(x.shape[-1]), "height": int(x.shape[-2]),
+                                "gt_boxes": np.asarray(sample[1], dtype=np.float64).reshape(-1, 4),
+                                "gt_labels": np.asarray(sample[2], dtype=np.int64),
+                                "boxes": det["boxes"].float().cpu().numpy().astype(np.float64),
+                                "scores": det["scores"].float().cpu().numpy().astype(np.float64),
+                                "labels": det["labels"].cpu().numpy().astype(np.int64)})
+    return results, loss_sum, images
+
+
+def evaluate_boxes(net: DetectionModel, batches, num_classes: int, dist: D.Dist, amp) -> dict[str, float]:
+    """Validation: `score_boxes` gathered from all processes, scored with COCO mAP."""
+    results, loss_sum, count = score_boxes(net, batches, dist.device, amp)
+    images = float(count)
+    if dist.enabled:
+        gathered: list[Any] = [None] * dist.world
+        torch.distributed.all_gather_object(gathered, results)
+        results = [r for part in gathered for r in (part or [])]
+        loss_sum, images = D.all_reduce_sum(dist, [loss_sum, images])
+    scores = coco_map(results, num_classes)
+    return {"loss": loss_sum / max(images, 1), "ap": scores.ap, "ap50": scores.ap50, "ap75": scores.ap75}
+
+
+# -- COCO mAP ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CocoScores:
+    """COCO box AP (pycocotools' COCOeval, 100 detections per image). None where nothing can be scored
+    (no ground truth of that size or class)."""
+
+    ap: float  # mean over IoU 0.50:0.95
+    ap50: float
+    ap75: float
+    ap_small: float | None
+    ap_medium: float | None
+    ap_large: float | None
+    ar100: float  # recall, 100 detections per image
+    class_ap: tuple[float | None, ...]  # per class (1..K), IoU 0.50:0.95
+    class_ap50: tuple[float | None, ...]
+    recall: tuple[float, ...]  # the 101 recall points of the precision-recall curves
+    precision50: tuple[tuple[float | None, ...], ...]  # per class: precision at IoU 0.5 over `recall`
+
+
+def coco_map(results: Sequence[dict[str, Any]], num_classes: int) -> CocoScores:
+    """Score `score_boxes` results (labels 1..num_classes) with pycocotools' `COCOeval`."""
+    coco_mod = require("pycocotools.coco")
+    eval_mod = require("pycocotools.cocoeval")
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    detections: list[dict[str, Any]] = []
+    for r in results:
+        images.append({"id": r["image_id"], "width": r["width"], "height": r["height"]})
+        for box, label in zip(r["gt_boxes"], r["gt_labels"], strict=True):
+            w, h = float(box[2] - box[0]), float(box[3] - box[1])
+            annotations.append({"id": len(annotations) + 1, "image_id": r["image_id"], "category_id": int(label),
+                                "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h, "iscrowd": 0})
+        for box, score, label in zip(r["boxes"], r["scores"], r["labels"], strict=True):
+            if 1 <= label <= num_classes:
+                detections.append({"image_id": r["image_id"], "category_id": int(label), "score": float(score),
+                                   "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
+                                            float(box[3] - box[1])]})
+    categories = [{"id": k, "name": str(k)} for k in range(1, num_classes + 1)]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
+        gt = coco_mod.COCO()
+        gt.dataset = {"images": images, "annotations": annotations, "categories": categories}
+        gt.createIndex()
+        dt = gt.loadRes(detections) if detections else coco_mod.COCO()
+        if not detections:
+            dt.dataset = {"images": images, "annotations": [], "categories": categories}
+            dt.createIndex()
+        ev = eval_mod.COCOeval(gt, dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = [float(v) for v in ev.stats]
+    precision = ev.eval["precision"]  # (IoU thresholds, recall points, classes, areas, max detections)
+    present = {int(a["category_id"]) for a in annotations}
+
+    def per_class(p: np.ndarray, k: int) -> float | None:
+        if k + 1 not in present:
+            return None
+        valid = p[p > -1]
+        return float(valid.mean()) if valid.size else 0.0
+
+    def at(v: float) -> float | None:
+        return None if v < 0 else v
+
+    class_ap = tuple(per_class(precision[:, :, k, 0, -1], k) for k in range(num_classes))
+    class_ap50 = tuple(per_class(precision[0, :, k, 0, -1], k) for k in range(num_classes))
+    curves = tuple(tuple(None if v < 0 else float(v) for v in precision[0, :, k, 0, -1]) for k in range(num_classes))
+    return CocoScores(ap=max(stats[0], 0.0), ap50=max(stats[1], 0.0), ap75=max(stats[2], 0.0), ap_small=at(stats[3]),
+                      ap_medium=at(stats[4]), ap_large=at(stats[5]), ar100=max(stats[8], 0.0), class_ap=class_ap,
+                      class_ap50=class_ap50, recall=tuple(float(v) for v in ev.params.recThrs), precision50=curves)
