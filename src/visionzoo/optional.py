@@ -21,6 +21,7 @@ _EXTRAS = {
     "pycocotools": ("COCO mAP of detectors", "detection"),
     "pycocotools.coco": ("COCO mAP of detectors", "detection"),
     "pycocotools.cocoeval": ("COCO mAP of detectors", "detection"),
+    "pycocotools.mask": ("instance masks in COCO's run-length encoding", "detection"),
     "ray": ("running on a Ray cluster (--engine ray)", "ray"),
     "ray.data": ("running on a Ray cluster (--engine ray)", "ray"),
     "starlette": ("the HTTP server", "serve"),

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 FAMILIES = ("alexnet", "convnext", "densenet", "efficientnet", "googlenet", "inception", "maxvit", "mnasnet",
             "mobilenetv2", "mobilenetv3", "regnet", "resnet", "shufflenetv2", "squeezenet", "swin_transformer", "vgg",
             "vision_transformer", "segmentation", "raft", "video_resnet", "s3d", "mvit", "swin3d",
-            "detection.retinanet", "detection.fcos", "detection.ssd", "detection.ssdlite", "detection.composed")
+            "detection.retinanet", "detection.fcos", "detection.ssd", "detection.ssdlite", "detection.rcnn",
+            "detection.composed")
 CATALOG = Path(__file__).parent / "weights" / "data" / "catalog.json"
 DEFAULT_MODEL = "efficientnet_lite0"  # the model every workflow uses unless told otherwise: offline, packaged
 

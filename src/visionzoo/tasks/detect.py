@@ -9,9 +9,15 @@ PyTorch (the torch backend), or as their exported ONNX graph (`runtime/detection
 resize, heads, decoding and NMS all in the file, exported once and cached) on ONNX Runtime or
 OpenVINO; an exported `.onnx` detector can be given as the model. `auto` is torch for a model and
 OpenVINO (else ONNX Runtime) for a file, as for the other non-classifiers (`runtime/autotune.py`).
+
+Mask R-CNN's instance masks (probabilities thresholded at 0.5) are reported in COCO's run-length
+encoding (pycocotools, the `detection` extra) and drawn as one translucent, outlined overlay per
+instance, each in its own colour; Keypoint R-CNN's keypoints are listed by name with their
+scores and drawn as a skeleton (COCO's person skeleton).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,6 +36,8 @@ from ..errors import InputError
 from ..factory import resolve_model
 from ..fileutil import atomic_path
 from ..models.base import VisionModel
+from ..models.detection.rcnn import COCO_PERSON_KEYPOINTS, COCO_PERSON_SKELETON
+from ..optional import require
 from ..runtime.backends import Backend, is_model_file, open_runner
 from ..runtime.options import InferenceOptions
 
@@ -37,6 +45,19 @@ DEFAULT_DETECTOR = "ssdlite320_mobilenet_v3_large"
 # distinct, saturated colours; the label's text is black or white, whichever contrasts more
 PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40))
+MASK_THRESHOLD = 0.5  # a pixel belongs to an instance where its mask probability reaches this
+MASK_OPACITY = 0.45  # of an instance's colour over the image
+
+
+@dataclass(frozen=True)
+class Keypoint:
+    name: str
+    x: float
+    y: float
+    score: float  # the heatmap's logit at the keypoint (above 0: likely visible)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "x": self.x, "y": self.y, "score": self.score}
 
 
 @dataclass(frozen=True)
@@ -48,10 +69,17 @@ class Box:
     index: int  # the class index the model predicts (COCO's category id for the published detectors)
     label: str
     score: float
+    mask: dict | None = None  # instance segmentation: COCO RLE, {"size": [height, width], "counts": str}
+    keypoints: tuple[Keypoint, ...] | None = None  # keypoint detection: one per keypoint name
 
     def to_dict(self) -> dict:
-        return {"box": [self.x1, self.y1, self.x2, self.y2], "index": self.index, "label": self.label,
-                "score": self.score}
+        d: dict[str, Any] = {"box": [self.x1, self.y1, self.x2, self.y2], "index": self.index, "label": self.label,
+                             "score": self.score}
+        if self.mask is not None:
+            d["mask"] = self.mask
+        if self.keypoints is not None:
+            d["keypoints"] = [k.to_dict() for k in self.keypoints]
+        return d
 
 
 @dataclass(frozen=True)
@@ -91,6 +119,7 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
     if opts.precision not in (Precision.AUTO, Precision.FP32):  # auto is fp32 for detectors today
         raise InputError(f"detect runs detectors in fp32 only, not {opts.precision.value}; drop --precision")
     run: Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]]
+    card: Any = None  # (names the keypoints of a model in PyTorch; exported graphs give boxes only)
     if is_model_file(model) or opts.backend in (Backend.ONNXRUNTIME, Backend.OPENVINO):
         run, preprocess, classes = _on_runtime(model, opts)
     else:
@@ -123,11 +152,11 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
             if ready:
                 outputs = run([image for _, image in ready])
                 for (i, image), out in zip(ready, outputs, strict=True):
-                    boxes = _boxes(out, threshold, classes)
+                    boxes = _with_instances(_boxes(out, threshold, classes), out, threshold, card)
                     drawn = None
                     if draw_dir is not None:
                         drawn = str(Path(draw_dir) / names[i])
-                        _save_png(draw_detections(image, boxes), drawn)
+                        _save_png(draw_detections(image, boxes, _instance_masks(out, threshold)), drawn)
                     results[i] = Detections(str(files[i]), int(image.shape[-1]), int(image.shape[-2]), boxes, drawn)
             for i in chunk:
                 yield results[i]
@@ -184,6 +213,51 @@ def _boxes(out: dict[str, torch.Tensor], threshold: float, classes: Sequence[str
                  for (x1, y1, x2, y2), label, score in rows)
 
 
+def _instance_masks(out: dict[str, torch.Tensor], threshold: float) -> torch.Tensor | None:
+    """The (D, H, W) boolean masks of the detections at or above `threshold` (None: the model has no masks)."""
+    if "masks" not in out:
+        return None
+    return out["masks"][out["scores"] >= threshold, 0] >= MASK_THRESHOLD
+
+
+def _with_instances(boxes: tuple[Box, ...], out: dict[str, torch.Tensor], threshold: float, card: Any
+                    ) -> tuple[Box, ...]:
+    """`boxes` with their masks (COCO RLE) and keypoints (named), where the model predicts them."""
+    masks = _instance_masks(out, threshold)
+    rles: list[dict | None] = [None] * len(boxes)
+    if masks is not None and len(boxes):
+        rles = list(encode_masks(masks))
+    keypoints: list[tuple[Keypoint, ...] | None] = [None] * len(boxes)
+    if "keypoints" in out:
+        keep = out["scores"] >= threshold
+        points, scores = out["keypoints"][keep].tolist(), out["keypoints_scores"][keep].tolist()
+        names = keypoint_names(card, len(points[0]) if points else 0)
+        keypoints = [tuple(Keypoint(n, x, y, s) for n, (x, y, _), s in zip(names, kps, kp_scores, strict=True))
+                     for kps, kp_scores in zip(points, scores, strict=True)]
+    if masks is None and "keypoints" not in out:
+        return boxes
+    return tuple(dataclasses.replace(b, mask=m, keypoints=k) for b, m, k in zip(boxes, rles, keypoints, strict=True))
+
+
+def encode_masks(masks: torch.Tensor) -> list[dict]:
+    """(D, H, W) boolean masks in COCO's run-length encoding: `{"size": [H, W], "counts": str}` each."""
+    mask_api = require("pycocotools.mask")
+    fortran = np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
+    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+            for rle in mask_api.encode(fortran)]
+
+
+def keypoint_names(card: Any, count: int) -> tuple[str, ...]:
+    """The weights' keypoint names; COCO's person keypoints for 17 without weights; else numbered."""
+    weights = getattr(card, "weights", None)
+    names = weights.keypoint_names if weights is not None else None
+    if names is not None and len(names) == count:
+        return tuple(names)
+    if count == len(COCO_PERSON_KEYPOINTS):
+        return COCO_PERSON_KEYPOINTS
+    return tuple(f"keypoint_{j}" for j in range(count))
+
+
 def _class_name(classes: Sequence[str] | None, index: int) -> str:
     return classes[index] if classes is not None and 0 <= index < len(classes) else f"class_{index}"
 
@@ -207,12 +281,19 @@ def _save_png(image: Image.Image, path: str) -> None:
         image.save(tmp, format="PNG")
 
 
-def draw_detections(image: torch.Tensor, boxes: Sequence[Box]) -> Image.Image:
+def draw_detections(image: torch.Tensor, boxes: Sequence[Box], masks: torch.Tensor | None = None) -> Image.Image:
     """The image (CHW in [0, 1]) with `boxes` drawn: each box outlined in its class's colour over a dark
-    rim, and its label and score on a filled tag of that colour, so both read on light and dark areas."""
-    pixels = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    canvas = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+    rim, and its label and score on a filled tag of that colour, so both read on light and dark areas.
+    `masks` ((D, H, W) booleans, one per box) are laid under the boxes, each instance in its own colour,
+    outlined; boxes with keypoints get their skeleton."""
+    pixels = image.detach().cpu().clamp(0, 1).permute(1, 2, 0)
+    if masks is not None and len(masks):
+        pixels = overlay_masks(pixels, masks.cpu())
+    canvas = Image.fromarray(np.ascontiguousarray((pixels * 255).round().to(torch.uint8).numpy()), "RGB")
     draw = ImageDraw.Draw(canvas)
+    for box in boxes:
+        if box.keypoints:
+            draw_skeleton(draw, box.keypoints, max(2, round(min(canvas.size) / 200)))
     width = max(2, round(min(canvas.size) / 250))
     font = _font(max(11, round(min(canvas.size) / 40)))
     for box in reversed(boxes):  # the best drawn last, on top
@@ -229,6 +310,37 @@ def draw_detections(image: torch.Tensor, boxes: Sequence[Box]) -> Image.Image:
         draw.text((box.x1 + 3 - left, y + 2 - top), text, fill=(0, 0, 0) if luminance > 140 else (255, 255, 255),
                   font=font)
     return canvas
+
+
+def overlay_masks(pixels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """(H, W, 3) pixels in [0, 1] with each of the (D, H, W) boolean masks blended in in its own colour (the
+    instance's, not its class's, so that neighbours of one class stay apart), its edge drawn solid."""
+    colours = torch.tensor(PALETTE, dtype=pixels.dtype) / 255
+    out = pixels.clone()
+    for k, mask in reversed(list(enumerate(masks))):  # the best on top
+        colour = colours[k % len(colours)]
+        out[mask] = (1 - MASK_OPACITY) * out[mask] + MASK_OPACITY * colour
+        inner = mask.clone()  # pixels whose four neighbours are all in the mask
+        inner[1:] &= mask[:-1]
+        inner[:-1] &= mask[1:]
+        inner[:, 1:] &= mask[:, :-1]
+        inner[:, :-1] &= mask[:, 1:]
+        out[mask & ~inner] = colour
+    return out
+
+
+def draw_skeleton(draw: ImageDraw.ImageDraw, keypoints: Sequence[Keypoint], width: int) -> None:
+    """The keypoints likely visible (score above 0) as dots, and COCO's skeleton between those pairs."""
+    seen = {k.name: k for k in keypoints if k.score > 0}
+    for a, b in COCO_PERSON_SKELETON:
+        if a in seen and b in seen:
+            line = (seen[a].x, seen[a].y, seen[b].x, seen[b].y)
+            draw.line(line, fill=(0, 0, 0), width=width + 2)
+            draw.line(line, fill=(255, 255, 255), width=width)
+    r = width + 1
+    for j, k in enumerate(keypoints):
+        if k.score > 0:
+            draw.ellipse((k.x - r, k.y - r, k.x + r, k.y + r), fill=PALETTE[j % len(PALETTE)], outline=(0, 0, 0))
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

@@ -15,7 +15,7 @@ from torch import nn
 from ...errors import InputError
 from ..base import ZooModel
 from ..features import capture_stages, resolve_out_indices
-from ..layers import FrozenBatchNorm2d
+from ..layers import FrozenBatchNorm2d, set_norm_eps
 from ..resnet import VARIANTS as RESNET_VARIANTS
 from ..resnet import ResNet
 from .fpn import ExtraLevels, FeaturePyramidNetwork
@@ -45,13 +45,19 @@ class BackboneWithFPN(nn.Module):
         return self.fpn(capture_stages(self.body, self.out_indices, x))
 
 
-def resnet_body(variant: str = "resnet50", frozen_norm: bool = True, trainable_layers: int = 3) -> ResNet:
+def resnet_body(variant: str = "resnet50", frozen_norm: bool = True, trainable_layers: int | None = 3,
+                frozen_bn_eps: float | None = None) -> ResNet:
     """A zoo ResNet without its classifier, as detection backbones use it: FrozenBatchNorm2d (the
     batches are too small for batch statistics) or BatchNorm2d, and the first `5 - trainable_layers`
-    of (conv1, layer1, ..., layer4) frozen."""
+    of (conv1, layer1, ..., layer4) frozen (None: 3 trainable, torchvision's default).
+    `frozen_bn_eps` overrides the normalisation eps (some published files need 0.0)."""
     norm_layer = FrozenBatchNorm2d if frozen_norm else nn.BatchNorm2d
     body = ResNet(RESNET_VARIANTS[variant], num_classes=0, norm_layer=norm_layer)
-    freeze_resnet_layers(body, trainable_layers)
+    freeze_resnet_layers(body, 3 if trainable_layers is None else trainable_layers)
+    if frozen_bn_eps is not None:
+        if frozen_bn_eps < 0:
+            raise InputError(f"frozen_bn_eps must be >= 0, got {frozen_bn_eps!r}")
+        set_norm_eps(body, frozen_bn_eps)
     return body
 
 

@@ -169,6 +169,26 @@ def postprocess_dense(level_scores: Sequence[torch.Tensor], decode: Callable[[in
     return {"boxes": all_boxes[keep], "scores": all_scores[keep], "labels": all_labels[keep]}
 
 
+def dense_detections(model: Any, level_scores: Callable[[int], Sequence[torch.Tensor]],
+                     outputs: dict[str, torch.Tensor], anchors: list[torch.Tensor], batch: ImageBatch,
+                     features: list[torch.Tensor]) -> list[Target]:
+    """Every image's detections from a dense head (RetinaNet, FCOS): `level_scores(i)` gives image
+    i's flattened scores per level; boxes are decoded from `outputs["bbox_regression"]` with the
+    model's `box_coder` and kept by its thresholds (see `postprocess_dense`)."""
+    regression = split_levels(outputs["bbox_regression"], features)
+    detections = []
+    for i, image_size in enumerate(batch.image_sizes):
+        level_anchors = split_levels(anchors[i], features, dim=0)
+
+        def decode(level: int, idx: torch.Tensor, i: int = i, level_anchors=level_anchors) -> torch.Tensor:
+            return model.box_coder.decode(regression[level][i][idx], level_anchors[level][idx])
+
+        detections.append(postprocess_dense(level_scores(i), decode, model.num_classes, image_size,
+                                            model.score_thresh, model.topk_candidates, model.nms_thresh,
+                                            model.detections_per_img))
+    return detections
+
+
 def split_levels(tensor: torch.Tensor, features: list[torch.Tensor], dim: int = 1) -> list[torch.Tensor]:
     """`tensor`'s per-location entries (H*W*A per level along `dim`) split by feature level."""
     locations = [f.shape[-2] * f.shape[-1] for f in features]

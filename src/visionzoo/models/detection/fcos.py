@@ -18,7 +18,6 @@ from torch import nn
 
 from ...errors import InputError
 from ...ops import BoxLinearCoder
-from ..layers import set_norm_eps
 from .anchors import AnchorGenerator
 from .backbones import BackboneWithFPN, resnet_body
 from .base import (
@@ -27,12 +26,12 @@ from .base import (
     DetectionModel,
     check_num_classes,
     declared_out_channels,
-    postprocess_dense,
+    dense_detections,
     split_levels,
 )
 from .fpn import LastLevelP6P7
 from .losses import generalized_box_iou_loss, sigmoid_focal_loss
-from .retinanet import class_logits_conv, flatten_level
+from .retinanet import class_logits_conv, flatten_level, reset_class_logits
 from .transform import DetectionTransform, ImageBatch, Target
 
 
@@ -130,11 +129,7 @@ class FCOS(DetectionModel):
         self.cfg = cfg
         self.num_classes = check_num_classes(num_classes)
         if backbone is None:
-            body = resnet_body(cfg.backbone, True, 3 if trainable_backbone_layers is None
-                               else trainable_backbone_layers)
-            if frozen_bn_eps < 0:
-                raise InputError(f"frozen_bn_eps must be >= 0, got {frozen_bn_eps!r}")
-            set_norm_eps(body, frozen_bn_eps)
+            body = resnet_body(cfg.backbone, True, trainable_backbone_layers, frozen_bn_eps)
             backbone = BackboneWithFPN(body, (2, 3, 4), 256, LastLevelP6P7(256, 256))
         self.backbone = backbone
         self.anchor_generator = anchor_generator or fcos_anchors()
@@ -151,11 +146,7 @@ class FCOS(DetectionModel):
         self.topk_candidates = topk_candidates
 
     def reset_classifier(self, num_classes: int) -> None:
-        head = self.head.classification_head
-        old = head.cls_logits
-        head.cls_logits = class_logits_conv(old.in_channels, head.num_anchors, check_num_classes(num_classes)).to(
-            device=old.weight.device, dtype=old.weight.dtype)
-        head.num_classes = self.num_classes = num_classes
+        self.num_classes = reset_class_logits(self.head.classification_head, num_classes)
 
     def match(self, target: Target, anchors: torch.Tensor, num_anchors_per_level: list[int]) -> torch.Tensor:
         """Each location's ground-truth box (or -1): the smallest box whose centre region (radius in
@@ -222,20 +213,13 @@ class FCOS(DetectionModel):
     def postprocess_detections(self, outputs: dict[str, torch.Tensor], anchors: list[torch.Tensor],
                                batch: ImageBatch, features: list[torch.Tensor]) -> list[Target]:
         logits = split_levels(outputs["cls_logits"], features)
-        regression = split_levels(outputs["bbox_regression"], features)
         centreness = split_levels(outputs["bbox_ctrness"], features)
-        detections = []
-        for i, image_size in enumerate(batch.image_sizes):
-            level_anchors = split_levels(anchors[i], features, dim=0)
 
-            def decode(level: int, idx: torch.Tensor, i: int = i, level_anchors=level_anchors) -> torch.Tensor:
-                return self.box_coder.decode(regression[level][i][idx], level_anchors[level][idx])
+        def scores(i: int) -> list[torch.Tensor]:
+            return [torch.sqrt(torch.sigmoid(cls[i]) * torch.sigmoid(ctr[i])).flatten()
+                    for cls, ctr in zip(logits, centreness, strict=True)]
 
-            scores = [torch.sqrt(torch.sigmoid(cls[i]) * torch.sigmoid(ctr[i])).flatten()
-                      for cls, ctr in zip(logits, centreness, strict=True)]
-            detections.append(postprocess_dense(scores, decode, self.num_classes, image_size, self.score_thresh,
-                                                self.topk_candidates, self.nms_thresh, self.detections_per_img))
-        return detections
+        return dense_detections(self, scores, outputs, anchors, batch, features)
 
 
 MODEL_CLASS = FCOS

@@ -15,14 +15,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import InputError
 from ...ops import BoxCoder, box_iou
-from ..layers import ConvNormAct, set_norm_eps
+from ..layers import ConvNormAct
 from .anchors import AnchorGenerator
 from .backbones import BackboneWithFPN, resnet_body
 from .base import (
@@ -31,7 +31,7 @@ from .base import (
     DetectionModel,
     check_num_classes,
     declared_out_channels,
-    postprocess_dense,
+    dense_detections,
     split_levels,
 )
 from .fpn import LastLevelP6P7
@@ -92,6 +92,16 @@ def class_logits_conv(in_channels: int, num_anchors: int, num_classes: int, prio
     if conv.bias is not None:
         nn.init.constant_(conv.bias, -math.log((1 - prior_probability) / prior_probability))
     return conv
+
+
+def reset_class_logits(head: Any, num_classes: int) -> int:  # RetinaNet's or FCOS's classification head
+    """Give a dense classification head (`cls_logits`, `num_anchors`, `num_classes`) a new class
+    layer for `num_classes`, on the old layer's device and dtype; returns `num_classes`."""
+    old = head.cls_logits
+    head.cls_logits = class_logits_conv(old.in_channels, head.num_anchors, check_num_classes(num_classes)).to(
+        device=old.weight.device, dtype=old.weight.dtype)
+    head.num_classes = num_classes
+    return num_classes
 
 
 class RetinaNetClassificationHead(nn.Module):
@@ -168,11 +178,7 @@ class RetinaNet(DetectionModel):
         self.cfg = cfg
         self.num_classes = check_num_classes(num_classes)
         if backbone is None:
-            body = resnet_body(cfg.backbone, cfg.frozen_norm, 3 if trainable_backbone_layers is None
-                               else trainable_backbone_layers)
-            if frozen_bn_eps < 0:
-                raise InputError(f"frozen_bn_eps must be >= 0, got {frozen_bn_eps!r}")
-            set_norm_eps(body, frozen_bn_eps)
+            body = resnet_body(cfg.backbone, cfg.frozen_norm, trainable_backbone_layers, frozen_bn_eps)
             extra = LastLevelP6P7(body.num_features if cfg.p6_from_c5 else 256, 256)
             backbone = BackboneWithFPN(body, (2, 3, 4), 256, extra)
         self.backbone = backbone
@@ -190,11 +196,7 @@ class RetinaNet(DetectionModel):
         self.topk_candidates = topk_candidates
 
     def reset_classifier(self, num_classes: int) -> None:
-        head = self.head.classification_head
-        old = head.cls_logits
-        head.cls_logits = class_logits_conv(old.in_channels, head.num_anchors, check_num_classes(num_classes)).to(
-            device=old.weight.device, dtype=old.weight.dtype)
-        head.num_classes = self.num_classes = num_classes
+        self.num_classes = reset_class_logits(self.head.classification_head, num_classes)
 
     def compute_loss(self, targets: list[Target], outputs: dict[str, torch.Tensor], anchors: list[torch.Tensor],
                      features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -221,18 +223,8 @@ class RetinaNet(DetectionModel):
     def postprocess_detections(self, outputs: dict[str, torch.Tensor], anchors: list[torch.Tensor],
                                batch: ImageBatch, features: list[torch.Tensor]) -> list[Target]:
         logits = split_levels(outputs["cls_logits"], features)
-        regression = split_levels(outputs["bbox_regression"], features)
-        detections = []
-        for i, image_size in enumerate(batch.image_sizes):
-            level_anchors = split_levels(anchors[i], features, dim=0)
-
-            def decode(level: int, idx: torch.Tensor, i: int = i, level_anchors=level_anchors) -> torch.Tensor:
-                return self.box_coder.decode(regression[level][i][idx], level_anchors[level][idx])
-
-            detections.append(postprocess_dense(
-                [torch.sigmoid(level[i]).flatten() for level in logits], decode, self.num_classes, image_size,
-                self.score_thresh, self.topk_candidates, self.nms_thresh, self.detections_per_img))
-        return detections
+        return dense_detections(self, lambda i: [torch.sigmoid(level[i]).flatten() for level in logits], outputs,
+                                anchors, batch, features)
 
     def _current_name(self, key: str) -> str:
         # torchvision's first RetinaNet heads had plain conv/ReLU lists: conv.0, conv.2, ... are conv.i.0

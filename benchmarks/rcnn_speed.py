@@ -1,0 +1,149 @@
+"""End-to-end two-stage detector speed: visionzoo's Faster R-CNN-MobileNetV3-320 and Mask R-CNN-ResNet50-FPN
+against torchvision's.
+
+    python benchmarks/rcnn_speed.py [--models fasterrcnn_mobilenet_v3_large_320_fpn,maskrcnn_resnet50_fpn]
+                                    [--repeats 5] [--threads 2] [--box-score-thresh 0.05]
+                                    [--reference-python PATH] [--json]
+
+Each model runs eagerly, float32, under `torch.inference_mode()`, on one 640x480 image (random pixels),
+from the input list to the final detections (transform, backbone, proposals, RoIAlign, box head, NMS per
+class, masks pasted into the image). Weights are random, built as for the published weights
+(FrozenBatchNorm2d backbones). With random weights no class score reaches the default
+`box_score_thresh` of 0.05, so the default run (the anchors' setting) ends after the box head with no
+detections; `--box-score-thresh 0` is the heaviest case instead: every proposal and class reaches the
+per-class NMS (about 90,000 boxes) and the 100 detections go through the mask head and mask pasting.
+The median of --repeats runs after a warm-up is printed next to torchvision's time on this kind of
+machine (tests/fixtures/tasks/README.md, default thresholds) and the ratio.
+
+With --reference-python (an interpreter with torchvision, e.g. /work/tvenv/bin/python), the same weights
+and image also run through torchvision's model in a subprocess right after ours (the fair comparison on
+a busy machine), which also reports whether both gave the same detections. Target: no slower than
+torchvision.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from visionzoo.models.detection import rcnn  # noqa: E402
+
+ANCHORS_MS = {"fasterrcnn_mobilenet_v3_large_320_fpn": 86.0, "maskrcnn_resnet50_fpn": 3536.0}  # torchvision 0.29
+
+REFERENCE = r"""
+import json, statistics, sys, time
+import torch
+from torchvision.models import mobilenet_v3_large, resnet50
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
+from torchvision.ops.misc import FrozenBatchNorm2d
+folder, threads, repeats, names = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split(",")
+thresh = float(sys.argv[5])
+torch.set_num_threads(threads)
+def build(name):  # as torchvision builds them for their default (COCO) weights
+    if name == "fasterrcnn_mobilenet_v3_large_320_fpn":
+        body = _mobilenet_extractor(mobilenet_v3_large(norm_layer=FrozenBatchNorm2d), True, 3)
+        anchors = AnchorGenerator(((32, 64, 128, 256, 512),) * 3, ((0.5, 1.0, 2.0),) * 3)
+        return FasterRCNN(body, 91, rpn_anchor_generator=anchors, min_size=320, max_size=640,
+                          rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=150, rpn_score_thresh=0.05,
+                          box_score_thresh=thresh)
+    return MaskRCNN(_resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3), 91, box_score_thresh=thresh)
+image = torch.load(f"{folder}/image.pt")
+out = {}
+for name in names:
+    model = build(name)
+    model.load_state_dict(torch.load(f"{folder}/{name}.pt"), strict=True)
+    model.eval()
+    with torch.inference_mode():
+        det = model([image])[0]
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter(); model([image]); times.append(time.perf_counter() - t)
+    out[name] = {"ms": 1e3 * statistics.median(times), "boxes": det["boxes"].tolist(), "labels": det["labels"].tolist()}
+print(json.dumps(out))
+"""
+
+
+def build(name: str, box_score_thresh: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return rcnn.MODEL_CLASS(rcnn.VARIANTS[name], box_score_thresh=box_score_thresh).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(ANCHORS_MS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--box-score-thresh", type=float, default=0.05, help="0: every candidate reaches NMS")
+    parser.add_argument("--reference-python", help="an interpreter with torchvision, to time its models too")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    names = args.models.split(",")
+    image = torch.rand(3, 480, 640, generator=torch.Generator().manual_seed(0))
+
+    ours, detections, models = {}, {}, {}
+    for name in names:
+        model = models[name] = build(name, args.box_score_thresh)
+        with torch.inference_mode():
+            detections[name] = model([image])[0]  # (also the warm-up)
+            times = []
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                model([image])
+                times.append(time.perf_counter() - t)
+        ours[name] = 1e3 * statistics.median(times)
+
+    reference = {}
+    if args.reference_python:
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save(image, f"{folder}/image.pt")
+            for name, model in models.items():
+                torch.save(model.state_dict(), f"{folder}/{name}.pt")
+            proc = subprocess.run([args.reference_python, "-c", REFERENCE, folder, str(args.threads),
+                                   str(args.repeats), ",".join(names), str(args.box_score_thresh)],
+                                  capture_output=True, text=True, check=True)
+        reference = json.loads(proc.stdout.strip().splitlines()[-1])
+
+    rows = []
+    for name, ms in ours.items():
+        row = {"model": name, "detections": int(detections[name]["boxes"].shape[0]), "ours_ms": round(ms, 1),
+               "anchor_ms": ANCHORS_MS[name], "ratio_to_anchor": round(ms / ANCHORS_MS[name], 3)}
+        if reference:
+            ref = reference[name]
+            same = (ref["labels"] == detections[name]["labels"].tolist()
+                    and torch.allclose(torch.tensor(ref["boxes"]).reshape(-1, 4), detections[name]["boxes"],
+                                       rtol=1e-4, atol=1e-3))
+            row.update(torchvision_ms=round(ref["ms"], 1), ratio_to_torchvision=round(ms / ref["ms"], 3),
+                       same_detections=same)
+        rows.append(row)
+    if args.json:
+        print(json.dumps({"threads": args.threads, "repeats": args.repeats, "box_score_thresh": args.box_score_thresh,
+                          "rows": rows}, indent=1))
+        return
+    print(f"one 640x480 image, float32, eager, {args.threads} threads, random weights, box_score_thresh "
+          f"{args.box_score_thresh}, median of {args.repeats}")
+    header = f"{'model':<38} {'boxes':>5} {'ours ms':>9} {'anchor ms':>10} {'ratio':>6}"
+    if reference:
+        header += f" {'torchvision ms':>15} {'ratio':>6} {'same':>5}"
+    print(header)
+    for r in rows:
+        line = (f"{r['model']:<38} {r['detections']:>5} {r['ours_ms']:>9.1f} {r['anchor_ms']:>10.1f} "
+                f"{r['ratio_to_anchor']:>6.2f}")
+        if reference:
+            line += f" {r['torchvision_ms']:>15.1f} {r['ratio_to_torchvision']:>6.2f} {str(r['same_detections']):>5}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The two-stage detectors are torchvision's networks: identical state-dict keys and shapes, and on filled
+weights in float64 the same detections (count, order, labels) with boxes, scores, masks (the stored subsample
+of the first ten and every mask's sum) and keypoints within 1e-10 (relative) of the reference, on two images
+of different sizes batched together."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from visionzoo.registry import REGISTRY
+
+from .parity import TASKS, assert_keys_match, build_float64, fill_, relative_error, tolerance
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+_ALL_CASES = json.loads((TASKS / "manifest.json").read_text())["cases"]
+CASES = {name: case for name, case in _ALL_CASES.items() if "rcnn" in name}
+# ResNet-50-FPN at 800 px on two images in float64 (minutes on one thread), and MobileNetV3 at 800 px (~25 s)
+FAST = {"fasterrcnn_mobilenet_v3_large_320_fpn"}
+
+
+@pytest.fixture(scope="module")
+def task_data():
+    return np.load(TASKS / "inputs.npz"), np.load(TASKS / "outputs.npz")
+
+
+def build_filled(name: str) -> torch.nn.Module:
+    """The detector as the fixtures were made (`weights="DEFAULT"`): manifest kwargs plus the build settings
+    the default weights record implies (frozen_bn_eps 0 for the v1 ResNet files), filled, float64, heads
+    scaled after the conversion in the listed order."""
+    case = CASES[name]
+    arch = REGISTRY.get_architecture(name)
+    implied = dict(REGISTRY.get_weights(name).builder_kwargs)
+    model = build_float64(lambda: arch.build(**case["kwargs"], **implied))
+    assert_keys_match(model, case)
+    assert sum(p.numel() for p in model.parameters()) == case["num_params"]
+    fill_(model, seed=0)
+    with torch.no_grad():
+        for module_name, factor in case.get("scaled", {}).items():
+            module = model.get_submodule(module_name)
+            module.weight.mul_(factor)
+            module.bias.mul_(factor)
+    return model
+
+
+def stored_output(det: dict[str, torch.Tensor], key: str) -> np.ndarray:
+    """Our output in the fixture's form (masks: the first ten at every second pixel, or each one's sum)."""
+    if key == "masks_first10_strided2":
+        return det["masks"][:10, :, ::2, ::2].numpy()
+    if key == "masks_sum":
+        return det["masks"].flatten(1).sum(1).numpy()
+    return det[key].numpy()
+
+
+def test_every_two_stage_architecture_has_a_case():
+    assert set(CASES) == {"fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
+                          "fasterrcnn_mobilenet_v3_large_320_fpn", "maskrcnn_resnet50_fpn",
+                          "maskrcnn_resnet50_fpn_v2", "keypointrcnn_resnet50_fpn"}
+    assert {REGISTRY.get_architecture(name).family for name in CASES} == {"detection.rcnn"}
+
+
+@pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in sorted(CASES)])
+def test_rcnn_parity(name, task_data):
+    inputs, outputs = task_data
+    case = CASES[name]
+    model = build_filled(name)
+    images = [torch.from_numpy(inputs[key]).double() for key in case["inputs"]]
+    with torch.inference_mode():
+        detections = model(images)
+    assert len(detections) == len(images)
+    checked = set()
+    for i, det in enumerate(detections):
+        assert det["boxes"].shape[0] == case[f"num_detections_{i}"]
+        for output in case["outputs"]:
+            index, _, key = output.partition("_")
+            if int(index) != i:
+                continue
+            ref, ours = outputs[f"{name}/{output}"], stored_output(det, key)
+            assert ours.shape == ref.shape, output
+            if key == "labels":
+                assert np.array_equal(ours, ref), output
+            else:
+                assert relative_error(ours, ref) <= tolerance(case), (output, relative_error(ours, ref))
+            checked.add(key)
+    expected = {"boxes", "labels", "scores"}
+    expected |= {"masks_first10_strided2", "masks_sum"} if "maskrcnn" in name else set()
+    expected |= {"keypoints", "keypoints_scores"} if "keypointrcnn" in name else set()
+    assert checked == expected
