@@ -252,8 +252,8 @@ class RCNN(DetectionModel):
             trunk = MobileNetV3(MOBILENETV3_VARIANTS[cfg.backbone], num_classes=0, norm_layer=FrozenBatchNorm2d)
             set_norm_eps(trunk, frozen_bn_eps)
             return MobileNetV3FPN(trunk, trainable_layers)
-        body = resnet_body(cfg.backbone, frozen_norm=not cfg.v2, trainable_layers=trainable_layers)
-        set_norm_eps(body, frozen_bn_eps)
+        body = resnet_body(cfg.backbone, frozen_norm=not cfg.v2, trainable_layers=trainable_layers,
+                           frozen_bn_eps=frozen_bn_eps)
         return BackboneWithFPN(body, (1, 2, 3, 4), 256, LastLevelMaxPool(), nn.BatchNorm2d if cfg.v2 else None)
 
     @property
