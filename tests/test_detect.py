@@ -91,3 +91,14 @@ def test_cli_detect_prints_json_lines_with_coco_names_and_exits_partial(capsys, 
             assert len(d["box"]) == 4 and d["label"] == coco[d["index"]] and 0 <= d["score"] <= 1
         assert (tmp_path / "drawn" / row["drawn"].rsplit("/", 1)[-1]).is_file()
     assert "notes.jpg" in err and "2 detected, 1 failed" in err
+    # the same boxes as COCO results, the format COCOeval reads: x, y, width, height per image id
+    results = json.loads((tmp_path / "drawn" / "coco_results.json").read_text())
+    assert len(results) == sum(len(r["detections"]) for r in rows) == 600
+    by_file = {r["path"]: i for i, r in enumerate(rows)}
+    for res in results[::50]:
+        row = rows[by_file[res["file_name"]]]
+        assert res["image_id"] == by_file[res["file_name"]] + 1
+        match = [d for d in row["detections"] if d["index"] == res["category_id"]
+                 and abs(d["score"] - res["score"]) < 1e-5]
+        assert any(res["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=0.01)
+                   for x1, y1, x2, y2 in (d["box"] for d in match)), res

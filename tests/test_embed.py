@@ -141,6 +141,7 @@ def _many_images(folder: Path, count: int) -> None:
     (folder / "img0190.jpg").write_bytes(b"")  # in the last chunk
 
 
+@pytest.mark.slow  # 20 s quiet
 def test_killed_run_resumes_to_the_same_file(tmp_path):
     folder = tmp_path / "images"
     _many_images(folder, 200)  # 13 chunks of 16
@@ -236,6 +237,7 @@ def test_old_sidecars_are_still_read(tmp_path):
     assert paths == ["a.png", "b.png"] and vectors.shape == (2, 2)
 
 
+@pytest.mark.slow  # 11 s quiet
 def test_a_second_run_on_the_same_output_is_refused_and_the_first_is_intact(tmp_path):
     """The issue's `embed many -o o.npy & embed many -o o.npy --normalize`: the first wrote 640
     rows of which 544 were the second's. Now the second stops at once, naming the first."""

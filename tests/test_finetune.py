@@ -163,6 +163,7 @@ def test_auto_chooses_linear_for_a_handful_of_images_per_class(digits_small, tmp
     assert visionzoo.create_model(result.bundle).num_classes == 10
 
 
+@pytest.mark.slow  # 23 s quiet
 def test_partial_trains_only_the_last_stages(digits_small, tmp_path):
     result = visionzoo.finetune(digits_small, tmp_path / "partial", strategy="partial", unfreeze=1, epochs=1,
                                 image_size=32, progress=False, num_workers=0, precision="bf16")
@@ -199,6 +200,7 @@ def test_gradient_accumulation_matches_a_larger_batch(digits_small, tmp_path):
 RESUME_RUN = {"strategy": "full", "epochs": 3, "head_epochs": 1, "image_size": 32, "batch_size": 16}
 
 
+@pytest.mark.slow  # three runs and a subprocess (18 s quiet)
 def test_a_run_killed_in_epoch_2_resumes_to_the_same_weights(digits_small, tmp_path):
     kill_in_epoch_2(digits_small, tmp_path / "run", RESUME_RUN, tmp_path)
     with pytest.raises(InputError, match="pass --resume"):
@@ -216,6 +218,7 @@ def test_a_run_killed_in_epoch_2_resumes_to_the_same_weights(digits_small, tmp_p
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow  # two processes each: 13-16 s quiet
 @pytest.mark.parametrize("strategy", ["full", "linear"])
 def test_torchrun_with_two_processes_writes_a_loadable_bundle(digits_small, tmp_path, strategy):
     out = tmp_path / "ddp"

@@ -34,6 +34,7 @@ def test_pruning_removes_whole_channels_and_keeps_the_interface():
     assert [i.num_chs for i in pruned.feature_info] != [i.num_chs for i in maps.feature_info]
 
 
+@pytest.mark.slow  # 10 fine-tuning epochs: an accuracy figure (38 s quiet)
 def test_prune_and_finetune_the_digits_bundle(digits_bundle, digits_dir, tmp_path):
     """The mechanics, cheaply: channels go, the interface stays, fine-tuning starts from the pruned
     network and improves it. How far 10 epochs recover the accuracy is a figure of

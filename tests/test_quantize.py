@@ -33,6 +33,7 @@ def lite0_int8(tmp_path_factory):
     return result
 
 
+@pytest.mark.slow  # calibration and 112 photos: 35 s quiet
 def test_static_quantization_keeps_the_top1_on_real_photos(lite0_int8, tmp_path):
     result = lite0_int8
     assert result.mode is QuantMode.STATIC and result.calibration_images == 140
@@ -57,6 +58,7 @@ def test_quantized_file_runs_in_predict(lite0_int8):
     assert pred.label == "espresso"
 
 
+@pytest.mark.slow  # an accuracy figure (14 s quiet)
 def test_a_finetuned_bundle_loses_at_most_one_point(digits_bundle, tmp_path):
     train, val, _ = bundle_split(digits_bundle)
     calibration = [p for p, _ in random.Random(0).sample(train, 300)]
@@ -77,6 +79,7 @@ def test_a_finetuned_bundle_loses_at_most_one_point(digits_bundle, tmp_path):
     assert result.info.classes == tuple(info.classes)
 
 
+@pytest.mark.slow  # 29 s quiet
 def test_linear_heavy_networks_are_quantized_dynamically(tmp_path):
     torch.manual_seed(0)
     net = visionzoo.create_model("vit_b_32", weights=None, num_classes=10).eval()

@@ -217,26 +217,29 @@ def detect(
     weights: WeightsFile = None,
     threshold: float = typer.Option(0.5, "--threshold", "-t", min=0.0, max=1.0, help="The lowest score reported."),
     out_dir: Optional[str] = typer.Option(None, "--out", "-o", help="Also write each image there as a PNG with "
-                                          "its boxes, labels and scores drawn."),
+                                          "its boxes, labels and scores drawn, and all boxes as COCO results "
+                                          "(coco_results.json)."),
     *,
     options: InferenceOptions,
 ) -> None:
     """Detect objects: one JSON line per image (boxes in its pixels as [x1, y1, x2, y2], label, score)."""
     import json
 
-    from ..tasks.detect import Detections, iter_detect
+    from ..tasks.detect import Detections, iter_detect, write_coco_results
     from .common import out
 
-    failures, done = [], 0
+    failures, found = [], []
     for result in iter_detect(paths, model_arg(model, weights), threshold, draw_dir=out_dir, options=options):
         if isinstance(result, Detections):
             out.print(json.dumps(result.to_dict()), markup=False, highlight=False, soft_wrap=True)
-            done += 1
+            found.append(result)
         else:
             failures.append(result)
             report_failure(result)
+    done = len(found)
     if out_dir is not None and done:
-        note(f"drew {done} image{'s' if done != 1 else ''} in {out_dir}")
+        results = write_coco_results(found, out_dir)
+        note(f"drew {done} image{'s' if done != 1 else ''} in {out_dir}; COCO results in {results}")
     exit_for_failures(done, failures, "detected")
 
 

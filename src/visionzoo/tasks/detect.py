@@ -206,6 +206,40 @@ def detect(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     return list(iter_detect(inputs, model, threshold, draw_dir=draw_dir, options=options, **settings))
 
 
+RESULTS_FILE = "coco_results.json"
+
+
+def coco_results(detections: Sequence[Detections]) -> list[dict[str, Any]]:
+    """The detections in COCO's results format (what `COCO.loadRes` and `COCOeval` read): one entry
+    per box with `image_id` (the image's 1-based position in `detections`), `category_id` (the
+    model's class index: COCO's category id for the published detectors), `bbox` as x, y, width,
+    height, `score`, and `file_name` to find the image; `segmentation` (RLE) and `keypoints` (x, y,
+    visibility 1 for each) where the model predicts them."""
+    rows = []
+    for image_id, found in enumerate(detections, start=1):
+        for b in found.boxes:
+            row: dict[str, Any] = {"image_id": image_id, "file_name": found.path, "category_id": b.index,
+                                   "bbox": [round(b.x1, 2), round(b.y1, 2), round(b.x2 - b.x1, 2),
+                                            round(b.y2 - b.y1, 2)], "score": round(b.score, 5)}
+            if b.mask is not None:
+                row["segmentation"] = b.mask
+            if b.keypoints is not None:
+                row["keypoints"] = [v for k in b.keypoints for v in (round(k.x, 2), round(k.y, 2), 1)]
+            rows.append(row)
+    return rows
+
+
+def write_coco_results(detections: Sequence[Detections], folder: str | os.PathLike) -> Path:
+    """Write `coco_results(detections)` to `folder/coco_results.json` (atomically); returns its path."""
+    import json
+
+    path = Path(folder).expanduser() / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(coco_results(detections)) + "\n")
+    return path
+
+
 def _boxes(out: dict[str, torch.Tensor], threshold: float, classes: Sequence[str] | None) -> tuple[Box, ...]:
     keep = out["scores"] >= threshold
     rows = zip(out["boxes"][keep].tolist(), out["labels"][keep].tolist(), out["scores"][keep].tolist(), strict=True)
