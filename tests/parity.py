@@ -65,3 +65,23 @@ def assert_keys_match(model: torch.nn.Module, case: dict) -> None:
     assert sorted(set(ref) - set(ours)) == [], "keys missing from our model"
     assert sorted(set(ours) - set(ref)) == [], "keys our model has and the reference does not"
     assert {k: v for k, v in ours.items() if ref[k] != v} == {}, "shape mismatches"
+
+
+def build_filled_task_model(name: str, case: dict) -> torch.nn.Module:
+    """A task model as the fixtures were made (`weights="DEFAULT"`): the case's kwargs plus the build
+    settings its default weights record implies (e.g. frozen_bn_eps 0), keys and parameter count
+    checked, filled, float64, then the case's `scaled` modules multiplied, in the listed order."""
+    from visionzoo.registry import REGISTRY
+
+    arch = REGISTRY.get_architecture(name)
+    implied = dict(REGISTRY.get_weights(name).builder_kwargs)
+    model = build_float64(lambda: arch.build(**case["kwargs"], **implied))
+    assert_keys_match(model, case)
+    assert sum(p.numel() for p in model.parameters()) == case["num_params"]
+    fill_(model, seed=0)
+    with torch.no_grad():
+        for module_name, factor in case.get("scaled", {}).items():
+            module = model.get_submodule(module_name)
+            module.weight.mul_(factor)
+            module.bias.mul_(factor)
+    return model

@@ -66,3 +66,13 @@ def write_camera_jpegs(folder: Path, count: int, megapixels: float = 12.0, seed:
         out.append(folder / f"photo_{i:04d}.jpg")
         big.save(out[-1], quality=90)
     return out
+
+
+def write_detect_folder(folder: Path) -> Path:
+    """Two real photos of different sizes and a text file renamed .jpg (a bad input)."""
+    import shutil
+
+    shutil.copy(sample_image("coffee.png"), folder / "coffee.png")
+    shutil.copy(sample_image("rocket.jpg"), folder / "rocket.jpg")
+    (folder / "notes.jpg").write_text("not an image\n" * 20)
+    return folder

@@ -3,7 +3,6 @@ class names, scores), bad files reported, annotated PNGs; a random-weights SSDli
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ from visionzoo.data.loader import prepare_image
 from visionzoo.tasks.detect import Detections, detect
 
 from .cli_runner import run_cli as run
-from .photos import sample_image
+from .photos import write_detect_folder
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small inputs: see conftest
 
@@ -30,10 +29,7 @@ def detector():
 @pytest.fixture
 def folder(tmp_path):
     """Two real photos of different sizes and a text file renamed .jpg."""
-    shutil.copy(sample_image("coffee.png"), tmp_path / "coffee.png")
-    shutil.copy(sample_image("rocket.jpg"), tmp_path / "rocket.jpg")
-    (tmp_path / "notes.jpg").write_text("not an image\n" * 20)
-    return tmp_path
+    return write_detect_folder(tmp_path)
 
 
 def test_detect_gives_the_models_boxes_in_each_images_pixels_and_draws_them(detector, folder, tmp_path):

@@ -9,7 +9,6 @@ class bias puts every score at 0.01), and equal scores would make any comparison
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import onnx
@@ -27,7 +26,7 @@ from visionzoo.runtime.export import export_model, read_onnx_info
 from visionzoo.tasks.detect import Detections, detect
 
 from .cli_runner import run_cli as run
-from .photos import sample_image
+from .photos import sample_image, write_detect_folder
 
 pytest.importorskip("onnxruntime")
 RUNTIMES = [b for b in (Backend.ONNXRUNTIME, Backend.OPENVINO) if b in installed_backends()]
@@ -189,10 +188,7 @@ def test_what_does_not_export_is_refused(tmp_path):
 
 @pytest.fixture
 def folder(tmp_path):
-    shutil.copy(sample_image("coffee.png"), tmp_path / "coffee.png")
-    shutil.copy(sample_image("rocket.jpg"), tmp_path / "rocket.jpg")
-    (tmp_path / "notes.jpg").write_text("not an image\n" * 20)
-    return tmp_path
+    return write_detect_folder(tmp_path)
 
 
 def as_arrays(result: Detections) -> tuple[np.ndarray, ...]:

@@ -12,14 +12,12 @@ import torch
 import visionzoo
 from visionzoo.registry import REGISTRY
 
-from .parity import TASKS, assert_keys_match, build_float64, fill_, relative_error, tolerance
+from .parity import TASKS, build_filled_task_model, relative_error, tolerance
 
 _ALL_CASES = json.loads((TASKS / "manifest.json").read_text())["cases"]
 _CASES = {name: case for name, case in _ALL_CASES.items() if case["task"] == "detection"}
-# the two-stage detectors' cases (another family, not built on this branch)
-TWO_STAGE = {"fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fasterrcnn_mobilenet_v3_large_fpn",
-             "fasterrcnn_mobilenet_v3_large_320_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
-             "keypointrcnn_resnet50_fpn"}
+# the two-stage detectors' cases: their parity is test_rcnn_parity.py's
+TWO_STAGE = {name for name in _CASES if REGISTRY.get_architecture(name).family == "detection.rcnn"}
 # ResNet-50-FPN at 800 px on two images in float64: tens of seconds each
 SLOW = {"retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn"}
 
@@ -30,8 +28,8 @@ def detection_archs() -> set[str]:
 
 
 def coverage_gaps(archs: set[str], cases: set[str]) -> tuple[set[str], set[str]]:
-    """(registered detectors without a case, cases of neither a registered detector nor a two-stage one)."""
-    return archs - cases, cases - archs - TWO_STAGE
+    """(registered detectors without a case, cases without a registered detector)."""
+    return archs - cases, cases - archs
 
 
 def test_detection_cases_and_architectures_cover_each_other():
@@ -52,21 +50,7 @@ def task_data():
 
 
 def build_filled(name: str) -> torch.nn.Module:
-    """The detector as the fixtures were made (`weights="DEFAULT"`): manifest kwargs plus the build settings
-    the default weights record implies, filled, float64, heads scaled."""
-    case = _CASES[name]
-    arch = REGISTRY.get_architecture(name)
-    implied = dict(REGISTRY.get_weights(name).builder_kwargs)
-    model = build_float64(lambda: arch.build(**case["kwargs"], **implied))
-    assert_keys_match(model, case)
-    assert sum(p.numel() for p in model.parameters()) == case["num_params"]
-    fill_(model, seed=0)
-    with torch.no_grad():  # after the float64 conversion, in the listed order
-        for module_name, factor in case.get("scaled", {}).items():
-            module = model.get_submodule(module_name)
-            module.weight.mul_(factor)
-            module.bias.mul_(factor)
-    return model
+    return build_filled_task_model(name, _CASES[name])
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n

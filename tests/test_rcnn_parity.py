@@ -12,7 +12,7 @@ import torch
 
 from visionzoo.registry import REGISTRY
 
-from .parity import TASKS, assert_keys_match, build_float64, fill_, relative_error, tolerance
+from .parity import TASKS, build_filled_task_model, relative_error, tolerance
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,22 +28,7 @@ def task_data():
 
 
 def build_filled(name: str) -> torch.nn.Module:
-    """The detector as the fixtures were made (`weights="DEFAULT"`): manifest kwargs plus the build settings
-    the default weights record implies (frozen_bn_eps 0 for the v1 ResNet files), filled, float64, heads
-    scaled after the conversion in the listed order."""
-    case = CASES[name]
-    arch = REGISTRY.get_architecture(name)
-    implied = dict(REGISTRY.get_weights(name).builder_kwargs)
-    model = build_float64(lambda: arch.build(**case["kwargs"], **implied))
-    assert_keys_match(model, case)
-    assert sum(p.numel() for p in model.parameters()) == case["num_params"]
-    fill_(model, seed=0)
-    with torch.no_grad():
-        for module_name, factor in case.get("scaled", {}).items():
-            module = model.get_submodule(module_name)
-            module.weight.mul_(factor)
-            module.bias.mul_(factor)
-    return model
+    return build_filled_task_model(name, CASES[name])
 
 
 def stored_output(det: dict[str, torch.Tensor], key: str) -> np.ndarray:
