@@ -4,8 +4,8 @@ bundle description), and the run context every recipe works with.
 `tasks/finetune.py` runs any recipe the same way: check the data, refuse or resume an existing
 run, build the starting model, choose the strategy, train the recipe's `Job` with `loop.fit`
 (checkpoint after every epoch, exact resume), write the bundle. A task plugs in by writing one
-recipe (`classification.py`, `segmentation.py`, `video.py`) and listing it in `RECIPES`; detection is
-next.
+recipe (`classification.py`, `segmentation.py`, `detection.py`, `video.py`) and listing it in
+`RECIPES`; the shared pieces (staged unfreezing, the data split, the starting point) live here.
 """
 from __future__ import annotations
 
