@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -77,6 +77,10 @@ def parse(raw: bytes) -> tuple[int, dict[str, str], bytes]:
     assert lines[0].startswith("HTTP/1.1 "), raw[:200]
     status = int(lines[0].split()[1])
     headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    if "content-length" in headers:
+        # the first answer only: bytes after a complete request are a pipelined second request
+        # (a fuzzed "...\r\n\r\n\t-\n" gets a 404 and then a 400 on one connection)
+        body = body[: int(headers["content-length"])]
     return status, headers, body
 
 
@@ -219,6 +223,7 @@ def framings(draw) -> bytes:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                   HealthCheck.too_slow])
 @given(data=framings())
+@example(data=b"POST /%00 HTTP/1.1\r\nHost: fuzz\r\n\r\n\t-\n")  # CI stop 22: two answers on one connection
 def test_fuzzed_framing_gets_well_formed_answers(server, data):
     raw = exchange(server, data, wait=3)
     if not raw:
