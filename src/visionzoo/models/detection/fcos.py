@@ -21,9 +21,6 @@ from ...ops import BoxLinearCoder
 from .anchors import AnchorGenerator
 from .backbones import BackboneWithFPN, resnet_body
 from .base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DetectionModel,
     check_num_classes,
     declared_out_channels,
     dense_detections,
@@ -31,8 +28,8 @@ from .base import (
 )
 from .fpn import LastLevelP6P7
 from .losses import generalized_box_iou_loss, sigmoid_focal_loss
-from .retinanet import class_logits_conv, flatten_level, reset_class_logits
-from .transform import DetectionTransform, ImageBatch, Target
+from .retinanet import DenseClassificationHead, DenseDetector, flatten_level, normal_init
+from .transform import ImageBatch, Target
 
 
 @dataclass(frozen=True)
@@ -54,24 +51,13 @@ def _branch(channels: int, num_convs: int) -> nn.Sequential:
     for _ in range(num_convs):
         layers += [nn.Conv2d(channels, channels, 3, 1, 1), nn.GroupNorm(32, channels), nn.ReLU()]
     branch = nn.Sequential(*layers)
-    for m in branch.children():
-        if isinstance(m, nn.Conv2d):
-            nn.init.normal_(m.weight, std=0.01)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    normal_init(branch)
     return branch
 
 
-class FCOSClassificationHead(nn.Module):
+class FCOSClassificationHead(DenseClassificationHead):
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4):
-        super().__init__()
-        self.conv = _branch(in_channels, num_convs)
-        self.cls_logits = class_logits_conv(in_channels, num_anchors, num_classes)
-        self.num_classes = num_classes
-        self.num_anchors = num_anchors
-
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([flatten_level(self.cls_logits(self.conv(f)), self.num_classes) for f in features], dim=1)
+        super().__init__(_branch(in_channels, num_convs), in_channels, num_anchors, num_classes)
 
 
 class FCOSRegressionHead(nn.Module):
@@ -82,10 +68,7 @@ class FCOSRegressionHead(nn.Module):
         self.conv = _branch(in_channels, num_convs)
         self.bbox_reg = nn.Conv2d(in_channels, num_anchors * 4, 3, 1, 1)
         self.bbox_ctrness = nn.Conv2d(in_channels, num_anchors, 3, 1, 1)
-        for conv in (self.bbox_reg, self.bbox_ctrness):
-            nn.init.normal_(conv.weight, std=0.01)
-            if conv.bias is not None:
-                nn.init.zeros_(conv.bias)
+        normal_init(self.bbox_reg, self.bbox_ctrness)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         boxes, centreness = [], []
@@ -108,7 +91,7 @@ class FCOSHead(nn.Module):
                 "bbox_ctrness": centreness}
 
 
-class FCOS(DetectionModel):
+class FCOS(DenseDetector):
     """FCOS on a ResNet-FPN (or any `backbone` returning `out_channels`-wide pyramid levels).
 
     Arguments are torchvision's (`num_classes` counts the background, as COCO's 91 do);
@@ -137,16 +120,9 @@ class FCOS(DetectionModel):
             raise InputError("FCOS needs one anchor (point) per location")
         self.head = FCOSHead(declared_out_channels(backbone), 1, num_classes, cfg.num_convs)
         self.box_coder = BoxLinearCoder(normalize_by_size=True)
-        self.transform = DetectionTransform(min_size, max_size, image_mean or IMAGENET_MEAN,
-                                            image_std or IMAGENET_STD, size_divisible, fixed_size)
+        self.set_inference(min_size, max_size, image_mean, image_std, size_divisible, fixed_size, score_thresh,
+                           nms_thresh, detections_per_img, topk_candidates)
         self.center_sampling_radius = center_sampling_radius
-        self.score_thresh = score_thresh
-        self.nms_thresh = nms_thresh
-        self.detections_per_img = detections_per_img
-        self.topk_candidates = topk_candidates
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = reset_class_logits(self.head.classification_head, num_classes)
 
     def match(self, target: Target, anchors: torch.Tensor, num_anchors_per_level: list[int]) -> torch.Tensor:
         """Each location's ground-truth box (or -1): the smallest box whose centre region (radius in

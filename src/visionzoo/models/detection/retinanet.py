@@ -74,13 +74,19 @@ def flatten_level(x: torch.Tensor, columns: int) -> torch.Tensor:
     return x.view(n, -1, columns, h, w).permute(0, 3, 4, 1, 2).reshape(n, -1, columns)
 
 
+def normal_init(*modules: nn.Module) -> None:
+    """Every convolution in `modules`: weights from N(0, 0.01^2), biases zero (the heads' init)."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+
 def _conv_tower(channels: int, norm_layer: Callable[[int], nn.Module] | None) -> nn.Sequential:
     tower = nn.Sequential(*(ConvNormAct(channels, channels, 3, norm_layer=norm_layer) for _ in range(4)))
-    for m in tower.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.normal_(m.weight, std=0.01)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
+    normal_init(tower)
     return tower
 
 
@@ -104,11 +110,13 @@ def reset_class_logits(head: Any, num_classes: int) -> int:  # RetinaNet's or FC
     return num_classes
 
 
-class RetinaNetClassificationHead(nn.Module):
-    def __init__(self, in_channels: int, num_anchors: int, num_classes: int,
-                 norm_layer: Callable[[int], nn.Module] | None = None):
+class DenseClassificationHead(nn.Module):
+    """A convolution tower (`conv`, built by the caller) and a class-logit convolution, shared by
+    every pyramid level: (N, locations x anchors, classes) logits. RetinaNet's and FCOS's."""
+
+    def __init__(self, tower: nn.Module, in_channels: int, num_anchors: int, num_classes: int):
         super().__init__()
-        self.conv = _conv_tower(in_channels, norm_layer)
+        self.conv = tower
         self.cls_logits = class_logits_conv(in_channels, num_anchors, num_classes)
         self.num_classes = num_classes
         self.num_anchors = num_anchors
@@ -117,14 +125,18 @@ class RetinaNetClassificationHead(nn.Module):
         return torch.cat([flatten_level(self.cls_logits(self.conv(f)), self.num_classes) for f in features], dim=1)
 
 
+class RetinaNetClassificationHead(DenseClassificationHead):
+    def __init__(self, in_channels: int, num_anchors: int, num_classes: int,
+                 norm_layer: Callable[[int], nn.Module] | None = None):
+        super().__init__(_conv_tower(in_channels, norm_layer), in_channels, num_anchors, num_classes)
+
+
 class RetinaNetRegressionHead(nn.Module):
     def __init__(self, in_channels: int, num_anchors: int, norm_layer: Callable[[int], nn.Module] | None = None):
         super().__init__()
         self.conv = _conv_tower(in_channels, norm_layer)
         self.bbox_reg = nn.Conv2d(in_channels, num_anchors * 4, 3, 1, 1)
-        nn.init.normal_(self.bbox_reg.weight, std=0.01)
-        if self.bbox_reg.bias is not None:
-            nn.init.zeros_(self.bbox_reg.bias)
+        normal_init(self.bbox_reg)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([flatten_level(self.bbox_reg(self.conv(f)), 4) for f in features], dim=1)
@@ -152,10 +164,29 @@ def box_regression_loss(kind: BoxLoss, coder: BoxCoder, anchors: torch.Tensor, m
     return F.l1_loss(regression, deltas, reduction="sum")
 
 
+class DenseDetector(DetectionModel):
+    """RetinaNet's and FCOS's common ground: a head with a `classification_head` scoring every
+    location of the pyramid, torchvision's resizing transform, and the dense post-processing
+    settings (score threshold, per-class NMS, detections kept, candidates per level)."""
+
+    def set_inference(self, min_size: int | Sequence[int], max_size: int, image_mean: Sequence[float] | None,
+                      image_std: Sequence[float] | None, size_divisible: int, fixed_size: tuple[int, int] | None,
+                      score_thresh: float, nms_thresh: float, detections_per_img: int, topk_candidates: int) -> None:
+        self.transform = DetectionTransform(min_size, max_size, image_mean or IMAGENET_MEAN,
+                                            image_std or IMAGENET_STD, size_divisible, fixed_size)
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+        self.topk_candidates = topk_candidates
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = reset_class_logits(self.head.classification_head, num_classes)
+
+
 _LEGACY_HEAD = re.compile(r"^(head\.(?:classification|regression)_head\.conv)\.(\d+)\.(weight|bias)$")
 
 
-class RetinaNet(DetectionModel):
+class RetinaNet(DenseDetector):
     """RetinaNet on a ResNet-FPN (or any `backbone` returning `out_channels`-wide pyramid levels).
 
     Arguments are torchvision's (`num_classes` counts the background, as COCO's 91 do); the
@@ -188,15 +219,8 @@ class RetinaNet(DetectionModel):
                                   num_classes, head_norm)
         self.proposal_matcher = Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
         self.box_coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
-        self.transform = DetectionTransform(min_size, max_size, image_mean or IMAGENET_MEAN,
-                                            image_std or IMAGENET_STD, size_divisible, fixed_size)
-        self.score_thresh = score_thresh
-        self.nms_thresh = nms_thresh
-        self.detections_per_img = detections_per_img
-        self.topk_candidates = topk_candidates
-
-    def reset_classifier(self, num_classes: int) -> None:
-        self.num_classes = reset_class_logits(self.head.classification_head, num_classes)
+        self.set_inference(min_size, max_size, image_mean, image_std, size_divisible, fixed_size, score_thresh,
+                           nms_thresh, detections_per_img, topk_candidates)
 
     def compute_loss(self, targets: list[Target], outputs: dict[str, torch.Tensor], anchors: list[torch.Tensor],
                      features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
