@@ -11,6 +11,19 @@ import pytest
 from .parity import PARITY
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`-n N`, as the README's test command runs) each worker gives torch its
+    share of the cores, and so do the commands the tests start: N workers must not each spin all
+    the cores' threads (on 2 cores that makes every forward pass wait at barriers)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        share = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(share)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+
+
 @pytest.fixture(scope="session")
 def parity_manifest() -> dict:
     return json.loads((PARITY / "manifest.json").read_text())["cases"]

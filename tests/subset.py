@@ -38,3 +38,14 @@ def per_family(archs: Iterable[str]) -> list:
     archs = sorted(archs)
     keep = representatives(archs)
     return [a if a in keep else pytest.param(a, marks=pytest.mark.slow) for a in archs]
+
+
+def quick_only(params: Iterable, keep: Iterable[str]) -> list:
+    """`params` as pytest parameters, all but those whose first value is in `keep` marked slow: for
+    tests whose cost varies so much by architecture that only the light ones fit the quick subset."""
+    keep = set(keep)
+    out = []
+    for p in params:
+        name = p[0] if isinstance(p, tuple) else p
+        out.append(p if name in keep else pytest.param(*(p if isinstance(p, tuple) else (p,)), marks=pytest.mark.slow))
+    return out

@@ -13,6 +13,7 @@ from visionzoo.registry import FAMILIES, REGISTRY
 from visionzoo.runtime.export import ExportFormat, export_model, load_torch_export, read_onnx_info
 
 from .parity import fill_
+from .subset import quick_only
 
 pytest.importorskip("onnxruntime")
 
@@ -56,10 +57,10 @@ def informative(net: torch.nn.Module, size: int) -> torch.nn.Module:
 
 # exported in seconds (measured on a loaded 2-core machine, <= 8 s each): the quick subset's share
 QUICK = {"resnet18", "mobilenet_v3_small", "efficientnet_lite0", "mobilenet_v2", "shufflenet_v2_x0_5", "mnasnet0_5",
-         "maxvit_t", "regnet_y_400mf", "densenet121"}
+         "regnet_y_400mf"}
 
 
-@pytest.mark.parametrize("arch", [a if a in QUICK else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS])
+@pytest.mark.parametrize("arch", quick_only(ARCHS, QUICK))
 def test_onnx_export_reproduces_pytorch(arch, tmp_path):
     torch.manual_seed(0)
     net = visionzoo.create_model(arch, weights=None).eval()

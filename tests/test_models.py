@@ -10,7 +10,7 @@ from visionzoo.models import ZooModel
 from visionzoo.models.layers import StochasticDepth
 from visionzoo.registry import REGISTRY
 
-from .subset import per_family
+from .subset import per_family, quick_only
 
 ARCHS = visionzoo.list_models(task="classification")
 
@@ -105,7 +105,12 @@ TRAIN_SIZE = {"vgg11_bn": 64, "alexnet": 64, "inception_v3": 128, "maxvit_t": 22
 TRAIN_KWARGS = {"vit_b_16": {"image_size": 96}}  # a ViT is built for its input size
 
 
-@pytest.mark.parametrize("arch", sorted(TRAIN_LR))
+# the quick subset trains the light ones (each under ~3 s quiet); the rest run in the full suite
+TRAIN_QUICK = {"resnet18", "alexnet", "squeezenet1_1", "mobilenet_v2", "mobilenet_v3_small", "mnasnet0_5",
+               "shufflenet_v2_x0_5", "regnet_y_400mf"}
+
+
+@pytest.mark.parametrize("arch", quick_only(sorted(TRAIN_LR), TRAIN_QUICK))
 def test_training_steps_reduce_the_loss(arch):
     torch.manual_seed(0)
     model = visionzoo.create_model(arch, num_classes=4, **TRAIN_KWARGS.get(arch, {})).train()

@@ -72,6 +72,7 @@ def test_prune_refuses_what_it_cannot_do(tmp_path, digits_bundle):
         prune(digits_bundle, 0.3, out=tmp_path / "z", finetune_epochs=-1)
 
 
+@pytest.mark.slow  # evaluates the digits bundle before and after: 35 s on a busy machine
 def test_an_accuracy_that_did_not_recover_is_warned_about(digits_bundle, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="visionzoo"):
         result = prune(digits_bundle, 0.3, out=tmp_path / "unrecovered", finetune_epochs=0, progress=False)

@@ -51,6 +51,7 @@ def test_static_quantization_keeps_the_top1_on_real_photos(lite0_int8, tmp_path)
         assert same >= 0.9
 
 
+@pytest.mark.slow  # the calibration (the fixture): 38 s on a busy machine
 def test_quantized_file_runs_in_predict(lite0_int8):
     from .photos import sample_image
 
