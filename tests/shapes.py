@@ -116,9 +116,11 @@ DETECTION_RECIPE = {"model": "efficientnet_lite0", "head": "fcos", "fpn_channels
 
 
 def write_boxes(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (160, 160), *,
-                max_shapes: int = 3, negatives: float = 0.05) -> Path:
+                max_shapes: int = 3, negatives: float = 0.05, masks: bool = False) -> Path:
     """`count` images with 1 to `max_shapes` non-overlapping shapes each (a `negatives` fraction
-    with none), their COCO `instances.json` and `boxes.csv` in `folder`."""
+    with none), their COCO `instances.json` and `boxes.csv` in `folder`. With `masks`, each
+    annotation also has its exact mask (the shape painted alone, without antialiasing, as the
+    image paints it) as a `segmentation` in COCO's compressed run-length encoding."""
     rng = random.Random(seed)
     sources = [Image.open(p).convert("RGB") for p in photos()]
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -144,6 +146,8 @@ def write_boxes(folder: Path, count: int, seed: int = 0, size: tuple[int, int] =
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label,
                                 "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
                                 "area": (box[2] - box[0]) * (box[3] - box[1]), "iscrowd": 0})
+            if masks:
+                annotations[-1]["segmentation"] = shape_rle(shape, size)
             rows.append([f"images/{stem}", *(f"{v:.2f}" for v in box), kind])
         if not placed:
             rows.append([f"images/{stem}", "", "", "", "", ""])
@@ -157,3 +161,19 @@ def write_boxes(folder: Path, count: int, seed: int = 0, size: tuple[int, int] =
         writer.writerow(["path", "x1", "y1", "x2", "y2", "label"])
         writer.writerows(rows)
     return folder
+
+
+def shape_mask(shape: tuple[str, list[tuple[float, float]]], size: tuple[int, int]) -> Image.Image:
+    """The pixels `shape` covers in an image of `size` (1 inside), as `_paint` paints them."""
+    mask = Image.new("L", size, 0)
+    _paint(ImageDraw.Draw(mask), shape, 1)
+    return mask
+
+
+def shape_rle(shape: tuple[str, list[tuple[float, float]]], size: tuple[int, int]) -> dict:
+    """`shape_mask` in COCO's compressed run-length encoding."""
+    import numpy as np
+    from pycocotools import mask as mask_api
+
+    rle = mask_api.encode(np.asfortranarray(np.asarray(shape_mask(shape, size), dtype=np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}

@@ -44,8 +44,10 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def small_boxes(tmp_path_factory) -> Path:
-    """16 box images of 64 x 64: for the mechanics (parsing, errors, resume)."""
-    return write_boxes(tmp_path_factory.mktemp("boxes_small") / "boxes", 16, seed=3, size=(64, 64), negatives=0.1)
+    """16 box images of 64 x 64 (with instance masks, which the box detectors ignore): for the mechanics
+    (parsing, errors, resume)."""
+    return write_boxes(tmp_path_factory.mktemp("boxes_small") / "boxes", 16, seed=3, size=(64, 64), negatives=0.1,
+                       masks=True)
 
 
 @pytest.fixture(scope="module")
@@ -301,7 +303,7 @@ def test_linear_trains_the_heads_only_and_a_bundle_restarts_with_other_classes(s
     weights = load_file(again.bundle / "model.safetensors")
     assert weights["head.classification_head.cls_logits.weight"].shape[0] == 3
     torch.testing.assert_close(weights["backbone.body.features.0.0.weight"], tuned["backbone.body.features.0.0.weight"])
-    with pytest.raises(InputError, match="--fpn-channels sizes a RetinaNet or FCOS head put on a classifier"):
+    with pytest.raises(InputError, match="--fpn-channels sizes a RetinaNet, FCOS or R-CNN head put on a classifier"):
         visionzoo.finetune(two, tmp_path / "bad", **{**run, "model": str(result.bundle), "head": None}, progress=False)
     with pytest.raises(InputError, match="--head lraspp is not a detection head"):
         visionzoo.finetune(two, tmp_path / "bad", **{**run, "head": "lraspp"}, progress=False)
@@ -311,15 +313,19 @@ RESUME_RUN = {**TINY_RUN, "epochs": 2, "batch_size": 4}  # (3 steps an epoch: ki
 
 
 @pytest.mark.slow  # three short runs and a subprocess
-def test_a_run_killed_in_epoch_2_resumes_to_the_same_weights(small_boxes, tmp_path):
+@pytest.mark.parametrize("head", ["fcos", "maskrcnn"])  # (Mask R-CNN: its proposal sampling draws random numbers)
+def test_a_run_killed_in_epoch_2_resumes_to_the_same_weights(small_boxes, tmp_path, head):
     data = small_boxes / "instances.json"
-    kill_in_epoch_2(data, tmp_path / "run", RESUME_RUN, tmp_path, timeout=600)
-    resumed = visionzoo.finetune(data, tmp_path / "run", **RESUME_RUN, resume=True, progress=False)
-    straight = visionzoo.finetune(data, tmp_path / "straight", **RESUME_RUN, progress=False)
+    options = {**RESUME_RUN, "head": head}
+    kill_in_epoch_2(data, tmp_path / "run", options, tmp_path, timeout=600)
+    resumed = visionzoo.finetune(data, tmp_path / "run", **options, resume=True, progress=False)
+    straight = visionzoo.finetune(data, tmp_path / "straight", **options, progress=False)
     assert resumed.best_epoch == straight.best_epoch
     for a, b in zip(resumed.history, straight.history, strict=True):
         assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
         assert a["val_ap50"] == pytest.approx(b["val_ap50"], abs=1e-9)
+        assert a.get("val_mask_ap50") == pytest.approx(b.get("val_mask_ap50"), abs=1e-9)
+        assert ("val_mask_ap50" in a) == (head == "maskrcnn")
     wa, wb = load_file(resumed.bundle / "model.safetensors"), load_file(straight.bundle / "model.safetensors")
     assert wa.keys() == wb.keys()
     for key in wa:

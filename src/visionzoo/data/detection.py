@@ -1,8 +1,9 @@
 """Detection datasets: images with boxes, as COCO instances or as a CSV of boxes, checked before anything trains.
 
     shapes/instances.json      COCO: "images" (id, file_name, width, height), "annotations" (id, image_id,
-                               category_id, bbox [x, y, width, height] in pixels, iscrowd), "categories"
-                               (id, name); file names relative to the JSON's folder or its images/
+                               category_id, bbox [x, y, width, height] in pixels, iscrowd, and optionally
+                               segmentation: polygons or RLE), "categories" (id, name); file names
+                               relative to the JSON's folder or its images/
     shapes/boxes.csv           path,x1,y1,x2,y2,label: one row per box (paths relative to the CSV's folder);
                                a row with empty box and label fields lists an image without objects
 
@@ -12,11 +13,14 @@ image listed but missing or unreadable each raise an `InputError` naming the fil
 Image sizes come from the headers (no pixel is decoded); images are decoded later within the
 run's `DecodeLimits`. Crowd annotations (`iscrowd` 1) are not trained on. Boxes are stored as
 (x1, y1, x2, y2) in the upright image's pixels and labels as 1-based class indices: 0 is the
-background, so the classes of a bundle are `("__background__", *names)`.
+background, so the classes of a bundle are `("__background__", *names)`. Instance masks (COCO
+`segmentation`, see `instance_masks.py`) are read when the annotations have them: then every
+annotation that is trained on needs one; they are kept run-length encoded and decoded with the
+image.
 
 `BoxAugment` draws the training views: a random rescale, a horizontal flip and a random square
-crop of an image with its boxes moved along, clipped to the crop, and dropped when too little
-of them is left.
+crop of an image with its boxes (and masks) moved along, clipped to the crop, and dropped when
+too little of them is left.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import torch
 from PIL import Image
 
 from ..errors import InputError
+from .instance_masks import MaskRLE, read_segmentation
 from .masks import upright_size
 
 BACKGROUND = "__background__"
@@ -48,10 +53,11 @@ class BoxSample:
     boxes: tuple[Box, ...]  # (x1, y1, x2, y2) in the upright image's pixels
     labels: tuple[int, ...]  # class indices, 1-based (0 is the background)
     image_id: int  # the COCO image id (CSV: the image's position, from 1)
+    masks: tuple[MaskRLE, ...] | None = None  # one per box, where the data has instance masks
 
-    def row(self) -> tuple[Path, tuple[Box, ...], tuple[int, ...], int]:
-        """(image, boxes, labels, image_id): how a fine-tuning run keeps (and fingerprints) a sample."""
-        return self.image, self.boxes, self.labels, self.image_id
+    def row(self) -> tuple[Path, tuple[Box, ...], tuple[int, ...], int, tuple[MaskRLE, ...] | None]:
+        """(image, boxes, labels, image_id, masks): how a fine-tuning run keeps (and fingerprints) a sample."""
+        return self.image, self.boxes, self.labels, self.image_id, self.masks
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,10 @@ class BoxDataset:
 
     def subset(self, indices: Sequence[int]) -> BoxDataset:
         return BoxDataset(self.source, tuple(self.samples[i] for i in indices), self.classes, self.category_ids)
+
+    @property
+    def has_masks(self) -> bool:
+        return any(s.masks is not None for s in self.samples)
 
     def box_counts(self) -> list[int]:
         """Boxes of each class over all samples."""
@@ -124,7 +134,8 @@ def _relabelled(found: BoxDataset, classes: list[str]) -> BoxDataset:
                          f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); evaluate on data "
                          f"with the classes the model was trained on")
     index = {k + 1: classes.index(name) + 1 for k, name in enumerate(found.classes)}
-    samples = tuple(BoxSample(s.image, s.boxes, tuple(index[v] for v in s.labels), s.image_id) for s in found.samples)
+    samples = tuple(BoxSample(s.image, s.boxes, tuple(index[v] for v in s.labels), s.image_id, s.masks)
+                    for s in found.samples)
     ids = tuple(found.category_ids[found.classes.index(name)] if name in found.classes else -1 for name in classes)
     return BoxDataset(found.source, samples, tuple(classes), ids)
 
@@ -182,6 +193,8 @@ def _read_coco(file: Path) -> BoxDataset:
         sizes.append(size)
     boxes: list[list[Box]] = [[] for _ in paths]
     labels: list[list[int]] = [[] for _ in paths]
+    masks: list[list[MaskRLE]] = [[] for _ in paths]
+    with_masks: bool | None = None  # whether the annotations have segmentations (all or none of those trained on)
     seen: dict[int, int] = {}
     for k, ann in enumerate(annotations):
         where = f"{file}: annotations[{k}]"
@@ -203,8 +216,17 @@ def _read_coco(file: Path) -> BoxDataset:
         x, y, w, h = (float(v) for v in bbox)
         boxes[i].append(_checked_box((x, y, x + w, y + h), sizes[i], f"{where}: bbox {bbox}", paths[i]))
         labels[i].append(category_index[category_id])
-    samples = tuple(BoxSample(p, tuple(b), tuple(lab), iid)
-                    for (iid, i), p, b, lab in zip(image_index.items(), paths, boxes, labels, strict=True))
+        seg = ann.get("segmentation")
+        has = seg is not None and seg != []
+        if with_masks is None:
+            with_masks = has
+        elif has != with_masks:
+            raise InputError(f"{where}: {'has a' if has else 'has no'} segmentation, unlike the annotations before "
+                             f"it; give every annotation a mask (polygons or RLE), or none")
+        if has:
+            masks[i].append(read_segmentation(seg, sizes[i], f"{where}: segmentation"))
+    samples = tuple(BoxSample(p, tuple(b), tuple(lab), iid, tuple(m) if with_masks else None)
+                    for (iid, i), p, b, lab, m in zip(image_index.items(), paths, boxes, labels, masks, strict=True))
     return BoxDataset(file, samples, tuple(names), tuple(category_index))
 
 
@@ -350,6 +372,14 @@ class BoxAugment:
     def __call__(self, img: Image.Image, boxes: torch.Tensor, labels: torch.Tensor, g: torch.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image CHW in [0, 1], boxes (N, 4) in its pixels, labels (N,))."""
+        x, boxes, labels, _ = self.apply(img, boxes, labels, None, g)
+        return x, boxes, labels
+
+    def apply(self, img: Image.Image, boxes: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None,
+              g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """As a call, with the instance masks ((N, H, W) uint8 at the image's size, or None) moved with the
+        image: resized to the nearest pixel (centres aligned as the image's resize aligns them), flipped,
+        cropped (zero where the window overhangs), and dropped with their boxes."""
         u = torch.rand(4, generator=g, dtype=torch.float64).tolist()
         factor = self.scale[0] + u[0] * (self.scale[1] - self.scale[0]) if self.random else 1.0
         ratio = self.base * factor / min(img.width, img.height)
@@ -357,18 +387,29 @@ class BoxAugment:
         sx, sy = size[0] / img.width, size[1] / img.height
         img = img.resize(size, Image.Resampling.BILINEAR)
         boxes = boxes.to(torch.float32) * torch.tensor([sx, sy, sx, sy])
+        if masks is not None:
+            masks = (torch.nn.functional.interpolate(masks[None], size=(size[1], size[0]), mode="nearest-exact")[0]
+                     if len(masks) else masks.new_zeros((0, size[1], size[0])))
         if self.random and self.hflip and u[1] < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             boxes = torch.stack((size[0] - boxes[:, 2], boxes[:, 1], size[0] - boxes[:, 0], boxes[:, 3]), 1)
+            masks = None if masks is None else masks.flip(-1)
         left, top = self._offset(u[2], size[0]), self._offset(u[3], size[1])
         canvas = Image.new("RGB", (self.crop, self.crop))
-        canvas.paste(img.crop((max(left, 0), max(top, 0), min(left + self.crop, size[0]),
-                               min(top + self.crop, size[1]))), (max(-left, 0), max(-top, 0)))
-        boxes, labels = crop_boxes(boxes, labels, (left, top, left + self.crop, top + self.crop),
-                                   (min(size[0], left + self.crop) - left, min(size[1], top + self.crop) - top),
-                                   self.min_side, self.min_visible)
+        region = (max(left, 0), max(top, 0), min(left + self.crop, size[0]), min(top + self.crop, size[1]))
+        at = (max(-left, 0), max(-top, 0))
+        canvas.paste(img.crop(region), at)
+        window = (left, top, left + self.crop, top + self.crop)
+        inside = (min(size[0], left + self.crop) - left, min(size[1], top + self.crop) - top)
+        keep = kept_boxes(boxes, window, inside, self.min_side, self.min_visible)
+        boxes, labels = crop_boxes(boxes, labels, window, inside, self.min_side, self.min_visible)
+        if masks is not None:
+            cropped = torch.zeros((int(keep.sum()), self.crop, self.crop), dtype=masks.dtype)
+            w, h = region[2] - region[0], region[3] - region[1]
+            cropped[:, at[1]:at[1] + h, at[0]:at[0] + w] = masks[keep, region[1]:region[3], region[0]:region[2]]
+            masks = cropped
         x = torch.from_numpy(_rgb_array(canvas)).permute(2, 0, 1).float().div_(255)
-        return x, boxes, labels
+        return x, boxes, labels, masks
 
     def _offset(self, u: float, size: int) -> int:
         """Where the window starts along an axis of `size` pixels (negative: it overhangs the image)."""
@@ -382,15 +423,26 @@ def crop_boxes(boxes: torch.Tensor, labels: torch.Tensor, window: tuple[int, int
     """`boxes` (N, 4) moved into `window` (left, top, right, bottom) and clipped to the part of it the
     image covers (`inside`: its width and height from the window's corner); boxes with a side under
     `min_side` or under `min_visible` of their area left are dropped, with their labels."""
+    clipped = _clipped(boxes, window, inside)
+    keep = kept_boxes(boxes, window, inside, min_side, min_visible)
+    return clipped[keep], labels[keep]
+
+
+def _clipped(boxes: torch.Tensor, window: tuple[int, int, int, int], inside: tuple[int, int]) -> torch.Tensor:
     left, top = window[0], window[1]
     shifted = boxes - torch.tensor([left, top, left, top], dtype=boxes.dtype)
     low_x, low_y = max(0, -left), max(0, -top)
-    clipped = torch.stack((shifted[:, 0].clamp(low_x, inside[0]), shifted[:, 1].clamp(low_y, inside[1]),
-                           shifted[:, 2].clamp(low_x, inside[0]), shifted[:, 3].clamp(low_y, inside[1])), 1)
+    return torch.stack((shifted[:, 0].clamp(low_x, inside[0]), shifted[:, 1].clamp(low_y, inside[1]),
+                        shifted[:, 2].clamp(low_x, inside[0]), shifted[:, 3].clamp(low_y, inside[1])), 1)
+
+
+def kept_boxes(boxes: torch.Tensor, window: tuple[int, int, int, int], inside: tuple[int, int], min_side: float,
+               min_visible: float) -> torch.Tensor:
+    """Which of `boxes` `crop_boxes` keeps (a boolean (N,) tensor)."""
+    clipped = _clipped(boxes, window, inside)
     w, h = clipped[:, 2] - clipped[:, 0], clipped[:, 3] - clipped[:, 1]
-    area = ((shifted[:, 2] - shifted[:, 0]) * (shifted[:, 3] - shifted[:, 1])).clamp(min=1e-6)
-    keep = (w >= min_side) & (h >= min_side) & (w * h >= min_visible * area)
-    return clipped[keep], labels[keep]
+    area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=1e-6)
+    return (w >= min_side) & (h >= min_side) & (w * h >= min_visible * area)
 
 
 def _rgb_array(img: Image.Image):

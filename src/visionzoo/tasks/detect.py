@@ -29,6 +29,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..data.inputs import Failure, expand_inputs
+from ..data.instance_masks import MASK_THRESHOLD, encode_masks
 from ..data.loader import prepare_image
 from ..data.preprocess import Preprocess
 from ..enums import Precision, Task
@@ -37,7 +38,6 @@ from ..factory import resolve_model
 from ..fileutil import atomic_path
 from ..models.base import VisionModel
 from ..models.detection.rcnn import COCO_PERSON_KEYPOINTS, COCO_PERSON_SKELETON
-from ..optional import require
 from ..runtime.backends import Backend, is_model_file, open_runner
 from ..runtime.options import InferenceOptions
 
@@ -45,7 +45,6 @@ DEFAULT_DETECTOR = "ssdlite320_mobilenet_v3_large"
 # distinct, saturated colours; the label's text is black or white, whichever contrasts more
 PALETTE = ((230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40))
-MASK_THRESHOLD = 0.5  # a pixel belongs to an instance where its mask probability reaches this
 MASK_OPACITY = 0.45  # of an instance's colour over the image
 
 
@@ -271,14 +270,6 @@ def _with_instances(boxes: tuple[Box, ...], out: dict[str, torch.Tensor], thresh
     if masks is None and "keypoints" not in out:
         return boxes
     return tuple(dataclasses.replace(b, mask=m, keypoints=k) for b, m, k in zip(boxes, rles, keypoints, strict=True))
-
-
-def encode_masks(masks: torch.Tensor) -> list[dict]:
-    """(D, H, W) boolean masks in COCO's run-length encoding: `{"size": [H, W], "counts": str}` each."""
-    mask_api = require("pycocotools.mask")
-    fortran = np.asfortranarray(masks.permute(1, 2, 0).cpu().numpy().astype(np.uint8))
-    return [{"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
-            for rle in mask_api.encode(fortran)]
 
 
 def keypoint_names(card: Any, count: int) -> tuple[str, ...]:

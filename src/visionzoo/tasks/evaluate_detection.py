@@ -2,13 +2,17 @@
 
     ev = evaluate("runs/boxes", "boxes_test/instances.json", out="runs/boxes/eval")   # or a box CSV
     ev.ap, ev.ap50, ev.ap75, ev.ap_small, ev.class_ap50
+    ev.mask_ap, ev.mask_ap50                 # a model with masks on data with segmentations; else None
 
 Each image is run as `detect` runs it (at its own size, the detector resizing it) and every
 detection the model keeps (its own `score_thresh`, no display threshold) is scored by
 pycocotools' `COCOeval` against the data's boxes; the data's class names are matched to the
-model's. With `out`, writes `metrics.json`, `detections.json` (COCO results, the data's image
-and category ids), `pr_curve.png` (precision against recall at IoU 0.5, per class) and, when the
-bundle has a training history, `training_curves.png`.
+model's. When the model predicts instance masks (Mask R-CNN) and the data has them, the masks
+(thresholded at 0.5, COCO RLE) are scored too (`COCOeval`'s "segm"): mask AP. With `out`,
+writes `metrics.json`, `detections.json` (COCO results, the data's image and category ids, with
+each detection's `segmentation` where the model predicts masks), `pr_curve.png` (box precision
+against recall at IoU 0.5, per class) and, when the bundle has a training history,
+`training_curves.png`.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ from ..errors import ImageError, InputError
 from ..fileutil import atomic_path
 from ..models.base import VisionModel
 from ..models.detection import DetectionModel
-from ..train.detection import coco_map, score_boxes
+from ..train.detection import coco_map, has_mask_results, score_boxes
 from .reports import write_report
 
 
@@ -50,6 +54,9 @@ class DetectionEvaluation:
     classes: tuple[str, ...]  # the classes scored (the data's, named as the model names them)
     class_ap: tuple[float | None, ...]  # per class; None where the data has no box of it
     class_ap50: tuple[float | None, ...]
+    mask_ap: float | None = None  # COCO mask AP, IoU 0.50:0.95; None: the model or the data has no masks
+    mask_ap50: float | None = None
+    mask_ap75: float | None = None
     failures: tuple[Failure, ...] = ()
     files: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
@@ -84,11 +91,12 @@ def evaluate_detection(net: VisionModel, model, data: str | os.PathLike, *, out,
             failures.extend(Failure(str(dataset.samples[i].image), reason) for i, _, reason in batch if reason)
             yield [x for _, x, reason in batch if not reason]
 
-    results, _, images = score_boxes(net, batches(), device, None)
+    results, _, images = score_boxes(net, batches(), device, None, limits)
     if not images:
         raise InputError(f"no image of {data} could be read ({failures[0].path}: {failures[0].reason}, ...)")
     used = sorted({int(v) for s in dataset.samples for v in s.labels})  # model class indices with boxes
     scores = coco_map(results, len(model_classes) - 1)
+    masks = coco_map(results, len(model_classes) - 1, "segm") if has_mask_results(results) else None
     names = tuple(model_classes[k] for k in used)
     ev = DetectionEvaluation(
         model=str(card.bundle.path if card.bundle is not None else model if not isinstance(model, VisionModel)
@@ -97,7 +105,8 @@ def evaluate_detection(net: VisionModel, model, data: str | os.PathLike, *, out,
         ap50=scores.ap50, ap75=scores.ap75, ap_small=scores.ap_small, ap_medium=scores.ap_medium,
         ap_large=scores.ap_large, ar100=scores.ar100, classes=names,
         class_ap=tuple(scores.class_ap[k - 1] for k in used), class_ap50=tuple(scores.class_ap50[k - 1] for k in used),
-        failures=tuple(failures))
+        mask_ap=masks.ap if masks else None, mask_ap50=masks.ap50 if masks else None,
+        mask_ap75=masks.ap75 if masks else None, failures=tuple(failures))
     if out is not None:
         curves = {model_classes[k]: scores.precision50[k - 1] for k in used}
         history = card.bundle.history if card.bundle is not None else ()
@@ -129,8 +138,11 @@ def _write(ev: DetectionEvaluation, out: Path, results, dataset: BoxDataset, rec
     files: dict[str, str] = {}
     detections = [{"image_id": r["image_id"], "category_id": dataset.category_ids[int(label) - 1],
                    "bbox": [round(float(b[0]), 2), round(float(b[1]), 2), round(float(b[2] - b[0]), 2),
-                            round(float(b[3] - b[1]), 2)], "score": round(float(s), 5)}
-                  for r in results for b, s, label in zip(r["boxes"], r["scores"], r["labels"], strict=True)
+                            round(float(b[3] - b[1]), 2)], "score": round(float(s), 5),
+                   **({} if m is None else {"segmentation": m})}
+                  for r in results
+                  for b, s, label, m in zip(r["boxes"], r["scores"], r["labels"], r.get("masks") or [None] * len(
+                      r["labels"]), strict=True)
                   if 1 <= label <= len(dataset.category_ids) and dataset.category_ids[int(label) - 1] >= 0]
     with atomic_path(out / "detections.json") as tmp:
         tmp.write_text(json.dumps(detections) + "\n")

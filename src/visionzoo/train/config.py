@@ -18,7 +18,7 @@ class Strategy(str, Enum):
 
 
 SEGMENTATION_HEADS = ("fcn", "deeplabv3", "lraspp")
-DETECTION_HEADS = ("retinanet", "fcos", "ssdlite")
+DETECTION_HEADS = ("retinanet", "fcos", "ssdlite", "fasterrcnn", "maskrcnn")
 # per-strategy defaults for the options left as None
 DEFAULT_EPOCHS = {Strategy.LINEAR: 30, Strategy.PARTIAL: 10, Strategy.FULL: 10}
 DEFAULT_LR = {Strategy.LINEAR: 3e-3, Strategy.PARTIAL: 1e-3, Strategy.FULL: 1e-3}
@@ -42,10 +42,11 @@ class FinetuneConfig:
                         "segmentation model, or a classifier to put --head on; detection: a detector, or a classifier "
                         "to put --head on.", "--model", "-m")
     head: str | None = option(None, "The head put on a classifier given as --model. Segmentation: lraspp, "
-                              "deeplabv3 or fcn (default lraspp); detection: fcos, retinanet or ssdlite (default "
-                              "fcos).")
+                              "deeplabv3 or fcn (default lraspp); detection: fcos, retinanet, ssdlite, fasterrcnn "
+                              "or maskrcnn (instance masks; COCO data with segmentations) (default fcos).")
     fpn_channels: int | None = option(None, "Detection: the width of the feature pyramid and of the RetinaNet/FCOS "
-                                      "heads put on a classifier (default 256; 64 trains several times faster).")
+                                      "heads (or Mask R-CNN's mask head) put on a classifier (default 256; 64 trains "
+                                      "several times faster).")
     strategy: Strategy = option(Strategy.AUTO, "linear: train the classifier on cached features; partial: also the "
                                 "last --unfreeze stages; full: everything; auto: chosen from the data.",
                                 "--strategy", "-s")

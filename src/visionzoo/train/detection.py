@@ -1,26 +1,28 @@
-"""Fine-tuning a detector on boxes: the detection `Recipe`, and COCO mAP scoring.
+"""Fine-tuning a detector on boxes (and instance masks): the detection `Recipe`, and COCO mAP scoring.
 
 Data: a COCO instances JSON or a `path,x1,y1,x2,y2,label` CSV (see `data/detection.py`), a
 random `val_fraction` of the images held out unless a separate validation set is given. The
 model: a detector of the zoo with new class heads (its published weights, or a detection
-bundle), or a classifier of the zoo with a RetinaNet, FCOS or SSDlite head put on it (`--head`,
-default FCOS) and its own pre-trained weights. Labels are 1-based, 0 is the background: a
-bundle's classes are `("__background__", *names)`, as torchvision's COCO detectors number
-theirs. The strategies are classification's, over the backbone's stages: `linear` trains the
-heads (and the feature pyramid, or SSDlite's extra stages) with the whole classifier frozen,
-`partial` also its last `unfreeze` stages, `full` everything; `auto` chooses from the number
-of training images.
+bundle), or a classifier of the zoo with a RetinaNet, FCOS, SSDlite, Faster R-CNN or Mask R-CNN
+head put on it (`--head`, default FCOS) and its own pre-trained weights. A model with a mask head
+(Mask R-CNN) trains on COCO data with instance masks (`segmentation`), and its validation also
+reports mask AP (pycocotools' "segm" scoring of its masks thresholded at 0.5). Labels are
+1-based, 0 is the background: a bundle's classes are `("__background__", *names)`, as
+torchvision's COCO detectors number theirs. The strategies are classification's, over the
+backbone's stages: `linear` trains the heads (and the feature pyramid, or SSDlite's extra
+stages) with the whole classifier frozen, `partial` also its last `unfreeze` stages, `full`
+everything; `auto` chooses from the number of training images.
 
 Training sees square `image_size` crops: each image rescaled so that its shorter side is
 `image_size` times a random factor from `scale_range`, flipped (`hflip`, on by default), and
-cropped at random with its boxes moved along, clipped, and dropped when mostly cut off. The
-detector resizes its inputs to `image_size` itself (RetinaNet/FCOS: the shorter side, its
-`min_size`; SSDlite on a classifier: the fixed size), so a small `image_size` trains and
-detects fast. Its own losses train it (focal and box losses for RetinaNet, FCOS's three, SSD's
-hard-negative-mined ones), in float32 on CPUs (bfloat16 autocast only when asked for with
-`precision`) and as `precision` says on GPUs. Validation runs the detector on each held-out image at its own size,
-as `detect` does, and scores the boxes with pycocotools' `COCOeval`: AP at IoU 0.5 picks the
-best epoch.
+cropped at random with its boxes (and masks) moved along, clipped, and dropped when mostly cut
+off. The detector resizes its inputs to `image_size` itself (RetinaNet/FCOS/R-CNN: the shorter
+side, its `min_size`; SSDlite on a classifier: the fixed size), so a small `image_size` trains
+and detects fast. Its own losses train it (focal and box losses for RetinaNet, FCOS's three,
+SSD's hard-negative-mined ones, the R-CNNs' proposal, box and mask losses), in float32 on CPUs
+(bfloat16 autocast only when asked for with `precision`) and as `precision` says on GPUs.
+Validation runs the detector on each held-out image at its own size, as `detect` does, and
+scores the boxes with pycocotools' `COCOeval`: AP at IoU 0.5 picks the best epoch.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..bundle import is_bundle, read_bundle
 from ..data.detection import BACKGROUND, BoxAugment, open_box_dataset
 from ..data.images import DEFAULT_LIMITS, DecodeLimits, load_image
+from ..data.instance_masks import MASK_THRESHOLD, coco_rle, decode_masks, encode_masks
 from ..data.loader import fix_mmap_threshold
 from ..data.preprocess import Preprocess
 from ..enums import Precision, Task
@@ -46,6 +49,7 @@ from ..errors import InputError
 from ..factory import create_model
 from ..models.base import FeatureInfo, VisionModel, ZooModel
 from ..models.detection import DetectionModel
+from ..models.detection.rcnn import Kind, RCNNConfig
 from ..optional import require
 from ..registry import REGISTRY, split_name
 from . import distributed as D
@@ -69,7 +73,8 @@ from .stages import map_stages, param_groups
 
 log = logging.getLogger("visionzoo")
 DEFAULT_HEAD = "fcos"  # the head put on a classifier: anchor-free, the fastest to learn in our measurements
-HEADS = ("retinanet", "fcos", "ssdlite")
+HEADS = ("retinanet", "fcos", "ssdlite", "fasterrcnn", "maskrcnn")
+PYRAMID_HEADS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")  # the heads with a feature pyramid
 FEW_IMAGES = 30  # auto: below this many training images only the heads train
 MANY_IMAGES = 1000  # auto: from this many, every layer trains
 MAX_SIZE_RATIO = 1333 / 800  # RetinaNet/FCOS: the longer side's limit relative to min_size, as torchvision's
@@ -141,14 +146,15 @@ class DetectionRecipe(Recipe):
 
     def describe(self, metrics: dict[str, Any]) -> str:
         if "val_ap50" in metrics:
-            return f", val AP {metrics['val_ap']:.3f}, AP50 {metrics['val_ap50']:.3f}"
+            masks = f", mask AP50 {metrics['val_mask_ap50']:.3f}" if "val_mask_ap50" in metrics else ""
+            return f", val AP {metrics['val_ap']:.3f}, AP50 {metrics['val_ap50']:.3f}{masks}"
         return ""
 
 
 def _check_boxes(samples: Sequence[tuple], names: Sequence[str], source) -> None:
     """Refuse training data without a box of some class."""
     counts = np.zeros(len(names), dtype=np.int64)
-    for _, _, labels, _ in samples:
+    for _, _, labels, *_ in samples:
         for label in labels:
             counts[label - 1] += 1
     missing = [names[int(i)] for i in np.flatnonzero(counts == 0)]
@@ -163,6 +169,18 @@ def _detector(net: nn.Module) -> DetectionModel:
     return net
 
 
+def predicts_masks(net: nn.Module) -> bool:
+    """Whether `net` has an instance mask head (Mask R-CNN)."""
+    heads = getattr(net, "roi_heads", None)
+    return bool(getattr(heads, "has_mask", False))
+
+
+def _check_trainable(arch: Any, name: str) -> None:
+    if isinstance(arch.config, RCNNConfig) and arch.config.kind is Kind.KEYPOINT:
+        raise InputError(f"{name}: fine-tuning keypoint detectors is not supported (the data reader reads boxes and "
+                         f"masks, not keypoints); fine-tune a Faster or Mask R-CNN")
+
+
 def _detection_model(name: str, head: str | None, num_classes: int, image_size: int | None,
                      fpn_channels: int | None = None) -> tuple[VisionModel, dict[str, Any]]:
     """The model to fine-tune with `num_classes` outputs (background included), and the size arguments
@@ -171,8 +189,8 @@ def _detection_model(name: str, head: str | None, num_classes: int, image_size: 
     `fpn_channels` the pyramid's width of a head put on a classifier."""
     if head is not None and head not in HEADS:
         raise InputError(f"--head {head} is not a detection head; use one of {', '.join(HEADS)}")
-    if fpn_channels is not None and not (head in (None, "retinanet", "fcos") and _is_classifier(name)):
-        raise InputError("--fpn-channels sizes a RetinaNet or FCOS head put on a classifier; drop it for "
+    if fpn_channels is not None and not (head in (None, *PYRAMID_HEADS) and _is_classifier(name)):
+        raise InputError("--fpn-channels sizes a RetinaNet, FCOS or R-CNN head put on a classifier; drop it for "
                          f"{head or name}")
     if is_bundle(name):
         task = REGISTRY.get_architecture(read_bundle(name).architecture).task
@@ -196,6 +214,7 @@ def _detection_model(name: str, head: str | None, num_classes: int, image_size: 
                          f"with --head {name}")
     if head is not None:
         raise InputError(f"--head puts a head on a classifier; {name} is a detector already")
+    _check_trainable(arch, name)
     tagged = split_name(name)[1] is not None
     net = _model(create_model(name, weights=None if tagged else "DEFAULT", num_classes=num_classes))
     return _sized(net, image_size)
@@ -258,6 +277,14 @@ def backbone_stages(net: DetectionModel) -> list[FeatureInfo]:
 
 # -- data ------------------------------------------------------------------------------------
 
+def check_masks(net: nn.Module, samples: Sequence[tuple], source: Any) -> None:
+    """Refuse to train a mask head on data without instance masks."""
+    if predicts_masks(net) and any(s[4] is None for s in samples):
+        raise InputError(f"{source} has no instance masks (COCO annotations with a segmentation) for the mask head "
+                         f"of {getattr(net, 'arch', None) or type(net).__name__}; add them, or train boxes only "
+                         f"(--head fasterrcnn)")
+
+
 class BoxBatch:
     """A training batch: the images and their targets. The loop moves it with `.to` and counts it with `len`."""
 
@@ -272,28 +299,39 @@ class BoxBatch:
                         [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in self.targets])
 
 
-def collate_boxes(items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[BoxBatch, BoxBatch]:
-    batch = BoxBatch([x for x, _, _ in items], [{"boxes": b, "labels": lab} for _, b, lab in items])
+def collate_boxes(items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+                  ) -> tuple[BoxBatch, BoxBatch]:
+    targets = [{"boxes": b, "labels": lab, **({} if m is None else {"masks": m})} for _, b, lab, m in items]
+    batch = BoxBatch([x for x, *_ in items], targets)
     return batch, batch  # (the loop's (inputs, targets): the detector needs both at once)
 
 
 class KeyedBoxes(Dataset):
-    """`(index, seed)` -> (image tensor in [0, 1], boxes, labels): the augmented crop for that seed."""
+    """`(index, seed)` -> (image tensor in [0, 1], boxes, labels, masks or None): the augmented crop for that
+    seed; with `masks`, the instance masks ((N, crop, crop) uint8) cropped with it."""
 
-    def __init__(self, samples: Sequence[tuple], augment: BoxAugment, limits: DecodeLimits = DEFAULT_LIMITS):
+    def __init__(self, samples: Sequence[tuple], augment: BoxAugment, limits: DecodeLimits = DEFAULT_LIMITS,
+                 masks: bool = False):
         self.samples = list(samples)
         self.augment = augment
         self.limits = limits
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, key: tuple[int, int | None]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         index, seed = key
-        image, boxes, labels, _ = self.samples[index]
-        return self.augment(load_image(image, limits=self.limits),
-                            torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                            torch.tensor(labels, dtype=torch.int64), torch.Generator().manual_seed(seed or 0))
+        image, boxes, labels, _, rles = self.samples[index]
+        img = load_image(image, limits=self.limits)
+        masks = None
+        if self.masks:
+            masks = decode_masks(rles, image, self.limits) if rles else torch.zeros((0, img.height, img.width),
+                                                                                    dtype=torch.uint8)
+        return self.augment.apply(img, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                                  torch.tensor(labels, dtype=torch.int64), masks,
+                                  torch.Generator().manual_seed(seed or 0))
 
 
 class EvalBoxes(Dataset):
@@ -345,7 +383,9 @@ def _job(ctx: RunContext, size: int) -> JobParts:
     main = trainable_stages(cfg.strategy, n, cfg.unfreeze)
     groups = param_groups(net, stages, cfg.settled()[1], cfg.lr_decay, cfg.weight_decay, main)
     augment = BoxAugment(size, size, cfg.scale_range, hflip=bool(cfg.hflip), random=cfg.augment)
-    train_set = KeyedBoxes(ctx.train_samples, augment, ctx.limits)
+    with_masks = predicts_masks(net)
+    check_masks(net, ctx.train_samples, ctx.extra.get("source", "the data"))
+    train_set = KeyedBoxes(ctx.train_samples, augment, ctx.limits, masks=with_masks)
     sampler = EpochSampler(len(ctx.train_samples), dist, cfg.seed, augment=True)
     per_rank = cfg.batch_size // dist.world
     train_loader = DataLoader(train_set, sampler=sampler, batch_size=per_rank, num_workers=ctx.workers,
@@ -367,42 +407,67 @@ def _job(ctx: RunContext, size: int) -> JobParts:
         if val_loader is None:
             return None
         net.eval()
-        return evaluate_boxes(net, val_loader, num_classes, dist, ctx.amp)
+        return evaluate_boxes(net, val_loader, num_classes, dist, ctx.amp, ctx.limits)
 
     return JobParts(prepare=staged.prepare, batches=staged.batches, steps=len(train_loader), validate=validate,
                     optimizer=optimizer, scheduler=scheduler, trained=net, loss=detection_loss, hits=no_hits)
 
 
 def score_boxes(net: DetectionModel, batches: Iterable[list[tuple[torch.Tensor, tuple]]], device: torch.device,
-                amp) -> tuple[list[dict[str, Any]], float, int]:
+                amp, limits: DecodeLimits = DEFAULT_LIMITS) -> tuple[list[dict[str, Any]], float, int]:
     """(detections, summed loss, images) of `net` (in eval mode) over lists of (image, sample) pairs:
     per image `image_id`, `width`, `height`, the ground truth (`gt_boxes`, `gt_labels`) and the
-    detections (`boxes` x1 y1 x2 y2, `scores`, `labels`) as numpy arrays."""
+    detections (`boxes` x1 y1 x2 y2, `scores`, `labels`) as numpy arrays; with instance masks, the
+    data's (`gt_masks`) and the model's (`masks`, thresholded at `MASK_THRESHOLD`) as COCO RLE dicts.
+    A mask head on data without masks detects without losses (the loss is then 0)."""
     results: list[dict[str, Any]] = []
     loss_sum, images = 0.0, 0
+    wants_masks = predicts_masks(net)
     with torch.inference_mode(), autocast(device, amp):
         for items in batches:
             if not items:
                 continue
             xs = [x.to(device) for x, _ in items]
-            targets = [{"boxes": torch.tensor(s[1], dtype=torch.float32, device=device).reshape(-1, 4),
-                        "labels": torch.tensor(s[2], dtype=torch.int64, device=device)} for _, s in items]
-            detections, losses = net.detect_with_losses(xs, targets)
+            with_masks = all(s[4] is not None for _, s in items)
+            losses: dict[str, torch.Tensor] = {}
+            if wants_masks and not with_masks:
+                detections = net(xs)
+            else:
+                targets = [_target(x, s, wants_masks, device, limits) for x, s in items]
+                detections, losses = net.detect_with_losses(xs, targets)
             loss_sum += float(detection_loss(losses, None).cpu()) * len(items)
             images += len(items)
             for x, (_, sample), det in zip(xs, items, detections, strict=True):
-                results.append({"image_id": sample[3], "width": int(x.shape[-1]), "height": int(x.shape[-2]),
-                                "gt_boxes": np.asarray(sample[1], dtype=np.float64).reshape(-1, 4),
-                                "gt_labels": np.asarray(sample[2], dtype=np.int64),
-                                "boxes": det["boxes"].float().cpu().numpy().astype(np.float64),
-                                "scores": det["scores"].float().cpu().numpy().astype(np.float64),
-                                "labels": det["labels"].cpu().numpy().astype(np.int64)})
+                result = {"image_id": sample[3], "width": int(x.shape[-1]), "height": int(x.shape[-2]),
+                          "gt_boxes": np.asarray(sample[1], dtype=np.float64).reshape(-1, 4),
+                          "gt_labels": np.asarray(sample[2], dtype=np.int64),
+                          "boxes": det["boxes"].float().cpu().numpy().astype(np.float64),
+                          "scores": det["scores"].float().cpu().numpy().astype(np.float64),
+                          "labels": det["labels"].cpu().numpy().astype(np.int64)}
+                if sample[4] is not None:
+                    result["gt_masks"] = [coco_rle(m) for m in sample[4]]
+                if "masks" in det:
+                    result["masks"] = encode_masks(det["masks"][:, 0] >= MASK_THRESHOLD) if len(det["masks"]) else []
+                results.append(result)
     return results, loss_sum, images
 
 
-def evaluate_boxes(net: DetectionModel, batches, num_classes: int, dist: D.Dist, amp) -> dict[str, float]:
-    """Validation: `score_boxes` gathered from all processes, scored with COCO mAP."""
-    results, loss_sum, count = score_boxes(net, batches, dist.device, amp)
+def _target(x: torch.Tensor, sample: tuple, masks: bool, device: torch.device, limits: DecodeLimits
+            ) -> dict[str, torch.Tensor]:
+    target = {"boxes": torch.tensor(sample[1], dtype=torch.float32, device=device).reshape(-1, 4),
+              "labels": torch.tensor(sample[2], dtype=torch.int64, device=device)}
+    if masks:
+        dense = decode_masks(sample[4], sample[0], limits) if sample[4] else \
+            torch.zeros((0, *x.shape[-2:]), dtype=torch.uint8)
+        target["masks"] = dense.to(device)
+    return target
+
+
+def evaluate_boxes(net: DetectionModel, batches, num_classes: int, dist: D.Dist, amp,
+                   limits: DecodeLimits = DEFAULT_LIMITS) -> dict[str, float]:
+    """Validation: `score_boxes` gathered from all processes, scored with COCO mAP (boxes, and masks
+    where both the model and the data have them)."""
+    results, loss_sum, count = score_boxes(net, batches, dist.device, amp, limits)
     images = float(count)
     if dist.enabled:
         gathered: list[Any] = [None] * dist.world
@@ -410,15 +475,24 @@ def evaluate_boxes(net: DetectionModel, batches, num_classes: int, dist: D.Dist,
         results = [r for part in gathered for r in (part or [])]
         loss_sum, images = D.all_reduce_sum(dist, [loss_sum, images])
     scores = coco_map(results, num_classes)
-    return {"loss": loss_sum / max(images, 1), "ap": scores.ap, "ap50": scores.ap50, "ap75": scores.ap75}
+    metrics = {"loss": loss_sum / max(images, 1), "ap": scores.ap, "ap50": scores.ap50, "ap75": scores.ap75}
+    if has_mask_results(results):
+        masks = coco_map(results, num_classes, "segm")
+        metrics.update(mask_ap=masks.ap, mask_ap50=masks.ap50, mask_ap75=masks.ap75)
+    return metrics
+
+
+def has_mask_results(results: Sequence[dict[str, Any]]) -> bool:
+    """Whether `score_boxes` results can be scored by mask: the model predicted masks and the data has them."""
+    return bool(results) and all("masks" in r and "gt_masks" in r for r in results)
 
 
 # -- COCO mAP ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class CocoScores:
-    """COCO box AP (pycocotools' COCOeval, 100 detections per image). None where nothing can be scored
-    (no ground truth of that size or class)."""
+    """COCO box or mask AP (pycocotools' COCOeval, 100 detections per image). None where nothing can be
+    scored (no ground truth of that size or class)."""
 
     ap: float  # mean over IoU 0.50:0.95
     ap50: float
@@ -433,8 +507,13 @@ class CocoScores:
     precision50: tuple[tuple[float | None, ...], ...]  # per class: precision at IoU 0.5 over `recall`
 
 
-def coco_map(results: Sequence[dict[str, Any]], num_classes: int) -> CocoScores:
-    """Score `score_boxes` results (labels 1..num_classes) with pycocotools' `COCOeval`."""
+def coco_map(results: Sequence[dict[str, Any]], num_classes: int, iou_type: str = "bbox") -> CocoScores:
+    """Score `score_boxes` results (labels 1..num_classes) with pycocotools' `COCOeval`: their boxes
+    (`iou_type` "bbox"), or their masks ("segm": `gt_masks` and `masks`, COCO RLE dicts, one per box)."""
+    if iou_type not in ("bbox", "segm"):
+        raise InputError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    segm = iou_type == "segm"
+    mask_api = require("pycocotools.mask") if segm else None
     coco_mod = require("pycocotools.coco")
     eval_mod = require("pycocotools.cocoeval")
     images: list[dict[str, Any]] = []
@@ -442,15 +521,24 @@ def coco_map(results: Sequence[dict[str, Any]], num_classes: int) -> CocoScores:
     detections: list[dict[str, Any]] = []
     for r in results:
         images.append({"id": r["image_id"], "width": r["width"], "height": r["height"]})
-        for box, label in zip(r["gt_boxes"], r["gt_labels"], strict=True):
+        gt_masks = r["gt_masks"] if segm else [None] * len(r["gt_labels"])
+        for box, label, gt_mask in zip(r["gt_boxes"], r["gt_labels"], gt_masks, strict=True):
             w, h = float(box[2] - box[0]), float(box[3] - box[1])
-            annotations.append({"id": len(annotations) + 1, "image_id": r["image_id"], "category_id": int(label),
-                                "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h, "iscrowd": 0})
-        for box, score, label in zip(r["boxes"], r["scores"], r["labels"], strict=True):
+            annotation = {"id": len(annotations) + 1, "image_id": r["image_id"], "category_id": int(label),
+                          "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h, "iscrowd": 0}
+            if gt_mask is not None and mask_api is not None:
+                annotation.update(segmentation=gt_mask, area=float(mask_api.area(_rle_bytes(gt_mask))))
+            annotations.append(annotation)
+        masks = r["masks"] if segm else [None] * len(r["labels"])
+        for box, score, label, mask in zip(r["boxes"], r["scores"], r["labels"], masks, strict=True):
             if 1 <= label <= num_classes:
-                detections.append({"image_id": r["image_id"], "category_id": int(label), "score": float(score),
-                                   "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
-                                            float(box[3] - box[1])]})
+                detection: dict[str, Any] = {"image_id": r["image_id"], "category_id": int(label),
+                                             "score": float(score)}
+                if mask is not None:  # (pycocotools takes the area and box from the mask)
+                    detection["segmentation"] = mask
+                else:
+                    detection["bbox"] = [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
+                detections.append(detection)
     categories = [{"id": k, "name": str(k)} for k in range(1, num_classes + 1)]
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
         gt = coco_mod.COCO()
@@ -460,7 +548,7 @@ def coco_map(results: Sequence[dict[str, Any]], num_classes: int) -> CocoScores:
         if not detections:
             dt.dataset = {"images": images, "annotations": [], "categories": categories}
             dt.createIndex()
-        ev = eval_mod.COCOeval(gt, dt, "bbox")
+        ev = eval_mod.COCOeval(gt, dt, iou_type)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -483,3 +571,8 @@ def coco_map(results: Sequence[dict[str, Any]], num_classes: int) -> CocoScores:
     return CocoScores(ap=max(stats[0], 0.0), ap50=max(stats[1], 0.0), ap75=max(stats[2], 0.0), ap_small=at(stats[3]),
                       ap_medium=at(stats[4]), ap_large=at(stats[5]), ar100=max(stats[8], 0.0), class_ap=class_ap,
                       class_ap50=class_ap50, recall=tuple(float(v) for v in ev.params.recThrs), precision50=curves)
+
+
+def _rle_bytes(rle: dict[str, Any]) -> dict[str, Any]:
+    counts = rle["counts"]
+    return {"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}

@@ -190,6 +190,8 @@ def _summary(r: dict, state: RunState) -> str:
     if "val_ap50" in r:  # detection (no running accuracy of boxes)
         text = f"epoch {r['epoch']}: train loss {r['train_loss']:.4f} | val loss {r['val_loss']:.4f} AP " \
                f"{r['val_ap']:.3f} AP50 {r['val_ap50']:.3f} AP75 {r['val_ap75']:.3f}"
+        if "val_mask_ap50" in r:  # instance masks
+            text += f" mask AP {r['val_mask_ap']:.3f} AP50 {r['val_mask_ap50']:.3f}"
     elif "val_acc" in r:
         text += f" | val loss {r['val_loss']:.4f} acc {r['val_acc']:.2%}"
         if "val_top5" in r:

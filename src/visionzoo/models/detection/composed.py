@@ -1,10 +1,13 @@
-"""Detectors on any classifier of the zoo: RetinaNet, FCOS or SSDlite heads on its stages.
+"""Detectors on any classifier of the zoo: RetinaNet, FCOS, SSDlite, Faster R-CNN or Mask R-CNN heads on its stages.
 
 The classifier's `feature_info` says where its stages are and how wide and strided they are, so
 the heads never know which network they sit on (as in segmentation_models_pytorch). RetinaNet and
 FCOS get a feature pyramid over the last three stages plus P6/P7, with anchors sized from the
-stages' strides; SSDlite gets the last two stages plus its four extra stages. The classifier's
-class head is removed and, by default, its BatchNorm layers are frozen with their statistics.
+stages' strides; SSDlite gets the last two stages plus its four extra stages; Faster and Mask
+R-CNN get a pyramid over the last four stages plus a max-pooled fifth level, as torchvision's
+ResNet-50-FPN models have (the RPN's anchors, 32 to 512 pixels, one size a level). The
+classifier's class head is removed and, by default, its BatchNorm layers are frozen with their
+statistics.
 """
 from __future__ import annotations
 
@@ -24,16 +27,25 @@ from ..features import capture_stages, resolve_out_indices
 from .backbones import BackboneWithFPN, freeze_batch_norm
 from .base import DetectionModel
 from .fcos import FCOS, FCOSConfig, fcos_anchors
-from .fpn import LastLevelP6P7
+from .fpn import LastLevelMaxPool, LastLevelP6P7
+from .rcnn import RCNN
+from .rcnn import VARIANTS as RCNN_VARIANTS
 from .retinanet import RetinaNet, RetinaNetConfig, retinanet_anchors
 from .ssdlite import VARIANTS as SSDLITE_VARIANTS
 from .ssdlite import NormLayer, SSDLite, default_norm_layer, extra_blocks, stage_out_channels
+
+# the R-CNN heads' training samples, fewer than torchvision's (2000 proposals, 512 regions an image): these
+# heads are fine-tuned on small images with a few objects each, where 500 proposals cover every object and
+# 128 regions give the mask head its positives at a quarter of the cost (pass torchvision's values to override)
+RCNN_TRAINING = {"rpn_pre_nms_top_n_train": 500, "rpn_post_nms_top_n_train": 500, "box_batch_size_per_image": 128}
 
 
 class DetectorHead(str, Enum):
     RETINANET = "retinanet"  # anchors, focal loss; pyramid P3-P7
     FCOS = "fcos"  # anchor-free points with centre-ness; pyramid P3-P7
     SSDLITE = "ssdlite"  # default boxes on two stages + four extra stages; fixed input size
+    FASTERRCNN = "fasterrcnn"  # two-stage: region proposals, then boxes per region; pyramid P2-P6
+    MASKRCNN = "maskrcnn"  # Faster R-CNN with an instance mask per box
 
 
 class StagesWithExtraBlocks(nn.Module):
@@ -62,11 +74,14 @@ def detector_from_classifier(classifier: ZooModel, head: DetectorHead | str, num
     """A detector whose backbone is `classifier` (which it takes over: its class head is removed).
 
     Args:
-        head: "retinanet", "fcos" or "ssdlite".
-        num_classes: classes the detector scores; for SSDlite, including the background (label 0).
+        head: "retinanet", "fcos", "ssdlite", "fasterrcnn" or "maskrcnn".
+        num_classes: classes the detector scores; for SSDlite and the R-CNNs, including the background
+            (label 0).
         out_indices: the stages used (positions or module names in `classifier.feature_info`);
-            by default the last three (RetinaNet, FCOS) or the last two (SSDlite).
-        fpn_channels: width of the feature pyramid (RetinaNet, FCOS).
+            by default the last three (RetinaNet, FCOS), the last two (SSDlite) or the last four
+            (R-CNN: their pooled regions are assigned to four levels).
+        fpn_channels: width of the feature pyramid (RetinaNet, FCOS, R-CNN; also the width of
+            Mask R-CNN's mask head).
         freeze_norm: turn the classifier's BatchNorm2d layers into FrozenBatchNorm2d.
         size: SSDlite's fixed input size.
         kwargs: the detector's own arguments (thresholds, `min_size`/`max_size`, `image_mean`, ...);
@@ -93,6 +108,16 @@ def detector_from_classifier(classifier: ZooModel, head: DetectorHead | str, num
         stages = StagesWithExtraBlocks(classifier, indices, num_extra, norm_layer)
         cfg = replace(SSDLITE_VARIANTS["ssdlite320_mobilenet_v3_large"], size=size)
         return SSDLite(cfg, num_classes, norm_layer=norm_layer, backbone=stages, **kwargs)
+    if kind in (DetectorHead.FASTERRCNN, DetectorHead.MASKRCNN):
+        indices = resolve_out_indices(classifier, (-4, -3, -2, -1) if out_indices is None else out_indices)
+        if len(indices) != 4:
+            raise InputError(f"a {kind.value} head uses 4 stages of the classifier (its regions are pooled from "
+                             f"four pyramid levels), got {len(indices)}")
+        body = BackboneWithFPN(classifier, indices, fpn_channels, LastLevelMaxPool())
+        for key, value in RCNN_TRAINING.items():
+            kwargs.setdefault(key, value)
+        rcnn = RCNN_VARIANTS["maskrcnn_resnet50_fpn" if kind is DetectorHead.MASKRCNN else "fasterrcnn_resnet50_fpn"]
+        return RCNN(rcnn, num_classes, backbone=body, **kwargs)
     pyramid = BackboneWithFPN(classifier, (-3, -2, -1) if out_indices is None else out_indices, fpn_channels,
                               LastLevelP6P7(fpn_channels, fpn_channels))
     if kind is DetectorHead.RETINANET:

@@ -225,9 +225,10 @@ class RCNN(DetectionModel):
                                else TwoMLPHead(channels * 7 * 7, 1024))
         heads: dict[str, nn.Module] = {}
         if cfg.kind is Kind.MASK:
+            # (as wide as the pyramid: 256 for the published models, narrower on a small classifier's pyramid)
             heads = dict(mask_roi_pool=MultiScaleRoIAlign(levels, 14, 2),
-                         mask_head=MaskRCNNHeads(channels, (256,) * 4, 1, v2_norm),
-                         mask_predictor=MaskRCNNPredictor(256, 256, self.num_classes))
+                         mask_head=MaskRCNNHeads(channels, (channels,) * 4, 1, v2_norm),
+                         mask_predictor=MaskRCNNPredictor(channels, channels, self.num_classes))
         elif cfg.kind is Kind.KEYPOINT:
             self.num_keypoints = _given(num_keypoints, cfg.num_keypoints)
             if isinstance(self.num_keypoints, bool) or not isinstance(self.num_keypoints, int) \
@@ -295,6 +296,27 @@ class RCNN(DetectionModel):
         if scaled is not None:
             return {**rpn_losses, **head_losses}
         return self.postprocess(detections, batch, original_sizes)
+
+    def detect_with_losses(self, images: Sequence[torch.Tensor], targets: Sequence[Target]
+                           ) -> tuple[list[Target], dict[str, torch.Tensor]]:
+        """(detections, losses) of held-out images in evaluation mode: the proposals and detections as
+        `forward` makes them, the losses as training computes them on those proposals. The anchors and
+        proposals the losses sample are drawn from a fixed seed, leaving the global random state as it was."""
+        images = as_image_list(images, len(self.transform.image_mean))
+        checked = self.check_training_targets(targets, images)
+        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        batch, scaled = self.transform(images, checked)
+        features = self.named_features(self.backbone(batch.tensors))
+        device = batch.tensors.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.random.default_generator.manual_seed(0)
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(0)
+            proposals, rpn_losses = self.rpn(batch, list(features.values()), scaled)
+            _, head_losses = self.roi_heads(features, proposals, batch.image_sizes, scaled)
+        detections, _ = self.roi_heads(features, proposals, batch.image_sizes, None)
+        return self.postprocess(detections, batch, original_sizes), {**rpn_losses, **head_losses}
 
     def postprocess(self, detections: list[Target], batch: ImageBatch, original_sizes: list[tuple[int, int]]
                     ) -> list[Target]:
