@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,7 +46,7 @@ from ..models.base import VisionModel, ZooModel
 from ..train.segmentation import score_masks
 from ..train.video import labelled_videos
 from .evaluate_detection import DetectionEvaluation, evaluate_detection
-from .reports import write_report
+from .reports import report_dict, write_report
 
 log = logging.getLogger("visionzoo")
 
@@ -69,10 +69,7 @@ class Evaluation:
     notes: tuple[str, ...] = ()  # e.g. plots skipped
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["failures"] = [{"path": f.path, "reason": f.reason} for f in self.failures]
-        d["confusion"] = [list(r) for r in self.confusion]
-        return d
+        return report_dict(self)
 
 
 @dataclass(frozen=True)
@@ -91,11 +88,7 @@ class SegmentationEvaluation:
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["task"] = Task.SEGMENTATION.value
-        d["failures"] = [{"path": f.path, "reason": f.reason} for f in self.failures]
-        d["confusion"] = [list(r) for r in self.confusion]
-        return d
+        return report_dict(self, Task.SEGMENTATION)
 
 
 _Scores = TypeVar("_Scores", Evaluation, SegmentationEvaluation)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from ..fileutil import atomic_path
 from ..models.base import VisionModel
 from ..models.detection import DetectionModel
 from ..train.detection import coco_map, has_mask_results, score_boxes
-from .reports import write_report
+from .reports import report_dict, write_report
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,7 @@ class DetectionEvaluation:
     notes: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["task"] = Task.DETECTION.value
-        d["failures"] = [{"path": f.path, "reason": f.reason} for f in self.failures]
-        return d
+        return report_dict(self, Task.DETECTION)
 
 
 def evaluate_detection(net: VisionModel, model, data: str | os.PathLike, *, out, batch_size: int,

@@ -4,14 +4,31 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
+from ..enums import Task
 from ..fileutil import atomic_path
 
 E = TypeVar("E")  # an evaluation dataclass with `files`, `notes` and `to_dict()`
+
+
+def report_dict(ev: Any, task: Task | None = None) -> dict[str, Any]:
+    """An evaluation dataclass as `metrics.json` holds it: nested dataclasses (failures) as
+    objects, tuples as lists, and the task it scored when given."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    d: dict[str, Any] = plain(asdict(ev))
+    if task is not None:
+        d["task"] = task.value
+    return d
 
 
 def write_report(ev: E, out: Path, files: dict[str, str], notes: list[str], *, plots: bool,

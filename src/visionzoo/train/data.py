@@ -95,19 +95,28 @@ class Augment:
         return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
 
 
-class KeyedImages(Dataset):
+class KeyedSamples(Dataset):
+    """A run's samples read by key `(index, seed)` (see `EpochSampler`): the list, the decode limits
+    its files were checked against, and its length. The task's datasets add how a sample is read."""
+
+    def __init__(self, samples: Sequence[tuple], limits: DecodeLimits = DEFAULT_LIMITS):
+        self.samples = list(samples)
+        self.limits = limits
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+class KeyedImages(KeyedSamples):
     """`(index, seed)` -> (image tensor, label): the augmented view for that seed, or the
     evaluation view when the seed is None. Images are decoded within `limits`."""
 
     def __init__(self, samples: Sequence[tuple], preprocess: Preprocess, augment: Augment | None,
                  limits: DecodeLimits = DEFAULT_LIMITS):
-        self.samples = list(samples)
+        # the limits' max_resized_pixels does not apply: only the crop's area is ever resized
+        super().__init__(samples, limits)
         self.eval_transform = preprocess.transforms()
         self.augment = augment
-        self.limits = limits  # its max_resized_pixels does not apply: only the crop's area is ever resized
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, int]:
         index, seed = key

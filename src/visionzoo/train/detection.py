@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ..bundle import is_bundle, read_bundle
 from ..data.detection import BACKGROUND, BoxAugment, open_box_dataset
@@ -54,7 +54,7 @@ from ..optional import require
 from ..registry import REGISTRY, split_name
 from . import distributed as D
 from .config import FinetuneConfig, Strategy
-from .data import EpochSampler, ShardKeys, sample_seed
+from .data import EpochSampler, KeyedSamples, ShardKeys, sample_seed
 from .loop import autocast
 from .recipe import (
     JobParts,
@@ -306,19 +306,15 @@ def collate_boxes(items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return batch, batch  # (the loop's (inputs, targets): the detector needs both at once)
 
 
-class KeyedBoxes(Dataset):
+class KeyedBoxes(KeyedSamples):
     """`(index, seed)` -> (image tensor in [0, 1], boxes, labels, masks or None): the augmented crop for that
     seed; with `masks`, the instance masks ((N, crop, crop) uint8) cropped with it."""
 
     def __init__(self, samples: Sequence[tuple], augment: BoxAugment, limits: DecodeLimits = DEFAULT_LIMITS,
                  masks: bool = False):
-        self.samples = list(samples)
+        super().__init__(samples, limits)
         self.augment = augment
-        self.limits = limits
         self.masks = masks
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int | None]
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -334,16 +330,12 @@ class KeyedBoxes(Dataset):
                                   torch.Generator().manual_seed(seed or 0))
 
 
-class EvalBoxes(Dataset):
+class EvalBoxes(KeyedSamples):
     """`(index, None)` -> (image in [0, 1] at its own size, the sample): what `detect` feeds the model."""
 
     def __init__(self, samples: Sequence[tuple], preprocess: Preprocess, limits: DecodeLimits = DEFAULT_LIMITS):
-        self.samples = list(samples)
+        super().__init__(samples, limits)
         self.transform = preprocess.transforms()
-        self.limits = limits
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, tuple]:
         sample = self.samples[key[0]]

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ..bundle import is_bundle, read_bundle
 from ..data.images import DEFAULT_LIMITS, DecodeLimits, load_image
@@ -48,7 +48,7 @@ from ..ops.labels import resize_argmax
 from ..registry import REGISTRY, split_name
 from . import distributed as D
 from .config import FinetuneConfig, Strategy
-from .data import EpochSampler, ShardKeys, loader, sample_seed
+from .data import EpochSampler, KeyedSamples, ShardKeys, loader, sample_seed
 from .loop import autocast
 from .recipe import (
     JobParts,
@@ -239,19 +239,15 @@ def _crop(img: Image.Image, box: tuple[int, int, int, int], fill: int) -> Image.
     return canvas
 
 
-class KeyedMasks(Dataset):
+class KeyedMasks(KeyedSamples):
     """`(index, seed)` -> (image tensor, class-index tensor): the augmented crop for that seed. Images
     are decoded within `limits` (the budget the run's images were checked against)."""
 
     def __init__(self, samples: Sequence[tuple], augment: JointAugment, num_classes: int,
                  limits: DecodeLimits = DEFAULT_LIMITS):
-        self.samples = list(samples)
+        super().__init__(samples, limits)
         self.augment = augment
         self.num_classes = num_classes
-        self.limits = limits
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, torch.Tensor]:
         index, seed = key
@@ -260,18 +256,14 @@ class KeyedMasks(Dataset):
         return self.augment(load_image(image, limits=self.limits), labels, torch.Generator().manual_seed(seed or 0))
 
 
-class EvalMasks(Dataset):
+class EvalMasks(KeyedSamples):
     """`(index, None)` -> (image preprocessed as `segment` does, class indices at the mask's size)."""
 
     def __init__(self, samples: Sequence[tuple], preprocess: Preprocess, num_classes: int,
                  limits: DecodeLimits = DEFAULT_LIMITS):
-        self.samples = list(samples)
+        super().__init__(samples, limits)
         self.transform = preprocess.transforms()
         self.num_classes = num_classes
-        self.limits = limits
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.samples[key[0]]

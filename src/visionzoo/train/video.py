@@ -36,7 +36,7 @@ from ..models.base import ZooModel
 from . import distributed as D
 from .classification import ClassificationRecipe
 from .config import FinetuneConfig, Strategy
-from .data import check_classes, stratified_split
+from .data import KeyedSamples, check_classes, stratified_split
 from .recipe import RunContext, RunData, fingerprint
 from .stages import StageMap, map_stages
 
@@ -174,20 +174,16 @@ class ClipAugment:
         return clip.sub_(mean).div_(std)
 
 
-class KeyedClips(Dataset):
+class KeyedClips(KeyedSamples):
     """`(index, seed)` -> (clip tensor, label): a random training clip for that seed, or the video's middle
     clip through the evaluation recipe when the seed is None. The stand-in of `KeyedImages` for videos."""
 
     def __init__(self, samples: Sequence[tuple], preprocess: Preprocess, augment: ClipAugment | None,
                  limits: DecodeLimits = DEFAULT_LIMITS):
-        self.samples = list(samples)
+        super().__init__(samples, limits)
         self.preprocess = preprocess
-        self.limits = limits
         self.eval_transform = ClipTransform(preprocess)
         self.augment = augment
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, key: tuple[int, int | None]) -> tuple[torch.Tensor, int]:
         index, seed = key
