@@ -241,9 +241,10 @@ def compare_detections(got: tuple[np.ndarray, ...], expected: tuple[np.ndarray, 
     both have them): boxes and scores relative to the range of the expected ones, masks (probabilities)
     as the largest mean absolute difference of one detection's mask (float32 rounding moves single
     pixels of a steep sigmoid by ~1e-4; a wrong mask moves its mean by far more), compared as sets
-    (each expected detection paired with the closest one of the same label). A detection without a partner counts as `inf`, unless it is one of the lowest-scored
-    (1e-3 of the top score from the lowest), which a last-bit difference in a score at the threshold
-    or at the cut of `detections_per_img` decides either way. One value per output of `expected`
+    (each expected detection paired with the closest one of the same label). A detection without a
+    partner counts as `inf`, unless it is one of the lowest-scored (1e-3 of the top score from the
+    lowest), which a last-bit difference in a score at the threshold or at the cut of
+    `detections_per_img` decides either way. One value per output of `expected`
     (labels: 0 when they agree)."""
     with_masks = len(expected) > 3 and len(got) > 3
     g_masks, e_masks = ((np.asarray(got[3], np.float64), np.asarray(expected[3], np.float64)) if with_masks
