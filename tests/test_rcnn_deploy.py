@@ -189,7 +189,8 @@ def test_cli_export_of_mask_rcnn_then_detect_on_onnxruntime(capsys, masker, tmp_
 
     from .photos import sample_image
 
-    bundle = save_bundle(masker, tmp_path / "bundle", preprocess=masker.card.preprocess)
+    classes = [f"thing{i}" for i in range(masker.num_classes)]
+    bundle = save_bundle(masker, tmp_path / "bundle", classes=classes, preprocess=masker.card.preprocess)
     onnx_path = tmp_path / "maskrcnn.onnx"
     code, out, err = run(capsys, "export", bundle, "--out", onnx_path)
     assert code == 0, err
@@ -203,6 +204,7 @@ def test_cli_export_of_mask_rcnn_then_detect_on_onnxruntime(capsys, masker, tmp_
         rows.append(row["detections"])
     got, want = rows
     assert len(want) == 20 and all("mask" in d for d in got)
+    assert all(d["label"] == classes[d["index"]] for d in got)
 
     def arrays(found):
         return (np.array([d["box"] for d in found]).reshape(-1, 4), np.array([d["score"] for d in found]),
