@@ -24,7 +24,8 @@ With --onnx, each model is also exported (`visionzoo.runtime.export.export_model
 in the graph: `runtime/rcnn_graph.py`) and run on ONNX Runtime (CPU, --threads intra-op threads) on the
 same image, end to end as `detect --backend onnxruntime` runs it (Mask R-CNN's masks pasted after the
 graph); its median time is printed next to ours in PyTorch eager with the ratio, and whether both gave
-the same detections (`compare_detections`: boxes and scores within 1e-4, masks within 1e-3).
+the same detections (`compare_detections`: the same labels, boxes and scores within 1e-3 of their range,
+masks within 1e-3 on average; float32 rounding through ResNet-50-FPN at 800 px moves scores by ~1e-4).
 """
 from __future__ import annotations
 
@@ -86,8 +87,9 @@ def build(name: str, box_score_thresh: float) -> torch.nn.Module:
 
 
 def time_onnx(name: str, model: torch.nn.Module, image: torch.Tensor, expected: dict[str, torch.Tensor],
-              args: argparse.Namespace) -> tuple[float, bool]:
-    """(median ms, same detections as `expected`) of `model` exported to ONNX, on ONNX Runtime, end to end."""
+              args: argparse.Namespace) -> tuple[float, bool, list[float]]:
+    """(median ms, same detections as `expected`, `compare_detections`' differences) of `model` exported to
+    ONNX, on ONNX Runtime, end to end."""
     import onnxruntime as ort
 
     import visionzoo
@@ -115,8 +117,8 @@ def time_onnx(name: str, model: torch.nn.Module, image: torch.Tensor, expected: 
         times.append(time.perf_counter() - t)
     keys = [k for k in ("boxes", "scores", "labels", "masks") if k in expected]
     diffs = compare_detections(tuple(got[k].numpy() for k in keys), tuple(expected[k].numpy() for k in keys))
-    same = diffs[0] <= 1e-4 and diffs[1] <= 1e-4 and diffs[2] == 0 and (len(diffs) < 4 or diffs[3] <= 1e-3)
-    return 1e3 * statistics.median(times), bool(same)
+    same = max(diffs[0], diffs[1], *diffs[3:]) <= 1e-3 and diffs[2] == 0
+    return 1e3 * statistics.median(times), bool(same), [float(f"{d:.3g}") for d in diffs]
 
 
 def main() -> None:
@@ -172,7 +174,7 @@ def main() -> None:
                        same_detections=same)
         if onnx:
             row.update(ort_ms=round(onnx[name][0], 1), ratio_ort_to_ours=round(onnx[name][0] / ms, 3),
-                       ort_same_detections=onnx[name][1])
+                       ort_same_detections=onnx[name][1], ort_differences=onnx[name][2])
         rows.append(row)
     if args.json:
         print(json.dumps({"threads": args.threads, "repeats": args.repeats, "box_score_thresh": args.box_score_thresh,
@@ -184,7 +186,7 @@ def main() -> None:
     if reference:
         header += f" {'torchvision ms':>15} {'ratio':>6} {'same':>5}"
     if onnx:
-        header += f" {'ORT ms':>9} {'ORT/ours':>8} {'same':>5}"
+        header += f" {'ORT ms':>9} {'ORT/ours':>8} {'same':>5} {'max diff':>9}"
     print(header)
     for r in rows:
         line = (f"{r['model']:<38} {r['detections']:>5} {r['ours_ms']:>9.1f} {r['anchor_ms']:>10.1f} "
@@ -192,7 +194,8 @@ def main() -> None:
         if reference:
             line += f" {r['torchvision_ms']:>15.1f} {r['ratio_to_torchvision']:>6.2f} {str(r['same_detections']):>5}"
         if onnx:
-            line += f" {r['ort_ms']:>9.1f} {r['ratio_ort_to_ours']:>8.2f} {str(r['ort_same_detections']):>5}"
+            line += (f" {r['ort_ms']:>9.1f} {r['ratio_ort_to_ours']:>8.2f} {str(r['ort_same_detections']):>5}"
+                     f" {max(r['ort_differences']):>9.2g}")
         print(line)
 
 
