@@ -21,13 +21,14 @@ from torch import nn
 
 import visionzoo
 from visionzoo.errors import InputError
+from visionzoo.runtime.backends import open_runner
 from visionzoo.runtime.detection_graph import compare_detections, graph_detections
 from visionzoo.runtime.export import export_model, read_onnx_info
 from visionzoo.runtime.rcnn_graph import RCNNGraph
 from visionzoo.tasks.detect import Detections, detect
 
 from .cli_runner import run_cli as run
-from .test_detection_deploy import PHOTOS, as_arrays, photo
+from .test_detection_deploy import PHOTOS, RUNTIMES, as_arrays, photo
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("pycocotools.mask")
@@ -133,6 +134,16 @@ def test_the_graph_is_the_model_in_pytorch_too(masker):
         assert (got["masks"] - expected["masks"]).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("backend", RUNTIMES, ids=lambda b: b.value)
+def test_runtime_runners_give_the_detections_with_masks(masker, masker_onnx, backend):
+    runner = open_runner(masker_onnx.path, backend, threads=1)
+    for name, size in PHOTOS:
+        image = photo(name, size)
+        with torch.inference_mode():
+            expected = masker([image])[0]
+        assert_same_detections(graph_detections(runner(image[None]), *image.shape[-2:]), expected)
+
+
 def test_faster_rcnn_mobilenet_320_exports(tmp_path):
     net = build("fasterrcnn_mobilenet_v3_large_320_fpn", min_size=320, max_size=640)
     result = export_model(net, "onnx", tmp_path / "frcnn320.onnx")
@@ -214,3 +225,15 @@ def test_cli_export_of_mask_rcnn_then_detect_on_onnxruntime(capsys, masker, tmp_
     assert diffs[0] <= 1e-4 and diffs[1] <= 1e-4 and diffs[2] == 0, diffs
     mask_api = pytest.importorskip("pycocotools.mask")
     assert (mask_api.decode([d["mask"] for d in got]) == mask_api.decode([d["mask"] for d in want])).mean() > 0.99
+
+
+@pytest.mark.slow
+def test_an_image_without_detections_gives_empty_outputs(tmp_path):
+    net = build("maskrcnn_resnet50_fpn", box_score_thresh=0.99)  # (random weights score far below)
+    result = export_model(net, "onnx", tmp_path / "none.onnx")
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    image = photo(*PHOTOS[0])
+    outputs = session.run(None, {"images": image[None].numpy()})
+    assert [o.shape for o in outputs] == [(0, 4), (0,), (0,), (0, 1, 28, 28)]
+    assert graph_detections([torch.from_numpy(o) for o in outputs], *image.shape[-2:])["masks"].shape == \
+        (0, 1, *image.shape[-2:])
