@@ -8,7 +8,7 @@ each task describes its graph once, here, instead of `if task == ...` branches i
 | classification | images (N, 3, S, S), S fixed        | logits (N, classes), embedding (N, D)            |
 | segmentation   | images (N, 3, H, W), H and W free   | logits (N, classes, H, W): at the input's size   |
 | detection      | images (1, 3, H, W), H and W free   | boxes (K, 4), scores (K,), labels (K,) after NMS |
-|                |                                     | (Mask R-CNN: and masks (K, 1, 28, 28) in the box) |
+|                |                                     | (Mask R-CNN: and masks (K, 1, 28, 28) in boxes)  |
 | video          | clips (N, 3, T, S, S), T and S fixed | logits (N, classes), embedding (N, D)           |
 | optical flow   | image1, image2 (N, 3, H, W), fixed  | flow (N, 2, H, W): RAFT's last estimate          |
 

@@ -28,7 +28,7 @@ resizes each heatmap to its box's size: not exported yet).
 In eager mode `roi_align_one_level` is `ops.roi_align_levels` on one map, so the traced function
 itself reproduces the model (`RCNNGraph(model)(image[None])`). What can differ from the eager model
 and why: NMS always shifts boxes apart by level or class, where the eager `batched_nms` runs class
-by class above 1,000 boxes (the shifted coordinates round differently, ~1e-4 px); ties may be
+by class above 1,000 boxes (the shifted coordinates round differently in float32); ties may be
 visited in another order by the runtime's TopK and NMS. Compared as sets (`compare_detections`).
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def roi_align_one_level(features: torch.Tensor, boxes: torch.Tensor, spatial_sca
     eager mode `ops.roi_align_levels`; in an ONNX graph the `RoiAlign` operator."""
     rois = torch.cat((boxes.new_zeros((boxes.shape[0], 1)), boxes), dim=1)
     return roi_align_levels([features], [spatial_scale], rois, None, (output_height, output_width), sampling_ratio,
-                            aligned).contiguous().clone()
+                            aligned).contiguous()
 
 
 @roi_align_one_level.register_fake
