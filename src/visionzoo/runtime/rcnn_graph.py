@@ -113,10 +113,10 @@ class RCNNGraph(nn.Module):
         class_logits, box_regression = heads.box_predictor(heads.box_head(pooled))
         boxes, scores, labels = self._detections(class_logits, box_regression, proposals, size)
         out = (to_input_pixels(boxes, original, size), scores, labels)
-        if not heads.has_mask:
+        pool, head, predictor = heads.mask_roi_pool, heads.mask_head, heads.mask_predictor
+        if pool is None or head is None or predictor is None:  # (no mask branch: Faster R-CNN)
             return out
-        assert heads.mask_roi_pool is not None and heads.mask_head is not None and heads.mask_predictor is not None
-        probs = heads.mask_predictor(heads.mask_head(self._pool(heads.mask_roi_pool, features, boxes, size))).sigmoid()
+        probs = predictor(head(self._pool(pool, features, boxes, size))).sigmoid()
         index = labels.view(-1, 1, 1, 1).expand(-1, 1, probs.shape[2], probs.shape[3])
         return (*out, probs.gather(1, index))
 
