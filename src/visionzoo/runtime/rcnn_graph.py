@@ -30,6 +30,9 @@ itself reproduces the model (`RCNNGraph(model)(image[None])`). What can differ f
 and why: NMS always shifts boxes apart by level or class, where the eager `batched_nms` runs class
 by class above 1,000 boxes (the shifted coordinates round differently in float32); ties may be
 visited in another order by the runtime's TopK and NMS. Compared as sets (`compare_detections`).
+The pooler's level scales are read at trace time (1/4 ... 1/32 for any padded size); the eager
+pooler infers them per image, which gives other values only for images resized to a few pixels
+on one side (an extreme aspect ratio squeezed by `max_size`).
 """
 from __future__ import annotations
 
