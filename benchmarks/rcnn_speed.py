@@ -3,7 +3,7 @@ against torchvision's.
 
     python benchmarks/rcnn_speed.py [--models fasterrcnn_mobilenet_v3_large_320_fpn,maskrcnn_resnet50_fpn]
                                     [--repeats 5] [--threads 2] [--box-score-thresh 0.05]
-                                    [--reference-python PATH] [--json]
+                                    [--reference-python PATH] [--onnx] [--json]
 
 Each model runs eagerly, float32, under `torch.inference_mode()`, on one 640x480 image (random pixels),
 from the input list to the final detections (transform, backbone, proposals, RoIAlign, box head, NMS per
@@ -19,6 +19,13 @@ With --reference-python (an interpreter with torchvision, e.g. /work/tvenv/bin/p
 and image also run through torchvision's model in a subprocess right after ours (the fair comparison on
 a busy machine), which also reports whether both gave the same detections. Target: no slower than
 torchvision.
+
+With --onnx, each model is also exported (`visionzoo.runtime.export.export_model`, the whole detector
+in the graph: `runtime/rcnn_graph.py`) and run on ONNX Runtime (CPU, --threads intra-op threads) on the
+same image, end to end as `detect --backend onnxruntime` runs it (Mask R-CNN's masks pasted after the
+graph); its median time is printed next to ours in PyTorch eager with the ratio, and whether both gave
+the same detections (`compare_detections`: the same labels, boxes and scores within 1e-3 of their range,
+masks within 1e-3 on average; float32 rounding through ResNet-50-FPN at 800 px moves scores by ~1e-4).
 """
 from __future__ import annotations
 
@@ -79,6 +86,41 @@ def build(name: str, box_score_thresh: float) -> torch.nn.Module:
     return rcnn.MODEL_CLASS(rcnn.VARIANTS[name], box_score_thresh=box_score_thresh).eval()
 
 
+def time_onnx(name: str, model: torch.nn.Module, image: torch.Tensor, expected: dict[str, torch.Tensor],
+              args: argparse.Namespace) -> tuple[float, bool, list[float]]:
+    """(median ms, same detections as `expected`, `compare_detections`' differences) of `model` exported to
+    ONNX, on ONNX Runtime, end to end."""
+    import onnxruntime as ort
+
+    import visionzoo
+    from visionzoo.runtime.detection_graph import compare_detections, graph_detections
+    from visionzoo.runtime.export import export_model
+
+    described = visionzoo.create_model(name, box_score_thresh=args.box_score_thresh)  # (with the record to export)
+    described.load_state_dict(model.state_dict())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    with tempfile.TemporaryDirectory() as folder:
+        path = export_model(described.eval(), "onnx", Path(folder) / f"{name}.onnx", verify=False).path
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+
+    def run() -> dict[str, torch.Tensor]:
+        outputs = session.run(names, {"images": image[None].numpy()})
+        return graph_detections([torch.from_numpy(o) for o in outputs], *image.shape[-2:])
+
+    got = run()  # (also the warm-up)
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    keys = [k for k in ("boxes", "scores", "labels", "masks") if k in expected]
+    diffs = compare_detections(tuple(got[k].numpy() for k in keys), tuple(expected[k].numpy() for k in keys))
+    same = max(diffs[0], diffs[1], *diffs[3:]) <= 1e-3 and diffs[2] == 0
+    return 1e3 * statistics.median(times), bool(same), [float(f"{d:.3g}") for d in diffs]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(ANCHORS_MS))
@@ -86,6 +128,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--box-score-thresh", type=float, default=0.05, help="0: every candidate reaches NMS")
     parser.add_argument("--reference-python", help="an interpreter with torchvision, to time its models too")
+    parser.add_argument("--onnx", action="store_true", help="also time the exported graph on ONNX Runtime")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,6 +146,9 @@ def main() -> None:
                 model([image])
                 times.append(time.perf_counter() - t)
         ours[name] = 1e3 * statistics.median(times)
+
+    onnx = {name: time_onnx(name, model, image, detections[name], args) for name, model in models.items()} \
+        if args.onnx else {}
 
     reference = {}
     if args.reference_python:
@@ -126,6 +172,9 @@ def main() -> None:
                                        rtol=1e-4, atol=1e-3))
             row.update(torchvision_ms=round(ref["ms"], 1), ratio_to_torchvision=round(ms / ref["ms"], 3),
                        same_detections=same)
+        if onnx:
+            row.update(ort_ms=round(onnx[name][0], 1), ratio_ort_to_ours=round(onnx[name][0] / ms, 3),
+                       ort_same_detections=onnx[name][1], ort_differences=onnx[name][2])
         rows.append(row)
     if args.json:
         print(json.dumps({"threads": args.threads, "repeats": args.repeats, "box_score_thresh": args.box_score_thresh,
@@ -136,12 +185,17 @@ def main() -> None:
     header = f"{'model':<38} {'boxes':>5} {'ours ms':>9} {'anchor ms':>10} {'ratio':>6}"
     if reference:
         header += f" {'torchvision ms':>15} {'ratio':>6} {'same':>5}"
+    if onnx:
+        header += f" {'ORT ms':>9} {'ORT/ours':>8} {'same':>5} {'max diff':>9}"
     print(header)
     for r in rows:
         line = (f"{r['model']:<38} {r['detections']:>5} {r['ours_ms']:>9.1f} {r['anchor_ms']:>10.1f} "
                 f"{r['ratio_to_anchor']:>6.2f}")
         if reference:
             line += f" {r['torchvision_ms']:>15.1f} {r['ratio_to_torchvision']:>6.2f} {str(r['same_detections']):>5}"
+        if onnx:
+            line += (f" {r['ort_ms']:>9.1f} {r['ratio_ort_to_ours']:>8.2f} {str(r['ort_same_detections']):>5}"
+                     f" {max(r['ort_differences']):>9.2g}")
         print(line)
 
 

@@ -34,6 +34,7 @@ def tiny_model(seed: int = 0):
 
 @pytest.mark.slow  # an ONNX export and two candidates on 200 images: about 30 s here
 def test_the_choice_is_measured_once_then_read_back(measuring, monkeypatch):
+    monkeypatch.setenv(FORCE_BF16_ENV, "0")  # the same two candidates on a CPU with native bfloat16
     net = tiny_model()
     first = open_runner(net, threads=1, batch_size=8)
     choice = first.choice

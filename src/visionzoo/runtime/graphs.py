@@ -8,6 +8,7 @@ each task describes its graph once, here, instead of `if task == ...` branches i
 | classification | images (N, 3, S, S), S fixed        | logits (N, classes), embedding (N, D)            |
 | segmentation   | images (N, 3, H, W), H and W free   | logits (N, classes, H, W): at the input's size   |
 | detection      | images (1, 3, H, W), H and W free   | boxes (K, 4), scores (K,), labels (K,) after NMS |
+|                |                                     | (Mask R-CNN: and masks (K, 1, 28, 28) in boxes)  |
 | video          | clips (N, 3, T, S, S), T and S fixed | logits (N, classes), embedding (N, D)           |
 | optical flow   | image1, image2 (N, 3, H, W), fixed  | flow (N, 2, H, W): RAFT's last estimate          |
 
@@ -237,22 +238,33 @@ class DetectionGraph(GraphSpec):
     static_shapes = False
 
     def describe_model(self, net: VisionModel) -> dict[str, Any]:
-        return {"input_size": None, "embedding_dim": None}
+        from ..models.detection.rcnn import RCNN
+
+        masks = isinstance(net, RCNN) and net.roi_heads.has_mask
+        return {"input_size": None, "embedding_dim": None, "extra_outputs": ("masks",) if masks else ()}
 
     def inputs(self, info: ModelInfo) -> tuple[TensorSpec, ...]:
         return (TensorSpec("images", (1, 3, "height", "width")),)
 
     def outputs(self, info: ModelInfo) -> tuple[TensorSpec, ...]:
+        # a Mask R-CNN's masks: each detection's mask probabilities in its box (28x28), pasted after the graph
+        masks = (TensorSpec("masks", ("detections", 1, "mask_height", "mask_width")),) \
+            if "masks" in info.extra_outputs else ()
         return (TensorSpec("boxes", ("detections", 4)), TensorSpec("scores", ("detections",)),
-                TensorSpec("labels", ("detections",)))
+                TensorSpec("labels", ("detections",)), *masks)
 
     def module(self, net: VisionModel) -> nn.Module:
         from ..models.detection import DetectionModel
+        from ..models.detection.rcnn import RCNN
         from .detection_graph import DetectorGraph, register_onnx_nms
+        from .rcnn_graph import RCNNGraph, register_onnx_roi_align
 
         if not isinstance(net, DetectionModel):
             raise InputError(f"a {net.task.value} model has no detection graph")
         register_onnx_nms()
+        if isinstance(net, RCNN):
+            register_onnx_roi_align()
+            return RCNNGraph(net)
         return DetectorGraph(net)
 
     def input_shapes(self, info: ModelInfo, batch: int, variant: int = 0) -> tuple[tuple[int, ...], ...]:

@@ -43,6 +43,8 @@ class ModelInfo:
     quantization: Mapping[str, Any] = field(default_factory=dict)  # how it was quantized
     visionzoo_version: str = ""
     task: Task = Task.CLASSIFICATION
+    # outputs the task's graph has for this model beyond its task's own (a Mask R-CNN's detection graph: masks)
+    extra_outputs: tuple[str, ...] = ()
 
     @property
     def graph(self) -> GraphSpec:
@@ -57,7 +59,8 @@ class ModelInfo:
                 "weights": self.weights, "precision": self.precision, "quantization": dict(self.quantization),
                 "visionzoo_version": self.visionzoo_version, "task": self.task.value,
                 "inputs": inputs[0] if len(inputs) == 1 else inputs,
-                "outputs": self.graph.names(self.graph.outputs(self))}
+                "outputs": self.graph.names(self.graph.outputs(self)),
+                **({"extra_outputs": list(self.extra_outputs)} if self.extra_outputs else {})}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -85,7 +88,8 @@ class ModelInfo:
                        classes=tuple(d["classes"]) if d.get("classes") else None, weights=d.get("weights"),
                        precision=d.get("precision", "fp32"), quantization=d.get("quantization") or {},
                        visionzoo_version=d.get("visionzoo_version", ""),
-                       task=Task(d.get("task", Task.CLASSIFICATION.value)))
+                       task=Task(d.get("task", Task.CLASSIFICATION.value)),
+                       extra_outputs=tuple(str(name) for name in d.get("extra_outputs") or ()))
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{source}: its visionzoo metadata is unreadable ({e}); export the model again") \
                 from None

@@ -9,6 +9,9 @@ PyTorch (the torch backend), or as their exported ONNX graph (`runtime/detection
 resize, heads, decoding and NMS all in the file, exported once and cached) on ONNX Runtime or
 OpenVINO; an exported `.onnx` detector can be given as the model. `auto` is torch for a model and
 OpenVINO (else ONNX Runtime) for a file, as for the other non-classifiers (`runtime/autotune.py`).
+Faster and Mask R-CNN run on the runtimes too (`runtime/rcnn_graph.py`: Mask R-CNN's masks come
+out of the graph in their boxes and are pasted into the image after it); Keypoint R-CNN runs in
+PyTorch only.
 
 Mask R-CNN's instance masks (probabilities thresholded at 0.5) are reported in COCO's run-length
 encoding (pycocotools, the `detection` extra) and drawn as one translucent, outlined overlay per
@@ -39,6 +42,7 @@ from ..fileutil import atomic_path
 from ..models.base import VisionModel
 from ..models.detection.rcnn import COCO_PERSON_KEYPOINTS, COCO_PERSON_SKELETON
 from ..runtime.backends import Backend, is_model_file, open_runner
+from ..runtime.detection_graph import graph_detections
 from ..runtime.options import InferenceOptions
 
 DEFAULT_DETECTOR = "ssdlite320_mobilenet_v3_large"
@@ -118,7 +122,7 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
     if opts.precision not in (Precision.AUTO, Precision.FP32):  # auto is fp32 for detectors today
         raise InputError(f"detect runs detectors in fp32 only, not {opts.precision.value}; drop --precision")
     run: Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]]
-    card: Any = None  # (names the keypoints of a model in PyTorch; exported graphs give boxes only)
+    card: Any = None  # (names the keypoints of a model in PyTorch; exported graphs give boxes and masks only)
     if is_model_file(model) or opts.backend in (Backend.ONNXRUNTIME, Backend.OPENVINO):
         run, preprocess, classes = _on_runtime(model, opts)
     else:
@@ -187,8 +191,8 @@ def _on_runtime(model: str | os.PathLike | VisionModel, opts: InferenceOptions
     def run(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         results = []
         for image in images:  # one image per run: the graph's detections per image vary in number
-            boxes, scores, labels = runner(image[None].float())
-            results.append({"boxes": boxes, "scores": scores, "labels": labels.long()})
+            # (a Mask R-CNN's masks come out in their boxes and are pasted into the image here)
+            results.append(graph_detections(runner(image[None].float()), int(image.shape[-2]), int(image.shape[-1])))
         return results
 
     return run, runner.preprocess, runner.categories

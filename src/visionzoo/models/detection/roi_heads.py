@@ -39,7 +39,7 @@ from .rpn import sample_balanced
 from .transform import Target
 
 NormLayer = Callable[[int], nn.Module]
-_MIN_DETECTION_SIZE = 1e-2  # detections narrower or lower than this (pixels) are dropped
+MIN_DETECTION_SIZE = 1e-2  # detections narrower or lower than this (pixels) are dropped
 
 
 def _kaiming_fan_out(module: nn.Module) -> None:
@@ -258,7 +258,7 @@ class RoIHeads(nn.Module):
             labels = torch.arange(1, num_classes, device=scores.device).repeat(scores.shape[0])
             scores = scores[:, 1:].reshape(-1)
             keep = torch.where(scores > self.score_thresh)[0]
-            keep = keep[remove_small_boxes(boxes[keep], _MIN_DETECTION_SIZE)]
+            keep = keep[remove_small_boxes(boxes[keep], MIN_DETECTION_SIZE)]
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
             detections.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})

@@ -23,7 +23,7 @@ from .matching import BELOW_LOW_THRESHOLD, BETWEEN_THRESHOLDS, Matcher
 from .retinanet import flatten_level
 from .transform import ImageBatch, Target
 
-_MIN_PROPOSAL_SIZE = 1e-3  # proposals narrower or lower than this (pixels) are dropped
+MIN_PROPOSAL_SIZE = 1e-3  # proposals narrower or lower than this (pixels) are dropped
 
 
 class RPNHead(nn.Module):
@@ -143,7 +143,7 @@ class RegionProposalNetwork(nn.Module):
         selected = []
         for boxes, image_scores, image_levels, size in zip(proposals, scores, levels, image_sizes, strict=True):
             boxes = clip_boxes_to_image(boxes, size)
-            keep = remove_small_boxes(boxes, _MIN_PROPOSAL_SIZE)
+            keep = remove_small_boxes(boxes, MIN_PROPOSAL_SIZE)
             keep = keep[image_scores[keep] >= self.score_thresh]
             boxes, image_scores, image_levels = boxes[keep], image_scores[keep], image_levels[keep]
             keep = batched_nms(boxes, image_scores, image_levels, self.nms_thresh)[:post_n]
