@@ -195,7 +195,7 @@ class BundleTarget(Target):
 
         (self.folder / "bundle.json").write_bytes(data)
         model = visionzoo.create_model(self.folder)
-        card = model.card_required
+        card = model.require_card()
         if model.num_classes != len(card.classes or ()):
             raise AssertionError(f"{model.num_classes} outputs for {len(card.classes or ())} classes")
         from visionzoo.runtime.backends import TorchRunner

@@ -130,8 +130,10 @@ def test_training_without_objects_and_with_bad_targets():
 
 
 @pytest.mark.parametrize("kind", ["mask", "keypoint"])
-def test_no_detections_give_empty_outputs_of_the_right_shapes(kind):
-    model = tiny(kind, box_score_thresh=1.0).eval()  # no softmax score is above 1
+@pytest.mark.parametrize("empty", [{"box_score_thresh": 1.0}, {"rpn_score_thresh": 1.0}], ids=["no-box", "no-proposal"])
+def test_no_detections_give_empty_outputs_of_the_right_shapes(kind, empty):
+    # no softmax score is above 1; no proposal's sigmoid either, so the box head sees none at all
+    model = tiny(kind, **empty).eval()
     images, _ = scene()
     with torch.inference_mode():
         detections = model(images)

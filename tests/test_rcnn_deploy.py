@@ -237,3 +237,19 @@ def test_an_image_without_detections_gives_empty_outputs(tmp_path):
     assert [o.shape for o in outputs] == [(0, 4), (0,), (0,), (0, 1, 28, 28)]
     assert graph_detections([torch.from_numpy(o) for o in outputs], *image.shape[-2:])["masks"].shape == \
         (0, 1, *image.shape[-2:])
+
+
+def test_mask_rcnn_traces_to_torchscript_through_its_resnet_trunk(masker, tmp_path):
+    # the trunk is a zoo ResNet without a model card: tracing probes its attributes with hasattr,
+    # which a card property raising InputError broke ("this ResNet has no description")
+    from visionzoo.runtime.export import load_torch_export
+
+    result = export_model(masker, "torchscript", tmp_path / "maskrcnn.torchscript")
+    module, info = load_torch_export(result.path, "torchscript")
+    assert info.extra_outputs == ("masks",)
+    name, size = PHOTOS[0]
+    image = photo(name, size)
+    with torch.inference_mode():
+        got = graph_detections(list(module(image[None])), *image.shape[-2:])
+        expected = masker([image])[0]
+    assert_same_detections(got, expected)

@@ -247,8 +247,8 @@ def _composition(arch: Architecture, kwargs: dict[str, Any], *, with_checkpoint:
                          f"backbone='efficientnet_lite0' (with pretrained_backbone=True for its weights)")
     if isinstance(backbone, ZooModel):  # a classifier the caller built: used as is (taken over)
         given = backbone
-        name = given.card_required.architecture
-        pp = given.card_required.preprocess
+        name = given.require_card().architecture
+        pp = given.require_card().preprocess
         return (lambda **kw: arch.build(backbone=given, **kw)), kwargs, {"backbone": name, **kwargs}, \
             _head_preprocess(arch, pp)
     if not isinstance(backbone, str):

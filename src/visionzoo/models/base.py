@@ -50,9 +50,10 @@ class VisionModel(nn.Module):
     card: ModelCard | None = None
     load_report: LoadReport | None = None
 
-    @property
-    def card_required(self) -> ModelCard:
-        """The card, for workflows that need one: a model built without `create_model` has none."""
+    def require_card(self) -> ModelCard:
+        """The card, for workflows that need one: a model built without `create_model` has none.
+        (A method, not a property: `hasattr` and tracers probe properties and expect only
+        AttributeError, so a missing card must not raise from an attribute.)"""
         if self.card is None:
             raise InputError(f"this {type(self).__name__} has no description (task, classes, preprocessing); "
                              f"build it with visionzoo.create_model")

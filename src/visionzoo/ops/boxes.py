@@ -166,11 +166,11 @@ class BoxCoder:
         """Boxes (sum N_i, k, 4) from `deltas` (sum N_i, 4k) on the concatenated `references` of several
         images (N_i, 4 each): the R-CNN heads decode all images' proposals at once."""
         reference = torch.cat(list(references), dim=0)
-        total = reference.shape[0]
+        total, per_reference = reference.shape[0], deltas.shape[-1] // 4
         if total:
             deltas = deltas.reshape(total, -1)
         boxes = self.decode(deltas, reference)
-        return boxes.reshape(total, -1, 4) if total else boxes
+        return boxes.reshape(total, per_reference, 4)  # (0, k, 4) when no image has a proposal
 
 
 class BoxLinearCoder:

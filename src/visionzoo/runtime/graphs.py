@@ -159,7 +159,7 @@ class ClassificationGraph(GraphSpec):
     def describe_model(self, net: VisionModel) -> dict[str, Any]:
         if not isinstance(net, ZooModel):
             raise InputError(f"a {net.task.value} model has no classification graph")
-        return {"input_size": net.image_size or net.card_required.preprocess.crop,
+        return {"input_size": net.image_size or net.require_card().preprocess.crop,
                 "embedding_dim": net.head_hidden_size}
 
     def inputs(self, info: ModelInfo) -> tuple[TensorSpec, ...]:
@@ -305,7 +305,7 @@ class VideoGraph(GraphSpec):
         """The classifier's graph: a video classifier's features and head take clips the same way."""
 
     def describe_model(self, net: VisionModel) -> dict[str, Any]:
-        p = net.card_required.preprocess
+        p = net.require_card().preprocess
         if not isinstance(net, ZooModel) or p.clip_len is None or p.crop_size is None:
             raise InputError(f"{net.arch}: a video graph needs a video classifier whose recipe has a clip length "
                              f"and a crop")

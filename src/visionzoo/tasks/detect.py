@@ -130,7 +130,7 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
             raise InputError(f"{model}: no such model file")
         net = resolve_model(model)
         _check_detector(net.task, net.arch or type(net).__name__)
-        card = net.card_required
+        card = net.require_card()
         net = net.to(opts.torch_device).eval()
         preprocess, classes = card.preprocess, card.classes
 

@@ -67,7 +67,7 @@ class Explainer:
     def __init__(self, model: VisionModel):
         if not isinstance(model, ZooModel):
             raise InputError(f"Grad-CAM needs a visionzoo classifier, got {type(model).__name__}")
-        card = model.card_required
+        card = model.require_card()
         if card.task is not Task.CLASSIFICATION:
             raise InputError(f"Grad-CAM explains classifiers; {card.architecture} is a {card.task.value} model")
         if not model.feature_info:

@@ -101,14 +101,14 @@ class ClassificationRecipe(Recipe):
             data = "videos" if self.task is Task.VIDEO else "images"
             raise InputError(f"{cfg.model} is a {net.task.value} model and the data are {data}: choose a "
                              f"{self.task.value} model")
-        card = net.card_required
+        card = net.require_card()
         if card.bundle is not None and list(card.bundle.classes) != list(classes):
             net.reset_classifier(len(classes))  # a bundle for other classes: keep its backbone, not its head
         builder_kwargs = dict(card.builder_kwargs)
         return net.to(dist.device), builder_kwargs, card.weights.name if card.weights else card.source
 
     def preprocess(self, net, cfg: FinetuneConfig) -> Preprocess:
-        return training_preprocess(net.card_required.preprocess, cfg.image_size)
+        return training_preprocess(net.require_card().preprocess, cfg.image_size)
 
     def train_size(self, pp: Preprocess) -> int:
         return pp.crop

@@ -118,13 +118,13 @@ class DetectionRecipe(Recipe):
         torch.manual_seed(sample_seed(cfg.seed, 0))  # the new heads' initial weights come from the seed
         net, sizes = _detection_model(cfg.model, cfg.head, len(classes), cfg.image_size, cfg.fpn_channels)
         weights = starting_point(net, classes)
-        return net.to(dist.device), {**net.card_required.builder_kwargs, **sizes}, weights
+        return net.to(dist.device), {**net.require_card().builder_kwargs, **sizes}, weights
 
     def preprocess(self, net: VisionModel, cfg: FinetuneConfig) -> Preprocess:
         transform = _detector(net).transform
         fixed = transform.fixed_size
         self._size = int(fixed[0]) if fixed is not None else int(transform.min_size[-1])
-        return net.card_required.preprocess  # (images in [0, 1]: the detector normalises and resizes them)
+        return net.require_card().preprocess  # (images in [0, 1]: the detector normalises and resizes them)
 
     def train_size(self, pp: Preprocess) -> int:
         if self._size is None:

@@ -187,7 +187,7 @@ def split_data(found: S, val_set: S | None, source, val, cfg: FinetuneConfig) ->
 def starting_point(net: VisionModel, classes: Sequence[str]) -> str | None:
     """Fit a starting bundle to the run's classes (new class layers when they differ, all else kept)
     and name the weights the run starts from."""
-    card = net.card_required
+    card = net.require_card()
     if card.bundle is not None and list(card.bundle.classes) != list(classes):
         net.reset_classifier(len(classes))
     if card.weights:

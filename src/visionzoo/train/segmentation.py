@@ -114,10 +114,10 @@ class SegmentationRecipe(Recipe):
         torch.manual_seed(sample_seed(cfg.seed, 0))  # the new heads' initial weights come from the seed
         net = _segmentation_model(cfg.model, cfg.head, len(classes))
         weights = starting_point(net, classes)
-        return net.to(dist.device), dict(net.card_required.builder_kwargs), weights
+        return net.to(dist.device), dict(net.require_card().builder_kwargs), weights
 
     def preprocess(self, net: VisionModel, cfg: FinetuneConfig) -> Preprocess:
-        base = net.card_required.preprocess
+        base = net.require_card().preprocess
         size = cfg.image_size or base.resize_size or 520
         return Preprocess(size, None, base.interpolation, base.mean, base.std, kind="SemanticSegmentation")
 

@@ -249,7 +249,7 @@ class VideoRecipe(ClassificationRecipe):
         return net, builder_kwargs, weights
 
     def preprocess(self, net, cfg: FinetuneConfig) -> Preprocess:
-        return video_training_preprocess(net.card_required.preprocess, cfg)
+        return video_training_preprocess(net.require_card().preprocess, cfg)
 
     def choose_strategy(self, ctx: RunContext) -> tuple[Strategy, str]:
         return choose_video_strategy(ctx.train_samples, len(ctx.classes), ctx.cfg.unfreeze)
