@@ -305,7 +305,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", default="efficientnet_lite0")
     parser.add_argument("--backend", default=None, help="the new server's backend (default: the best installed)")
-    parser.add_argument("--baseline-backend", default="auto", help="the old server's (default: as it ran: torch)")
+    parser.add_argument("--baseline-backend", default="torch", help="the old server's (default: as it ran: torch)")
     parser.add_argument("--quick", action="store_true", help="short phases: about 2 minutes in all")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--memory-requests", type=int, default=None, help="requests of the memory phase "
