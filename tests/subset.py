@@ -36,8 +36,7 @@ def representatives(archs: Iterable[str]) -> set[str]:
 def per_family(archs: Iterable[str]) -> list:
     """`archs` as pytest parameters, all but each family's representative marked slow."""
     archs = sorted(archs)
-    keep = representatives(archs)
-    return [a if a in keep else pytest.param(a, marks=pytest.mark.slow) for a in archs]
+    return quick_only(archs, representatives(archs))
 
 
 def quick_only(params: Iterable, keep: Iterable[str]) -> list:
