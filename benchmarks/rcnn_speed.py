@@ -12,8 +12,12 @@ class, masks pasted into the image). Weights are random, built as for the publis
 `box_score_thresh` of 0.05, so the default run (the anchors' setting) ends after the box head with no
 detections; `--box-score-thresh 0` is the heaviest case instead: every proposal and class reaches the
 per-class NMS (about 90,000 boxes) and the 100 detections go through the mask head and mask pasting.
-The median of --repeats runs after a warm-up is printed next to torchvision's time on this kind of
-machine (tests/fixtures/tasks/README.md, default thresholds) and the ratio.
+Two of ours are timed, interleaved run by run: `eager`, the model as built, and `detect`, the model as
+`visionzoo detect` runs it on the torch backend (`open_runner(model, "torch")`: FrozenBatchNorms folded
+into the convolutions and channels-last, `runtime/torch_opt.py`; then `graph_detections`), with whether
+both gave the same detections (`compare_detections`, within 1e-3). The median of --repeats runs after a
+warm-up is printed next to torchvision's time on this kind of machine (tests/fixtures/tasks/README.md,
+default thresholds) and the ratios; `detect` is what a user of visionzoo gets.
 
 With --reference-python (an interpreter with torchvision, e.g. /work/tvenv/bin/python), the same weights
 and image also run through torchvision's model in a subprocess right after ours (the fair comparison on
@@ -43,6 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from visionzoo.models.detection import rcnn  # noqa: E402
+from visionzoo.runtime.detection_graph import graph_detections  # noqa: E402
 
 ANCHORS_MS = {"fasterrcnn_mobilenet_v3_large_320_fpn": 86.0, "maskrcnn_resnet50_fpn": 3536.0}  # torchvision 0.29
 
@@ -86,6 +91,25 @@ def build(name: str, box_score_thresh: float) -> torch.nn.Module:
     return rcnn.MODEL_CLASS(rcnn.VARIANTS[name], box_score_thresh=box_score_thresh).eval()
 
 
+def torch_runner(name: str, model: torch.nn.Module, args: argparse.Namespace):
+    """The torch backend's runner of `model` (its weights, the zoo's record), as `detect` opens it."""
+    import visionzoo
+    from visionzoo.runtime.backends import open_runner
+
+    described = visionzoo.create_model(name, box_score_thresh=args.box_score_thresh)
+    described.load_state_dict(model.state_dict())
+    return open_runner(described, "torch", precision="fp32", threads=args.threads)
+
+
+def same_detections(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> bool:
+    """The same labels, and boxes, scores and masks within 1e-3 (`compare_detections`)."""
+    from visionzoo.runtime.detection_graph import compare_detections
+
+    keys = [k for k in ("boxes", "scores", "labels", "masks") if k in expected]
+    diffs = compare_detections(tuple(got[k].numpy() for k in keys), tuple(expected[k].numpy() for k in keys))
+    return bool(max(diffs[0], diffs[1], *diffs[3:]) <= 1e-3 and diffs[2] == 0)
+
+
 def time_onnx(name: str, model: torch.nn.Module, image: torch.Tensor, expected: dict[str, torch.Tensor],
               args: argparse.Namespace) -> tuple[float, bool, list[float]]:
     """(median ms, same detections as `expected`, `compare_detections`' differences) of `model` exported to
@@ -93,7 +117,7 @@ def time_onnx(name: str, model: torch.nn.Module, image: torch.Tensor, expected: 
     import onnxruntime as ort
 
     import visionzoo
-    from visionzoo.runtime.detection_graph import compare_detections, graph_detections
+    from visionzoo.runtime.detection_graph import compare_detections
     from visionzoo.runtime.export import export_model
 
     described = visionzoo.create_model(name, box_score_thresh=args.box_score_thresh)  # (with the record to export)
@@ -135,17 +159,23 @@ def main() -> None:
     names = args.models.split(",")
     image = torch.rand(3, 480, 640, generator=torch.Generator().manual_seed(0))
 
-    ours, detections, models = {}, {}, {}
+    ours, served, served_same, detections, models = {}, {}, {}, {}, {}
     for name in names:
         model = models[name] = build(name, args.box_score_thresh)
+        runner = torch_runner(name, model, args)
         with torch.inference_mode():
-            detections[name] = model([image])[0]  # (also the warm-up)
-            times = []
+            detections[name] = model([image])[0]  # (also the warm-ups)
+            got = graph_detections(runner(image[None]), *image.shape[-2:])
+            times: dict[str, list[float]] = {"eager": [], "detect": []}
             for _ in range(args.repeats):
                 t = time.perf_counter()
                 model([image])
-                times.append(time.perf_counter() - t)
-        ours[name] = 1e3 * statistics.median(times)
+                times["eager"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                graph_detections(runner(image[None]), *image.shape[-2:])
+                times["detect"].append(time.perf_counter() - t)
+        ours[name], served[name] = (1e3 * statistics.median(times[k]) for k in ("eager", "detect"))
+        served_same[name] = same_detections(got, detections[name])
 
     onnx = {name: time_onnx(name, model, image, detections[name], args) for name, model in models.items()} \
         if args.onnx else {}
@@ -164,7 +194,9 @@ def main() -> None:
     rows = []
     for name, ms in ours.items():
         row = {"model": name, "detections": int(detections[name]["boxes"].shape[0]), "ours_ms": round(ms, 1),
-               "anchor_ms": ANCHORS_MS[name], "ratio_to_anchor": round(ms / ANCHORS_MS[name], 3)}
+               "anchor_ms": ANCHORS_MS[name], "ratio_to_anchor": round(ms / ANCHORS_MS[name], 3),
+               "detect_ms": round(served[name], 1), "detect_ratio_to_anchor": round(served[name] / ANCHORS_MS[name], 3),
+               "detect_same_detections": served_same[name]}
         if reference:
             ref = reference[name]
             same = (ref["labels"] == detections[name]["labels"].tolist()
@@ -182,15 +214,17 @@ def main() -> None:
         return
     print(f"one 640x480 image, float32, eager, {args.threads} threads, random weights, box_score_thresh "
           f"{args.box_score_thresh}, median of {args.repeats}")
-    header = f"{'model':<38} {'boxes':>5} {'ours ms':>9} {'anchor ms':>10} {'ratio':>6}"
+    header = (f"{'model':<38} {'boxes':>5} {'eager ms':>9} {'detect ms':>10} {'same':>5} {'anchor ms':>10} "
+              f"{'eager/anchor':>12} {'detect/anchor':>13}")
     if reference:
         header += f" {'torchvision ms':>15} {'ratio':>6} {'same':>5}"
     if onnx:
         header += f" {'ORT ms':>9} {'ORT/ours':>8} {'same':>5} {'max diff':>9}"
     print(header)
     for r in rows:
-        line = (f"{r['model']:<38} {r['detections']:>5} {r['ours_ms']:>9.1f} {r['anchor_ms']:>10.1f} "
-                f"{r['ratio_to_anchor']:>6.2f}")
+        line = (f"{r['model']:<38} {r['detections']:>5} {r['ours_ms']:>9.1f} {r['detect_ms']:>10.1f} "
+                f"{str(r['detect_same_detections']):>5} {r['anchor_ms']:>10.1f} {r['ratio_to_anchor']:>12.2f} "
+                f"{r['detect_ratio_to_anchor']:>13.2f}")
         if reference:
             line += f" {r['torchvision_ms']:>15.1f} {r['ratio_to_torchvision']:>6.2f} {str(r['same_detections']):>5}"
         if onnx:

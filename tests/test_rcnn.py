@@ -181,3 +181,27 @@ def test_registered_with_their_weights_records():
     assert keypoints.keypoint_names == rcnn.COCO_PERSON_KEYPOINTS
     assert {a for pair in rcnn.COCO_PERSON_SKELETON for a in pair} == set(keypoints.keypoint_names)
     assert visionzoo.get_weights("maskrcnn_resnet50_fpn").metrics["mask_map"] == 34.6
+
+
+def test_the_torch_backend_copies_and_folds_an_rcnn_instance():
+    """`open_runner` on a model instance copies it (R-CNN's class choice in `__new__` must survive
+    copy.deepcopy) and folds the copy's FrozenBatchNorms; the caller's model is left as it was."""
+    import copy
+
+    from visionzoo.models.layers import FrozenBatchNorm2d
+    from visionzoo.runtime.backends import open_runner
+
+    model = visionzoo.create_model("fasterrcnn_mobilenet_v3_large_320_fpn").eval()
+    twin = copy.deepcopy(model)
+    assert type(twin) is type(model)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values(), strict=True))
+    frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    runner = open_runner(model, "torch", precision="fp32", threads=1)
+    assert frozen > 0 and sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules()) == frozen
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in runner.net.modules())
+    image = torch.rand(1, 3, 240, 320, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ours = runner.net.backbone(runner.net.transform(list(image))[0].tensors)
+        plain = model.backbone(model.transform(list(image))[0].tensors)
+    for a, b in zip(*(list(f.values()) if isinstance(f, dict) else list(f) for f in (ours, plain)), strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))

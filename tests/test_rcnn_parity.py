@@ -1,7 +1,8 @@
 """The two-stage detectors are torchvision's networks: identical state-dict keys and shapes, and on filled
 weights in float64 the same detections (count, order, labels) with boxes, scores, masks (the stored subsample
 of the first ten and every mask's sum) and keypoints within 1e-10 (relative) of the reference, on two images
-of different sizes batched together."""
+of different sizes batched together; and so does the model as the torch backend runs it (`detect`: its
+FrozenBatchNorms folded into the convolutions, channels-last), which only rounds differently."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from visionzoo.registry import REGISTRY
+from visionzoo.runtime.torch_opt import optimize_for_inference
 
 from .parity import TASKS, build_filled_task_model, relative_error, tolerance
 
@@ -47,11 +49,26 @@ def test_every_two_stage_architecture_has_a_case():
     assert {REGISTRY.get_architecture(name).family for name in CASES} == {"detection.rcnn"}
 
 
+# the optimized model: the quick one, and the ResNet-50 trunk the speed anchor is measured on
+OPTIMIZED = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
+             for n in ("fasterrcnn_mobilenet_v3_large_320_fpn", "maskrcnn_resnet50_fpn")]
+
+
 @pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in sorted(CASES)])
 def test_rcnn_parity(name, task_data):
+    check_parity(name, build_filled(name), task_data)
+
+
+@pytest.mark.parametrize("name", OPTIMIZED)
+def test_optimized_rcnn_parity(name, task_data):
+    model = optimize_for_inference(build_filled(name))
+    assert not [m for m in model.modules() if type(m).__name__ == "FrozenBatchNorm2d"]  # all folded
+    check_parity(name, model, task_data)
+
+
+def check_parity(name: str, model: torch.nn.Module, task_data) -> None:
     inputs, outputs = task_data
     case = CASES[name]
-    model = build_filled(name)
     images = [torch.from_numpy(inputs[key]).double() for key in case["inputs"]]
     with torch.inference_mode():
         detections = model(images)

@@ -22,13 +22,15 @@ from typing import TypeVar, cast
 
 import torch
 from torch import fx, nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_conv_bn_weights
 
 from ..models.base import VisionModel
+from ..models.layers import FrozenBatchNorm2d
 
 log = logging.getLogger("visionzoo")
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
-_NORMS = (nn.BatchNorm2d, nn.BatchNorm3d)  # folded into the convolution of the same dimension before them
+# folded into the convolution of the same dimension before them (FrozenBatchNorm2d: the detection backbones')
+_NORMS = (nn.BatchNorm2d, nn.BatchNorm3d, FrozenBatchNorm2d)
 
 
 def optimize_for_inference(model: ModuleT, *, channels_last: bool = True, inplace: bool = False) -> ModuleT:
@@ -76,8 +78,8 @@ def fold_batchnorms(model: nn.Module) -> int:
     _find_pairs(model, "", pairs)
     for conv_name, bn_name in pairs:
         # _find_pairs checked the types
-        conv, bn = cast(nn.Conv2d, model.get_submodule(conv_name)), cast(nn.BatchNorm2d, model.get_submodule(bn_name))
-        _set_submodule(model, conv_name, fuse_conv_bn_eval(conv, bn))
+        conv, bn = cast(nn.Conv2d, model.get_submodule(conv_name)), model.get_submodule(bn_name)
+        _set_submodule(model, conv_name, _fused(conv, bn))
         _set_submodule(model, bn_name, nn.Identity())
     return len(pairs)
 
@@ -114,8 +116,22 @@ class _LeafTracer(fx.Tracer):
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
     conv_type = nn.Conv3d if isinstance(bn, nn.BatchNorm3d) else nn.Conv2d
-    return bool(isinstance(conv, conv_type) and not bn.training and bn.track_running_stats
-                and bn.running_mean is not None and conv.out_channels == bn.num_features)
+    if not isinstance(conv, conv_type) or conv.transposed:
+        return False
+    if isinstance(bn, FrozenBatchNorm2d):  # fixed statistics: foldable in train mode too, but only inference folds
+        return conv.out_channels == bn.weight.numel()
+    return bool(not bn.training and bn.track_running_stats and bn.running_mean is not None
+                and conv.out_channels == bn.num_features)
+
+
+def _fused(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:
+    """`conv` with `bn` (a BatchNorm in eval mode or a FrozenBatchNorm2d) folded into a copy of it."""
+    if not isinstance(bn, FrozenBatchNorm2d):
+        return fuse_conv_bn_eval(conv, cast(nn.BatchNorm2d, bn))
+    fused = copy.deepcopy(conv)
+    fused.weight, fused.bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                                    bn.weight, bn.bias)
+    return fused
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

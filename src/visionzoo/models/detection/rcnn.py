@@ -182,7 +182,8 @@ class RCNN(DetectionModel):
     rpn: RegionProposalNetwork
     roi_heads: RoIHeads
 
-    def __new__(cls, cfg: RCNNConfig, *args: Any, **kwargs: Any) -> RCNN:
+    def __new__(cls, cfg: RCNNConfig | None = None, *args: Any, **kwargs: Any) -> RCNN:
+        # (no arguments: copy.deepcopy and pickle make the instance before restoring its state)
         if cls is RCNN and isinstance(cfg, RCNNConfig):
             cls = _CLASS_OF_KIND[cfg.kind]
         return super().__new__(cls)
