@@ -15,6 +15,10 @@ that speeds up or slows down affects every contestant alike; median of the round
   vz torch / vz onnxruntime / vz openvino   each visionzoo backend forced, in float32;
   vz int8 ort / vz int8 openvino  (models in --int8) the static int8 model from
                `visionzoo.quantize`, calibrated on augmented copies of real photos.
+The timed batch is --batch real photos, preprocessed for the model (the packaged photos and
+augmented copies drawn with another seed than `auto`'s check set): what a runner does can
+depend on the images (`auto` may choose bfloat16 with its near ties run again in float32, and
+random pixels are nearly all near ties); the share of the batch run again is printed.
 It prints images/second at batch --batch, the top-1 agreement of the default and of
 OpenVINO's default with float32 PyTorch on `auto`'s check set (the packaged photos and
 augmented copies), and the ratios the project claims: the default against OpenVINO's
@@ -44,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import visionzoo  # noqa: E402
 from tests.photos import write_augmented  # noqa: E402
 from visionzoo.data.loader import available_cpus  # noqa: E402
+from visionzoo.data.samples import augmented_photos  # noqa: E402
 from visionzoo.runtime.autotune import check_images  # noqa: E402
 from visionzoo.runtime.backends import open_runner  # noqa: E402
 from visionzoo.runtime.cache import exported_onnx  # noqa: E402
@@ -80,14 +85,23 @@ def openvino_default(path: Path, x: torch.Tensor):
     return lambda: request.infer({0: data})[0]
 
 
-def contestants(name: str, x: torch.Tensor, folder: Path, threads: int, calibration: Path | None):
+def photo_batch(net, batch: int) -> torch.Tensor:
+    """`batch` real photos preprocessed for `net` (augmented with seed 1; the check set's is 0)."""
+    transform = net.card.preprocess.transforms()
+    return torch.stack([transform(img) for img in augmented_photos(batch, seed=1)])
+
+
+def contestants(name: str, batch: int, folder: Path, threads: int, calibration: Path | None):
     net = visionzoo.create_model(name, weights="DEFAULT" if name in OFFLINE else None).eval()
+    x = photo_batch(net, batch)
 
     def eager():
         with torch.no_grad():
             return net(x)
 
     default = open_runner(net, threads=threads, batch_size=len(x))  # auto: measured once, cached
+    if hasattr(default, "rows_seen"):  # a recheck runner: count the timed rounds' rows only
+        default.rows_seen = default.rows_rechecked = 0
     found = {"vz default": lambda: default.logits(x),
              "openvino default": openvino_default(exported_onnx(net), x),
              "plain ort": plain_ort(net, x, folder, threads), "eager": eager}
@@ -99,7 +113,7 @@ def contestants(name: str, x: torch.Tensor, folder: Path, threads: int, calibrat
         for backend in ("onnxruntime", "openvino"):
             runner = open_runner(q.path, backend, threads=threads)
             found[f"vz int8 {backend}"] = lambda r=runner: r.logits(x)
-    return net, default, found
+    return net, default, found, x
 
 
 def agreements(net, default) -> tuple[float, float, str]:
@@ -129,17 +143,15 @@ def main() -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--int8", default=",".join(INT8), help="models also quantized to int8 ('' for none)")
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timed rounds")
     parser.add_argument("--threads", type=int, default=None, help="compute threads (default: available CPUs)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     threads = args.threads or available_cpus()
     torch.set_num_threads(threads)
-    x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     print(f"machine: {describe_machine(threads)}")
-    print(f"batch {args.batch}, {args.size}x{args.size}; images/second, median of {args.repeats} interleaved "
-          f"rounds\n")
+    print(f"batch {args.batch} of real photos at each model's input size; images/second, median of {args.repeats} "
+          f"interleaved rounds\n")
     results, ok = {}, True
     int8_models = {m for m in args.int8.split(",") if m}
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,15 +164,21 @@ def main() -> int:
         for name in args.models.split(","):
             folder = tmp / name
             folder.mkdir()
-            net, default, fns = contestants(name, x, folder, threads, calibration if name in int8_models else None)
+            net, default, fns, x = contestants(name, args.batch, folder, threads,
+                                               calibration if name in int8_models else None)
             seconds = measure(fns, args.repeats)
+            # (a recheck runner counts the rows it ran again: during the timed rounds, on the timed batch)
+            rechecked = (default.rows_rechecked / default.rows_seen) if getattr(default, "rows_seen", 0) else None
             speed = {k: args.batch / s for k, s in seconds.items()}
             agree_default, agree_ov, check_set = agreements(net, default)
             results[name] = {"images_per_second": speed, "auto": default.choice.summary() if default.choice else None,
                              "agreement": {"vz default": agree_default, "openvino default": agree_ov}}
             fp32 = {k: v for k, v in speed.items() if k.startswith("vz ") and "int8" not in k}
             best = max((k for k in fp32 if k != "vz default"), key=fp32.get)
-            print(f"{name}: default = {default.backend.value} {default.precision.value}")
+            print(f"{name}: default = {default.choice.label if default.choice else default.backend.value}")
+            if rechecked is not None:
+                print(f"  near ties run again in float32: {rechecked:.1%} of the timed batch")
+                results[name]["rechecked"] = rechecked
             if default.choice is not None:
                 print(f"  {default.choice.summary()}")
             for k, v in speed.items():

@@ -89,10 +89,14 @@ def test_with_native_bf16_a_bf16_candidate_is_measured(measuring, monkeypatch):
     monkeypatch.setenv(FORCE_BF16_ENV, "1")  # this CPU may have none: simulated (bf16 then runs emulated)
     found, notes = candidates("auto", Precision.AUTO, ["torch", "onnxruntime"], is_file=False)
     assert Candidate("torch", Precision.BF16) in found and not notes
+    assert Candidate("torch", Precision.BF16, recheck=True) in found  # and with float32 near ties
     assert Candidate("onnxruntime", Precision.BF16) not in found  # float32 kernels only
+    forced, _ = candidates("auto", Precision.BF16, ["torch", "onnxruntime"], is_file=False)
+    assert forced == [Candidate("torch", Precision.BF16)]  # --precision bf16 is bfloat16 alone
     runner = open_runner(tiny_model(1), "torch", threads=1, batch_size=8)
     bf16 = [t for t in runner.choice.trials if t.label == "torch bf16"]
     assert bf16 and bf16[0].images_per_second > 0
+    assert "torch bf16+fp32" in {t.label for t in runner.choice.trials}
     assert "bfloat16 not considered" not in runner.choice.reason
 
 
@@ -170,3 +174,53 @@ def test_predict_keeps_workers_and_threads_within_the_cores(monkeypatch, tmp_pat
     results = visionzoo.predict(files, tiny_model(), topk=1, batch_size=2)
     assert len(results) == len(files)
     assert 1 <= seen["torch threads"] and seen["workers"] + seen["torch threads"] <= loader.available_cpus()
+
+
+class _Scripted(Runner):
+    """Fixed logits for the rows of a batch of row indices (images[:, 0, 0, 0] holds each row's index)."""
+
+    def __init__(self, table: torch.Tensor, info, precision: Precision):
+        self.table, self.info, self.precision = table, info, precision
+        self.backend, self.source, self.calls = Backend.TORCH, "scripted", []
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls.append(len(images))
+        return self.table[images[:, 0, 0, 0].long()].clone()
+
+    def __call__(self, images):
+        return self.logits(images), torch.zeros(len(images), 4)
+
+
+def test_recheck_runs_near_ties_again_in_float32_and_keeps_clear_answers():
+    """bfloat16's logits where the top two classes are clearly apart; float32's where they are within
+    NEAR_TIE (the top-1 then float32's even where bfloat16 flipped it), in chunks of a fixed size."""
+    info = TorchRunner(tiny_model()).info
+    g = torch.Generator().manual_seed(0)
+    exact = torch.randn(11, 10, generator=g)
+    exact[torch.arange(11), exact.argmax(1)] += 5  # every answer clear...
+    fast = exact + 0.01 * torch.randn(11, 10, generator=g)
+    near = [1, 4, 5, 7, 8, 10]  # ...but these, near ties in the fast output: 6 rows, one full chunk of 4 and a padded one
+    for row in near:
+        top = int(fast[row].argmax())
+        runner_up = int(fast[row].topk(2).indices[1])
+        fast[row, runner_up] = fast[row, top] - 0.01  # within 0.05 in probability
+        exact[row] = fast[row]
+        exact[row, runner_up] = fast[row, top] + 0.01  # and float32 ranks them the other way
+    runner = backends.RecheckRunner(_Scripted(fast, info, Precision.BF16), _Scripted(exact, info, Precision.FP32))
+    images = torch.arange(11.0)[:, None, None, None].expand(11, 3, 2, 2)
+    logits = runner.logits(images)
+    assert torch.equal(logits.argmax(1), exact.argmax(1))
+    assert not torch.equal(fast.argmax(1), exact.argmax(1))  # the test means something: bfloat16 alone differs
+    clear = [r for r in range(11) if r not in near]
+    assert torch.equal(logits[clear], fast[clear]) and torch.equal(logits[near], exact[near])
+    assert runner.exact.calls == [4, 4] and (runner.rows_seen, runner.rows_rechecked) == (11, 6)
+    outputs = runner(images)  # the whole output: logits rechecked, the rest the fast runner's
+    assert torch.equal(outputs[0], logits) and outputs[1].shape == (11, 4)
+    assert runner.precision is Precision.BF16 and "near ties again in fp32" in runner.describe()
+
+
+def test_a_recheck_choice_is_cached_and_reopened_as_one():
+    choice = autotune.Choice("torch", Precision.BF16, "why", measured=True, recheck=True)
+    again = autotune.Choice.from_dict(choice.to_dict())
+    assert again == choice and again.label == "torch bf16+fp32" and again.candidate.recheck
+    assert autotune.Choice.from_dict({**choice.to_dict(), "recheck": None}).label == "torch bf16"  # older files

@@ -5,8 +5,10 @@
 
 The candidates are every installed backend (torch, onnxruntime, openvino) in float32 and,
 where the hardware runs it natively (`machine.py`: AVX512-BF16 or AMX on the CPU, a GPU
-with bfloat16), bfloat16 on torch and OpenVINO; for an exported file the two runtimes in
-the file's precision (int8 for a quantized file). A forced `--backend` or `--precision`
+with bfloat16), bfloat16 on torch and OpenVINO, alone and with its near ties run again in
+float32 (`backends.RecheckRunner`: float32's top-1 at close to bfloat16's speed, where bfloat16
+alone moves too many answers); for an exported file the two runtimes in the file's
+precision (int8 for a quantized file). A forced `--backend` or `--precision`
 narrows the candidates to it. Each candidate is
 
   1. timed at the batch size and thread count it will run with, the candidates interleaved
@@ -63,7 +65,7 @@ CHECK_IMAGES = 200  # at 99.5%, one disagreement is tolerated, two are not
 CHECK_BATCH = 32
 TIMING_ROUNDS = 3  # interleaved timed rounds per candidate (after one untimed call)
 AUTOTUNE_ENV = "VISIONZOO_AUTOTUNE"
-_KEY_VERSION = 1
+_KEY_VERSION = 2  # 2: bfloat16 with float32 near ties became a candidate
 Runner = Any  # a `backends.Runner` (that module imports this one, so it is not imported here)
 
 
@@ -74,16 +76,23 @@ class Backends:
     open: Callable[..., Runner]  # `open_runner`, called with one backend and one precision
     installed: tuple[str, ...]  # the backends that can run here, by name
     is_file: Callable[[Any], bool]  # whether a model argument names an exported file
+    recheck: Callable[[Runner, Runner], Runner]  # (bfloat16, float32) -> bfloat16 with float32 near ties
 
 
 @dataclass(frozen=True)
 class Candidate:
     backend: str  # torch, onnxruntime or openvino
     precision: Precision
+    recheck: bool = False  # bfloat16 with its near ties run again in float32
 
     @property
     def label(self) -> str:
-        return f"{self.backend} {self.precision.value}"
+        return precision_label(self.backend, self.precision.value, self.recheck)
+
+
+def precision_label(backend: str, precision: str, recheck: bool = False) -> str:
+    """`openvino bf16`, or `openvino bf16+fp32` for bfloat16 with float32 near ties."""
+    return f"{backend} {precision}{'+fp32' if recheck else ''}"
 
 
 @dataclass(frozen=True)
@@ -95,10 +104,11 @@ class Trial:
     images_per_second: float | None = None  # at the batch size and threads of the choice
     agreement: float | None = None  # share of the check set whose top-1 is float32 PyTorch's
     verdict: str = ""  # chosen, rejected (and why), not checked (slower than the choice), failed
+    recheck: bool = False  # bfloat16 with float32 near ties
 
     @property
     def label(self) -> str:
-        return f"{self.backend} {self.precision}"
+        return precision_label(self.backend, self.precision, self.recheck)
 
     def line(self) -> str:
         speed = "-" if self.images_per_second is None else f"{self.images_per_second:.1f} img/s"
@@ -117,10 +127,15 @@ class Choice:
     measured: bool = False  # chosen by measuring (False: by a rule)
     cached: bool = False  # read from an earlier run's measurement
     conditions: dict[str, Any] = field(default_factory=dict)  # batch, threads, device, check set
+    recheck: bool = False  # bfloat16 with its near ties run again in float32
 
     @property
     def label(self) -> str:
-        return f"{self.backend} {self.precision.value}"
+        return precision_label(self.backend, self.precision.value, self.recheck)
+
+    @property
+    def candidate(self) -> Candidate:
+        return Candidate(self.backend, self.precision, self.recheck)
 
     def summary(self) -> str:
         return f"auto: {self.label}: {self.reason}"
@@ -137,15 +152,15 @@ class Choice:
         return [self.summary(), *(f"  {t.line()}" for t in self.trials)]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backend": self.backend, "precision": self.precision.value, "reason": self.reason,
-                "measured": self.measured, "cached": self.cached, "conditions": dict(self.conditions),
-                "trials": [asdict(t) for t in self.trials]}
+        return {"backend": self.backend, "precision": self.precision.value, "recheck": self.recheck,
+                "reason": self.reason, "measured": self.measured, "cached": self.cached,
+                "conditions": dict(self.conditions), "trials": [asdict(t) for t in self.trials]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Choice:
         return cls(str(d["backend"]), Precision(d["precision"]), d["reason"],
                    tuple(Trial(**t) for t in d.get("trials", ())), bool(d.get("measured")), bool(d.get("cached")),
-                   dict(d.get("conditions") or {}))
+                   dict(d.get("conditions") or {}), bool(d.get("recheck")))
 
 
 def autotune_enabled() -> bool:
@@ -228,6 +243,8 @@ def candidates(backend: str, precision: Precision, installed: Sequence[str], *, 
         native = cuda_bf16(device) if device.type != "cpu" else caps.bf16_for(b)
         if precision is Precision.BF16 or (precision is Precision.AUTO and native):
             found.append(Candidate(b, Precision.BF16))
+        if precision is Precision.AUTO and native:
+            found.append(Candidate(b, Precision.BF16, recheck=True))  # (float32 on its near ties: auto only)
     if precision is Precision.AUTO and not any(c.precision is Precision.BF16 for c in found):
         where = f"the GPU ({device}) has no bfloat16" if device.type != "cpu" else caps.describe()
         notes.append(f"bfloat16 not considered: {where}")
@@ -257,6 +274,16 @@ class _Tuner:
 
     def __init__(self, info: ModelInfo, settings: _Settings, file_precision: Precision | None = None):
         self.info, self.settings, self.file_precision = info, settings, file_precision
+        self._opened: dict[Candidate, Runner] = {}  # while measuring: the runners opened, shared by the rechecks
+
+    def _parts(self, c: Candidate) -> tuple[Runner, Runner]:
+        """The bfloat16 and the float32 runner of a recheck candidate, opened once."""
+        parts = []
+        for part in (replace(c, recheck=False), Candidate(c.backend, Precision.FP32)):
+            if part not in self._opened:
+                self._opened[part] = self._open(part)
+            parts.append(self._opened[part])
+        return parts[0], parts[1]
 
     # what differs between a model and a file
     def _open(self, c: Candidate) -> Runner:
@@ -294,7 +321,7 @@ class _Tuner:
         choice_file, agreement_file = self.cache_path("auto", conditions), self.cache_path("agreement", None)
         cached = self.cached(conditions)
         if cached is not None:
-            return _attach(self._open(Candidate(cached.backend, cached.precision)), cached)
+            return _attach(self._open(cached.candidate), cached)
         log.warning("%s: measuring which backend and precision run it fastest on this machine, once (cached "
                     "in %s)", self.info.arch, choice_file.parent)
         choice, runner = self._measure(found, notes, conditions, agreement_file)
@@ -324,7 +351,7 @@ class _Tuner:
         trials: dict[Candidate, Trial] = {}
         chosen: Candidate | None = None
         for c in ranked:
-            trial = Trial(c.backend, c.precision.value, speeds[c])
+            trial = Trial(c.backend, c.precision.value, speeds[c], recheck=c.recheck)
             if chosen is not None:
                 trials[c] = replace(trial, verdict="slower than the choice (not checked)")
                 continue
@@ -352,9 +379,11 @@ class _Tuner:
         all_trials = tuple(trials[c] for c in ranked) + tuple(failed)
         reason = self._reason(chosen, trials[chosen], ranked, speeds, reference is not None, checks, notes)
         conditions = {**conditions, "check_set": checks.description if reference is not None else None}
-        choice = Choice(chosen.backend, chosen.precision, reason, all_trials, measured=True, conditions=conditions)
+        choice = Choice(chosen.backend, chosen.precision, reason, all_trials, measured=True, conditions=conditions,
+                        recheck=chosen.recheck)
         runner = runners.pop(chosen)
         runners.clear()
+        self._opened.clear()
         return choice, runner
 
     def _open_all(self, found: list[Candidate]) -> tuple[dict[Candidate, Runner], list[Trial]]:
@@ -363,11 +392,12 @@ class _Tuner:
         runners: dict[Candidate, Runner] = {}
         failed: list[Trial] = []
         errors: list[Exception] = []
-        for c in order:
+        for c in sorted(order, key=lambda c: c.recheck):  # (a recheck reuses the runners of its two parts)
             try:
-                runners[c] = self._open(c)
+                runners[c] = self._opened[c] = self._open(c) if c not in self._opened else self._opened[c]
             except (VisionZooError, RuntimeError) as e:  # a runtime that cannot run this model: not a candidate
-                failed.append(Trial(c.backend, c.precision.value, verdict=f"failed to open: {_first_line(e)}"))
+                failed.append(Trial(c.backend, c.precision.value, verdict=f"failed to open: {_first_line(e)}",
+                                    recheck=c.recheck))
                 errors.append(e)
         if not runners:
             raise errors[0]
@@ -415,6 +445,8 @@ class _ModelTuner(_Tuner):
 
     def _open(self, c: Candidate) -> Runner:
         s = self.settings
+        if c.recheck:
+            return s.backends.recheck(*self._parts(c))
         if c.backend != TORCH:
             return s.backends.open(self.net, c.backend, threads=s.threads, precision=c.precision)
         if self.torch_fp32 is None:
@@ -449,6 +481,8 @@ class _FileTuner(_Tuner):
         return file_measurement_path(self.path, kind, digest)
 
     def _open(self, c: Candidate) -> Runner:
+        if c.recheck:
+            return self.settings.backends.recheck(*self._parts(c))
         return self.settings.backends.open(self.path, c.backend, threads=self.settings.threads, precision=c.precision)
 
     def _reference(self, runners: dict[Candidate, Runner]) -> Runner | None:

@@ -25,7 +25,7 @@ from ..enums import Task
 from ..errors import InputError
 from ..models.base import ZooModel
 from ..registry import DEFAULT_MODEL
-from ..runtime.backends import Runner
+from ..runtime.backends import Runner, near_ties
 from ..runtime.machine import CoreBudget, split_cores, torch_threads
 from ..runtime.options import InferenceOptions
 from .labels import Label
@@ -34,8 +34,7 @@ from .video import VIDEO_KINDS, VideoPrediction, iter_predict_videos
 log = logging.getLogger("visionzoo")
 
 # fast path: an image decoded at a reduced scale whose two leading classes are closer than
-# this (in probability) is decoded again at full size, so its top-1 is the exact path's
-NEAR_TIE = 0.05
+# `NEAR_TIE` (runtime/backends.py, in probability) is decoded again at full size, so its top-1 is the exact path's
 
 
 @dataclass(frozen=True)
@@ -161,12 +160,6 @@ def classify_batch(runner: Runner, images: torch.Tensor, topk: int, *, reduced: 
     categories = runner.categories
     return [tuple(Label(c, categories[c] if categories else f"class_{c}", v) for v, c in zip(v_row, c_row, strict=True))
             for v_row, c_row in zip(values.tolist(), classes.tolist(), strict=True)]
-
-
-def near_ties(probs: torch.Tensor) -> torch.Tensor:
-    """Which rows of `probs` (N, classes) have their two most probable classes within `NEAR_TIE`."""
-    top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
-    return (top2[:, 0] - top2[:, -1]) < NEAR_TIE
 
 
 def predict(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
