@@ -1,9 +1,12 @@
 """End to end: classifying a folder of camera-size JPEGs, against the decoding bound and the old default.
 
-    python benchmarks/predict_camera.py [--images 300] [--megapixels 12] [--dir FOLDER] [--rounds 2] [--idiomatic]
+    python benchmarks/predict_camera.py [--images 300] [--megapixels 12] [--noise 5] [--dir FOLDER] [--rounds 2]
+                                        [--idiomatic]
 
 The folder holds --images JPEGs of about --megapixels (quality 90), made from real photos
-(scikit-image's and matplotlib's samples, augmented and upscaled; kept in --dir to reuse).
+(scikit-image's and matplotlib's samples, augmented and upscaled, with sensor-like noise of
+standard deviation --noise levels so that they are the size of camera files, about 3.3 MB at
+12 MP, and as slow to decode; kept in --dir to reuse).
 Compared in one process, rounds interleaved (each contestant once per round, the median
 kept), each timed from its start to the last answer:
   decode bound   no model: the same files decoded at the same reduced scale (the fast path)
@@ -17,7 +20,7 @@ kept), each timed from its start to the last answer:
                  batches of 32, PyTorch eager under `torch.no_grad()`.
 The float32 exact path (`fast=False`, torch fp32: torchvision's preprocessing exactly) runs
 once for the reference top-1. It prints images/second, the ratios the project claims (the
-default >= 75% of the decode bound, faster than the old default) and the top-1 agreement
+default >= 75% of the decode bound (decoding alone), faster than the old default) and the top-1 agreement
 of the default with the exact path (>= 99.5%).
 """
 from __future__ import annotations
@@ -100,6 +103,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--megapixels", type=float, default=12.0)
+    parser.add_argument("--noise", type=float, default=5.0, help="sensor-like noise (0: smooth, small files)")
     parser.add_argument("--dir", type=Path, default=None, help="where the JPEGs are made (and reused)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (the median is kept)")
     parser.add_argument("--idiomatic", action="store_true", help="also time the idiomatic script (slow)")
@@ -110,7 +114,7 @@ def main() -> int:
         paths = sorted(folder.glob("photo_*.jpg"))[:args.images] if folder.is_dir() else []
         if len(paths) < args.images:
             print(f"making {args.images} JPEGs of {args.megapixels} MP in {folder} ...", flush=True)
-            paths = write_camera_jpegs(folder, args.images, args.megapixels)
+            paths = write_camera_jpegs(folder, args.images, args.megapixels, noise=args.noise)
         if folder.is_dir() and len(list(folder.glob("photo_*.jpg"))) > len(paths):
             folder = Path(tmp) / "subset"  # predict takes the folder: give it exactly these files
             folder.mkdir(exist_ok=True)
@@ -118,7 +122,8 @@ def main() -> int:
                 (folder / p.name).symlink_to(p.resolve())
             paths = sorted(folder.glob("photo_*.jpg"))
         with Image.open(paths[0]) as im:
-            size = f"{im.width}x{im.height} ({im.width * im.height / 1e6:.1f} MP)"
+            size = (f"{im.width}x{im.height} ({im.width * im.height / 1e6:.1f} MP, "
+                    f"{statistics.mean(p.stat().st_size for p in paths) / 1e6:.2f} MB on average)")
         print(f"machine: {describe_machine()}")
         runner = open_runner(MODEL, threads=1)  # auto measured now (once, cached), not in the timings
         print(f"{len(paths)} JPEGs, {size}, {MODEL}, batch {BATCH}, {available_cpus()} cores, {args.rounds} "
@@ -145,10 +150,10 @@ def main() -> int:
         for name, v in speed.items():
             print(f"  {name:<28} {v:7.2f} img/s  (rounds: {', '.join(f'{len(paths) / s:.2f}' for s in seconds[name])})")
         agree = sum(a == b for a, b in zip(answers["default"], exact, strict=True)) / len(paths)
-        checks = [("default / decode + preprocess bound", speed["default"] / speed["decode + preprocess bound"], 0.75),
+        checks = [("default / decode bound", speed["default"] / speed["decode bound"], 0.75),
                   ("default / old default", speed["default"] / speed["old default (torch fp32)"], 1.0),
                   ("default top-1 agreement with the exact path", agree, 0.995)]
-        print(f"  (default / decode bound: {speed['default'] / speed['decode bound']:.3f})")
+        print(f"  (default / decode + preprocess bound: {speed['default'] / speed['decode + preprocess bound']:.3f})")
         ok = True
         for label, value, target in checks:
             passed = value >= target
