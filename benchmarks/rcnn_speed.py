@@ -13,9 +13,9 @@ class, masks pasted into the image). Weights are random, built as for the publis
 detections; `--box-score-thresh 0` is the heaviest case instead: every proposal and class reaches the
 per-class NMS (about 90,000 boxes) and the 100 detections go through the mask head and mask pasting.
 Two of ours are timed, interleaved run by run: `eager`, the model as built, and `detect`, the model as
-`visionzoo detect` runs it on the torch backend (`open_runner(model, "torch")`: FrozenBatchNorms folded
-into the convolutions and channels-last, `runtime/torch_opt.py`; then `graph_detections`), with whether
-both gave the same detections (`compare_detections`, within 1e-3). The median of --repeats runs after a
+`visionzoo detect` runs it on the torch backend (`tasks.detect.torch_detector`: FrozenBatchNorms folded
+into the convolutions and channels-last, `runtime/torch_opt.py`), with whether both gave the same
+detections (`compare_detections`, within 1e-3). The median of --repeats runs after a
 warm-up is printed next to torchvision's time on this kind of machine (tests/fixtures/tasks/README.md,
 default thresholds) and the ratios; `detect` is what a user of visionzoo gets.
 
@@ -47,7 +47,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from visionzoo.models.detection import rcnn  # noqa: E402
-from visionzoo.runtime.detection_graph import graph_detections  # noqa: E402
+from visionzoo.tasks.detect import torch_detector  # noqa: E402
 
 ANCHORS_MS = {"fasterrcnn_mobilenet_v3_large_320_fpn": 86.0, "maskrcnn_resnet50_fpn": 3536.0}  # torchvision 0.29
 
@@ -91,16 +91,6 @@ def build(name: str, box_score_thresh: float) -> torch.nn.Module:
     return rcnn.MODEL_CLASS(rcnn.VARIANTS[name], box_score_thresh=box_score_thresh).eval()
 
 
-def torch_runner(name: str, model: torch.nn.Module, args: argparse.Namespace):
-    """The torch backend's runner of `model` (its weights, the zoo's record), as `detect` opens it."""
-    import visionzoo
-    from visionzoo.runtime.backends import open_runner
-
-    described = visionzoo.create_model(name, box_score_thresh=args.box_score_thresh)
-    described.load_state_dict(model.state_dict())
-    return open_runner(described, "torch", precision="fp32", threads=args.threads)
-
-
 def same_detections(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> bool:
     """The same labels, and boxes, scores and masks within 1e-3 (`compare_detections`)."""
     from visionzoo.runtime.detection_graph import compare_detections
@@ -117,7 +107,7 @@ def time_onnx(name: str, model: torch.nn.Module, image: torch.Tensor, expected: 
     import onnxruntime as ort
 
     import visionzoo
-    from visionzoo.runtime.detection_graph import compare_detections
+    from visionzoo.runtime.detection_graph import compare_detections, graph_detections
     from visionzoo.runtime.export import export_model
 
     described = visionzoo.create_model(name, box_score_thresh=args.box_score_thresh)  # (with the record to export)
@@ -162,17 +152,17 @@ def main() -> None:
     ours, served, served_same, detections, models = {}, {}, {}, {}, {}
     for name in names:
         model = models[name] = build(name, args.box_score_thresh)
-        runner = torch_runner(name, model, args)
+        prepared = torch_detector(model)
         with torch.inference_mode():
             detections[name] = model([image])[0]  # (also the warm-ups)
-            got = graph_detections(runner(image[None]), *image.shape[-2:])
+            got = prepared([image])[0]
             times: dict[str, list[float]] = {"eager": [], "detect": []}
             for _ in range(args.repeats):
                 t = time.perf_counter()
                 model([image])
                 times["eager"].append(time.perf_counter() - t)
                 t = time.perf_counter()
-                graph_detections(runner(image[None]), *image.shape[-2:])
+                prepared([image])
                 times["detect"].append(time.perf_counter() - t)
         ours[name], served[name] = (1e3 * statistics.median(times[k]) for k in ("eager", "detect"))
         served_same[name] = same_detections(got, detections[name])

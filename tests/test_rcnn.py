@@ -184,24 +184,29 @@ def test_registered_with_their_weights_records():
 
 
 def test_the_torch_backend_copies_and_folds_an_rcnn_instance():
-    """`open_runner` on a model instance copies it (R-CNN's class choice in `__new__` must survive
-    copy.deepcopy) and folds the copy's FrozenBatchNorms; the caller's model is left as it was."""
+    """`detect` (`torch_detector`) and `open_runner` on a model instance copy it (R-CNN's class choice in
+    `__new__` must survive copy.deepcopy) and fold the copy's FrozenBatchNorms into its convolutions; the
+    caller's model is left as it was, and the folded copy computes the same features to float rounding."""
     import copy
 
     from visionzoo.models.layers import FrozenBatchNorm2d
     from visionzoo.runtime.backends import open_runner
+    from visionzoo.tasks.detect import torch_detector
 
     model = visionzoo.create_model("fasterrcnn_mobilenet_v3_large_320_fpn").eval()
     twin = copy.deepcopy(model)
     assert type(twin) is type(model)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), twin.state_dict().values(), strict=True))
     frozen = sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    folded = torch_detector(model)
     runner = open_runner(model, "torch", precision="fp32", threads=1)
     assert frozen > 0 and sum(isinstance(m, FrozenBatchNorm2d) for m in model.modules()) == frozen
-    assert not any(isinstance(m, FrozenBatchNorm2d) for m in runner.net.modules())
     image = torch.rand(1, 3, 240, 320, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        ours = runner.net.backbone(runner.net.transform(list(image))[0].tensors)
         plain = model.backbone(model.transform(list(image))[0].tensors)
-    for a, b in zip(*(list(f.values()) if isinstance(f, dict) else list(f) for f in (ours, plain)), strict=True):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+        for net in (folded, runner.net):
+            assert not any(isinstance(m, FrozenBatchNorm2d) for m in net.modules())
+            ours = net.backbone(net.transform(list(image))[0].tensors)
+            for a, b in zip(*(list(f.values()) if isinstance(f, dict) else list(f) for f in (ours, plain)),
+                            strict=True):
+                assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))

