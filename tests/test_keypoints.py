@@ -30,17 +30,11 @@ from visionzoo.tasks.evaluate import evaluate
 from visionzoo.train.detection import COCO_OKS_SIGMAS, DEFAULT_OKS_SIGMA, coco_map, oks_sigmas
 
 from .cli_runner import run_cli as run
-from .shapes import KEYPOINT_CLASSES, KEYPOINT_NAMES, KEYPOINT_SKELETON, write_boxes
+from .shapes import KEYPOINT_CLASSES, KEYPOINT_NAMES, KEYPOINT_RECIPE, KEYPOINT_SKELETON, write_boxes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 pytest.importorskip("pycocotools.cocoeval")
 
-# what learns the shapes' boxes and keypoints in a few minutes on two CPU cores: a Keypoint R-CNN head (a 64-channel
-# pyramid, a four-convolution 64-channel keypoint head) on EfficientNet-Lite0 (ImageNet weights), 128 x 128 images,
-# the heads and the last two stages trained
-KEYPOINT_RECIPE = {"model": "efficientnet_lite0", "head": "keypointrcnn", "fpn_channels": 64, "strategy": "partial",
-                   "epochs": 2, "image_size": 128, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.5,
-                   "scale_range": (0.8, 1.25), "num_workers": 0}
 TINY_RUN = {**KEYPOINT_RECIPE, "image_size": 64, "batch_size": 4, "epochs": 1}
 
 
@@ -128,7 +122,7 @@ def test_unlabelled_keypoints_are_zeroed_and_edge_points_clipped(tmp_path):
     assert found.samples[0].keypoints == ((0.0, 0.0, 0.0, 0.0, 30.0, 2.0, 40.0, 3.0, 1.0),)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@settings(max_examples=40, deadline=None, derandomize=True, database=None)
 @given(st.lists(st.one_of(st.integers(-5, 50), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=2),
                           st.none(), st.booleans()), max_size=10))
 def test_fuzzed_keypoint_lists_are_read_or_refused_in_one_line(values):
@@ -178,7 +172,7 @@ def _check_corners(boxes: torch.Tensor, keypoints: torch.Tensor) -> int:
     return cut
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, database=None)
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
 @given(st.integers(0, 10_000), st.floats(2, 60), st.floats(2, 40), st.floats(10, 50), st.floats(10, 30))
 def test_augmentation_moves_keypoints_with_their_boxes(seed, x, y, w, h):
     """Keypoints on the corners of their box stay on the corners of the moved box, through scaling, flipping (with
@@ -221,7 +215,8 @@ def test_augmentation_flips_and_crops_keypoints():
 
 def test_the_centred_view_moves_keypoints_by_hand():
     """No randomness (scale 1, centred 64 x 64 window of a 100 x 80 image: it starts at (18, 8)): the kept points
-    shift by (-18, -8), those outside the window become (0, 0, 0), the box's other points stay."""
+    shift by (-18, -8) with their visibility (one on the window's right edge included), the one left of the window
+    becomes (0, 0, 0), as does the unlabelled one."""
     img = Image.new("RGB", (100, 80), (128, 128, 128))
     boxes = torch.tensor([[10.0, 20.0, 60.0, 50.0]])
     keypoints = torch.tensor([[[12.0, 30.0, 2.0], [50.0, 40.0, 1.0], [82.0, 71.0, 2.0], [60.0, 50.0, 0.0]]])
@@ -367,4 +362,4 @@ def test_keypoint_rcnn_from_imagenet_weights_reaches_keypoint_ap50_on_held_out_i
     assert all(len(b.keypoints) == 4 for b in found.boxes)
 
 
-KEYPOINT_AP50 = 0.65  # measured 0.850 and 0.820 (training seeds 0 and 1; see the README)
+KEYPOINT_AP50 = 0.70  # measured 0.860 and 0.894 (training seeds 0 and 1; see the README)
