@@ -1,8 +1,9 @@
 """Keypoints: COCO keypoints read and checked with one-line errors, moved exactly by the augmentation (left and right
 swapped in a flip), scored by pycocotools' object keypoint similarity (keypoint AP), and Keypoint R-CNN fine-tuned on
-them: a head put on EfficientNet-Lite0 (a bundle that `evaluate` and `detect` load, keypoints named by the data),
-a published Keypoint R-CNN's new class and keypoint layers, and the acceptance run on the generated shapes, whose
-corners are exact keypoints (`tests/shapes.py`).
+them: a head put on EfficientNet-Lite0 (a bundle that `evaluate` and `detect` load, keypoints named by the data,
+fine-tuned again on other keypoints, resumed exactly after a kill), a published Keypoint R-CNN's new class and
+keypoint layers, and the acceptance run on the generated shapes, whose corners are exact keypoints
+(`tests/shapes.py`).
 
 One intra-op thread: the CI machine is shared.
 """
@@ -20,6 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from safetensors.torch import load_file
 
 import visionzoo
 from visionzoo.data.detection import BoxAugment, flip_permutation, open_box_dataset, read_keypoints
@@ -30,6 +32,7 @@ from visionzoo.tasks.evaluate import evaluate
 from visionzoo.train.detection import COCO_OKS_SIGMAS, DEFAULT_OKS_SIGMA, coco_map, oks_sigmas
 
 from .cli_runner import run_cli as run
+from .killing import kill_in_epoch_2
 from .shapes import KEYPOINT_CLASSES, KEYPOINT_NAMES, KEYPOINT_RECIPE, KEYPOINT_SKELETON, write_boxes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -285,8 +288,15 @@ def test_coco_person_keypoints_use_cocos_sigmas():
 
 # -- the run's mechanics ------------------------------------------------------------------------
 
-def test_a_tiny_keypoint_rcnn_run_writes_a_bundle_that_evaluate_and_detect_load(small_keypoints, tmp_path, capsys):
-    result = visionzoo.finetune(small_keypoints / "instances.json", tmp_path / "run", **TINY_RUN, progress=False)
+@pytest.fixture(scope="module")
+def tiny_run(small_keypoints, tmp_path_factory):
+    return visionzoo.finetune(small_keypoints / "instances.json", tmp_path_factory.mktemp("kp_run") / "run",
+                              **TINY_RUN, progress=False)
+
+
+def test_a_tiny_keypoint_rcnn_run_writes_a_bundle_that_evaluate_and_detect_load(small_keypoints, tiny_run, tmp_path,
+                                                                                 capsys):
+    result = tiny_run
     assert result.task is Task.DETECTION and result.classes[1:] == KEYPOINT_CLASSES
     assert {"val_ap50", "val_keypoint_ap", "val_keypoint_ap50", "val_loss"} <= result.metrics.keys()
     meta = json.loads((result.bundle / "bundle.json").read_text())
@@ -308,6 +318,26 @@ def test_a_tiny_keypoint_rcnn_run_writes_a_bundle_that_evaluate_and_detect_load(
     # box data (no keypoints) evaluates the boxes only
     plain = evaluate(result.bundle, small_keypoints / "boxes.csv", num_workers=0)
     assert plain.keypoint_ap is None and plain.ap50 == pytest.approx(report["ap50"], abs=1e-3)
+
+
+def test_a_keypoint_bundle_fine_tunes_on_other_keypoints(small_keypoints, tiny_run, tmp_path):
+    """Data whose keypoints are named otherwise: `evaluate` scores its boxes only (and says why); the bundle
+    fine-tuned on it predicts, names and draws the new keypoints."""
+    data = json.loads((small_keypoints / "instances.json").read_text())
+    renamed = ["apex", "west", "east", "south"]
+    for category in data["categories"]:
+        category["keypoints"], category["skeleton"] = renamed, [[1, 2], [1, 3]]
+    other = small_keypoints / "renamed.json"  # (beside the images)
+    other.write_text(json.dumps(data))
+    ev = evaluate(tiny_run.bundle, other, num_workers=0)
+    assert ev.keypoint_ap is None and ev.ap50 >= 0 and any("no keypoint AP" in n for n in ev.notes)
+    result = visionzoo.finetune(other, tmp_path / "again", **{**TINY_RUN, "model": str(tiny_run.bundle), "head": None,
+                                                              "fpn_channels": None}, progress=False)
+    assert "val_keypoint_ap50" in result.metrics
+    kwargs = json.loads((result.bundle / "bundle.json").read_text())["builder_kwargs"]
+    assert kwargs["keypoint_names"] == "apex,west,east,south" and kwargs["keypoint_skeleton"] == "0-1,0-2"
+    after = visionzoo.create_model(result.bundle)
+    assert after.keypoint_names == tuple(renamed) and after.keypoint_skeleton == ((0, 1), (0, 2))
 
 
 @pytest.mark.parametrize("model, head", [("efficientnet_lite0", "keypointrcnn"), ("keypointrcnn_resnet50_fpn", None)])
@@ -339,6 +369,23 @@ def test_a_published_keypoint_rcnn_gets_new_class_and_keypoint_layers_and_trains
                                              "labels": torch.tensor([3]), "keypoints": keypoints}])
     assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_keypoint"}
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.slow  # three short runs and a subprocess
+def test_a_keypoint_run_killed_in_epoch_2_resumes_to_the_same_weights(small_keypoints, tmp_path):
+    data = small_keypoints / "instances.json"
+    options = {**TINY_RUN, "epochs": 2}  # (3 steps an epoch: killed in the middle of epoch 2)
+    kill_in_epoch_2(data, tmp_path / "run", options, tmp_path, timeout=600)
+    resumed = visionzoo.finetune(data, tmp_path / "run", **options, resume=True, progress=False)
+    straight = visionzoo.finetune(data, tmp_path / "straight", **options, progress=False)
+    assert resumed.best_epoch == straight.best_epoch
+    for a, b in zip(resumed.history, straight.history, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+        assert a["val_keypoint_ap50"] == pytest.approx(b["val_keypoint_ap50"], abs=1e-9)
+    wa, wb = load_file(resumed.bundle / "model.safetensors"), load_file(straight.bundle / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
 
 
 # -- the acceptance run -------------------------------------------------------------------------------
