@@ -28,6 +28,7 @@ from visionzoo.data.detection import BoxAugment, flip_permutation, open_box_data
 from visionzoo.enums import Task
 from visionzoo.errors import InputError
 from visionzoo.models.detection.rcnn import COCO_PERSON_KEYPOINTS
+from visionzoo.tasks.detect import Box, Keypoint, keypoint_names, keypoint_skeleton
 from visionzoo.tasks.evaluate import evaluate
 from visionzoo.train.detection import COCO_OKS_SIGMAS, DEFAULT_OKS_SIGMA, coco_map, oks_sigmas
 
@@ -369,6 +370,33 @@ def test_a_published_keypoint_rcnn_gets_new_class_and_keypoint_layers_and_trains
                                              "labels": torch.tensor([3]), "keypoints": keypoints}])
     assert set(losses) == {"loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_keypoint"}
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_the_keypoint_layout_arguments_are_checked_and_name_what_detect_draws():
+    net = visionzoo.create_model("keypointrcnn", backbone="efficientnet_lite0", num_classes=3, fpn_channels=16,
+                                 keypoint_names="a,b_left,b_right", keypoint_skeleton="0-1,0-2")
+    assert net.num_keypoints == 3 and net.keypoint_skeleton == ((0, 1), (0, 2))
+    assert net.roi_heads.keypoint_predictor.kps_score_lowres.weight.shape == (16, 3, 4, 4)
+    default = visionzoo.create_model("keypointrcnn", backbone="efficientnet_lite0", num_classes=3, fpn_channels=16)
+    assert default.keypoint_names == COCO_PERSON_KEYPOINTS and len(default.keypoint_skeleton) == 19
+    for kwargs, message in [({"keypoint_names": "a,b", "num_keypoints": 3}, "names 2 keypoints but num_keypoints is 3"),
+                            ({"keypoint_names": "a,a"}, "keypoint_names must be distinct non-empty names"),
+                            ({"keypoint_names": "a,b", "keypoint_skeleton": "0-2"}, "pairs of keypoint indices from 0 "
+                                                                                    "to 1"),
+                            ({"keypoint_names": "a,b", "keypoint_skeleton": "0-x"}, "pairs of keypoint indices")]:
+        with pytest.raises(InputError, match=message):
+            visionzoo.create_model("keypointrcnn", backbone="efficientnet_lite0", num_classes=3, fpn_channels=16,
+                                   **kwargs)
+    with pytest.raises(InputError, match="keypoint_names and keypoint_skeleton are for Keypoint R-CNN"):
+        visionzoo.create_model("fasterrcnn", backbone="efficientnet_lite0", num_classes=3, fpn_channels=16,
+                               keypoint_names="a,b")
+    # what detect names and joins: the recorded layout, else COCO's
+    card = net.require_card()
+    names = keypoint_names(card, 3)
+    assert names == ("a", "b_left", "b_right")
+    box = Box(1.0, 2.0, 30.0, 40.0, 1, "x", 0.9, keypoints=tuple(Keypoint(n, 5.0, 6.0, 1.0) for n in names))
+    assert keypoint_skeleton(card, [box]) == (("a", "b_left"), ("a", "b_right"))
+    assert keypoint_names(default.require_card(), 17) == COCO_PERSON_KEYPOINTS
 
 
 @pytest.mark.slow  # three short runs and a subprocess
