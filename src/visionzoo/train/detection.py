@@ -297,11 +297,11 @@ def _on_classifier(head: str | None, backbone: str | ZooModel, num_classes: int,
                    ) -> tuple[VisionModel, dict[str, Any]]:
     kind = head or DEFAULT_HEAD
     sizes: dict[str, Any] = {}
-    if kind == "keypointrcnn" and keypoints is not None:
-        sizes.update(layout_kwargs(*keypoints))
     if image_size is not None:
         sizes = {"size": image_size} if kind == "ssdlite" else {"min_size": image_size,
                                                                 "max_size": round(image_size * MAX_SIZE_RATIO)}
+    if kind == "keypointrcnn" and keypoints is not None:  # (built with the data's keypoints)
+        sizes.update(layout_kwargs(*keypoints))
     if fpn_channels is not None:
         sizes["fpn_channels"] = fpn_channels
     net = _model(create_model(kind, backbone=backbone, num_classes=num_classes,
