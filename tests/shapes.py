@@ -17,6 +17,14 @@ is the detection set: the same shapes on the same photos, placed without overlap
 every shape is seen whole, each with its exact box (the extent of its geometry), written both
 as COCO instances (categories 1-3) and as a `path,x1,y1,x2,y2,label` CSV; an image may hold
 no shape (a negative: a row with empty box fields).
+
+    write_boxes(folder, count=160, seed=0, keypoints=True)
+
+adds exact keypoints (COCO's person-keypoints layout): the shapes are then disks, diamonds and
+upright triangles (`KEYPOINT_CLASSES`), each with the compass points `KEYPOINT_NAMES` as
+landmarks: a disk's top-, left-, right- and bottom-most points, a diamond's four corners, a
+triangle's apex (top) and base corners (left, right; its bottom is not labelled, v 0). "left" is
+the one on the image's left, so a flip swaps them (as COCO's left/right person keypoints).
 """
 from __future__ import annotations
 
@@ -115,12 +123,27 @@ DETECTION_RECIPE = {"model": "efficientnet_lite0", "head": "fcos", "fpn_channels
                     "scale_range": (0.8, 1.25), "num_workers": 0}
 
 
+KEYPOINT_CLASSES = ("disk", "diamond", "triangle")
+KEYPOINT_NAMES = ("top", "left", "right", "bottom")
+KEYPOINT_SKELETON = ((1, 2), (1, 3), (2, 4), (3, 4))  # (COCO's 1-based pairs) the outline through the landmarks
+# what learns their boxes and keypoints in a few minutes on two CPU cores: a Keypoint R-CNN head (a 64-channel pyramid,
+# a four-convolution 64-channel keypoint head) on EfficientNet-Lite0 (ImageNet weights), 128 x 128 images, the heads
+# and the last two stages trained for two epochs (measured on held-out images: keypoint AP50 0.87 and 0.93 with two
+# training seeds, in about a minute)
+KEYPOINT_RECIPE = {"model": "efficientnet_lite0", "head": "keypointrcnn", "fpn_channels": 64, "strategy": "partial",
+                   "epochs": 2, "image_size": 128, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.5,
+                   "scale_range": (0.8, 1.25), "num_workers": 0}
+
+
 def write_boxes(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (160, 160), *,
-                max_shapes: int = 3, negatives: float = 0.05, masks: bool = False) -> Path:
+                max_shapes: int = 3, negatives: float = 0.05, masks: bool = False, keypoints: bool = False) -> Path:
     """`count` images with 1 to `max_shapes` non-overlapping shapes each (a `negatives` fraction
     with none), their COCO `instances.json` and `boxes.csv` in `folder`. With `masks`, each
     annotation also has its exact mask (the shape painted alone, without antialiasing, as the
-    image paints it) as a `segmentation` in COCO's compressed run-length encoding."""
+    image paints it) as a `segmentation` in COCO's compressed run-length encoding. With
+    `keypoints`, the shapes are `KEYPOINT_CLASSES` and each annotation has its landmarks as
+    `keypoints` (the categories naming `KEYPOINT_NAMES` and `KEYPOINT_SKELETON`)."""
+    classes = KEYPOINT_CLASSES if keypoints else DETECTION_CLASSES
     rng = random.Random(seed)
     sources = [Image.open(p).convert("RGB") for p in photos()]
     (folder / "images").mkdir(parents=True, exist_ok=True)
@@ -133,27 +156,31 @@ def write_boxes(folder: Path, count: int, seed: int = 0, size: tuple[int, int] =
         for _ in range(wanted * 20):  # attempts: a shape that would touch another is drawn again
             if len(placed) == wanted:
                 break
-            label = rng.randint(1, len(DETECTION_CLASSES))
-            kind = DETECTION_CLASSES[label - 1]
-            shape = _shape(kind, size, rng)
+            label = rng.randint(1, len(classes))
+            kind = classes[label - 1]
+            shape, points = _landmarks(kind, size, rng) if keypoints else (_shape(kind, size, rng), [])
             xs, ys = [x for x, _ in shape[1]], [y for _, y in shape[1]]
             box = (max(0.0, min(xs)), max(0.0, min(ys)), min(float(size[0]), max(xs)), min(float(size[1]), max(ys)))
             if any(box[0] < b[2] + 2 and b[0] < box[2] + 2 and box[1] < b[3] + 2 and b[1] < box[3] + 2
                    for b in placed):
                 continue
             placed.append(box)
-            _paint(ImageDraw.Draw(image), shape, _colour(kind, rng))
+            _paint(ImageDraw.Draw(image), shape, _colour("rectangle" if kind == "diamond" else kind, rng))
             annotations.append({"id": len(annotations) + 1, "image_id": i + 1, "category_id": label,
                                 "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
                                 "area": (box[2] - box[0]) * (box[3] - box[1]), "iscrowd": 0})
             if masks:
                 annotations[-1]["segmentation"] = shape_rle(shape, size)
+            if keypoints:
+                annotations[-1]["keypoints"] = [v for p in points for v in (p if p else (0, 0, 0))]
+                annotations[-1]["num_keypoints"] = sum(1 for p in points if p)
             rows.append([f"images/{stem}", *(f"{v:.2f}" for v in box), kind])
         if not placed:
             rows.append([f"images/{stem}", "", "", "", "", ""])
         image.save(folder / "images" / stem, quality=92)
         images.append({"id": i + 1, "file_name": stem, "width": size[0], "height": size[1]})
-    categories = [{"id": k + 1, "name": name} for k, name in enumerate(DETECTION_CLASSES)]
+    layout = {"keypoints": list(KEYPOINT_NAMES), "skeleton": [list(p) for p in KEYPOINT_SKELETON]} if keypoints else {}
+    categories = [{"id": k + 1, "name": name, **layout} for k, name in enumerate(classes)]
     (folder / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                        "categories": categories}))
     with open(folder / "boxes.csv", "w", newline="") as f:
@@ -161,6 +188,28 @@ def write_boxes(folder: Path, count: int, seed: int = 0, size: tuple[int, int] =
         writer.writerow(["path", "x1", "y1", "x2", "y2", "label"])
         writer.writerows(rows)
     return folder
+
+
+def _landmarks(kind: str, size: tuple[int, int], rng: random.Random
+               ) -> tuple[tuple[str, list[tuple[float, float]]], list[tuple[float, float, int] | None]]:
+    """A shape of `kind` (`KEYPOINT_CLASSES`) about 1/8 to 1/3 of the image across, and its landmarks
+    (x, y, 2) in `KEYPOINT_NAMES`' order (None: the shape has no such point)."""
+    w, h = size
+    r = rng.uniform(0.12, 0.25) * min(w, h)
+    cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
+    if kind == "disk":
+        corners: list[tuple[float, float] | None] = [(cx, cy - r), (cx - r, cy), (cx + r, cy), (cx, cy + r)]
+        shape = ("ellipse", [(cx - r, cy - r), (cx + r, cy + r)])
+    elif kind == "diamond":
+        rw, rh = r * rng.uniform(0.7, 1.0), r * rng.uniform(0.7, 1.0)
+        corners = [(cx, cy - rh), (cx - rw, cy), (cx + rw, cy), (cx, cy + rh)]
+        shape = ("polygon", [(cx, cy - rh), (cx + rw, cy), (cx, cy + rh), (cx - rw, cy)])  # (around its edge)
+    else:  # an upright triangle, its apex anywhere above the middle third of its base
+        half = r * rng.uniform(0.7, 1.0)
+        corners = [(cx + rng.uniform(-0.3, 0.3) * half, cy - r), (cx - half, cy + 0.6 * r), (cx + half, cy + 0.6 * r),
+                   None]
+        shape = ("polygon", [c for c in corners if c is not None])
+    return shape, [None if c is None else (round(c[0], 2), round(c[1], 2), 2) for c in corners]
 
 
 def shape_mask(shape: tuple[str, list[tuple[float, float]]], size: tuple[int, int]) -> Image.Image:

@@ -2,7 +2,8 @@
 to >= 0.70 box AP50 and >= 0.60 mask AP50 on held-out images), instance masks read from COCO annotations (polygons,
 RLE, uncompressed RLE) with one-line errors, masks moved by the augmentation, mask AP (pycocotools' "segm"), and
 the mechanics (a tiny run's bundle in `evaluate` and `detect`, a published R-CNN's new class layers); resuming a
-killed Mask R-CNN run is tested with the other detectors' in test_detection_finetune.py.
+killed Mask R-CNN run is tested with the other detectors' in test_detection_finetune.py, Keypoint R-CNN in
+test_keypoints.py.
 
 The data is `tests/shapes.py`'s detection set with each shape's exact mask. One intra-op thread: the CI machine is
 shared.
@@ -196,7 +197,7 @@ def test_perfect_masks_score_mask_ap_1_and_wrong_ones_less():
     assert holed.class_ap50 == pytest.approx((1.0, 0.0)) and holed.ap50 == pytest.approx(0.5)
     assert coco_map([result([a, half])], 2).ap50 == pytest.approx(1.0)  # (the boxes are right)
     with pytest.raises(InputError, match="iou_type must be"):
-        coco_map([result([a, b])], 2, "keypoints")
+        coco_map([result([a, b])], 2, "boxes")
 
 
 # -- the run's mechanics --------------------------------------------------------------------------
@@ -260,8 +261,8 @@ def test_a_published_mask_rcnn_gets_new_class_layers_and_trains_on_masks():
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-def test_fine_tuning_a_keypoint_rcnn_is_refused(tmp_path, small_masks):
-    with pytest.raises(InputError, match="fine-tuning keypoint detectors is not supported"):
+def test_a_keypoint_rcnn_on_masks_without_keypoints_is_refused(tmp_path, small_masks):
+    with pytest.raises(InputError, match="keypointrcnn_resnet50_fpn predicts keypoints but the data has none"):
         visionzoo.finetune(small_masks / "instances.json", tmp_path / "run",
                            **{**TINY_RUN, "model": "keypointrcnn_resnet50_fpn", "head": None,
                               "fpn_channels": None}, progress=False)

@@ -106,6 +106,8 @@ def _finetune(data: Optional[Path] = typer.Argument(None, help="ImageFolder tree
             line += f", val AP {m['val_ap']:.4f}, AP50 {m['val_ap50']:.4f}"
             if "val_mask_ap50" in m:
                 line += f", mask AP {m['val_mask_ap']:.4f}, mask AP50 {m['val_mask_ap50']:.4f}"
+            if "val_keypoint_ap50" in m:
+                line += f", keypoint AP {m['val_keypoint_ap']:.4f}, keypoint AP50 {m['val_keypoint_ap50']:.4f}"
         say(line)
     if result.failures:
         raise typer.Exit(EXIT_PARTIAL)
@@ -166,7 +168,9 @@ def evaluate(
             f"{ev.ap50:.4f}, AP75 {ev.ap75:.4f}, AP small/medium/large "
             + "/".join("-" if v is None else f"{v:.4f}" for v in (ev.ap_small, ev.ap_medium, ev.ap_large))
             + ("" if ev.mask_ap is None else f"; mask AP {ev.mask_ap:.4f}, mask AP50 {ev.mask_ap50:.4f}, mask AP75 "
-                                             f"{ev.mask_ap75:.4f}"))
+                                             f"{ev.mask_ap75:.4f}")
+            + ("" if ev.keypoint_ap is None else f"; keypoint AP {ev.keypoint_ap:.4f}, keypoint AP50 "
+                                                 f"{ev.keypoint_ap50:.4f}, keypoint AP75 {ev.keypoint_ap75:.4f}"))
         table = Table("class", "AP", "AP50")
         for name, ap, ap50 in zip(ev.classes, ev.class_ap, ev.class_ap50, strict=True):
             table.add_row(name, "-" if ap is None else f"{ap:.4f}", "-" if ap50 is None else f"{ap50:.4f}")

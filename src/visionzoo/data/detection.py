@@ -18,16 +18,28 @@ background, so the classes of a bundle are `("__background__", *names)`. Instanc
 annotation that is trained on needs one; they are kept run-length encoded and decoded with the
 image.
 
+Keypoints (COCO's person-keypoints layout) are read when the categories name them: each
+category's `keypoints` (the names, the same list for every category) and optionally its
+`skeleton` (1-based pairs of keypoints joined when drawing), and each annotation's `keypoints`,
+a flat list of x, y, v triplets (v 0: not labelled, 1: labelled but hidden, 2: visible), in the
+image's pixels. Then every annotation that is trained on needs them; a wrong length, a value
+that is not a number, a v other than 0, 1 or 2 and a labelled point outside its image (beyond
+`EDGE_TOLERANCE`) are one-line errors naming the file and the annotation.
+
 `BoxAugment` draws the training views: a random rescale, a horizontal flip and a random square
-crop of an image with its boxes (and masks) moved along, clipped to the crop, and dropped when
-too little of them is left.
+crop of an image with its boxes (and masks and keypoints) moved along, clipped to the crop, and
+dropped when too little of them is left. A flip also swaps each left keypoint with its right
+one (`flip_permutation`: the names with "left" and "right" exchanged); keypoints cropped out
+become unlabelled (v 0).
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +57,7 @@ CSV_HEADER = ("path", "x1", "y1", "x2", "y2", "label")
 COCO_NAMES = ("instances.json", "annotations.json")  # what a COCO dataset folder holds
 EDGE_TOLERANCE = 1.0  # pixels a box may reach beyond its image (rounding in exported annotations); clipped
 Box = tuple[float, float, float, float]
+Keypoints = tuple[float, ...]  # one box's keypoints: x, y, v for each keypoint (v 0 with x = y = 0: not labelled)
 
 
 @dataclass(frozen=True)
@@ -54,10 +67,13 @@ class BoxSample:
     labels: tuple[int, ...]  # class indices, 1-based (0 is the background)
     image_id: int  # the COCO image id (CSV: the image's position, from 1)
     masks: tuple[MaskRLE, ...] | None = None  # one per box, where the data has instance masks
+    keypoints: tuple[Keypoints, ...] | None = None  # one per box, where the data has keypoints
 
-    def row(self) -> tuple[Path, tuple[Box, ...], tuple[int, ...], int, tuple[MaskRLE, ...] | None]:
-        """(image, boxes, labels, image_id, masks): how a fine-tuning run keeps (and fingerprints) a sample."""
-        return self.image, self.boxes, self.labels, self.image_id, self.masks
+    def row(self) -> tuple[Path, tuple[Box, ...], tuple[int, ...], int, tuple[MaskRLE, ...] | None,
+                           tuple[Keypoints, ...] | None]:
+        """(image, boxes, labels, image_id, masks, keypoints): how a fine-tuning run keeps (and fingerprints)
+        a sample."""
+        return self.image, self.boxes, self.labels, self.image_id, self.masks, self.keypoints
 
 
 @dataclass(frozen=True)
@@ -68,16 +84,22 @@ class BoxDataset:
     samples: tuple[BoxSample, ...]
     classes: tuple[str, ...]  # class names, without the background
     category_ids: tuple[int, ...]  # each class's COCO category id (CSV: 1, 2, ...)
+    keypoint_names: tuple[str, ...] | None = None  # the categories' keypoints, where the data has them
+    skeleton: tuple[tuple[int, int], ...] = ()  # pairs of keypoints (0-based) joined when drawing
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def subset(self, indices: Sequence[int]) -> BoxDataset:
-        return BoxDataset(self.source, tuple(self.samples[i] for i in indices), self.classes, self.category_ids)
+        return dataclasses.replace(self, samples=tuple(self.samples[i] for i in indices))
 
     @property
     def has_masks(self) -> bool:
         return any(s.masks is not None for s in self.samples)
+
+    @property
+    def has_keypoints(self) -> bool:
+        return self.keypoint_names is not None
 
     def box_counts(self) -> list[int]:
         """Boxes of each class over all samples."""
@@ -134,10 +156,9 @@ def _relabelled(found: BoxDataset, classes: list[str]) -> BoxDataset:
                          f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); evaluate on data "
                          f"with the classes the model was trained on")
     index = {k + 1: classes.index(name) + 1 for k, name in enumerate(found.classes)}
-    samples = tuple(BoxSample(s.image, s.boxes, tuple(index[v] for v in s.labels), s.image_id, s.masks)
-                    for s in found.samples)
+    samples = tuple(dataclasses.replace(s, labels=tuple(index[v] for v in s.labels)) for s in found.samples)
     ids = tuple(found.category_ids[found.classes.index(name)] if name in found.classes else -1 for name in classes)
-    return BoxDataset(found.source, samples, tuple(classes), ids)
+    return dataclasses.replace(found, samples=samples, classes=tuple(classes), category_ids=ids)
 
 
 # -- COCO -------------------------------------------------------------------------------------
@@ -169,6 +190,7 @@ def _read_coco(file: Path) -> BoxDataset:
             raise InputError(f"{where}: the name {name!r} is used by two categories; give each class its own name")
         category_index[cid] = len(names) + 1
         names.append(name)
+    keypoint_names, skeleton = _keypoint_layout(file, categories)
     folder = file.parent
     image_index: dict[int, int] = {}
     paths: list[Path] = []
@@ -194,6 +216,7 @@ def _read_coco(file: Path) -> BoxDataset:
     boxes: list[list[Box]] = [[] for _ in paths]
     labels: list[list[int]] = [[] for _ in paths]
     masks: list[list[MaskRLE]] = [[] for _ in paths]
+    points: list[list[Keypoints]] = [[] for _ in paths]
     with_masks: bool | None = None  # whether the annotations have segmentations (all or none of those trained on)
     seen: dict[int, int] = {}
     for k, ann in enumerate(annotations):
@@ -225,9 +248,97 @@ def _read_coco(file: Path) -> BoxDataset:
                              f"it; give every annotation a mask (polygons or RLE), or none")
         if has:
             masks[i].append(read_segmentation(seg, sizes[i], f"{where}: segmentation"))
-    samples = tuple(BoxSample(p, tuple(b), tuple(lab), iid, tuple(m) if with_masks else None)
-                    for (iid, i), p, b, lab, m in zip(image_index.items(), paths, boxes, labels, masks, strict=True))
-    return BoxDataset(file, samples, tuple(names), tuple(category_index))
+        if keypoint_names is not None:
+            points[i].append(read_keypoints(ann.get("keypoints"), len(keypoint_names), sizes[i], where))
+        elif ann.get("keypoints"):
+            raise InputError(f"{where}: has keypoints but no category names them; list the keypoint names as the "
+                             f"categories' \"keypoints\" (and optionally their \"skeleton\")")
+    samples = tuple(BoxSample(p, tuple(b), tuple(lab), iid, tuple(m) if with_masks else None,
+                              tuple(k) if keypoint_names is not None else None)
+                    for (iid, i), p, b, lab, m, k in zip(image_index.items(), paths, boxes, labels, masks, points,
+                                                         strict=True))
+    return BoxDataset(file, samples, tuple(names), tuple(category_index), keypoint_names, skeleton)
+
+
+def _keypoint_layout(file: Path, categories: list[dict]) -> tuple[tuple[str, ...] | None, tuple[tuple[int, int], ...]]:
+    """The keypoint names the categories list (the same for each; None when none lists any) and the
+    skeleton (0-based pairs) of the first that gives one."""
+    layouts: list[tuple[int, tuple[str, ...] | None]] = []
+    skeleton: tuple[tuple[int, int], ...] = ()
+    for k, cat in enumerate(categories):
+        where = f"{file}: categories[{k}] ({cat.get('name')})"
+        listed = cat.get("keypoints")
+        if listed is None or listed == []:
+            layouts.append((k, None))
+            continue
+        if not isinstance(listed, list) or not all(isinstance(n, str) and n.strip() and "," not in n
+                                                   for n in listed):
+            raise InputError(f"{where}: keypoints must be a list of keypoint names (non-empty, without commas), "
+                             f"got {listed!r:.60}")
+        if len(set(listed)) != len(listed):
+            raise InputError(f"{where}: keypoints names a keypoint twice; give each its own name")
+        layouts.append((k, tuple(listed)))
+        pairs = cat.get("skeleton")
+        if pairs is None or pairs == []:
+            continue
+        if not isinstance(pairs, list) or not all(
+                isinstance(p, list) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                            and 1 <= v <= len(listed) for v in p) for p in pairs):
+            raise InputError(f"{where}: skeleton must be a list of [a, b] pairs of keypoint numbers from 1 to "
+                             f"{len(listed)}, got {pairs!r:.60}")
+        if not skeleton:
+            skeleton = tuple((a - 1, b - 1) for a, b in pairs)
+    named = [(k, names) for k, names in layouts if names is not None]
+    if not named:
+        return None, ()
+    first, names = named[0]
+    for k, other in layouts:
+        if other != names:
+            what = "no keypoints" if other is None else f"{len(other)} keypoints ({', '.join(other[:4])}...)"
+            raise InputError(f"{file}: categories[{k}] has {what} but categories[{first}] has {len(names)} "
+                             f"({', '.join(names[:4])}...); give every category the same keypoint names")
+    return names, skeleton
+
+
+def read_keypoints(value: Any, count: int, size: tuple[int, int], where: str) -> Keypoints:
+    """An annotation's `keypoints` (x, y, v for each of `count` keypoints) checked against its image of
+    `size` (width, height): a labelled point may reach `EDGE_TOLERANCE` beyond it (it is clipped);
+    unlabelled ones (v 0) are stored as (0, 0, 0)."""
+    if not isinstance(value, list) or len(value) != 3 * count:
+        got = f"{len(value)} values" if isinstance(value, list) else f"{value!r:.40}"
+        raise InputError(f"{where}: keypoints must be a list of {3 * count} numbers (x, y, v for each of the "
+                         f"{count} keypoints), got {got}")
+    if not all(_number(v) for v in value):
+        bad = next(v for v in value if not _number(v))
+        raise InputError(f"{where}: keypoints hold {bad!r:.20}, not a finite number")
+    width, height = size
+    out: list[float] = []
+    for j in range(count):
+        x, y, v = (float(t) for t in value[3 * j:3 * j + 3])
+        if v not in (0.0, 1.0, 2.0):
+            raise InputError(f"{where}: keypoint {j + 1} has visibility {value[3 * j + 2]!r}; v must be 0 (not "
+                             f"labelled), 1 (labelled, hidden) or 2 (visible)")
+        if v == 0:
+            out += (0.0, 0.0, 0.0)
+            continue
+        tol = EDGE_TOLERANCE
+        if not (-tol <= x <= width + tol and -tol <= y <= height + tol):
+            raise InputError(f"{where}: keypoint {j + 1} at ({x:g}, {y:g}) is outside the {width}x{height} image; "
+                             f"fix the coordinates or mark it unlabelled (v 0)")
+        out += (min(max(x, 0.0), float(width)), min(max(y, 0.0), float(height)), v)
+    return tuple(out)
+
+
+def flip_permutation(names: Sequence[str]) -> tuple[int, ...]:
+    """Where each keypoint goes in a horizontal flip: the keypoint whose name has "left" and "right" (as
+    words between underscores, hyphens or spaces) exchanged, or itself where no such name is listed."""
+    index = {name: j for j, name in enumerate(names)}
+    swap = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
+    order = []
+    for name in names:
+        mirrored = "".join(swap.get(part, part) for part in re.split(r"([_\- ])", name))
+        order.append(index.get(mirrored, index[name]))
+    return tuple(order)
 
 
 def _entries(file: Path, data: dict, key: str) -> list[dict]:
@@ -358,7 +469,8 @@ class BoxAugment:
     a random `crop` x `crop` window is cut (the image padded with black where it is smaller).
     The boxes follow; each is clipped to the window and dropped when less than `min_side` pixels
     wide or high, or less than `min_visible` of its area is left inside. Without `random`, the
-    scale is 1, nothing is flipped and the window is centred.
+    scale is 1, nothing is flipped and the window is centred. `flip_keypoints` (see
+    `flip_permutation`) says which keypoint becomes which in a flip.
     """
 
     base: int  # the shorter side before the random factor
@@ -368,6 +480,7 @@ class BoxAugment:
     random: bool = True
     min_side: float = 2.0
     min_visible: float = 0.4
+    flip_keypoints: tuple[int, ...] | None = None
 
     def __call__(self, img: Image.Image, boxes: torch.Tensor, labels: torch.Tensor, g: torch.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -380,6 +493,15 @@ class BoxAugment:
         """As a call, with the instance masks ((N, H, W) uint8 at the image's size, or None) moved with the
         image: resized to the nearest pixel (centres aligned as the image's resize aligns them), flipped,
         cropped (zero where the window overhangs), and dropped with their boxes."""
+        x, boxes, labels, masks, _ = self.apply_all(img, boxes, labels, masks, None, g)
+        return x, boxes, labels, masks
+
+    def apply_all(self, img: Image.Image, boxes: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None,
+                  keypoints: torch.Tensor | None, g: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """As `apply`, with the keypoints ((N, K, 3): x, y, v in the image's pixels, or None) moved too: scaled,
+        mirrored and reordered by `flip_keypoints` in a flip, shifted into the window; those outside the
+        image's part of the window become (0, 0, 0), and they are dropped with their boxes."""
         u = torch.rand(4, generator=g, dtype=torch.float64).tolist()
         factor = self.scale[0] + u[0] * (self.scale[1] - self.scale[0]) if self.random else 1.0
         ratio = self.base * factor / min(img.width, img.height)
@@ -387,6 +509,8 @@ class BoxAugment:
         sx, sy = size[0] / img.width, size[1] / img.height
         img = img.resize(size, Image.Resampling.BILINEAR)
         boxes = boxes.to(torch.float32) * torch.tensor([sx, sy, sx, sy])
+        if keypoints is not None:
+            keypoints = keypoints.to(torch.float32) * torch.tensor([sx, sy, 1.0])
         if masks is not None:
             masks = (torch.nn.functional.interpolate(masks[None], size=(size[1], size[0]), mode="nearest-exact")[0]
                      if len(masks) else masks.new_zeros((0, size[1], size[0])))
@@ -394,6 +518,10 @@ class BoxAugment:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             boxes = torch.stack((size[0] - boxes[:, 2], boxes[:, 1], size[0] - boxes[:, 0], boxes[:, 3]), 1)
             masks = None if masks is None else masks.flip(-1)
+            if keypoints is not None:
+                keypoints = torch.stack((size[0] - keypoints[..., 0], keypoints[..., 1], keypoints[..., 2]), -1)
+                if self.flip_keypoints is not None:
+                    keypoints = keypoints[:, list(self.flip_keypoints)]
         left, top = self._offset(u[2], size[0]), self._offset(u[3], size[1])
         canvas = Image.new("RGB", (self.crop, self.crop))
         region = (max(left, 0), max(top, 0), min(left + self.crop, size[0]), min(top + self.crop, size[1]))
@@ -408,8 +536,10 @@ class BoxAugment:
             w, h = region[2] - region[0], region[3] - region[1]
             cropped[:, at[1]:at[1] + h, at[0]:at[0] + w] = masks[keep, region[1]:region[3], region[0]:region[2]]
             masks = cropped
+        if keypoints is not None:
+            keypoints = crop_keypoints(keypoints[keep], window, inside)
         x = torch.from_numpy(_rgb_array(canvas)).permute(2, 0, 1).float().div_(255)
-        return x, boxes, labels, masks
+        return x, boxes, labels, masks, keypoints
 
     def _offset(self, u: float, size: int) -> int:
         """Where the window starts along an axis of `size` pixels (negative: it overhangs the image)."""
@@ -426,6 +556,17 @@ def crop_boxes(boxes: torch.Tensor, labels: torch.Tensor, window: tuple[int, int
     clipped = _clipped(boxes, window, inside)
     keep = kept_boxes(boxes, window, inside, min_side, min_visible)
     return clipped[keep], labels[keep]
+
+
+def crop_keypoints(keypoints: torch.Tensor, window: tuple[int, int, int, int], inside: tuple[int, int]
+                   ) -> torch.Tensor:
+    """`keypoints` (N, K, 3) moved into `window`; those outside the part of it the image covers (or not
+    labelled) become (0, 0, 0)."""
+    left, top = window[0], window[1]
+    x, y = keypoints[..., 0] - left, keypoints[..., 1] - top
+    low_x, low_y = max(0, -left), max(0, -top)
+    seen = (keypoints[..., 2] > 0) & (x >= low_x) & (x <= inside[0]) & (y >= low_y) & (y <= inside[1])
+    return torch.stack((x, y, keypoints[..., 2]), -1) * seen[..., None]
 
 
 def _clipped(boxes: torch.Tensor, window: tuple[int, int, int, int], inside: tuple[int, int]) -> torch.Tensor:

@@ -40,7 +40,7 @@ from ..errors import InputError
 from ..factory import resolve_model
 from ..fileutil import atomic_path
 from ..models.base import VisionModel
-from ..models.detection.rcnn import COCO_PERSON_KEYPOINTS, COCO_PERSON_SKELETON
+from ..models.detection.rcnn import COCO_PERSON_KEYPOINTS, COCO_PERSON_SKELETON, parse_keypoint_names, parse_skeleton
 from ..runtime.backends import Backend, is_model_file, open_runner
 from ..runtime.detection_graph import graph_detections
 from ..runtime.options import InferenceOptions
@@ -160,7 +160,8 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
                     drawn = None
                     if draw_dir is not None:
                         drawn = str(Path(draw_dir) / names[i])
-                        _save_png(draw_detections(image, boxes, _instance_masks(out, threshold)), drawn)
+                        _save_png(draw_detections(image, boxes, _instance_masks(out, threshold),
+                                                  keypoint_skeleton(card, boxes)), drawn)
                     results[i] = Detections(str(files[i]), int(image.shape[-1]), int(image.shape[-2]), boxes, drawn)
             for i in chunk:
                 yield results[i]
@@ -286,14 +287,29 @@ def _with_instances(boxes: tuple[Box, ...], out: dict[str, torch.Tensor], thresh
 
 
 def keypoint_names(card: Any, count: int) -> tuple[str, ...]:
-    """The weights' keypoint names; COCO's person keypoints for 17 without weights; else numbered."""
-    weights = getattr(card, "weights", None)
-    names = weights.keypoint_names if weights is not None else None
+    """The keypoint names a fine-tuned bundle records or the weights' names; COCO's person keypoints for 17
+    without either; else numbered."""
+    recorded = getattr(card, "builder_kwargs", {}).get("keypoint_names")
+    if isinstance(recorded, str) and recorded:
+        names: Sequence[str] | None = parse_keypoint_names(recorded)
+    else:
+        weights = getattr(card, "weights", None)
+        names = weights.keypoint_names if weights is not None else None
     if names is not None and len(names) == count:
         return tuple(names)
     if count == len(COCO_PERSON_KEYPOINTS):
         return COCO_PERSON_KEYPOINTS
     return tuple(f"keypoint_{j}" for j in range(count))
+
+
+def keypoint_skeleton(card: Any, boxes: Sequence[Box]) -> tuple[tuple[str, str], ...]:
+    """The pairs of keypoint names joined when drawing `boxes`: the skeleton a fine-tuned bundle records,
+    else COCO's person skeleton."""
+    recorded = getattr(card, "builder_kwargs", {}).get("keypoint_skeleton")
+    names = next((tuple(k.name for k in b.keypoints) for b in boxes if b.keypoints), ())
+    if isinstance(recorded, str) and names:
+        return tuple((names[a], names[b]) for a, b in parse_skeleton(recorded, len(names)) or ())
+    return COCO_PERSON_SKELETON
 
 
 def _class_name(classes: Sequence[str] | None, index: int) -> str:
@@ -319,11 +335,12 @@ def _save_png(image: Image.Image, path: str) -> None:
         image.save(tmp, format="PNG")
 
 
-def draw_detections(image: torch.Tensor, boxes: Sequence[Box], masks: torch.Tensor | None = None) -> Image.Image:
+def draw_detections(image: torch.Tensor, boxes: Sequence[Box], masks: torch.Tensor | None = None,
+                    skeleton: Sequence[tuple[str, str]] = COCO_PERSON_SKELETON) -> Image.Image:
     """The image (CHW in [0, 1]) with `boxes` drawn: each box outlined in its class's colour over a dark
     rim, and its label and score on a filled tag of that colour, so both read on light and dark areas.
     `masks` ((D, H, W) booleans, one per box) are laid under the boxes, each instance in its own colour,
-    outlined; boxes with keypoints get their skeleton."""
+    outlined; boxes with keypoints get their `skeleton` (pairs of keypoint names joined by lines)."""
     pixels = image.detach().cpu().clamp(0, 1).permute(1, 2, 0)
     if masks is not None and len(masks):
         pixels = overlay_masks(pixels, masks.cpu())
@@ -331,14 +348,16 @@ def draw_detections(image: torch.Tensor, boxes: Sequence[Box], masks: torch.Tens
     draw = ImageDraw.Draw(canvas)
     for box in boxes:
         if box.keypoints:
-            draw_skeleton(draw, box.keypoints, max(2, round(min(canvas.size) / 200)))
+            draw_skeleton(draw, box.keypoints, max(2, round(min(canvas.size) / 200)), skeleton)
     width = max(2, round(min(canvas.size) / 250))
     font = _font(max(11, round(min(canvas.size) / 40)))
     for box in reversed(boxes):  # the best drawn last, on top
         colour = PALETTE[box.index % len(PALETTE)]
         xy = (box.x1, box.y1, box.x2, box.y2)
         draw.rectangle(xy, outline=(0, 0, 0), width=width + 2)
-        draw.rectangle((xy[0] + 1, xy[1] + 1, xy[2] - 1, xy[3] - 1), outline=colour, width=width)
+        # (inset by a pixel, except for boxes under two pixels across)
+        draw.rectangle((xy[0] + 1, xy[1] + 1, max(xy[0] + 1, xy[2] - 1), max(xy[1] + 1, xy[3] - 1)), outline=colour,
+                       width=width)
         text = f"{box.label} {box.score:.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tag_h = bottom - top + 4
@@ -367,10 +386,12 @@ def overlay_masks(pixels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def draw_skeleton(draw: ImageDraw.ImageDraw, keypoints: Sequence[Keypoint], width: int) -> None:
-    """The keypoints likely visible (score above 0) as dots, and COCO's skeleton between those pairs."""
+def draw_skeleton(draw: ImageDraw.ImageDraw, keypoints: Sequence[Keypoint], width: int,
+                  skeleton: Sequence[tuple[str, str]] = COCO_PERSON_SKELETON) -> None:
+    """The keypoints likely visible (score above 0) as dots, and `skeleton` (COCO's by default) between those
+    pairs."""
     seen = {k.name: k for k in keypoints if k.score > 0}
-    for a, b in COCO_PERSON_SKELETON:
+    for a, b in skeleton:
         if a in seen and b in seen:
             line = (seen[a].x, seen[a].y, seen[b].x, seen[b].y)
             draw.line(line, fill=(0, 0, 0), width=width + 2)

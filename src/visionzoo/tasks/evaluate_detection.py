@@ -3,14 +3,20 @@
     ev = evaluate("runs/boxes", "boxes_test/instances.json", out="runs/boxes/eval")   # or a box CSV
     ev.ap, ev.ap50, ev.ap75, ev.ap_small, ev.class_ap50
     ev.mask_ap, ev.mask_ap50                 # a model with masks on data with segmentations; else None
+    ev.keypoint_ap, ev.keypoint_ap50         # a model with keypoints on data with the same keypoints; else None
 
 Each image is run as `detect` runs it (at its own size, the detector resizing it) and every
 detection the model keeps (its own `score_thresh`, no display threshold) is scored by
 pycocotools' `COCOeval` against the data's boxes; the data's class names are matched to the
 model's. When the model predicts instance masks (Mask R-CNN) and the data has them, the masks
-(thresholded at 0.5, COCO RLE) are scored too (`COCOeval`'s "segm"): mask AP. With `out`,
-writes `metrics.json`, `detections.json` (COCO results, the data's image and category ids, with
-each detection's `segmentation` where the model predicts masks), `pr_curve.png` (box precision
+(thresholded at 0.5, COCO RLE) are scored too (`COCOeval`'s "segm"): mask AP. When it predicts
+keypoints (Keypoint R-CNN) and the data has the same keypoints (by name, in order), they are
+scored by object keypoint similarity (`COCOeval`'s "keypoints", at most 20 detections an image,
+the OKS sigmas of `train.detection.oks_sigmas`: COCO's for its person keypoints, a uniform
+default otherwise; each box's area is its scale): keypoint AP. With `out`, writes
+`metrics.json`, `detections.json` (COCO results, the data's image and category ids, with each
+detection's `segmentation` where the model predicts masks and `keypoints` (x, y, 1 for each)
+where it predicts keypoints), `pr_curve.png` (box precision
 against recall at IoU 0.5, per class) and, when the bundle has a training history,
 `training_curves.png`.
 """
@@ -34,7 +40,8 @@ from ..errors import ImageError, InputError
 from ..fileutil import atomic_path
 from ..models.base import VisionModel
 from ..models.detection import DetectionModel
-from ..train.detection import coco_map, has_mask_results, score_boxes
+from ..models.detection.rcnn import RCNN
+from ..train.detection import coco_map, has_keypoint_results, has_mask_results, oks_sigmas, score_boxes
 from .reports import report_dict, write_report
 
 
@@ -57,6 +64,9 @@ class DetectionEvaluation:
     mask_ap: float | None = None  # COCO mask AP, IoU 0.50:0.95; None: the model or the data has no masks
     mask_ap50: float | None = None
     mask_ap75: float | None = None
+    keypoint_ap: float | None = None  # COCO keypoint AP (OKS 0.50:0.95); None: the model or data has no keypoints
+    keypoint_ap50: float | None = None
+    keypoint_ap75: float | None = None
     failures: tuple[Failure, ...] = ()
     files: dict[str, str] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
@@ -94,6 +104,13 @@ def evaluate_detection(net: VisionModel, model, data: str | os.PathLike, *, out,
     used = sorted({int(v) for s in dataset.samples for v in s.labels})  # model class indices with boxes
     scores = coco_map(results, len(model_classes) - 1)
     masks = coco_map(results, len(model_classes) - 1, "segm") if has_mask_results(results) else None
+    points, notes = None, []
+    if isinstance(net, RCNN) and net.roi_heads.has_keypoint and dataset.has_keypoints:
+        if dataset.keypoint_names != net.keypoint_names:
+            notes.append(f"no keypoint AP: the data's keypoints ({', '.join(dataset.keypoint_names or ())}) are not "
+                         f"the model's ({', '.join(net.keypoint_names)})")
+        elif has_keypoint_results(results, net.num_keypoints):
+            points = coco_map(results, len(model_classes) - 1, "keypoints", oks_sigmas(net.keypoint_names))
     names = tuple(model_classes[k] for k in used)
     ev = DetectionEvaluation(
         model=str(card.bundle.path if card.bundle is not None else model if not isinstance(model, VisionModel)
@@ -103,7 +120,9 @@ def evaluate_detection(net: VisionModel, model, data: str | os.PathLike, *, out,
         ap_large=scores.ap_large, ar100=scores.ar100, classes=names,
         class_ap=tuple(scores.class_ap[k - 1] for k in used), class_ap50=tuple(scores.class_ap50[k - 1] for k in used),
         mask_ap=masks.ap if masks else None, mask_ap50=masks.ap50 if masks else None,
-        mask_ap75=masks.ap75 if masks else None, failures=tuple(failures))
+        mask_ap75=masks.ap75 if masks else None, keypoint_ap=points.ap if points else None,
+        keypoint_ap50=points.ap50 if points else None, keypoint_ap75=points.ap75 if points else None,
+        failures=tuple(failures), notes=tuple(notes))
     if out is not None:
         curves = {model_classes[k]: scores.precision50[k - 1] for k in used}
         history = card.bundle.history if card.bundle is not None else ()
@@ -133,13 +152,17 @@ def _write(ev: DetectionEvaluation, out: Path, results, dataset: BoxDataset, rec
            plots: bool) -> DetectionEvaluation:
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, str] = {}
+    def nothing(r: dict) -> list:
+        return [None] * len(r["labels"])
+
     detections = [{"image_id": r["image_id"], "category_id": dataset.category_ids[int(label) - 1],
                    "bbox": [round(float(b[0]), 2), round(float(b[1]), 2), round(float(b[2] - b[0]), 2),
                             round(float(b[3] - b[1]), 2)], "score": round(float(s), 5),
-                   **({} if m is None else {"segmentation": m})}
+                   **({} if m is None else {"segmentation": m}),
+                   **({} if k is None else {"keypoints": [round(float(v), 2) for v in k.reshape(-1)]})}
                   for r in results
-                  for b, s, label, m in zip(r["boxes"], r["scores"], r["labels"], r.get("masks") or [None] * len(
-                      r["labels"]), strict=True)
+                  for b, s, label, m, k in zip(r["boxes"], r["scores"], r["labels"], r.get("masks") or nothing(r),
+                                               r["keypoints"] if "keypoints" in r else nothing(r), strict=True)
                   if 1 <= label <= len(dataset.category_ids) and dataset.category_ids[int(label) - 1] >= 0]
     with atomic_path(out / "detections.json") as tmp:
         tmp.write_text(json.dumps(detections) + "\n")
@@ -149,4 +172,4 @@ def _write(ev: DetectionEvaluation, out: Path, results, dataset: BoxDataset, rec
         return {"pr_curve": str(_plots.precision_recall(recall, curves, out / "pr_curve.png",
                                                         title=f"precision-recall at IoU 0.5 (AP50 {ev.ap50:.3f})"))}
 
-    return write_report(ev, out, files, [], plots=plots, history=history, figures=figures)
+    return write_report(ev, out, files, list(ev.notes), plots=plots, history=history, figures=figures)

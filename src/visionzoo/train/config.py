@@ -18,7 +18,7 @@ class Strategy(str, Enum):
 
 
 SEGMENTATION_HEADS = ("fcn", "deeplabv3", "lraspp")
-DETECTION_HEADS = ("retinanet", "fcos", "ssdlite", "fasterrcnn", "maskrcnn")
+DETECTION_HEADS = ("retinanet", "fcos", "ssdlite", "fasterrcnn", "maskrcnn", "keypointrcnn")
 # per-strategy defaults for the options left as None
 DEFAULT_EPOCHS = {Strategy.LINEAR: 30, Strategy.PARTIAL: 10, Strategy.FULL: 10}
 DEFAULT_LR = {Strategy.LINEAR: 3e-3, Strategy.PARTIAL: 1e-3, Strategy.FULL: 1e-3}
@@ -43,10 +43,11 @@ class FinetuneConfig:
                         "to put --head on.", "--model", "-m")
     head: str | None = option(None, "The head put on a classifier given as --model. Segmentation: lraspp, "
                               "deeplabv3 or fcn (default lraspp); detection: fcos, retinanet, ssdlite, fasterrcnn "
-                              "or maskrcnn (instance masks; COCO data with segmentations) (default fcos).")
+                              "maskrcnn (instance masks; COCO data with segmentations) or keypointrcnn (keypoints; "
+                              "COCO data with keypoints) (default fcos).")
     fpn_channels: int | None = option(None, "Detection: the width of the feature pyramid and of the RetinaNet/FCOS "
-                                      "heads (or Mask R-CNN's mask head) put on a classifier (default 256; 64 trains "
-                                      "several times faster).")
+                                      "heads (or Mask R-CNN's mask head, Keypoint R-CNN's keypoint head) put on a "
+                                      "classifier (default 256; 64 trains several times faster).")
     strategy: Strategy = option(Strategy.AUTO, "linear: train the classifier on cached features; partial: also the "
                                 "last --unfreeze stages; full: everything; auto: chosen from the data.",
                                 "--strategy", "-s")

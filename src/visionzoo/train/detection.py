@@ -3,10 +3,13 @@
 Data: a COCO instances JSON or a `path,x1,y1,x2,y2,label` CSV (see `data/detection.py`), a
 random `val_fraction` of the images held out unless a separate validation set is given. The
 model: a detector of the zoo with new class heads (its published weights, or a detection
-bundle), or a classifier of the zoo with a RetinaNet, FCOS, SSDlite, Faster R-CNN or Mask R-CNN
-head put on it (`--head`, default FCOS) and its own pre-trained weights. A model with a mask head
-(Mask R-CNN) trains on COCO data with instance masks (`segmentation`), and its validation also
-reports mask AP (pycocotools' "segm" scoring of its masks thresholded at 0.5). Labels are
+bundle), or a classifier of the zoo with a RetinaNet, FCOS, SSDlite, Faster R-CNN, Mask R-CNN or
+Keypoint R-CNN head put on it (`--head`, default FCOS) and its own pre-trained weights. A model
+with a mask head (Mask R-CNN) trains on COCO data with instance masks (`segmentation`), and its
+validation also reports mask AP (pycocotools' "segm" scoring of its masks thresholded at 0.5).
+A model with a keypoint head (Keypoint R-CNN) trains on COCO data with keypoints, as many as the
+data names (a new keypoint predictor where the model's keypoints are not the data's), and its
+validation also reports keypoint AP (pycocotools' "keypoints" scoring, OKS with `oks_sigmas`). Labels are
 1-based, 0 is the background: a bundle's classes are `("__background__", *names)`, as
 torchvision's COCO detectors number theirs. The strategies are classification's, over the
 backbone's stages: `linear` trains the heads (and the feature pyramid, or SSDlite's extra
@@ -15,11 +18,12 @@ everything; `auto` chooses from the number of training images.
 
 Training sees square `image_size` crops: each image rescaled so that its shorter side is
 `image_size` times a random factor from `scale_range`, flipped (`hflip`, on by default), and
-cropped at random with its boxes (and masks) moved along, clipped, and dropped when mostly cut
-off. The detector resizes its inputs to `image_size` itself (RetinaNet/FCOS/R-CNN: the shorter
-side, its `min_size`; SSDlite on a classifier: the fixed size), so a small `image_size` trains
-and detects fast. Its own losses train it (focal and box losses for RetinaNet, FCOS's three,
-SSD's hard-negative-mined ones, the R-CNNs' proposal, box and mask losses), in float32 on CPUs
+cropped at random with its boxes (and masks and keypoints, left and right swapped in a flip) moved
+along, clipped, and dropped when mostly cut off. The detector resizes its inputs to `image_size`
+itself (RetinaNet/FCOS/R-CNN: the shorter side, its `min_size`; SSDlite on a classifier: the
+fixed size), so a small `image_size` trains and detects fast. Its own losses train it (focal and
+box losses for RetinaNet, FCOS's three, SSD's hard-negative-mined ones, the R-CNNs' proposal,
+box, mask and keypoint losses), in float32 on CPUs
 (bfloat16 autocast only when asked for with `precision`) and as `precision` says on GPUs.
 Validation runs the detector on each held-out image at its own size, as `detect` does, and
 scores the boxes with pycocotools' `COCOeval`: AP at IoU 0.5 picks the best epoch.
@@ -39,7 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..bundle import is_bundle, read_bundle
-from ..data.detection import BACKGROUND, BoxAugment, open_box_dataset
+from ..data.detection import BACKGROUND, BoxAugment, flip_permutation, open_box_dataset
 from ..data.images import DEFAULT_LIMITS, DecodeLimits, load_image
 from ..data.instance_masks import MASK_THRESHOLD, coco_rle, decode_masks, encode_masks
 from ..data.loader import fix_mmap_threshold
@@ -49,7 +53,7 @@ from ..errors import InputError
 from ..factory import create_model
 from ..models.base import FeatureInfo, VisionModel, ZooModel
 from ..models.detection import DetectionModel
-from ..models.detection.rcnn import Kind, RCNNConfig
+from ..models.detection.rcnn import COCO_PERSON_KEYPOINTS, RCNN, Kind, RCNNConfig, layout_kwargs
 from ..optional import require
 from ..registry import REGISTRY, split_name
 from . import distributed as D
@@ -73,8 +77,12 @@ from .stages import map_stages, param_groups
 
 log = logging.getLogger("visionzoo")
 DEFAULT_HEAD = "fcos"  # the head put on a classifier: anchor-free, the fastest to learn in our measurements
-HEADS = ("retinanet", "fcos", "ssdlite", "fasterrcnn", "maskrcnn")
-PYRAMID_HEADS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn")  # the heads with a feature pyramid
+HEADS = ("retinanet", "fcos", "ssdlite", "fasterrcnn", "maskrcnn", "keypointrcnn")
+PYRAMID_HEADS = ("retinanet", "fcos", "fasterrcnn", "maskrcnn", "keypointrcnn")  # the heads with a feature pyramid
+# pycocotools' OKS sigmas of COCO's 17 person keypoints (its default), and the one used for every keypoint of
+# other data: the mean of COCO's (a point off by about 1.2 * 2 * 0.072 = 0.17 of sqrt(area) scores OKS 0.5)
+COCO_OKS_SIGMAS = (.026, .025, .025, .035, .035, .079, .079, .072, .072, .062, .062, .107, .107, .087, .087, .089, .089)
+DEFAULT_OKS_SIGMA = 0.072
 FEW_IMAGES = 30  # auto: below this many training images only the heads train
 MANY_IMAGES = 1000  # auto: from this many, every layer trains
 MAX_SIZE_RATIO = 1333 / 800  # RetinaNet/FCOS: the longer side's limit relative to min_size, as torchvision's
@@ -86,6 +94,8 @@ class DetectionRecipe(Recipe):
 
     def __init__(self) -> None:
         self._size: int | None = None  # the side of the training crops, set with the model's preprocessing
+        # the data's keypoint names and skeleton, where it has keypoints
+        self._keypoints: tuple[tuple[str, ...], tuple[tuple[int, int], ...]] | None = None
 
     def detects(self, data) -> bool:
         from ..data.detection import is_box_dataset
@@ -100,6 +110,10 @@ class DetectionRecipe(Recipe):
         found = open_box_dataset(source)
         names = list(found.classes)
         given = open_box_dataset(val, names) if val is not None else None
+        if given is not None and given.keypoint_names != found.keypoint_names:
+            raise InputError(f"{val} has keypoints {_listed(given.keypoint_names)} but {source} has "
+                             f"{_listed(found.keypoint_names)}; validate on data with the same keypoints")
+        self._keypoints = None if found.keypoint_names is None else (found.keypoint_names, found.skeleton)
         train_set, val_set, sources = split_data(found, given, source, val, cfg)
         train_samples = [s.row() for s in train_set.samples]
         val_samples = [s.row() for s in val_set.samples]
@@ -116,7 +130,8 @@ class DetectionRecipe(Recipe):
     def starting_model(self, cfg: FinetuneConfig, classes: Sequence[str], dist: D.Dist
                        ) -> tuple[VisionModel, dict[str, Any], str | None]:
         torch.manual_seed(sample_seed(cfg.seed, 0))  # the new heads' initial weights come from the seed
-        net, sizes = _detection_model(cfg.model, cfg.head, len(classes), cfg.image_size, cfg.fpn_channels)
+        net, sizes = _detection_model(cfg.model, cfg.head, len(classes), cfg.image_size, cfg.fpn_channels,
+                                      self._keypoints)
         weights = starting_point(net, classes)
         return net.to(dist.device), {**net.require_card().builder_kwargs, **sizes}, weights
 
@@ -147,8 +162,14 @@ class DetectionRecipe(Recipe):
     def describe(self, metrics: dict[str, Any]) -> str:
         if "val_ap50" in metrics:
             masks = f", mask AP50 {metrics['val_mask_ap50']:.3f}" if "val_mask_ap50" in metrics else ""
+            if "val_keypoint_ap50" in metrics:
+                masks += f", keypoint AP50 {metrics['val_keypoint_ap50']:.3f}"
             return f", val AP {metrics['val_ap']:.3f}, AP50 {metrics['val_ap50']:.3f}{masks}"
         return ""
+
+
+def _listed(names: Sequence[str] | None) -> str:
+    return "none" if names is None else f"{len(names)} ({', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
 
 
 def _check_boxes(samples: Sequence[tuple], names: Sequence[str], source) -> None:
@@ -175,18 +196,65 @@ def predicts_masks(net: nn.Module) -> bool:
     return bool(getattr(heads, "has_mask", False))
 
 
-def _check_trainable(arch: Any, name: str) -> None:
-    if isinstance(arch.config, RCNNConfig) and arch.config.kind is Kind.KEYPOINT:
-        raise InputError(f"{name}: fine-tuning keypoint detectors is not supported (the data reader reads boxes and "
-                         f"masks, not keypoints); fine-tune a Faster or Mask R-CNN")
+def predicts_keypoints(net: nn.Module) -> bool:
+    """Whether `net` has a keypoint head (Keypoint R-CNN)."""
+    heads = getattr(net, "roi_heads", None)
+    return bool(getattr(heads, "has_keypoint", False))
+
+
+def oks_sigmas(names: Sequence[str]) -> tuple[float, ...]:
+    """The OKS sigma of each keypoint: COCO's for its 17 person keypoints, else `DEFAULT_OKS_SIGMA` for each."""
+    if tuple(names) == COCO_PERSON_KEYPOINTS:
+        return COCO_OKS_SIGMAS
+    return (DEFAULT_OKS_SIGMA,) * len(names)
 
 
 def _detection_model(name: str, head: str | None, num_classes: int, image_size: int | None,
-                     fpn_channels: int | None = None) -> tuple[VisionModel, dict[str, Any]]:
+                     fpn_channels: int | None = None,
+                     keypoints: tuple[Sequence[str], Sequence[tuple[int, int]]] | None = None
+                     ) -> tuple[VisionModel, dict[str, Any]]:
     """The model to fine-tune with `num_classes` outputs (background included), and the size arguments
     that rebuild it: a detection bundle or model (its weights), or `head` on a classifier (a name with
     its weights, or a classifier bundle). `image_size` sets the size the detector resizes images to;
-    `fpn_channels` the pyramid's width of a head put on a classifier."""
+    `fpn_channels` the pyramid's width of a head put on a classifier; `keypoints` the data's keypoint
+    names and skeleton (a keypoint head gets a new predictor when its keypoints differ, and they are
+    recorded in the builder arguments)."""
+    def no_keypoints() -> InputError:
+        return InputError(f"{name}{f' --head {head}' if head else ''} predicts keypoints but the data has none "
+                          f"(COCO categories naming \"keypoints\", annotations with \"keypoints\"); add them, or "
+                          f"train boxes only (--head fasterrcnn)")
+
+    if keypoints is None and _keypoint_architecture(name, head):  # (before any weights are loaded)
+        raise no_keypoints()
+    net, sizes = _detection_net(name, head, num_classes, image_size, fpn_channels, keypoints)
+    if isinstance(net, RCNN) and predicts_keypoints(net):
+        if keypoints is None:
+            raise no_keypoints()
+        names, skeleton = tuple(keypoints[0]), tuple(keypoints[1])
+        if net.keypoint_names != names:
+            net.reset_keypoints(names, skeleton)
+        else:
+            net.set_keypoint_layout(names, skeleton)
+        sizes.update(layout_kwargs(names, skeleton))
+    return net, sizes
+
+
+def _keypoint_architecture(name: str, head: str | None) -> bool:
+    """Whether `name` (with `head`) names a keypoint detector: the head, or a published Keypoint R-CNN."""
+    if head == "keypointrcnn":
+        return True
+    if head is not None or is_bundle(name):
+        return False
+    try:
+        config = REGISTRY.get_architecture(split_name(name)[0]).config
+    except LookupError:
+        return False
+    return isinstance(config, RCNNConfig) and config.kind is Kind.KEYPOINT
+
+
+def _detection_net(name: str, head: str | None, num_classes: int, image_size: int | None,
+                   fpn_channels: int | None, keypoints: tuple[Sequence[str], Sequence[tuple[int, int]]] | None
+                   ) -> tuple[VisionModel, dict[str, Any]]:
     if head is not None and head not in HEADS:
         raise InputError(f"--head {head} is not a detection head; use one of {', '.join(HEADS)}")
     if fpn_channels is not None and not (head in (None, *PYRAMID_HEADS) and _is_classifier(name)):
@@ -198,7 +266,7 @@ def _detection_model(name: str, head: str | None, num_classes: int, image_size: 
             classifier = create_model(name)
             if not isinstance(classifier, ZooModel):
                 raise InputError(f"{name} is not a classifier bundle")
-            return _on_classifier(head, classifier, num_classes, image_size, fpn_channels)
+            return _on_classifier(head, classifier, num_classes, image_size, fpn_channels, keypoints)
         if task is not Task.DETECTION:
             raise InputError(f"{name} is a {task.value} bundle; boxes fine-tune detectors or classifiers")
         if head is not None:
@@ -206,7 +274,7 @@ def _detection_model(name: str, head: str | None, num_classes: int, image_size: 
         return _sized(_model(create_model(name)), image_size)
     arch = REGISTRY.get_architecture(split_name(name)[0])
     if arch.task is Task.CLASSIFICATION:
-        return _on_classifier(head, name, num_classes, image_size, fpn_channels)
+        return _on_classifier(head, name, num_classes, image_size, fpn_channels, keypoints)
     if arch.task is not Task.DETECTION:
         raise InputError(f"{name} is a {arch.task.value} model; boxes fine-tune detectors or classifiers")
     if arch.composed:
@@ -214,7 +282,6 @@ def _detection_model(name: str, head: str | None, num_classes: int, image_size: 
                          f"with --head {name}")
     if head is not None:
         raise InputError(f"--head puts a head on a classifier; {name} is a detector already")
-    _check_trainable(arch, name)
     tagged = split_name(name)[1] is not None
     net = _model(create_model(name, weights=None if tagged else "DEFAULT", num_classes=num_classes))
     return _sized(net, image_size)
@@ -226,12 +293,15 @@ def _is_classifier(name: str) -> bool:
 
 
 def _on_classifier(head: str | None, backbone: str | ZooModel, num_classes: int, image_size: int | None,
-                   fpn_channels: int | None) -> tuple[VisionModel, dict[str, Any]]:
+                   fpn_channels: int | None, keypoints: tuple[Sequence[str], Sequence[tuple[int, int]]] | None
+                   ) -> tuple[VisionModel, dict[str, Any]]:
     kind = head or DEFAULT_HEAD
     sizes: dict[str, Any] = {}
     if image_size is not None:
         sizes = {"size": image_size} if kind == "ssdlite" else {"min_size": image_size,
                                                                 "max_size": round(image_size * MAX_SIZE_RATIO)}
+    if kind == "keypointrcnn" and keypoints is not None:  # (built with the data's keypoints)
+        sizes.update(layout_kwargs(*keypoints))
     if fpn_channels is not None:
         sizes["fpn_channels"] = fpn_channels
     net = _model(create_model(kind, backbone=backbone, num_classes=num_classes,
@@ -285,6 +355,12 @@ def check_masks(net: nn.Module, samples: Sequence[tuple], source: Any) -> None:
                          f"(--head fasterrcnn)")
 
 
+def _keypoint_tensor(points: Sequence[tuple[float, ...]] | None, count: int, device: torch.device | None = None
+                     ) -> torch.Tensor:
+    """A sample's keypoints as an (N, K, 3) float tensor."""
+    return torch.tensor(points or (), dtype=torch.float32, device=device).reshape(-1, count, 3)
+
+
 class BoxBatch:
     """A training batch: the images and their targets. The loop moves it with `.to` and counts it with `len`."""
 
@@ -299,35 +375,39 @@ class BoxBatch:
                         [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in self.targets])
 
 
-def collate_boxes(items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
-                  ) -> tuple[BoxBatch, BoxBatch]:
-    targets = [{"boxes": b, "labels": lab, **({} if m is None else {"masks": m})} for _, b, lab, m in items]
+def collate_boxes(items: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                                         torch.Tensor | None]]) -> tuple[BoxBatch, BoxBatch]:
+    targets = [{"boxes": b, "labels": lab, **({} if m is None else {"masks": m}),
+                **({} if k is None else {"keypoints": k})} for _, b, lab, m, k in items]
     batch = BoxBatch([x for x, *_ in items], targets)
     return batch, batch  # (the loop's (inputs, targets): the detector needs both at once)
 
 
 class KeyedBoxes(KeyedSamples):
-    """`(index, seed)` -> (image tensor in [0, 1], boxes, labels, masks or None): the augmented crop for that
-    seed; with `masks`, the instance masks ((N, crop, crop) uint8) cropped with it."""
+    """`(index, seed)` -> (image tensor in [0, 1], boxes, labels, masks or None, keypoints or None): the
+    augmented crop for that seed; with `masks`, the instance masks ((N, crop, crop) uint8) cropped with it;
+    with `keypoints` (their number), the keypoints ((N, K, 3)) moved with it."""
 
     def __init__(self, samples: Sequence[tuple], augment: BoxAugment, limits: DecodeLimits = DEFAULT_LIMITS,
-                 masks: bool = False):
+                 masks: bool = False, keypoints: int | None = None):
         super().__init__(samples, limits)
         self.augment = augment
         self.masks = masks
+        self.keypoints = keypoints
 
     def __getitem__(self, key: tuple[int, int | None]
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         index, seed = key
-        image, boxes, labels, _, rles = self.samples[index]
+        image, boxes, labels, _, rles, points = self.samples[index]
         img = load_image(image, limits=self.limits)
         masks = None
         if self.masks:
             masks = decode_masks(rles, image, self.limits) if rles else torch.zeros((0, img.height, img.width),
                                                                                     dtype=torch.uint8)
-        return self.augment.apply(img, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                                  torch.tensor(labels, dtype=torch.int64), masks,
-                                  torch.Generator().manual_seed(seed or 0))
+        keypoints = None if self.keypoints is None else _keypoint_tensor(points, self.keypoints)
+        return self.augment.apply_all(img, torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                                      torch.tensor(labels, dtype=torch.int64), masks, keypoints,
+                                      torch.Generator().manual_seed(seed or 0))
 
 
 class EvalBoxes(KeyedSamples):
@@ -374,10 +454,12 @@ def _job(ctx: RunContext, size: int) -> JobParts:
     n = stages.num_stages
     main = trainable_stages(cfg.strategy, n, cfg.unfreeze)
     groups = param_groups(net, stages, cfg.settled()[1], cfg.lr_decay, cfg.weight_decay, main)
-    augment = BoxAugment(size, size, cfg.scale_range, hflip=bool(cfg.hflip), random=cfg.augment)
+    count = net.num_keypoints if isinstance(net, RCNN) and predicts_keypoints(net) else None
+    flip = flip_permutation(net.keypoint_names) if isinstance(net, RCNN) and count is not None else None
+    augment = BoxAugment(size, size, cfg.scale_range, hflip=bool(cfg.hflip), random=cfg.augment, flip_keypoints=flip)
     with_masks = predicts_masks(net)
     check_masks(net, ctx.train_samples, ctx.extra.get("source", "the data"))
-    train_set = KeyedBoxes(ctx.train_samples, augment, ctx.limits, masks=with_masks)
+    train_set = KeyedBoxes(ctx.train_samples, augment, ctx.limits, masks=with_masks, keypoints=count)
     sampler = EpochSampler(len(ctx.train_samples), dist, cfg.seed, augment=True)
     per_rank = cfg.batch_size // dist.world
     train_loader = DataLoader(train_set, sampler=sampler, batch_size=per_rank, num_workers=ctx.workers,
@@ -410,22 +492,26 @@ def score_boxes(net: DetectionModel, batches: Iterable[list[tuple[torch.Tensor, 
     """(detections, summed loss, images) of `net` (in eval mode) over lists of (image, sample) pairs:
     per image `image_id`, `width`, `height`, the ground truth (`gt_boxes`, `gt_labels`) and the
     detections (`boxes` x1 y1 x2 y2, `scores`, `labels`) as numpy arrays; with instance masks, the
-    data's (`gt_masks`) and the model's (`masks`, thresholded at `MASK_THRESHOLD`) as COCO RLE dicts.
-    A mask head on data without masks detects without losses (the loss is then 0)."""
+    data's (`gt_masks`) and the model's (`masks`, thresholded at `MASK_THRESHOLD`) as COCO RLE dicts;
+    with keypoints, the data's (`gt_keypoints`, (N, K, 3)) and the model's (`keypoints`, (D, K, 3)).
+    A mask or keypoint head on data without them detects without losses (the loss is then 0)."""
     results: list[dict[str, Any]] = []
     loss_sum, images = 0.0, 0
     wants_masks = predicts_masks(net)
+    count = net.num_keypoints if isinstance(net, RCNN) and predicts_keypoints(net) else None
     with torch.inference_mode(), autocast(device, amp):
         for items in batches:
             if not items:
                 continue
             xs = [x.to(device) for x, _ in items]
             with_masks = all(s[4] is not None for _, s in items)
+            with_keypoints = all(s[5] is not None and len(s[5]) == len(s[1]) and
+                                 all(len(k) == 3 * (count or 0) for k in s[5]) for _, s in items)
             losses: dict[str, torch.Tensor] = {}
-            if wants_masks and not with_masks:
+            if (wants_masks and not with_masks) or (count is not None and not with_keypoints):
                 detections = net(xs)
             else:
-                targets = [_target(x, s, wants_masks, device, limits) for x, s in items]
+                targets = [_target(x, s, wants_masks, count, device, limits) for x, s in items]
                 detections, losses = net.detect_with_losses(xs, targets)
             loss_sum += float(detection_loss(losses, None).cpu()) * len(items)
             images += len(items)
@@ -440,18 +526,25 @@ def score_boxes(net: DetectionModel, batches: Iterable[list[tuple[torch.Tensor, 
                     result["gt_masks"] = [coco_rle(m) for m in sample[4]]
                 if "masks" in det:
                     result["masks"] = encode_masks(det["masks"][:, 0] >= MASK_THRESHOLD) if len(det["masks"]) else []
+                if sample[5] is not None:
+                    k = len(sample[5][0]) // 3 if sample[5] else (count or 0)
+                    result["gt_keypoints"] = np.asarray(sample[5], dtype=np.float64).reshape(len(sample[1]), k, 3)
+                if "keypoints" in det:
+                    result["keypoints"] = det["keypoints"].float().cpu().numpy().astype(np.float64)
                 results.append(result)
     return results, loss_sum, images
 
 
-def _target(x: torch.Tensor, sample: tuple, masks: bool, device: torch.device, limits: DecodeLimits
-            ) -> dict[str, torch.Tensor]:
+def _target(x: torch.Tensor, sample: tuple, masks: bool, keypoints: int | None, device: torch.device,
+            limits: DecodeLimits) -> dict[str, torch.Tensor]:
     target = {"boxes": torch.tensor(sample[1], dtype=torch.float32, device=device).reshape(-1, 4),
               "labels": torch.tensor(sample[2], dtype=torch.int64, device=device)}
     if masks:
         dense = decode_masks(sample[4], sample[0], limits) if sample[4] else \
             torch.zeros((0, *x.shape[-2:]), dtype=torch.uint8)
         target["masks"] = dense.to(device)
+    if keypoints is not None:
+        target["keypoints"] = _keypoint_tensor(sample[5], keypoints, device)
     return target
 
 
@@ -471,6 +564,9 @@ def evaluate_boxes(net: DetectionModel, batches, num_classes: int, dist: D.Dist,
     if has_mask_results(results):
         masks = coco_map(results, num_classes, "segm")
         metrics.update(mask_ap=masks.ap, mask_ap50=masks.ap50, mask_ap75=masks.ap75)
+    if isinstance(net, RCNN) and predicts_keypoints(net) and has_keypoint_results(results, net.num_keypoints):
+        points = coco_map(results, num_classes, "keypoints", oks_sigmas(net.keypoint_names))
+        metrics.update(keypoint_ap=points.ap, keypoint_ap50=points.ap50, keypoint_ap75=points.ap75)
     return metrics
 
 
@@ -479,12 +575,20 @@ def has_mask_results(results: Sequence[dict[str, Any]]) -> bool:
     return bool(results) and all("masks" in r and "gt_masks" in r for r in results)
 
 
+def has_keypoint_results(results: Sequence[dict[str, Any]], count: int) -> bool:
+    """Whether `score_boxes` results can be scored by keypoints: the model predicted `count` keypoints per
+    detection and the data has that many per box."""
+    return bool(results) and all("keypoints" in r and "gt_keypoints" in r and r["keypoints"].shape[1:] == (count, 3)
+                                 and r["gt_keypoints"].shape[1:] == (count, 3) for r in results)
+
+
 # -- COCO mAP ----------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class CocoScores:
-    """COCO box or mask AP (pycocotools' COCOeval, 100 detections per image). None where nothing can be
-    scored (no ground truth of that size or class)."""
+    """COCO box, mask or keypoint AP (pycocotools' COCOeval, 100 detections per image; 20 for keypoints,
+    as pycocotools scores them). None where nothing can be scored (no ground truth of that size or class;
+    keypoints have no small objects)."""
 
     ap: float  # mean over IoU 0.50:0.95
     ap50: float
@@ -499,12 +603,17 @@ class CocoScores:
     precision50: tuple[tuple[float | None, ...], ...]  # per class: precision at IoU 0.5 over `recall`
 
 
-def coco_map(results: Sequence[dict[str, Any]], num_classes: int, iou_type: str = "bbox") -> CocoScores:
+def coco_map(results: Sequence[dict[str, Any]], num_classes: int, iou_type: str = "bbox",
+             sigmas: Sequence[float] | None = None) -> CocoScores:
     """Score `score_boxes` results (labels 1..num_classes) with pycocotools' `COCOeval`: their boxes
-    (`iou_type` "bbox"), or their masks ("segm": `gt_masks` and `masks`, COCO RLE dicts, one per box)."""
-    if iou_type not in ("bbox", "segm"):
-        raise InputError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    (`iou_type` "bbox"), their masks ("segm": `gt_masks` and `masks`, COCO RLE dicts, one per box) or
+    their keypoints ("keypoints": `gt_keypoints` (N, K, 3) and `keypoints` (D, K, 3), scored by object
+    keypoint similarity with the K `sigmas`, by default `oks_sigmas` of COCO's names for 17 keypoints
+    and `DEFAULT_OKS_SIGMA` otherwise; a ground-truth box without a labelled keypoint is not scored)."""
+    if iou_type not in ("bbox", "segm", "keypoints"):
+        raise InputError(f"iou_type must be 'bbox', 'segm' or 'keypoints', got {iou_type!r}")
     segm = iou_type == "segm"
+    kps = iou_type == "keypoints"
     mask_api = require("pycocotools.mask") if segm else None
     coco_mod = require("pycocotools.coco")
     eval_mod = require("pycocotools.cocoeval")
@@ -514,20 +623,27 @@ def coco_map(results: Sequence[dict[str, Any]], num_classes: int, iou_type: str 
     for r in results:
         images.append({"id": r["image_id"], "width": r["width"], "height": r["height"]})
         gt_masks = r["gt_masks"] if segm else [None] * len(r["gt_labels"])
-        for box, label, gt_mask in zip(r["gt_boxes"], r["gt_labels"], gt_masks, strict=True):
+        gt_points = r["gt_keypoints"] if kps else [None] * len(r["gt_labels"])
+        for box, label, gt_mask, gt_kps in zip(r["gt_boxes"], r["gt_labels"], gt_masks, gt_points, strict=True):
             w, h = float(box[2] - box[0]), float(box[3] - box[1])
             annotation = {"id": len(annotations) + 1, "image_id": r["image_id"], "category_id": int(label),
                           "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h, "iscrowd": 0}
             if gt_mask is not None and mask_api is not None:
                 annotation.update(segmentation=gt_mask, area=float(mask_api.area(_rle_bytes(gt_mask))))
+            if gt_kps is not None:
+                annotation.update(keypoints=[float(v) for v in np.asarray(gt_kps).reshape(-1)],
+                                  num_keypoints=int((np.asarray(gt_kps)[:, 2] > 0).sum()))
             annotations.append(annotation)
         masks = r["masks"] if segm else [None] * len(r["labels"])
-        for box, score, label, mask in zip(r["boxes"], r["scores"], r["labels"], masks, strict=True):
+        points = r["keypoints"] if kps else [None] * len(r["labels"])
+        for box, score, label, mask, kp in zip(r["boxes"], r["scores"], r["labels"], masks, points, strict=True):
             if 1 <= label <= num_classes:
                 detection: dict[str, Any] = {"image_id": r["image_id"], "category_id": int(label),
                                              "score": float(score)}
                 if mask is not None:  # (pycocotools takes the area and box from the mask)
                     detection["segmentation"] = mask
+                elif kp is not None:  # (and the keypoints' extent as their box)
+                    detection["keypoints"] = [float(v) for v in np.asarray(kp).reshape(-1)]
                 else:
                     detection["bbox"] = [float(box[0]), float(box[1]), float(box[2] - box[0]), float(box[3] - box[1])]
                 detections.append(detection)
@@ -541,6 +657,14 @@ def coco_map(results: Sequence[dict[str, Any]], num_classes: int, iou_type: str 
             dt.dataset = {"images": images, "annotations": [], "categories": categories}
             dt.createIndex()
         ev = eval_mod.COCOeval(gt, dt, iou_type)
+        if kps:
+            count = next((len(a["keypoints"]) // 3 for a in annotations), None)
+            count = count if count is not None else next((len(d["keypoints"]) // 3 for d in detections), 17)
+            chosen = list(sigmas) if sigmas is not None else list(
+                COCO_OKS_SIGMAS if count == len(COCO_OKS_SIGMAS) else (DEFAULT_OKS_SIGMA,) * count)
+            if len(chosen) != count:
+                raise InputError(f"{len(chosen)} OKS sigmas given for {count} keypoints")
+            ev.params.kpt_oks_sigmas = np.asarray(chosen, dtype=np.float64)
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
@@ -560,6 +684,8 @@ def coco_map(results: Sequence[dict[str, Any]], num_classes: int, iou_type: str 
     class_ap = tuple(per_class(precision[:, :, k, 0, -1], k) for k in range(num_classes))
     class_ap50 = tuple(per_class(precision[0, :, k, 0, -1], k) for k in range(num_classes))
     curves = tuple(tuple(None if v < 0 else float(v) for v in precision[0, :, k, 0, -1]) for k in range(num_classes))
+    if kps:  # (AP, AP50, AP75, AP medium, AP large, AR, ...: no small objects)
+        stats = stats[:3] + [-1.0] + stats[3:5] + [0.0, 0.0] + stats[5:6]
     return CocoScores(ap=max(stats[0], 0.0), ap50=max(stats[1], 0.0), ap75=max(stats[2], 0.0), ap_small=at(stats[3]),
                       ap_medium=at(stats[4]), ap_large=at(stats[5]), ar100=max(stats[8], 0.0), class_ap=class_ap,
                       class_ap50=class_ap50, recall=tuple(float(v) for v in ev.params.recThrs), precision50=curves)

@@ -192,6 +192,8 @@ def _summary(r: dict, state: RunState) -> str:
                f"{r['val_ap']:.3f} AP50 {r['val_ap50']:.3f} AP75 {r['val_ap75']:.3f}"
         if "val_mask_ap50" in r:  # instance masks
             text += f" mask AP {r['val_mask_ap']:.3f} AP50 {r['val_mask_ap50']:.3f}"
+        if "val_keypoint_ap50" in r:  # keypoints
+            text += f" keypoint AP {r['val_keypoint_ap']:.3f} AP50 {r['val_keypoint_ap50']:.3f}"
     elif "val_acc" in r:
         text += f" | val loss {r['val_loss']:.4f} acc {r['val_acc']:.2%}"
         if "val_top5" in r:

@@ -5,7 +5,10 @@ the heads never know which network they sit on (as in segmentation_models_pytorc
 FCOS get a feature pyramid over the last three stages plus P6/P7, with anchors sized from the
 stages' strides; SSDlite gets the last two stages plus its four extra stages; Faster and Mask
 R-CNN get a pyramid over the last four stages plus a max-pooled fifth level, as torchvision's
-ResNet-50-FPN models have (the RPN's anchors, 32 to 512 pixels, one size a level). The
+ResNet-50-FPN models have (the RPN's anchors, 32 to 512 pixels, one size a level); Keypoint
+R-CNN's keypoint head there has four 3x3 convolutions as wide as the pyramid instead of the
+published eight of 512 channels (about 1/60 of the computation a region, which is what lets it
+fine-tune in minutes on a CPU; the heatmaps are the same 56x56 per keypoint). The
 classifier's class head is removed and, by default, its BatchNorm layers are frozen with their
 statistics.
 """
@@ -46,6 +49,7 @@ class DetectorHead(str, Enum):
     SSDLITE = "ssdlite"  # default boxes on two stages + four extra stages; fixed input size
     FASTERRCNN = "fasterrcnn"  # two-stage: region proposals, then boxes per region; pyramid P2-P6
     MASKRCNN = "maskrcnn"  # Faster R-CNN with an instance mask per box
+    KEYPOINTRCNN = "keypointrcnn"  # Faster R-CNN with keypoints per box (a lighter keypoint head)
 
 
 class StagesWithExtraBlocks(nn.Module):
@@ -74,14 +78,14 @@ def detector_from_classifier(classifier: ZooModel, head: DetectorHead | str, num
     """A detector whose backbone is `classifier` (which it takes over: its class head is removed).
 
     Args:
-        head: "retinanet", "fcos", "ssdlite", "fasterrcnn" or "maskrcnn".
+        head: "retinanet", "fcos", "ssdlite", "fasterrcnn", "maskrcnn" or "keypointrcnn".
         num_classes: classes the detector scores; for SSDlite and the R-CNNs, including the background
             (label 0).
         out_indices: the stages used (positions or module names in `classifier.feature_info`);
             by default the last three (RetinaNet, FCOS), the last two (SSDlite) or the last four
             (R-CNN: their pooled regions are assigned to four levels).
         fpn_channels: width of the feature pyramid (RetinaNet, FCOS, R-CNN; also the width of
-            Mask R-CNN's mask head).
+            Mask R-CNN's mask head and of Keypoint R-CNN's keypoint head).
         freeze_norm: turn the classifier's BatchNorm2d layers into FrozenBatchNorm2d.
         size: SSDlite's fixed input size.
         kwargs: the detector's own arguments (thresholds, `min_size`/`max_size`, `image_mean`, ...);
@@ -108,7 +112,7 @@ def detector_from_classifier(classifier: ZooModel, head: DetectorHead | str, num
         stages = StagesWithExtraBlocks(classifier, indices, num_extra, norm_layer)
         cfg = replace(SSDLITE_VARIANTS["ssdlite320_mobilenet_v3_large"], size=size)
         return SSDLite(cfg, num_classes, norm_layer=norm_layer, backbone=stages, **kwargs)
-    if kind in (DetectorHead.FASTERRCNN, DetectorHead.MASKRCNN):
+    if kind in (DetectorHead.FASTERRCNN, DetectorHead.MASKRCNN, DetectorHead.KEYPOINTRCNN):
         indices = resolve_out_indices(classifier, (-4, -3, -2, -1) if out_indices is None else out_indices)
         if len(indices) != 4:
             raise InputError(f"a {kind.value} head uses 4 stages of the classifier (its regions are pooled from "
@@ -116,7 +120,11 @@ def detector_from_classifier(classifier: ZooModel, head: DetectorHead | str, num
         body = BackboneWithFPN(classifier, indices, fpn_channels, LastLevelMaxPool())
         for key, value in RCNN_TRAINING.items():
             kwargs.setdefault(key, value)
-        rcnn = RCNN_VARIANTS["maskrcnn_resnet50_fpn" if kind is DetectorHead.MASKRCNN else "fasterrcnn_resnet50_fpn"]
+        variant = {DetectorHead.MASKRCNN: "maskrcnn_resnet50_fpn",
+                   DetectorHead.KEYPOINTRCNN: "keypointrcnn_resnet50_fpn"}
+        rcnn = RCNN_VARIANTS[variant.get(kind, "fasterrcnn_resnet50_fpn")]
+        if kind is DetectorHead.KEYPOINTRCNN:
+            rcnn = replace(rcnn, keypoint_convs=(fpn_channels,) * 4)
         return RCNN(rcnn, num_classes, backbone=body, **kwargs)
     pyramid = BackboneWithFPN(classifier, (-3, -2, -1) if out_indices is None else out_indices, fpn_channels,
                               LastLevelP6P7(fpn_channels, fpn_channels))

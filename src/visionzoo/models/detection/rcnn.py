@@ -66,6 +66,7 @@ class RCNNConfig:
     rpn_post_nms_top_n_test: int = 1000
     rpn_score_thresh: float = 0.0
     num_keypoints: int = 17  # (keypoint models)
+    keypoint_convs: tuple[int, ...] = (512,) * 8  # the keypoint head's 3x3 convolutions (widths)
 
     @property
     def mobilenet(self) -> bool:
@@ -170,6 +171,10 @@ class RCNN(DetectionModel):
     320 variant's sizes and proposal counts, Keypoint R-CNN's 2 classes, 17 keypoints and
     multi-scale `min_size`). `frozen_bn_eps` sets the eps of the ResNet backbones'
     FrozenBatchNorm2d (0.0 for the published COCO_V1 files of the v1 ResNet models).
+    `keypoint_names` (comma-separated or a list; their number is `num_keypoints`) and
+    `keypoint_skeleton` (0-based pairs, as "0-1,1-2" or a list of pairs) name a keypoint model's
+    keypoints and how they are drawn (default: COCO's person keypoints and skeleton for 17,
+    numbered names and no skeleton otherwise); a fine-tuned bundle records them.
 
     `model(images)` in eval mode returns per image `boxes`, `labels`, `scores`, and `masks`
     ((D, 1, H, W) probabilities at the image's size) or `keypoints` ((D, K, 3): x, y, 1) and
@@ -200,7 +205,9 @@ class RCNN(DetectionModel):
                  box_batch_size_per_image: int = 512, box_positive_fraction: float = 0.25,
                  bbox_reg_weights: tuple[float, float, float, float] | None = None, num_keypoints: int | None = None,
                  trainable_backbone_layers: int | None = None, frozen_bn_eps: float = 1e-5, size_divisible: int = 32,
-                 fixed_size: tuple[int, int] | None = None, backbone: nn.Module | None = None):
+                 fixed_size: tuple[int, int] | None = None, backbone: nn.Module | None = None,
+                 keypoint_names: str | Sequence[str] | None = None,
+                 keypoint_skeleton: str | Sequence[Sequence[int]] | None = None):
         super().__init__()
         if not isinstance(cfg, RCNNConfig):
             raise InputError(f"RCNN needs an RCNNConfig (a row of VARIANTS), got {type(cfg).__name__}")
@@ -231,13 +238,17 @@ class RCNN(DetectionModel):
                          mask_head=MaskRCNNHeads(channels, (channels,) * 4, 1, v2_norm),
                          mask_predictor=MaskRCNNPredictor(channels, channels, self.num_classes))
         elif cfg.kind is Kind.KEYPOINT:
-            self.num_keypoints = _given(num_keypoints, cfg.num_keypoints)
+            names = parse_keypoint_names(keypoint_names)
+            self.num_keypoints = _given(num_keypoints, cfg.num_keypoints if names is None else len(names))
             if isinstance(self.num_keypoints, bool) or not isinstance(self.num_keypoints, int) \
                     or self.num_keypoints < 1:
                 raise InputError(f"num_keypoints must be a positive integer, got {self.num_keypoints!r}")
+            self.set_keypoint_layout(names, keypoint_skeleton)
             heads = dict(keypoint_roi_pool=MultiScaleRoIAlign(levels, 14, 2),
-                         keypoint_head=KeypointRCNNHeads(channels, (512,) * 8),
-                         keypoint_predictor=KeypointRCNNPredictor(512, self.num_keypoints))
+                         keypoint_head=KeypointRCNNHeads(channels, cfg.keypoint_convs),
+                         keypoint_predictor=KeypointRCNNPredictor(cfg.keypoint_convs[-1], self.num_keypoints))
+        elif keypoint_names is not None or keypoint_skeleton is not None:
+            raise InputError("keypoint_names and keypoint_skeleton are for Keypoint R-CNN; drop them")
         self.roi_heads = RoIHeads(
             MultiScaleRoIAlign(levels, 7, 2), box_head, FastRCNNPredictor(1024, self.num_classes),
             box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image, box_positive_fraction, bbox_reg_weights,
@@ -280,6 +291,37 @@ class RCNN(DetectionModel):
             predictor.mask_fcn_logits = new.to(device=device, dtype=dtype)
         self.num_classes = num_classes
         self._forget_classes_unless(num_classes)
+
+    def set_keypoint_layout(self, names: tuple[str, ...] | None, skeleton: Any) -> None:
+        """Name the keypoints (None: the defaults for their number) and set the skeleton (pairs of indices;
+        None: COCO's for COCO's names, else none)."""
+        count = self.num_keypoints
+        if names is not None and len(names) != count:
+            raise InputError(f"keypoint_names names {len(names)} keypoints but num_keypoints is {count}")
+        if names is None:
+            names = COCO_PERSON_KEYPOINTS if count == len(COCO_PERSON_KEYPOINTS) else tuple(
+                f"keypoint_{j}" for j in range(count))
+        pairs = parse_skeleton(skeleton, count)
+        if pairs is None:
+            index = {n: j for j, n in enumerate(names)}
+            pairs = (tuple((index[a], index[b]) for a, b in COCO_PERSON_SKELETON)
+                     if names == COCO_PERSON_KEYPOINTS else ())
+        self.keypoint_names: tuple[str, ...] = names
+        self.keypoint_skeleton: tuple[tuple[int, int], ...] = pairs
+
+    def reset_keypoints(self, names: Sequence[str], skeleton: Sequence[tuple[int, int]] = ()) -> None:
+        """A new keypoint predictor (the last layer of the keypoint branch) for the keypoints `names`
+        (joined by `skeleton` when drawn); the rest of the branch is kept."""
+        if not self.roi_heads.has_keypoint:
+            raise InputError(f"{type(self).__name__} has no keypoint head")
+        old = self.roi_heads.keypoint_predictor
+        if not isinstance(old, KeypointRCNNPredictor):
+            raise InputError(f"cannot replace a keypoint predictor of type {type(old).__name__}")
+        layer = old.kps_score_lowres
+        self.num_keypoints = len(names)
+        self.roi_heads.keypoint_predictor = KeypointRCNNPredictor(layer.in_channels, len(names)).to(
+            device=layer.weight.device, dtype=layer.weight.dtype)
+        self.set_keypoint_layout(tuple(names), tuple(skeleton))
 
     def named_features(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The pyramid's levels by torchvision's names: "0", "1", ... and "pool" for the max-pooled top."""
@@ -358,6 +400,37 @@ class RCNN(DetectionModel):
 
 def _given(value: Any, default: Any) -> Any:
     return default if value is None else value
+
+
+def parse_keypoint_names(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """Keypoint names given as "a,b,c" or a list."""
+    if value is None:
+        return None
+    names = tuple(n.strip() for n in value.split(",")) if isinstance(value, str) else tuple(value)
+    if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        raise InputError(f"keypoint_names must be distinct non-empty names, got {value!r:.80}")
+    return names
+
+
+def parse_skeleton(value: str | Sequence[Sequence[int]] | None, count: int) -> tuple[tuple[int, int], ...] | None:
+    """A skeleton given as "0-1,1-2" or a list of 0-based pairs."""
+    if value is None:
+        return None
+    try:
+        pairs = (tuple(tuple(int(v) for v in p.split("-")) for p in value.split(",") if p.strip())
+                 if isinstance(value, str) else tuple(tuple(int(v) for v in p) for p in value))
+    except (TypeError, ValueError):
+        pairs = ((-1,),)
+    if not all(len(p) == 2 and all(0 <= v < count for v in p) for p in pairs):
+        raise InputError(f"keypoint_skeleton must be pairs of keypoint indices from 0 to {count - 1} (\"0-1,1-2\"), "
+                         f"got {value!r:.80}")
+    return tuple((p[0], p[1]) for p in pairs)
+
+
+def layout_kwargs(names: Sequence[str], skeleton: Sequence[tuple[int, int]]) -> dict[str, Any]:
+    """The builder arguments that record a keypoint layout in a bundle (plain strings)."""
+    return {"num_keypoints": len(names), "keypoint_names": ",".join(names),
+            "keypoint_skeleton": ",".join(f"{a}-{b}" for a, b in skeleton)}
 
 
 class FasterRCNN(RCNN):
