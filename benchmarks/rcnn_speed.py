@@ -8,10 +8,10 @@ against torchvision's.
 Each model runs eagerly, float32, under `torch.inference_mode()`, on one 640x480 image (random pixels),
 from the input list to the final detections (transform, backbone, proposals, RoIAlign, box head, NMS per
 class, masks pasted into the image). Weights are random, built as for the published weights
-(FrozenBatchNorm2d backbones). With random weights no class score reaches the default
-`box_score_thresh` of 0.05, so the default run (the anchors' setting) ends after the box head with no
-detections; `--box-score-thresh 0` is the heaviest case instead: every proposal and class reaches the
-per-class NMS (about 90,000 boxes) and the 100 detections go through the mask head and mask pasting.
+(FrozenBatchNorm2d backbones, seeded). At the default `box_score_thresh` of 0.05 (the anchors' setting)
+these random weights give Faster R-CNN-MobileNet no detection (it ends after the box head) and Mask
+R-CNN its 100 (through the mask head and mask pasting); `--box-score-thresh 0` is the heaviest case:
+every proposal and class reaches the per-class NMS (about 90,000 boxes).
 Two of ours are timed, interleaved run by run: `eager`, the model as built, and `detect`, the model as
 `visionzoo detect` runs it on the torch backend (`tasks.detect.torch_detector`: FrozenBatchNorms folded
 into the convolutions and channels-last, `runtime/torch_opt.py`), with whether both gave the same
