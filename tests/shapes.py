@@ -130,9 +130,11 @@ KEYPOINT_SKELETON = ((1, 2), (1, 3), (2, 4), (3, 4))  # (COCO's 1-based pairs) t
 # a four-convolution 64-channel keypoint head) on EfficientNet-Lite0 (ImageNet weights), 128 x 128 images, the heads
 # and the last two stages trained for two epochs (measured on held-out images: keypoint AP50 0.87 and 0.93 with two
 # training seeds, in about a minute)
-KEYPOINT_RECIPE = {"model": "efficientnet_lite0", "head": "keypointrcnn", "fpn_channels": 64, "strategy": "partial",
-                   "epochs": 2, "image_size": 128, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.5,
-                   "scale_range": (0.8, 1.25), "num_workers": 0}
+# the two-stage acceptance fine-tunes (tests/test_rcnn_finetune.py, tests/test_keypoints.py) and their figures
+MASK_RECIPE = {"model": "efficientnet_lite0", "head": "maskrcnn", "fpn_channels": 64, "strategy": "partial",
+               "epochs": 2, "image_size": 128, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.5,
+               "scale_range": (0.8, 1.25), "num_workers": 0}
+KEYPOINT_RECIPE = {**MASK_RECIPE, "head": "keypointrcnn"}
 
 
 def write_boxes(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (160, 160), *,

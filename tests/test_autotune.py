@@ -199,7 +199,7 @@ def test_recheck_runs_near_ties_again_in_float32_and_keeps_clear_answers():
     exact = torch.randn(11, 10, generator=g)
     exact[torch.arange(11), exact.argmax(1)] += 5  # every answer clear...
     fast = exact + 0.01 * torch.randn(11, 10, generator=g)
-    near = [1, 4, 5, 7, 8, 10]  # ...but these, near ties in the fast output: 6 rows, one full chunk of 4 and a padded one
+    near = [1, 4, 5, 7, 8, 10]  # ...but these, near ties in the fast output (a chunk of 4 and a padded one)
     for row in near:
         top = int(fast[row].argmax())
         runner_up = int(fast[row].topk(2).indices[1])

@@ -31,7 +31,7 @@ from visionzoo.tasks.evaluate import evaluate
 from visionzoo.train.detection import coco_map
 
 from .cli_runner import run_cli as run
-from .shapes import DETECTION_CLASSES, write_boxes
+from .shapes import DETECTION_CLASSES, MASK_RECIPE, write_boxes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 pycocotools_mask = pytest.importorskip("pycocotools.mask")
@@ -39,9 +39,6 @@ pycocotools_mask = pytest.importorskip("pycocotools.mask")
 # what learns the shapes' boxes and masks in a few minutes on two CPU cores: a Mask R-CNN head (a 64-channel
 # pyramid and mask head) on EfficientNet-Lite0 (ImageNet weights), 128 x 128 images, the heads and the last two
 # stages trained
-MASK_RECIPE = {"model": "efficientnet_lite0", "head": "maskrcnn", "fpn_channels": 64, "strategy": "partial",
-               "epochs": 2, "image_size": 128, "batch_size": 8, "lr": 2e-3, "warmup_epochs": 0.5,
-               "scale_range": (0.8, 1.25), "num_workers": 0}
 TINY_RUN = {**MASK_RECIPE, "image_size": 64, "batch_size": 4, "epochs": 1}
 
 
