@@ -49,7 +49,8 @@ import torch
 
 from visionzoo.data.images import DEFAULT_MAX_PIXELS, draft_info, load_image
 from visionzoo.errors import ImageError, InputError
-from visionzoo.runtime.backends import near_ties, open_runner
+from visionzoo.runtime.backends import open_runner
+from visionzoo.tasks.predict import near_ties
 from visionzoo.version import __version__
 
 log = logging.getLogger("visionzoo")

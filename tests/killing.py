@@ -2,7 +2,8 @@
 
 `kill_in_epoch_2` starts `visionzoo.finetune(data, run_dir, **run)` in a subprocess that freezes
 after two optimiser steps of epoch 2 (epoch 1's checkpoint is on disk by then), SIGKILLs it, and
-checks what a killed run must leave: epoch 1 in the history and no bundle.
+checks what a killed run must leave: epoch 1 in the history and no bundle. `resumes_like_straight`
+then resumes it and checks that it ends where the same run without a kill does.
 """
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ import textwrap
 import time
 from pathlib import Path
 from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
 
 import visionzoo
 
@@ -78,3 +83,21 @@ def kill_in_epoch_2(data: Path, run_dir: Path, run: dict[str, Any], work: Path, 
             proc.stderr.close()
     assert json.loads((run_dir / "history.json").read_text())[-1]["epoch"] == 1
     assert not (run_dir / "bundle").exists()
+
+
+def resumes_like_straight(data: Path, work: Path, run: dict[str, Any], metrics: tuple[str, ...] = ()) -> None:
+    """Kill `finetune(data, work / "run", **run)` in epoch 2, resume it, run the same straight through
+    (`work / "straight"`), and check that both end alike: the same best epoch, each epoch's validation
+    loss and `metrics` (absent in both, or equal), and the same weights."""
+    kill_in_epoch_2(data, work / "run", run, work, timeout=600)
+    resumed = visionzoo.finetune(data, work / "run", **run, resume=True, progress=False)
+    straight = visionzoo.finetune(data, work / "straight", **run, progress=False)
+    assert resumed.best_epoch == straight.best_epoch
+    for a, b in zip(resumed.history, straight.history, strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+        for name in metrics:
+            assert (name in a) == (name in b) and a.get(name) == pytest.approx(b.get(name), abs=1e-9), name
+    wa, wb = load_file(resumed.bundle / "model.safetensors"), load_file(straight.bundle / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)

@@ -137,6 +137,26 @@ MASK_RECIPE = {"model": "efficientnet_lite0", "head": "maskrcnn", "fpn_channels"
 KEYPOINT_RECIPE = {**MASK_RECIPE, "head": "keypointrcnn"}
 
 
+def acceptance_run(work: Path, recipe: dict, **labels: bool):
+    """The two-stage acceptance fine-tune: `recipe` on 200 shapes images of 128 x 128 (seed 0, with the
+    `labels`: masks=True or keypoints=True), evaluated on 60 held-out ones (seed 1).
+    Returns (the finetune's result, the evaluation, the fine-tune's seconds, the held-out folder)."""
+    import shutil
+    import time
+
+    import visionzoo
+    from visionzoo.tasks.evaluate import evaluate
+
+    train = write_boxes(work / "train", 200, seed=0, size=(128, 128), **labels)
+    held_out = write_boxes(work / "held_out", 60, seed=1, size=(128, 128), **labels)
+    started = time.perf_counter()
+    result = visionzoo.finetune(train / "instances.json", work / "run", **recipe, val_fraction=0.2, progress=False)
+    seconds = time.perf_counter() - started
+    evaluation = evaluate(result.bundle, held_out / "instances.json", out=work / "eval", num_workers=0)
+    shutil.rmtree(train)
+    return result, evaluation, seconds, held_out
+
+
 def write_boxes(folder: Path, count: int, seed: int = 0, size: tuple[int, int] = (160, 160), *,
                 max_shapes: int = 3, negatives: float = 0.05, masks: bool = False, keypoints: bool = False) -> Path:
     """`count` images with 1 to `max_shapes` non-overlapping shapes each (a `negatives` fraction

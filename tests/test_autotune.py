@@ -217,6 +217,10 @@ def test_recheck_runs_near_ties_again_in_float32_and_keeps_clear_answers():
     outputs = runner(images)  # the whole output: logits rechecked, the rest the fast runner's
     assert torch.equal(outputs[0], logits) and outputs[1].shape == (11, 4)
     assert runner.precision is Precision.BF16 and "near ties again in fp32" in runner.describe()
+    assert runner.torch_net is None  # (scripted runners hold no PyTorch model)
+    exact = TorchRunner(tiny_model())
+    # Grad-CAM (serve's explanations) takes the float32 PyTorch model of a torch recheck
+    assert backends.RecheckRunner(autotune._with_precision(exact, Precision.BF16), exact).torch_net is exact.net
 
 
 def test_a_recheck_choice_is_cached_and_reopened_as_one():

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from safetensors.torch import load_file
 
 import visionzoo
 from visionzoo.data.detection import BoxAugment, flip_permutation, open_box_dataset, read_keypoints
@@ -33,8 +30,15 @@ from visionzoo.tasks.evaluate import evaluate
 from visionzoo.train.detection import COCO_OKS_SIGMAS, DEFAULT_OKS_SIGMA, coco_map, oks_sigmas
 
 from .cli_runner import run_cli as run
-from .killing import kill_in_epoch_2
-from .shapes import KEYPOINT_CLASSES, KEYPOINT_NAMES, KEYPOINT_RECIPE, KEYPOINT_SKELETON, write_boxes
+from .killing import resumes_like_straight
+from .shapes import (
+    KEYPOINT_CLASSES,
+    KEYPOINT_NAMES,
+    KEYPOINT_RECIPE,
+    KEYPOINT_SKELETON,
+    acceptance_run,
+    write_boxes,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 pytest.importorskip("pycocotools.cocoeval")
@@ -401,38 +405,20 @@ def test_the_keypoint_layout_arguments_are_checked_and_name_what_detect_draws():
 
 @pytest.mark.slow  # three short runs and a subprocess
 def test_a_keypoint_run_killed_in_epoch_2_resumes_to_the_same_weights(small_keypoints, tmp_path):
-    data = small_keypoints / "instances.json"
     options = {**TINY_RUN, "epochs": 2}  # (3 steps an epoch: killed in the middle of epoch 2)
-    kill_in_epoch_2(data, tmp_path / "run", options, tmp_path, timeout=600)
-    resumed = visionzoo.finetune(data, tmp_path / "run", **options, resume=True, progress=False)
-    straight = visionzoo.finetune(data, tmp_path / "straight", **options, progress=False)
-    assert resumed.best_epoch == straight.best_epoch
-    for a, b in zip(resumed.history, straight.history, strict=True):
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
-        assert a["val_keypoint_ap50"] == pytest.approx(b["val_keypoint_ap50"], abs=1e-9)
-    wa, wb = load_file(resumed.bundle / "model.safetensors"), load_file(straight.bundle / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
+    resumes_like_straight(small_keypoints / "instances.json", tmp_path, options, ("val_keypoint_ap50",))
 
 
 # -- the acceptance run -------------------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_keypoint_rcnn_from_imagenet_weights_reaches_keypoint_ap50_on_held_out_images(tmp_path, capsys):
-    train = write_boxes(tmp_path / "train", 200, seed=0, size=(128, 128), keypoints=True)
-    held_out = write_boxes(tmp_path / "held_out", 60, seed=1, size=(128, 128), keypoints=True)
-    started = time.perf_counter()
-    result = visionzoo.finetune(train / "instances.json", tmp_path / "run", **KEYPOINT_RECIPE, val_fraction=0.2,
-                                progress=False)
-    seconds = time.perf_counter() - started
-    ev = evaluate(result.bundle, held_out / "instances.json", out=tmp_path / "eval", num_workers=0)
+    result, ev, seconds, held_out = acceptance_run(tmp_path, KEYPOINT_RECIPE, keypoints=True)
     with capsys.disabled():
         print(f"\nKeypoint R-CNN fine-tune: {seconds:.0f} s; held-out box AP50 {ev.ap50:.3f}, AP {ev.ap:.3f}; "
               f"keypoint AP50 {ev.keypoint_ap50:.3f}, keypoint AP {ev.keypoint_ap:.3f}")
     assert ev.num_images == 60 and ev.ap50 >= 0.70
     assert ev.keypoint_ap50 is not None and ev.keypoint_ap50 >= KEYPOINT_AP50
-    shutil.rmtree(tmp_path / "train")
     found = visionzoo.detect(held_out / "images" / "box_1_0000.jpg", result.bundle, threshold=0.5)[0]
     assert all(len(b.keypoints) == 4 for b in found.boxes)
 

@@ -11,8 +11,6 @@ shared.
 from __future__ import annotations
 
 import json
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,7 @@ from visionzoo.tasks.evaluate import evaluate
 from visionzoo.train.detection import coco_map
 
 from .cli_runner import run_cli as run
-from .shapes import DETECTION_CLASSES, MASK_RECIPE, write_boxes
+from .shapes import DETECTION_CLASSES, MASK_RECIPE, acceptance_run, write_boxes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 pycocotools_mask = pytest.importorskip("pycocotools.mask")
@@ -269,15 +267,8 @@ def test_a_keypoint_rcnn_on_masks_without_keypoints_is_refused(tmp_path, small_m
 
 @pytest.mark.slow
 def test_mask_rcnn_from_imagenet_weights_reaches_70_box_and_60_mask_ap50_on_held_out_images(tmp_path, capsys):
-    train = write_boxes(tmp_path / "train", 200, seed=0, size=(128, 128), masks=True)
-    held_out = write_boxes(tmp_path / "held_out", 60, seed=1, size=(128, 128), masks=True)
-    started = time.perf_counter()
-    result = visionzoo.finetune(train / "instances.json", tmp_path / "run", **MASK_RECIPE, val_fraction=0.2,
-                                progress=False)
-    seconds = time.perf_counter() - started
-    ev = evaluate(result.bundle, held_out / "instances.json", out=tmp_path / "eval", num_workers=0)
+    _, ev, seconds, _ = acceptance_run(tmp_path, MASK_RECIPE, masks=True)
     with capsys.disabled():
         print(f"\nMask R-CNN fine-tune: {seconds:.0f} s; held-out box AP50 {ev.ap50:.3f}, AP {ev.ap:.3f}; "
               f"mask AP50 {ev.mask_ap50:.3f}, mask AP {ev.mask_ap:.3f}")
     assert ev.num_images == 60 and ev.ap50 >= 0.70 and ev.mask_ap50 is not None and ev.mask_ap50 >= 0.60
-    shutil.rmtree(tmp_path / "train")

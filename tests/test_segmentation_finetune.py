@@ -28,7 +28,7 @@ from visionzoo.train.recipe import random_split
 from visionzoo.train.segmentation import EvalMasks, JointAugment, KeyedMasks, class_weights
 
 from .cli_runner import run_cli as run
-from .killing import kill_in_epoch_2
+from .killing import resumes_like_straight
 from .shapes import CLASSES, RECIPE, write_shapes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # small inputs: see conftest
@@ -240,14 +240,4 @@ RESUME_RUN = {"strategy": "full", "epochs": 3, "image_size": 64, "batch_size": 6
 
 @pytest.mark.slow  # three short runs and a subprocess: 50 s measured on the shared machine
 def test_a_run_killed_in_epoch_2_resumes_to_the_same_weights(small_shapes, tmp_path):
-    kill_in_epoch_2(small_shapes, tmp_path / "run", RESUME_RUN, tmp_path, timeout=600)
-    resumed = visionzoo.finetune(small_shapes, tmp_path / "run", **RESUME_RUN, resume=True, progress=False)
-    straight = visionzoo.finetune(small_shapes, tmp_path / "straight", **RESUME_RUN, progress=False)
-    assert resumed.best_epoch == straight.best_epoch
-    for a, b in zip(resumed.history, straight.history, strict=True):
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
-        assert a["val_miou"] == pytest.approx(b["val_miou"], abs=1e-9)
-    wa, wb = load_file(resumed.bundle / "model.safetensors"), load_file(straight.bundle / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-6, msg=key)
+    resumes_like_straight(small_shapes, tmp_path, RESUME_RUN, ("val_miou",))

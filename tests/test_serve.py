@@ -33,7 +33,7 @@ COFFEE = IMAGES / "coffee.png"
 
 @pytest.fixture(scope="module")
 def runner():
-    return open_runner("efficientnet_lite0", "torch")
+    return open_runner("efficientnet_lite0", "torch", precision="fp32")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ TIMEOUTS = {"header_timeout": 0.6, "body_timeout": 0.6}
 
 @pytest.fixture(scope="module")
 def server():
-    runner = open_runner("efficientnet_lite0", "torch")
+    runner = open_runner("efficientnet_lite0", "torch", precision="fp32")
     with start_server(runner, settings=ServeSettings(max_bytes=64 * 1024, max_batch=4, explain=False,
                                                      **TIMEOUTS)) as srv:
         yield srv

@@ -37,7 +37,9 @@ def browser():
 
 @pytest.fixture(scope="module")
 def server():
-    with start_server(open_runner("efficientnet_lite0", "torch"), settings=ServeSettings(max_batch=4)) as srv:
+    # (a module's runner is opened before the autouse fixture turns auto's measuring off: both forced)
+    runner = open_runner("efficientnet_lite0", "torch", precision="fp32")
+    with start_server(runner, settings=ServeSettings(max_batch=4)) as srv:
         yield srv
 
 

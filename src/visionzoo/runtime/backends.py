@@ -109,6 +109,11 @@ class Runner:
     def describe(self) -> str:
         return f"{self.arch} on {self.backend.value} ({self.precision.value}, {self.source})"
 
+    @property
+    def torch_net(self) -> torch.nn.Module | None:
+        """The PyTorch model this runner runs (what Grad-CAM needs), or None (a runtime's file)."""
+        return None
+
     def _check(self, images: torch.Tensor) -> None:
         self.info.graph.check(self.info, (images,), self.describe())
 
@@ -143,6 +148,10 @@ class TorchRunner(Runner):
     @property
     def size_bytes(self) -> int:
         return self._size
+
+    @property
+    def torch_net(self) -> torch.nn.Module | None:
+        return self.net
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """The batch on the model's device, in the memory format the model runs fastest with."""
@@ -280,14 +289,14 @@ class OpenVINORunner(Runner):
         return tuple(torch.from_numpy(_float32_or_int64(result[o])) for o in outputs)
 
 
-# two leading class probabilities closer than this are a near tie: the answer is recomputed on the exact path
-NEAR_TIE = 0.05
+# bfloat16 with float32 near ties: rows whose two leading class probabilities are closer than this run again
+RECHECK_MARGIN = 0.05
 
 
-def near_ties(probs: torch.Tensor, margin: float = NEAR_TIE) -> torch.Tensor:
-    """Which rows of `probs` (N, classes) have their two most probable classes within `margin`."""
+def leading_gap(probs: torch.Tensor) -> torch.Tensor:
+    """How far apart the two most probable classes of each row of `probs` (N, classes) are."""
     top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
-    return (top2[:, 0] - top2[:, -1]) < margin
+    return top2[:, 0] - top2[:, -1]
 
 
 class RecheckRunner(Runner):
@@ -296,7 +305,7 @@ class RecheckRunner(Runner):
 
     bfloat16 keeps 8 bits of mantissa, so it moves class probabilities by up to a few hundredths
     (EfficientNet-Lite0 on `auto`'s check set: at most 0.045 between the two leading classes).
-    Where the two leading classes are within `NEAR_TIE` the top-1 may be float32's or not, so those
+    Where the two leading classes are within `RECHECK_MARGIN` the top-1 may be float32's or not, so those
     images (a minority: most answers are clear) are classified again by `exact`, the same model in
     float32, and their logits replaced. The others keep bfloat16's logits (the top-1 is float32's;
     the probabilities differ by bfloat16's rounding). Embeddings are the fast runner's.
@@ -307,7 +316,7 @@ class RecheckRunner(Runner):
 
     CHUNK = 4
 
-    def __init__(self, fast: Runner, exact: Runner, margin: float = NEAR_TIE):
+    def __init__(self, fast: Runner, exact: Runner, margin: float = RECHECK_MARGIN):
         self.fast, self.exact, self.margin = fast, exact, margin
         self.backend, self.precision, self.info = fast.backend, fast.precision, fast.info
         self.source, self.path = fast.source, fast.path
@@ -327,8 +336,12 @@ class RecheckRunner(Runner):
     def embeddings(self, images: torch.Tensor) -> torch.Tensor:
         return self.fast.embeddings(images)
 
+    @property
+    def torch_net(self) -> torch.nn.Module | None:
+        return self.exact.torch_net
+
     def _rechecked(self, images: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        rows = near_ties(torch.softmax(logits.float(), dim=1), self.margin).nonzero().flatten()
+        rows = (leading_gap(torch.softmax(logits.float(), dim=1)) < self.margin).nonzero().flatten()
         self.rows_seen += len(logits)
         self.rows_rechecked += len(rows)
         if len(rows):

@@ -25,7 +25,7 @@ from ..enums import Task
 from ..errors import InputError
 from ..models.base import ZooModel
 from ..registry import DEFAULT_MODEL
-from ..runtime.backends import Runner, near_ties
+from ..runtime.backends import Runner, leading_gap
 from ..runtime.machine import CoreBudget, split_cores, torch_threads
 from ..runtime.options import InferenceOptions
 from .labels import Label
@@ -34,7 +34,8 @@ from .video import VIDEO_KINDS, VideoPrediction, iter_predict_videos
 log = logging.getLogger("visionzoo")
 
 # fast path: an image decoded at a reduced scale whose two leading classes are closer than
-# `NEAR_TIE` (runtime/backends.py, in probability) is decoded again at full size, so its top-1 is the exact path's
+# this (in probability) is decoded again at full size, so its top-1 is the exact path's
+NEAR_TIE = 0.05
 
 
 @dataclass(frozen=True)
@@ -173,3 +174,8 @@ def predict(inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     return list(iter_predict(inputs, model, topk, clips=clips, options=options, **settings))
+
+
+def near_ties(probs: torch.Tensor) -> torch.Tensor:
+    """Which rows of `probs` (N, classes) have their two most probable classes within `NEAR_TIE`."""
+    return leading_gap(probs) < NEAR_TIE

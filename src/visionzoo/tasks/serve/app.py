@@ -35,7 +35,7 @@ from starlette.types import Message, Receive
 
 from ...data.images import DEFAULT_MAX_PIXELS, load_image
 from ...errors import ImageError, InputError, VisionZooError
-from ...runtime.backends import OpenVINORunner, Runner, TorchRunner, is_model_file
+from ...runtime.backends import OpenVINORunner, Runner, is_model_file
 from ...version import __version__
 from .batching import Batcher, bucket_sizes, padded_size
 from .handlers import MAX_TOPK, TaskHandler, handler_for
@@ -292,7 +292,7 @@ class PredictService:
         if self._explainer is None:
             from ..explain import Explainer
 
-            net = self.runner.net if isinstance(self.runner, TorchRunner) else None
+            net = self.runner.torch_net
             if net is None and self._explain_source is not None:
                 from ...factory import resolve_model
 
@@ -311,7 +311,7 @@ class PredictService:
                 "accuracy": _accuracy(d.get("weights")), "source": str(r.source),
                 "quantization": d.get("quantization") or None,
                 "auto": r.choice.summary() if r.choice is not None else None,
-                "explain": self.settings.explain and (isinstance(r, TorchRunner) or self._explain_source is not None),
+                "explain": self.settings.explain and (r.torch_net is not None or self._explain_source is not None),
                 "settings": asdict(self.settings), "visionzoo_version": __version__}
 
 

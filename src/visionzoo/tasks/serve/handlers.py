@@ -18,7 +18,8 @@ import torch
 from ...data.images import draft_info, load_image
 from ...enums import Task
 from ...errors import InputError
-from ...runtime.backends import Runner, near_ties
+from ...runtime.backends import Runner
+from ..predict import near_ties
 
 MAX_TOPK = 100
 
