@@ -40,7 +40,7 @@ from ..errors import InputError
 from ..factory import resolve_model
 from ..fileutil import atomic_path
 from ..models.base import VisionModel
-from ..models.detection.rcnn import COCO_PERSON_KEYPOINTS, COCO_PERSON_SKELETON, parse_keypoint_names, parse_skeleton
+from ..models.detection.rcnn import COCO_PERSON_SKELETON
 from ..runtime.backends import Backend, is_model_file, open_runner
 from ..runtime.detection_graph import graph_detections
 from ..runtime.options import InferenceOptions
@@ -123,7 +123,7 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
     if opts.precision not in (Precision.AUTO, Precision.FP32):  # auto is fp32 for detectors today
         raise InputError(f"detect runs detectors in fp32 only, not {opts.precision.value}; drop --precision")
     run: Callable[[list[torch.Tensor]], list[dict[str, torch.Tensor]]]
-    card: Any = None  # (names the keypoints of a model in PyTorch; exported graphs give boxes and masks only)
+    named: Any = None  # the model in PyTorch, which names its keypoints (exported graphs give boxes and masks only)
     if is_model_file(model) or opts.backend in (Backend.ONNXRUNTIME, Backend.OPENVINO):
         run, preprocess, classes = _on_runtime(model, opts)
     else:
@@ -132,7 +132,7 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
         net = resolve_model(model)
         _check_detector(net.task, net.arch or type(net).__name__)
         card = net.require_card()
-        net = torch_detector(net, opts.torch_device, copy=isinstance(model, VisionModel))
+        net = named = torch_detector(net, opts.torch_device, copy=isinstance(model, VisionModel))
         preprocess, classes = card.preprocess, card.classes
 
         def run(images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -156,12 +156,12 @@ def iter_detect(inputs: Sequence[str | os.PathLike], model: str | os.PathLike | 
             if ready:
                 outputs = run([image for _, image in ready])
                 for (i, image), out in zip(ready, outputs, strict=True):
-                    boxes = _with_instances(_boxes(out, threshold, classes), out, threshold, card)
+                    boxes = _with_instances(_boxes(out, threshold, classes), out, threshold, named)
                     drawn = None
                     if draw_dir is not None:
                         drawn = str(Path(draw_dir) / names[i])
                         _save_png(draw_detections(image, boxes, _instance_masks(out, threshold),
-                                                  keypoint_skeleton(card, boxes)), drawn)
+                                                  keypoint_skeleton(named)), drawn)
                     results[i] = Detections(str(files[i]), int(image.shape[-1]), int(image.shape[-2]), boxes, drawn)
             for i in chunk:
                 yield results[i]
@@ -268,7 +268,7 @@ def _instance_masks(out: dict[str, torch.Tensor], threshold: float) -> torch.Ten
     return out["masks"][out["scores"] >= threshold, 0] >= MASK_THRESHOLD
 
 
-def _with_instances(boxes: tuple[Box, ...], out: dict[str, torch.Tensor], threshold: float, card: Any
+def _with_instances(boxes: tuple[Box, ...], out: dict[str, torch.Tensor], threshold: float, net: Any
                     ) -> tuple[Box, ...]:
     """`boxes` with their masks (COCO RLE) and keypoints (named), where the model predicts them."""
     masks = _instance_masks(out, threshold)
@@ -279,7 +279,7 @@ def _with_instances(boxes: tuple[Box, ...], out: dict[str, torch.Tensor], thresh
     if "keypoints" in out:
         keep = out["scores"] >= threshold
         points, scores = out["keypoints"][keep].tolist(), out["keypoints_scores"][keep].tolist()
-        names = keypoint_names(card, len(points[0]) if points else 0)
+        names = keypoint_names(net, len(points[0]) if points else 0)
         keypoints = [tuple(Keypoint(n, x, y, s) for n, (x, y, _), s in zip(names, kps, kp_scores, strict=True))
                      for kps, kp_scores in zip(points, scores, strict=True)]
     if masks is None and "keypoints" not in out:
@@ -287,30 +287,22 @@ def _with_instances(boxes: tuple[Box, ...], out: dict[str, torch.Tensor], thresh
     return tuple(dataclasses.replace(b, mask=m, keypoints=k) for b, m, k in zip(boxes, rles, keypoints, strict=True))
 
 
-def keypoint_names(card: Any, count: int) -> tuple[str, ...]:
-    """The keypoint names a fine-tuned bundle records or the weights' names; COCO's person keypoints for 17
-    without either; else numbered."""
-    recorded = getattr(card, "builder_kwargs", {}).get("keypoint_names")
-    if isinstance(recorded, str) and recorded:
-        names: Sequence[str] | None = parse_keypoint_names(recorded)
-    else:
-        weights = getattr(card, "weights", None)
-        names = weights.keypoint_names if weights is not None else None
+def keypoint_names(net: Any, count: int) -> tuple[str, ...]:
+    """The names of `net`'s `count` keypoints: a Keypoint R-CNN's own (`RCNN.keypoint_names`: a fine-tuned
+    bundle's recorded ones, else COCO's person keypoints for 17); numbered for anything else."""
+    names = getattr(net, "keypoint_names", None)
     if names is not None and len(names) == count:
         return tuple(names)
-    if count == len(COCO_PERSON_KEYPOINTS):
-        return COCO_PERSON_KEYPOINTS
     return tuple(f"keypoint_{j}" for j in range(count))
 
 
-def keypoint_skeleton(card: Any, boxes: Sequence[Box]) -> tuple[tuple[str, str], ...]:
-    """The pairs of keypoint names joined when drawing `boxes`: the skeleton a fine-tuned bundle records,
-    else COCO's person skeleton."""
-    recorded = getattr(card, "builder_kwargs", {}).get("keypoint_skeleton")
-    names = next((tuple(k.name for k in b.keypoints) for b in boxes if b.keypoints), ())
-    if isinstance(recorded, str) and names:
-        return tuple((names[a], names[b]) for a, b in parse_skeleton(recorded, len(names)) or ())
-    return COCO_PERSON_SKELETON
+def keypoint_skeleton(net: Any) -> tuple[tuple[str, str], ...]:
+    """The pairs of keypoint names joined when drawing `net`'s keypoints (`RCNN.keypoint_skeleton`: a
+    fine-tuned bundle's recorded one, else COCO's for COCO's names); COCO's for anything else."""
+    names, pairs = getattr(net, "keypoint_names", None), getattr(net, "keypoint_skeleton", None)
+    if names is None or pairs is None:
+        return COCO_PERSON_SKELETON
+    return tuple((names[a], names[b]) for a, b in pairs)
 
 
 def _class_name(classes: Sequence[str] | None, index: int) -> str:

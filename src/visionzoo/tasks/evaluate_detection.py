@@ -40,8 +40,14 @@ from ..errors import ImageError, InputError
 from ..fileutil import atomic_path
 from ..models.base import VisionModel
 from ..models.detection import DetectionModel
-from ..models.detection.rcnn import RCNN
-from ..train.detection import coco_map, has_keypoint_results, has_mask_results, oks_sigmas, score_boxes
+from ..train.detection import (
+    coco_map,
+    has_keypoint_results,
+    has_mask_results,
+    keypoint_detector,
+    oks_sigmas,
+    score_boxes,
+)
 from .reports import report_dict, write_report
 
 
@@ -105,12 +111,13 @@ def evaluate_detection(net: VisionModel, model, data: str | os.PathLike, *, out,
     scores = coco_map(results, len(model_classes) - 1)
     masks = coco_map(results, len(model_classes) - 1, "segm") if has_mask_results(results) else None
     points, notes = None, []
-    if isinstance(net, RCNN) and net.roi_heads.has_keypoint and dataset.has_keypoints:
-        if dataset.keypoint_names != net.keypoint_names:
+    detector = keypoint_detector(net)
+    if detector is not None and dataset.has_keypoints:
+        if dataset.keypoint_names != detector.keypoint_names:
             notes.append(f"no keypoint AP: the data's keypoints ({', '.join(dataset.keypoint_names or ())}) are not "
-                         f"the model's ({', '.join(net.keypoint_names)})")
-        elif has_keypoint_results(results, net.num_keypoints):
-            points = coco_map(results, len(model_classes) - 1, "keypoints", oks_sigmas(net.keypoint_names))
+                         f"the model's ({', '.join(detector.keypoint_names)})")
+        elif has_keypoint_results(results, detector.num_keypoints):
+            points = coco_map(results, len(model_classes) - 1, "keypoints", oks_sigmas(detector.keypoint_names))
     names = tuple(model_classes[k] for k in used)
     ev = DetectionEvaluation(
         model=str(card.bundle.path if card.bundle is not None else model if not isinstance(model, VisionModel)

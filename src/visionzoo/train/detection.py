@@ -196,10 +196,9 @@ def predicts_masks(net: nn.Module) -> bool:
     return bool(getattr(heads, "has_mask", False))
 
 
-def predicts_keypoints(net: nn.Module) -> bool:
-    """Whether `net` has a keypoint head (Keypoint R-CNN)."""
-    heads = getattr(net, "roi_heads", None)
-    return bool(getattr(heads, "has_keypoint", False))
+def keypoint_detector(net: nn.Module) -> RCNN | None:
+    """`net` if it has a keypoint head (a Keypoint R-CNN, which names its keypoints), else None."""
+    return net if isinstance(net, RCNN) and net.roi_heads.has_keypoint else None
 
 
 def oks_sigmas(names: Sequence[str]) -> tuple[float, ...]:
@@ -227,14 +226,15 @@ def _detection_model(name: str, head: str | None, num_classes: int, image_size: 
     if keypoints is None and _keypoint_architecture(name, head):  # (before any weights are loaded)
         raise no_keypoints()
     net, sizes = _detection_net(name, head, num_classes, image_size, fpn_channels, keypoints)
-    if isinstance(net, RCNN) and predicts_keypoints(net):
+    detector = keypoint_detector(net)
+    if detector is not None:
         if keypoints is None:
             raise no_keypoints()
         names, skeleton = tuple(keypoints[0]), tuple(keypoints[1])
-        if net.keypoint_names != names:
-            net.reset_keypoints(names, skeleton)
+        if detector.keypoint_names != names:
+            detector.reset_keypoints(names, skeleton)
         else:
-            net.set_keypoint_layout(names, skeleton)
+            detector.set_keypoint_layout(names, skeleton)
         sizes.update(layout_kwargs(names, skeleton))
     return net, sizes
 
@@ -454,8 +454,9 @@ def _job(ctx: RunContext, size: int) -> JobParts:
     n = stages.num_stages
     main = trainable_stages(cfg.strategy, n, cfg.unfreeze)
     groups = param_groups(net, stages, cfg.settled()[1], cfg.lr_decay, cfg.weight_decay, main)
-    count = net.num_keypoints if isinstance(net, RCNN) and predicts_keypoints(net) else None
-    flip = flip_permutation(net.keypoint_names) if isinstance(net, RCNN) and count is not None else None
+    points = keypoint_detector(net)
+    count = points.num_keypoints if points is not None else None
+    flip = flip_permutation(points.keypoint_names) if points is not None else None
     augment = BoxAugment(size, size, cfg.scale_range, hflip=bool(cfg.hflip), random=cfg.augment, flip_keypoints=flip)
     with_masks = predicts_masks(net)
     check_masks(net, ctx.train_samples, ctx.extra.get("source", "the data"))
@@ -498,7 +499,8 @@ def score_boxes(net: DetectionModel, batches: Iterable[list[tuple[torch.Tensor, 
     results: list[dict[str, Any]] = []
     loss_sum, images = 0.0, 0
     wants_masks = predicts_masks(net)
-    count = net.num_keypoints if isinstance(net, RCNN) and predicts_keypoints(net) else None
+    points = keypoint_detector(net)
+    count = points.num_keypoints if points is not None else None
     with torch.inference_mode(), autocast(device, amp):
         for items in batches:
             if not items:
@@ -564,9 +566,10 @@ def evaluate_boxes(net: DetectionModel, batches, num_classes: int, dist: D.Dist,
     if has_mask_results(results):
         masks = coco_map(results, num_classes, "segm")
         metrics.update(mask_ap=masks.ap, mask_ap50=masks.ap50, mask_ap75=masks.ap75)
-    if isinstance(net, RCNN) and predicts_keypoints(net) and has_keypoint_results(results, net.num_keypoints):
-        points = coco_map(results, num_classes, "keypoints", oks_sigmas(net.keypoint_names))
-        metrics.update(keypoint_ap=points.ap, keypoint_ap50=points.ap50, keypoint_ap75=points.ap75)
+    points = keypoint_detector(net)
+    if points is not None and has_keypoint_results(results, points.num_keypoints):
+        scores = coco_map(results, num_classes, "keypoints", oks_sigmas(points.keypoint_names))
+        metrics.update(keypoint_ap=scores.ap, keypoint_ap50=scores.ap50, keypoint_ap75=scores.ap75)
     return metrics
 
 
