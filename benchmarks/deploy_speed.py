@@ -18,7 +18,8 @@ that speeds up or slows down affects every contestant alike; median of the round
 The timed batch is --batch real photos, preprocessed for the model (the packaged photos and
 augmented copies drawn with another seed than `auto`'s check set): what a runner does can
 depend on the images (`auto` may choose bfloat16 with its near ties run again in float32, and
-random pixels are nearly all near ties); the share of the batch run again is printed.
+random pixels are no stand-in: EfficientNet-Lite0 finds no near tie among 32 of them, and 22% of
+these photos); the share of the batch run again is printed.
 It prints images/second at batch --batch, the top-1 agreement of the default and of
 OpenVINO's default with float32 PyTorch on `auto`'s check set (the packaged photos and
 augmented copies), and the ratios the project claims: the default against OpenVINO's
